@@ -1,0 +1,16 @@
+"""Chat Vector for vision-language models: `ja_vlm_llm = ja_base + scale * (vlm_llm - en_base)`."""
+
+from chat_vector.api import ChatVectorDelta, apply_delta, chat_vector, extract_delta, load_delta
+from chat_vector.rules import DEFAULT_SKIP, MODULES, SKIP_PRESETS, Scales
+
+__all__ = [
+    "DEFAULT_SKIP",
+    "MODULES",
+    "SKIP_PRESETS",
+    "ChatVectorDelta",
+    "Scales",
+    "apply_delta",
+    "chat_vector",
+    "extract_delta",
+    "load_delta",
+]

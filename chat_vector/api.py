@@ -1,0 +1,291 @@
+"""Chat Vector for VLMs: `ja_vlm_llm = ja_base + scale * (vlm_llm - en_base)`.
+
+Three ways in, one engine (`vlm_merge.backbone` over `vlm_merge.engine`):
+- `chat_vector(vlm, en_base, ja_base, out)`: one streaming pass, task arithmetic anchored at the
+  Japanese base (`vlm_merge.methods.task_arithmetic`).
+- `extract_delta(vlm, en_base, file)`: save `vlm_llm - en_base` once as a safetensors file with its
+  sources, key map, dtype and the English vocabulary in the metadata; `load_delta(file)` reads it back.
+- `apply_delta(delta, ja_base, out, vlm=…)`: add a saved delta to a Japanese base
+  (`vlm_merge.methods.add_task_vectors`), bit-identical to `chat_vector` when the delta is float32.
+The vision tower and projector are copied byte for byte from the VLM.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+
+import torch
+
+import vlm_merge
+from chat_vector.rules import Scales, resolve_skip
+from vlm_merge.anatomy import align, inspect_llm, inspect_vlm
+from vlm_merge.backbone import TARGET, VLM, Source, open_sources, plan_backbone, write_backbone
+from vlm_merge.card import model_card
+from vlm_merge.checkpoint import (
+    DEFAULT_MAX_SHARD_BYTES,
+    CheckpointReader,
+    dtype_from_name,
+    prepare_output_dir,
+    read_safetensors_header,
+)
+from vlm_merge.engine import Merge, MergePlan, OutputTensor, execute
+from vlm_merge.errors import VlmMergeError
+from vlm_merge.methods import add_task_vectors, difference, task_arithmetic
+from vlm_merge.vocab import RowMap, VocabPlan, VocabSide, load_tokenizer, match_rows
+
+EN_BASE, DELTA = "en_base", "delta"
+METADATA_KEY = "chat_vector"
+
+
+def _dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
+    return dtype_from_name(dtype) if isinstance(dtype, str) else dtype
+
+
+def make_scales(
+    scale: float = 1.0,
+    layer_scales: list[float] | None = None,
+    module_scales: Mapping[str, float] | None = None,
+    skip: str | list[str] | None = None,
+) -> Scales:
+    return Scales(
+        scale=float(scale),
+        layer_scales=tuple(float(x) for x in layer_scales) if layer_scales is not None else None,
+        module_scales={k: float(v) for k, v in (module_scales or {}).items()},
+        skip=resolve_skip(skip),
+    )
+
+
+def _cv_tensor(t: Mapping[str, torch.Tensor], w: float) -> torch.Tensor:
+    return task_arithmetic(t[EN_BASE], [t[VLM]], [w], anchor=t[TARGET])
+
+
+def _apply_tensor(t: Mapping[str, torch.Tensor], w: float) -> torch.Tensor:
+    return add_task_vectors(t[TARGET], [t[DELTA]], [w])
+
+
+def _rule(scales: Scales, fn):
+    def rule(canonical: str):
+        w = scales.factor(canonical)
+        return None if w is None else partial(fn, w=w)
+
+    return rule
+
+
+def _card(method: str, sources: dict[str, str], scales: Scales, bp, extra: list[str]) -> str:
+    recipe = {"method": method, "formula": "ja_base + scale * (vlm_llm - en_base)", **scales.describe()}
+    details = [
+        f"output layout: {bp.output_layout}; language-model tensors merged {bp.summary['merged']}, "
+        f"kept from the Japanese base {bp.summary['kept']}, copied from the VLM {bp.summary['copied']}",
+        *extra,
+    ]
+    if bp.vocab is not None:
+        details.append("vocabulary: " + bp.vocab.summary())
+        details.extend(bp.vocab.notes)
+    return model_card("Japanese VLM by Chat Vector", method, recipe, sources, details)
+
+
+def chat_vector(
+    vlm: str | Path,
+    en_base: str | Path,
+    ja_base: str | Path,
+    out: str | Path,
+    *,
+    scale: float = 1.0,
+    layer_scales: list[float] | None = None,
+    module_scales: Mapping[str, float] | None = None,
+    skip: str | list[str] | None = None,
+    dtype: str | torch.dtype | None = None,
+    vision_tower: str | Path | None = None,
+    cache_dir: str | Path | None = None,
+    force: bool = False,
+    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+    progress: bool = True,
+    trust_remote_code: bool = False,
+) -> Path:
+    """Write a Japanese VLM: the VLM's vision side + `ja_base + scale * (vlm_llm - en_base)`.
+
+    `layer_scales` multiplies the scale per decoder layer, `module_scales` per module group
+    (attention, mlp, norms, embeddings, lm_head); `skip` names presets or regexes of tensors that keep
+    the Japanese base's value (see `chat_vector.rules`). `dtype` is the output dtype of the language
+    model (default: the VLM's). Returns the output directory.
+    """
+    prepare_output_dir(out, force)
+    scales = make_scales(scale, layer_scales, module_scales, skip)
+    sources = open_sources(
+        vlm, ja_base, {EN_BASE: en_base}, vision_tower=vision_tower, cache_dir=cache_dir, trust_remote_code=trust_remote_code
+    )
+    try:
+        scales.check_layers(sources.vlm.anatomy.num_layers)
+        bp = plan_backbone(sources, _rule(scales, _cv_tensor), [TARGET, VLM, EN_BASE], _dtype(dtype))
+        names = {"vlm": str(sources.vlm.reader.path), "en_base": str(sources.others[EN_BASE].reader.path), "ja_base": str(sources.target.reader.path)}
+        card = _card("chat_vector", names, scales, bp, [])
+        recipe = {"method": "chat_vector", "sources": names, **scales.describe(), "dtype": str(bp.config.get("dtype", "")), "vlm_merge_version": vlm_merge.__version__}
+        return write_backbone(
+            bp, out, force=force, max_shard_bytes=max_shard_bytes, card=card,
+            extra_files={"chat_vector_recipe.json": json.dumps(recipe, indent=2, ensure_ascii=False) + "\n"}, progress=progress,
+        )
+    finally:
+        sources.close()
+
+
+# ------------------------------------------------------------------------------------------
+# Saved deltas
+# ------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ChatVectorDelta:
+    """A saved `vlm_llm - en_base`: tensors under canonical LLM keys, plus what made them."""
+
+    path: Path
+    reader: CheckpointReader
+    metadata: dict
+
+    @property
+    def vocab_side(self) -> VocabSide:
+        v = self.metadata.get("en_vocab")
+        rows = self.reader.info("model.embed_tokens.weight").shape[0] if "model.embed_tokens.weight" in self.reader else 0
+        return VocabSide(rows, v, self.metadata.get("en_vocab_size"), self.metadata.get("en_pad_token"))
+
+    def close(self) -> None:
+        self.reader.close()
+
+
+def extract_delta(
+    vlm: str | Path,
+    en_base: str | Path,
+    out_file: str | Path,
+    *,
+    dtype: str | torch.dtype = torch.float32,
+    cache_dir: str | Path | None = None,
+    force: bool = False,
+    progress: bool = True,
+) -> Path:
+    """Save `vlm_llm - en_base` (language model only) as one safetensors file, streaming.
+
+    Embedding / lm_head rows follow the English base's vocabulary; a row whose token the VLM lacks
+    is zero. float32 (default) keeps `apply_delta` bit-identical to `chat_vector`.
+    """
+    out_file = Path(out_file)
+    if out_file.exists() and not force:
+        raise VlmMergeError(f"{out_file}: already exists; pass --force (force=True) to replace it")
+    out_dtype = _dtype(dtype)
+    vlm_reader, en_reader = CheckpointReader(vlm, cache_dir), CheckpointReader(en_base, cache_dir)
+    try:
+        vlm_anat = inspect_vlm(vlm_reader, base=en_reader)
+        en_anat = inspect_llm(en_reader, "--en-base")
+        alignment = align(vlm_anat, en_anat)
+        vlm_tok, en_tok = load_tokenizer(vlm_reader.path), load_tokenizer(en_reader.path)
+        vocab = None
+        en_rows = en_anat.vocab_rows or 0
+        if alignment.vocab_keys:
+            en_side, vlm_side = VocabSide.of(en_rows, en_tok), VocabSide.of(vlm_anat.vocab_rows or 0, vlm_tok)
+            if en_side.vocab is None or vlm_side.vocab is None:
+                if en_rows != vlm_side.rows:
+                    raise VlmMergeError(
+                        f"vocabulary sizes differ (VLM {vlm_side.rows}, English base {en_rows}) and a tokenizer is "
+                        "missing; add tokenizer files so rows can be matched by token string"
+                    )
+                lookup = {i: i for i in range(en_rows)}
+            else:
+                lookup = match_rows(en_side.vocab, en_rows, vlm_side)
+            rows = sorted(lookup)
+            vocab = VocabPlan(
+                out_rows=en_rows,
+                target_rows=en_rows,
+                pairs={VLM: RowMap(torch.tensor(rows, dtype=torch.long), torch.tensor([lookup[r] for r in rows], dtype=torch.long))},
+            )
+        tensors = []
+        for canon, vkey in alignment.pairs.items():
+            info = en_anat.infos[en_anat.lm_keys[canon]]
+            op = Merge({VLM: vkey, EN_BASE: en_anat.lm_keys[canon]}, _delta_tensor, vocab=canon in alignment.vocab_keys, target_role=EN_BASE)
+            tensors.append(OutputTensor(canon, info.shape, out_dtype, op))
+        meta = {
+            "format": "vlm-merge chat vector",
+            "formula": "vlm_llm - en_base",
+            "sources": {"vlm": str(vlm_reader.path), "en_base": str(en_reader.path)},
+            "vlm_layout": vlm_anat.layout.name,
+            "key_map": alignment.pairs,
+            "dtype": str(out_dtype).removeprefix("torch."),
+            "en_vocab": dict(en_tok.get_vocab()) if en_tok is not None else None,
+            "en_vocab_size": len(en_tok) if en_tok is not None else None,
+            "en_pad_token": getattr(en_tok, "pad_token", None) if en_tok is not None else None,
+            "vlm_merge_version": vlm_merge.__version__,
+        }
+        plan = MergePlan(tensors, {VLM: vlm_reader, EN_BASE: en_reader}, vocab, {METADATA_KEY: json.dumps(meta, ensure_ascii=False)})
+        out_file.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out_file.parent / f".{out_file.name}.tmp-{uuid.uuid4().hex[:8]}"
+        tmp.mkdir()
+        try:
+            execute(plan, tmp, max_shard_bytes=1 << 62, progress=progress)
+            os.replace(tmp / "model.safetensors", out_file)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        return out_file
+    finally:
+        vlm_reader.close()
+        en_reader.close()
+
+
+def _delta_tensor(t: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    return difference(t[VLM], t[EN_BASE])
+
+
+def load_delta(path: str | Path) -> ChatVectorDelta:
+    """Open a saved Chat Vector (lazily); errors if the file is not one."""
+    path = Path(path)
+    if not path.is_file():
+        raise VlmMergeError(f"{path}: no such chat vector file")
+    _, raw = read_safetensors_header(path)
+    if METADATA_KEY not in raw:
+        raise VlmMergeError(f"{path}: not a chat vector saved by vlm-merge (no '{METADATA_KEY}' metadata)")
+    reader = CheckpointReader(path.parent, files=[path])
+    return ChatVectorDelta(path, reader, json.loads(raw[METADATA_KEY]))
+
+
+def apply_delta(
+    delta: str | Path | ChatVectorDelta,
+    ja_base: str | Path,
+    out: str | Path,
+    *,
+    vlm: str | Path | None = None,
+    scale: float = 1.0,
+    layer_scales: list[float] | None = None,
+    module_scales: Mapping[str, float] | None = None,
+    skip: str | list[str] | None = None,
+    dtype: str | torch.dtype | None = None,
+    vision_tower: str | Path | None = None,
+    cache_dir: str | Path | None = None,
+    force: bool = False,
+    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+    progress: bool = True,
+) -> Path:
+    """Write a Japanese VLM from a saved delta: `ja_base + scale * delta`, vision side from the VLM.
+
+    `vlm` defaults to the VLM path recorded in the delta.
+    """
+    prepare_output_dir(out, force)
+    d = delta if isinstance(delta, ChatVectorDelta) else load_delta(delta)
+    vlm_path = vlm or d.metadata["sources"]["vlm"]
+    scales = make_scales(scale, layer_scales, module_scales, skip)
+    sources = open_sources(vlm_path, ja_base, {}, vision_tower=vision_tower, cache_dir=cache_dir)
+    try:
+        delta_anat = inspect_llm(d.reader, "the chat vector")
+        sources.others[DELTA] = Source(DELTA, d.reader, delta_anat, vocab_side=d.vocab_side)
+        sources.alignments[DELTA] = align(sources.vlm.anatomy, delta_anat)
+        scales.check_layers(sources.vlm.anatomy.num_layers)
+        bp = plan_backbone(sources, _rule(scales, _apply_tensor), [TARGET, DELTA], _dtype(dtype), vector_roles=(DELTA,))
+        names = {"chat_vector": str(d.path), **{f"delta {k}": v for k, v in d.metadata["sources"].items()}, "ja_base": str(sources.target.reader.path), "vlm (vision side)": str(sources.vlm.reader.path)}
+        card = _card("chat_vector", names, scales, bp, [f"delta stored as {d.metadata.get('dtype')}"])
+        return write_backbone(bp, out, force=force, max_shard_bytes=max_shard_bytes, card=card, progress=progress)
+    finally:
+        sources.close()
+        if not isinstance(delta, ChatVectorDelta):
+            d.close()

@@ -1,0 +1,102 @@
+"""Which language-model tensors a Chat Vector touches, and with what scale.
+
+Skip presets name groups of canonical LLM keys (`model.embed_tokens.weight`, `lm_head.weight`,
+`model.norm.weight`, `model.layers.N.input_layernorm.weight`, …). Custom skip patterns are regular
+expressions searched (`re.search`) in the canonical key. A skipped tensor keeps the Japanese base's
+value.
+
+Default: `none` — every tensor gets the vector, as in the Chat Vector paper (Huang et al., 2023).
+Embedding and lm_head rows are matched by token string (`vlm_merge.vocab`), so a Japanese base with
+an extended vocabulary gets the vector on the tokens it shares with the English base and keeps its
+own values on the new ones; the reason the paper's follow-ups skipped embeddings (mismatched rows)
+does not apply. The LLaVA-to-Japanese recipe that skipped layernorms is the `norms` preset.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+from vlm_merge.anatomy import layer_index
+from vlm_merge.errors import VlmMergeError
+
+SKIP_PRESETS: dict[str, tuple[str, ...]] = {
+    "none": (),
+    "embeddings": (r"^model\.embed_tokens\.", r"^lm_head\."),
+    "norms": (r"(^|\.)[a-z_]*norm[a-z_]*\.(weight|bias)$",),
+    "embeddings+norms": (r"^model\.embed_tokens\.", r"^lm_head\.", r"(^|\.)[a-z_]*norm[a-z_]*\.(weight|bias)$"),
+}
+DEFAULT_SKIP = "none"
+
+# Module groups for per-module scales: name -> regex on the canonical key.
+MODULES: dict[str, str] = {
+    "attention": r"\.self_attn\.",
+    "mlp": r"\.mlp\.",
+    "norms": r"(^|\.)[a-z_]*norm[a-z_]*\.(weight|bias)$",
+    "embeddings": r"^model\.embed_tokens\.",
+    "lm_head": r"^lm_head\.",
+}
+
+
+def resolve_skip(skip: str | list[str] | tuple[str, ...] | None) -> tuple[str, ...]:
+    """Turn presets and/or regexes into a tuple of compiled-checked regexes.
+
+    `skip` may be a preset name, a comma-separated list of presets and regexes, or a list of them.
+    """
+    if skip is None:
+        skip = DEFAULT_SKIP
+    items = [s.strip() for s in (skip.split(",") if isinstance(skip, str) else skip) if s.strip()]
+    patterns: list[str] = []
+    for item in items:
+        if item in SKIP_PRESETS:
+            patterns.extend(SKIP_PRESETS[item])
+            continue
+        try:
+            re.compile(item)
+        except re.error as e:
+            raise VlmMergeError(
+                f"skip pattern {item!r} is neither a preset ({', '.join(SKIP_PRESETS)}) nor a valid regex ({e})"
+            ) from None
+        patterns.append(item)
+    return tuple(patterns)
+
+
+@dataclass(frozen=True)
+class Scales:
+    """Effective scale of a tensor = scale x layer_scales[layer] x module_scales[module]; None if skipped."""
+
+    scale: float = 1.0
+    layer_scales: tuple[float, ...] | None = None
+    module_scales: dict[str, float] = field(default_factory=dict)
+    skip: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        unknown = sorted(set(self.module_scales) - set(MODULES))
+        if unknown:
+            raise VlmMergeError(f"module_scales: unknown module {unknown[0]!r}; use {', '.join(MODULES)}")
+
+    def check_layers(self, num_layers: int) -> None:
+        if self.layer_scales is not None and len(self.layer_scales) != num_layers:
+            raise VlmMergeError(
+                f"layer_scales has {len(self.layer_scales)} values but the language model has {num_layers} layers"
+            )
+
+    def factor(self, canonical: str) -> float | None:
+        if any(re.search(p, canonical) for p in self.skip):
+            return None
+        f = self.scale
+        i = layer_index(canonical)
+        if i is not None and self.layer_scales is not None:
+            f *= self.layer_scales[i]
+        for module, pattern in MODULES.items():
+            if module in self.module_scales and re.search(pattern, canonical):
+                f *= self.module_scales[module]
+        return f
+
+    def describe(self) -> dict:
+        return {
+            "scale": self.scale,
+            "layer_scales": list(self.layer_scales) if self.layer_scales is not None else None,
+            "module_scales": dict(self.module_scales),
+            "skip": list(self.skip),
+        }

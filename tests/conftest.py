@@ -1,0 +1,17 @@
+"""Shared fixtures: one tiny fixture zoo per test session (every real layout, random weights)."""
+
+from __future__ import annotations
+
+import pytest
+
+from vlm_merge.fixtures import FixtureZoo, build_fixture_zoo
+
+
+@pytest.fixture(scope="session")
+def zoo(tmp_path_factory) -> FixtureZoo:
+    return build_fixture_zoo(tmp_path_factory.mktemp("zoo"), seed=0)
+
+
+def family_of(zoo: FixtureZoo, vlm: str) -> tuple:
+    fam = zoo.vlm_family[vlm]
+    return zoo.llms[f"en-{fam}"], zoo.llms[f"ja-{fam}"]

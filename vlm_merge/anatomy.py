@@ -1,0 +1,318 @@
+"""VLM anatomy: which tensors of a checkpoint are the vision encoder, the projector and the language model.
+
+Key layouts are data: each `Layout` row says how to recognise a checkpoint and how its keys map onto
+the parts. Language-model keys are related to a standalone LLM's keys ("canonical" keys:
+`model.layers.N.…`, `model.embed_tokens.weight`, `model.norm.weight`, `lm_head.weight`) by a prefix
+substitution, so one table row describes a whole layout. Unknown VLMs fall back to finding the prefix
+under which a given base LLM's keys appear with equal shapes.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from vlm_merge.checkpoint import CheckpointReader, TensorInfo
+from vlm_merge.errors import VlmMergeError
+
+VISION, PROJECTOR, LANGUAGE, OTHER = "vision_tower", "projector", "language_model", "other"
+
+
+@dataclass(frozen=True)
+class Layout:
+    """One key layout. `lm_prefixes` maps a VLM key prefix to the canonical LLM key prefix."""
+
+    name: str
+    description: str
+    detect: str  # regex; a checkpoint whose keys match it (and has vision keys) has this layout
+    lm_prefixes: tuple[tuple[str, str], ...]
+    projector: tuple[str, ...]
+    vision: tuple[str, ...]
+    other: tuple[str, ...] = ()
+    text_config_key: str | None = "text_config"  # None: text fields are at the config's top level
+
+
+LAYOUTS: tuple[Layout, ...] = (
+    Layout(
+        name="llava-original",
+        description="original LLaVA (haotian-liu: LlavaLlamaForCausalLM / LlavaMistralForCausalLM)",
+        detect=r"^model\.mm_projector\.",
+        lm_prefixes=(("model.", "model."), ("lm_head.", "lm_head.")),
+        projector=("model.mm_projector.",),
+        vision=("model.vision_tower.",),
+        other=("model.image_newline",),
+        text_config_key=None,
+    ),
+    Layout(
+        name="llava-hf",
+        description="llava-hf as saved by transformers 4.x / 5.x (language_model.model.*)",
+        detect=r"^language_model\.model\.",
+        lm_prefixes=(("language_model.model.", "model."), ("language_model.lm_head.", "lm_head.")),
+        projector=("multi_modal_projector.",),
+        vision=("vision_tower.",),
+        other=("image_newline",),
+    ),
+    Layout(
+        name="llava-hf-v5",
+        description="transformers >= 4.52 layout (model.language_model.*)",
+        detect=r"^model\.language_model\.",
+        lm_prefixes=(("model.language_model.", "model."), ("lm_head.", "lm_head.")),
+        projector=("model.multi_modal_projector.",),
+        vision=("model.vision_tower.",),
+        other=("model.image_newline",),
+    ),
+)
+
+LLM_LAYOUT = Layout(
+    name="llm",
+    description="standalone causal LM (LlamaForCausalLM, MistralForCausalLM, …)",
+    detect=r"^model\.layers\.",
+    lm_prefixes=(("model.", "model."), ("lm_head.", "lm_head.")),
+    projector=(),
+    vision=(),
+    text_config_key=None,
+)
+
+# Canonical LLM key -> role within the language model.
+_LM_ROLES: tuple[tuple[str, str], ...] = (
+    (r"^model\.embed_tokens\.", "embeddings"),
+    (r"^lm_head\.", "lm_head"),
+    (r"^model\.norm\.", "final_norm"),
+    (r"^model\.layers\.\d+\.", "layers"),
+)
+_LAYER_RE = re.compile(r"^model\.layers\.(\d+)\.")
+VOCAB_KEYS = ("model.embed_tokens.weight", "lm_head.weight")
+
+
+def lm_role(canonical: str) -> str:
+    for pattern, role in _LM_ROLES:
+        if re.match(pattern, canonical):
+            return role
+    return "other"
+
+
+def layer_index(canonical: str) -> int | None:
+    m = _LAYER_RE.match(canonical)
+    return int(m.group(1)) if m else None
+
+
+@dataclass
+class Anatomy:
+    """The parts of one checkpoint and how its language-model keys map to canonical LLM keys."""
+
+    path: Path
+    layout: Layout
+    parts: dict[str, list[str]]  # part -> keys, in checkpoint order
+    lm_keys: dict[str, str]  # canonical LLM key -> checkpoint key
+    infos: dict[str, TensorInfo]
+    config: dict
+    text_config: dict = field(default_factory=dict)
+
+    @property
+    def is_vlm(self) -> bool:
+        return bool(self.parts[VISION] or self.parts[PROJECTOR])
+
+    @property
+    def num_layers(self) -> int:
+        idx = [layer_index(c) for c in self.lm_keys]
+        return max((i for i in idx if i is not None), default=-1) + 1
+
+    @property
+    def hidden_size(self) -> int | None:
+        emb = self.lm_keys.get("model.embed_tokens.weight")
+        return self.infos[emb].shape[1] if emb else self.text_config.get("hidden_size")
+
+    @property
+    def vocab_rows(self) -> int | None:
+        emb = self.lm_keys.get("model.embed_tokens.weight")
+        return self.infos[emb].shape[0] if emb else None
+
+    def part_params(self, part: str) -> int:
+        return sum(self.infos[k].numel for k in self.parts[part])
+
+    def dtypes(self, part: str) -> list[str]:
+        return sorted({str(self.infos[k].dtype).removeprefix("torch.") for k in self.parts[part]})
+
+    def summary_rows(self) -> list[tuple[str, str, str, str, str]]:
+        """(part, tensors, parameters, dtype, key prefix) for a table."""
+        rows = []
+        prefixes = {
+            VISION: ", ".join(self.layout.vision) or "-",
+            PROJECTOR: ", ".join(self.layout.projector) or "-",
+            LANGUAGE: ", ".join(p for p, _ in self.layout.lm_prefixes),
+            OTHER: ", ".join(self.layout.other) or "-",
+        }
+        for part in (VISION, PROJECTOR, LANGUAGE, OTHER):
+            keys = self.parts[part]
+            if not keys:
+                continue
+            rows.append((part, str(len(keys)), f"{self.part_params(part):,}", "/".join(self.dtypes(part)), prefixes[part]))
+        return rows
+
+
+def _match_layout(keys: list[str]) -> Layout | None:
+    for layout in LAYOUTS:
+        rx = re.compile(layout.detect)
+        if any(rx.match(k) for k in keys):
+            return layout
+    if any(re.match(LLM_LAYOUT.detect, k) for k in keys):
+        return LLM_LAYOUT
+    return None
+
+
+def _classify(keys: list[str], layout: Layout) -> tuple[dict[str, list[str]], dict[str, str]]:
+    parts: dict[str, list[str]] = {VISION: [], PROJECTOR: [], LANGUAGE: [], OTHER: []}
+    lm_keys: dict[str, str] = {}
+    table = (
+        [(p, VISION) for p in layout.vision]
+        + [(p, PROJECTOR) for p in layout.projector]
+        + [(p, OTHER) for p in layout.other]
+    )
+    for key in keys:
+        part = next((pt for prefix, pt in table if key.startswith(prefix)), None)
+        if part is None:
+            for vlm_prefix, canon_prefix in layout.lm_prefixes:
+                if key.startswith(vlm_prefix):
+                    lm_keys[canon_prefix + key[len(vlm_prefix) :]] = key
+                    part = LANGUAGE
+                    break
+        parts[part or OTHER].append(key)
+    return parts, lm_keys
+
+
+def _text_config(config: dict, layout: Layout) -> dict:
+    if layout.text_config_key and isinstance(config.get(layout.text_config_key), dict):
+        return config[layout.text_config_key]
+    return config
+
+
+def inspect_checkpoint(reader: CheckpointReader) -> Anatomy:
+    """Name the parts of a checkpoint using the layout table (generic VLMs need `align_generic`)."""
+    keys = reader.keys()
+    config = reader.config()
+    layout = _match_layout(keys)
+    if layout is None:
+        layout = Layout(
+            name="unknown",
+            description="no known layout; pass --base to locate the language model by shape",
+            detect="",
+            lm_prefixes=(),
+            projector=(),
+            vision=(),
+        )
+    parts, lm_keys = _classify(keys, layout)
+    return Anatomy(reader.path, layout, parts, lm_keys, reader.infos(), config, _text_config(config, layout))
+
+
+def locate_language_model(vlm: CheckpointReader, base: CheckpointReader) -> Anatomy:
+    """Generic fallback: find the prefix under which `base`'s decoder keys appear in `vlm` with equal shapes."""
+    base_infos = base.infos()
+    vlm_infos = vlm.infos()
+    probe = next((k for k in base_infos if layer_index(k) is not None), None)
+    if probe is None:
+        raise VlmMergeError(f"{base.path}: no decoder layers (model.layers.N.*) found; is it a causal LM?")
+    suffix = probe.removeprefix("model.")
+    candidates = [k[: -len(suffix)] for k in vlm_infos if k.endswith(suffix)]
+    best: tuple[int, str] | None = None
+    for prefix in candidates:
+        hits = sum(
+            1
+            for k, info in base_infos.items()
+            if k.startswith("model.") and vlm_infos.get(prefix + k[6:], None) is not None
+            and vlm_infos[prefix + k[6:]].shape == info.shape
+        )
+        if best is None or hits > best[0]:
+            best = (hits, prefix)
+    if best is None or best[0] == 0:
+        raise VlmMergeError(
+            f"{vlm.path}: cannot find the language model of {base.path} inside it (no key ends with {suffix!r})"
+        )
+    prefix = best[1]
+    heads = [k[: -len("lm_head.weight")] for k in vlm_infos if k.endswith("lm_head.weight")]
+    lm_prefixes = [(prefix, "model.")] + [(h + "lm_head.", "lm_head.") for h in heads[:1]]
+    lm_set = {p for p, _ in lm_prefixes}
+    # Everything else is the vision side; keep the top-level module names as its prefixes.
+    rest = Counter(k.split(".")[0] + "." for k in vlm_infos if not any(k.startswith(p) for p in lm_set))
+    layout = Layout(
+        name="generic",
+        description=f"generic: language model found under {prefix!r} by matching {base.path.name}",
+        detect="",
+        lm_prefixes=tuple(lm_prefixes),
+        projector=(),
+        vision=tuple(sorted(rest)),
+    )
+    parts, lm_keys = _classify(vlm.keys(), layout)
+    config = vlm.config()
+    return Anatomy(vlm.path, layout, parts, lm_keys, vlm_infos, config, _text_config(config, layout))
+
+
+def inspect_vlm(reader: CheckpointReader, base: CheckpointReader | None = None) -> Anatomy:
+    """Anatomy of a VLM; errors if the checkpoint is a plain LLM or cannot be understood."""
+    anatomy = inspect_checkpoint(reader)
+    if anatomy.layout.name in ("unknown", "llm") and base is not None and anatomy.layout.name == "unknown":
+        anatomy = locate_language_model(reader, base)
+    if not anatomy.is_vlm:
+        arch = ", ".join(anatomy.config.get("architectures") or []) or anatomy.layout.name
+        raise VlmMergeError(
+            f"{reader.path}: is not a vision-language model ({arch}: no vision tower or projector keys); "
+            "pass the VLM (e.g. LLaVA) as --vlm and the plain LLMs as --en-base/--ja-base"
+        )
+    return anatomy
+
+
+def inspect_llm(reader: CheckpointReader, role: str) -> Anatomy:
+    anatomy = inspect_checkpoint(reader)
+    if anatomy.layout.name != "llm":
+        raise VlmMergeError(
+            f"{reader.path}: expected a plain causal LM for {role}, found layout {anatomy.layout.name!r}"
+        )
+    return anatomy
+
+
+@dataclass(frozen=True)
+class Alignment:
+    """Base LLM key -> VLM key for every language-model tensor, shapes checked."""
+
+    pairs: dict[str, str]
+    vocab_keys: tuple[str, ...]  # canonical keys whose first dimension is the vocabulary
+    base_vocab_rows: int | None
+    vlm_vocab_rows: int | None
+
+
+def align(vlm: Anatomy, base: Anatomy) -> Alignment:
+    """Pair the base LLM's tensors with the VLM's language-model tensors.
+
+    Shapes must be equal except the vocabulary dimension of embeddings / lm_head (llava-hf adds image
+    and pad rows; Japanese bases may extend the vocabulary). The first mismatch is reported by name.
+    """
+    pairs: dict[str, str] = {}
+    for canon, base_key in base.lm_keys.items():
+        vlm_key = vlm.lm_keys.get(canon)
+        if vlm_key is None:
+            if canon == "lm_head.weight" and vlm.text_config.get("tie_word_embeddings", False):
+                continue
+            raise VlmMergeError(
+                f"{vlm.path}: has no tensor for base key {base_key!r} of {base.path}; "
+                "is the base the LLM this VLM was tuned from?"
+            )
+        b_shape, v_shape = base.infos[base_key].shape, vlm.infos[vlm_key].shape
+        if canon in VOCAB_KEYS:
+            ok = len(b_shape) == len(v_shape) == 2 and b_shape[1] == v_shape[1]
+        else:
+            ok = b_shape == v_shape
+        if not ok:
+            raise VlmMergeError(
+                f"shape mismatch at {base_key!r}: {base.path.name} has {list(b_shape)}, the VLM's "
+                f"{vlm_key!r} has {list(v_shape)}; use the LLM the VLM was tuned from (same architecture and size)"
+            )
+        pairs[canon] = vlm_key
+    missing = [c for c in vlm.lm_keys if c not in base.lm_keys and not c.endswith("rotary_emb.inv_freq")]
+    if missing:
+        raise VlmMergeError(
+            f"{base.path}: lacks {missing[0]!r}, which the VLM's language model has "
+            f"({len(missing)} keys in all); is it the same architecture?"
+        )
+    vocab = tuple(c for c in VOCAB_KEYS if c in pairs)
+    return Alignment(pairs, vocab, base.vocab_rows, vlm.vocab_rows)

@@ -1,0 +1,534 @@
+"""Checkpoint I/O: lazy per-tensor reading and streaming, atomic, sharded safetensors writing.
+
+Reading (`CheckpointReader`) accepts what users have on disk: a local directory or a Hugging Face
+cache id (resolved offline), holding safetensors (single file or sharded with
+`model.safetensors.index.json`) or PyTorch `.bin` files (single or sharded with
+`pytorch_model.bin.index.json`). Names, shapes and dtypes come from headers only; tensor data is
+memory-mapped and materialised one tensor at a time. `.bin` files are only ever opened with
+`torch.load(weights_only=True)`.
+
+Writing (`CheckpointWriter`) takes the full list of output tensors (name, shape, dtype) up front, so
+each shard's safetensors header is written before its data and every tensor's bytes go straight to
+disk as soon as they are computed: memory holds one output tensor, not a shard. Everything is
+written into a temporary directory beside the target and renamed into place only when complete.
+"""
+
+from __future__ import annotations
+
+import json
+import mmap
+import os
+import pickle
+import shutil
+import struct
+import uuid
+import zipfile
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO
+
+import torch
+
+from vlm_merge.errors import VlmMergeError
+
+SAFETENSORS_INDEX = "model.safetensors.index.json"
+SAFETENSORS_SINGLE = "model.safetensors"
+BIN_INDEX = "pytorch_model.bin.index.json"
+BIN_SINGLE = "pytorch_model.bin"
+DEFAULT_MAX_SHARD_BYTES = 5 * 1000**3
+
+# safetensors dtype names <-> torch dtypes.
+_ST_DTYPES: dict[str, torch.dtype] = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
+}
+_TORCH_TO_ST = {v: k for k, v in _ST_DTYPES.items()}
+
+# Files a user needs beside the weights; copied from the source model that supplies them.
+AUX_FILES = (
+    "config.json",
+    "generation_config.json",
+    "tokenizer.json",
+    "tokenizer.model",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "chat_template.json",
+    "chat_template.jinja",
+    "preprocessor_config.json",
+    "processor_config.json",
+    "video_preprocessor_config.json",
+)
+
+
+def dtype_from_name(name: str) -> torch.dtype:
+    """Map `bfloat16`/`bf16`/`float16`/`fp16`/`float32`/`fp32` to a torch dtype."""
+    table = {
+        "bfloat16": torch.bfloat16,
+        "bf16": torch.bfloat16,
+        "float16": torch.float16,
+        "fp16": torch.float16,
+        "half": torch.float16,
+        "float32": torch.float32,
+        "fp32": torch.float32,
+        "float": torch.float32,
+    }
+    try:
+        return table[name.lower()]
+    except KeyError:
+        raise VlmMergeError(f"unknown dtype {name!r}: use one of bfloat16, float16, float32") from None
+
+
+def resolve_model_dir(path_or_id: str | Path, cache_dir: str | Path | None = None) -> Path:
+    """Return the local directory of a model given a path or a Hugging Face id already in the cache.
+
+    Never downloads: an id is looked up with `local_files_only=True`.
+    """
+    path = Path(path_or_id).expanduser()
+    if path.is_dir():
+        return path
+    if path.exists():
+        raise VlmMergeError(f"{path}: is a file; pass the model directory that contains it")
+    text = str(path_or_id)
+    if text.count("/") != 1 or text.startswith((".", "/", "~")):
+        raise VlmMergeError(f"{text}: no such model directory (and not a Hugging Face id of the form org/name)")
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    try:
+        return Path(snapshot_download(text, cache_dir=cache_dir, local_files_only=True))
+    except (LocalEntryNotFoundError, FileNotFoundError, OSError, ValueError):
+        raise VlmMergeError(
+            f"{text}: not a local directory and not in the Hugging Face cache; download it first "
+            "(huggingface-cli download) or pass its local path"
+        ) from None
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """Where one tensor lives and what it is, known without reading its data."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    file: Path
+    offset: int = 0  # byte offset of the data in a safetensors file (0 for .bin)
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for s in self.shape:
+            n *= s
+        return n
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel * self.dtype.itemsize
+
+
+def read_safetensors_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
+    """Parse a safetensors header, checking it against the file size (truncation, corruption)."""
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise VlmMergeError(f"{path}: truncated safetensors file ({size} bytes); re-download it")
+            (n,) = struct.unpack("<Q", head)
+            if n > min(size - 8, 100 * 1024**2):
+                raise VlmMergeError(
+                    f"{path}: corrupt safetensors header (declared length {n}, file size {size}); re-download it"
+                )
+            raw = f.read(n)
+    except OSError as e:
+        raise VlmMergeError(f"{path}: cannot read ({e.strerror}); check the file and its permissions") from None
+    try:
+        header = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise VlmMergeError(f"{path}: corrupt safetensors header (not JSON); re-download the file") from None
+    metadata = header.pop("__metadata__", None) or {}
+    base = 8 + n
+    infos: dict[str, TensorInfo] = {}
+    for name, entry in header.items():
+        try:
+            dtype = _ST_DTYPES[entry["dtype"]]
+            start, end = entry["data_offsets"]
+            shape = tuple(int(s) for s in entry["shape"])
+        except (KeyError, TypeError, ValueError):
+            raise VlmMergeError(f"{path}: corrupt safetensors header entry for {name!r}; re-download the file") from None
+        info = TensorInfo(name, shape, dtype, path, base + start)
+        if end - start != info.nbytes or base + end > size:
+            raise VlmMergeError(
+                f"{path}: truncated or corrupt: tensor {name!r} needs bytes up to {base + end} "
+                f"but the file has {size}; re-download the file"
+            )
+        infos[name] = info
+    return infos, metadata
+
+
+def _load_bin(path: Path) -> dict[str, torch.Tensor]:
+    """Load a PyTorch checkpoint with the safe unpickler only."""
+    try:
+        try:
+            sd = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as e:  # legacy (non-zip) serialisation cannot be memory-mapped
+            if "mmap" not in str(e):
+                raise
+            sd = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else "unpickling error"
+        raise VlmMergeError(
+            f"{path}: refusing to load: it needs unsafe unpickling ({first[:120]}); "
+            "convert it to safetensors with code you trust"
+        ) from None
+    except (zipfile.BadZipFile, EOFError, RuntimeError, OSError) as e:
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise VlmMergeError(f"{path}: truncated or corrupt PyTorch checkpoint ({msg[:120]}); re-download it") from None
+    if isinstance(sd, dict) and "state_dict" in sd and isinstance(sd["state_dict"], dict):
+        sd = sd["state_dict"]
+    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        raise VlmMergeError(f"{path}: not a state dict of tensors")
+    return sd
+
+
+class CheckpointReader:
+    """Lazy access to the tensors of one model directory (safetensors preferred, `.bin` safely)."""
+
+    def __init__(self, path_or_id: str | Path, cache_dir: str | Path | None = None, files: list[Path] | None = None):
+        self.path = resolve_model_dir(path_or_id, cache_dir)
+        if files is None:
+            self.format, self._files = self._find_weight_files()
+        else:
+            self._weight_map = None
+            self.format = "safetensors" if all(f.suffix == ".safetensors" for f in files) else "bin"
+            self._files = list(files)
+        self._infos: dict[str, TensorInfo] = {}
+        self._maps: dict[Path, mmap.mmap] = {}
+        self._bin_cache: tuple[Path, dict[str, torch.Tensor]] | None = None
+        if self.format == "safetensors":
+            for file in self._files:
+                infos, _ = read_safetensors_header(file)
+                self._infos.update(infos)
+        else:
+            for file in self._files:
+                for name, t in _load_bin(file).items():
+                    self._infos[name] = TensorInfo(name, tuple(t.shape), t.dtype, file)
+        self._check_index_consistency()
+
+    # -- discovery -------------------------------------------------------------------------
+    def _find_weight_files(self) -> tuple[str, list[Path]]:
+        p = self.path
+        for index_name, fmt in ((SAFETENSORS_INDEX, "safetensors"), (BIN_INDEX, "bin")):
+            index = p / index_name
+            if index.exists():
+                self._weight_map = self._read_index(index)
+                files = sorted({p / f for f in self._weight_map.values()})
+                for f in files:
+                    if not f.exists():
+                        raise VlmMergeError(
+                            f"{index}: names shard {f.name!r}, which is missing from {p}; re-download the model"
+                        )
+                return fmt, files
+        self._weight_map = None
+        if (p / SAFETENSORS_SINGLE).exists():
+            return "safetensors", [p / SAFETENSORS_SINGLE]
+        if (p / BIN_SINGLE).exists():
+            return "bin", [p / BIN_SINGLE]
+        others = sorted(p.glob("*.safetensors"))
+        if others:
+            return "safetensors", others
+        raise VlmMergeError(
+            f"{p}: no model weights found (expected model.safetensors, {SAFETENSORS_INDEX}, "
+            f"{BIN_SINGLE} or {BIN_INDEX})"
+        )
+
+    @staticmethod
+    def _read_index(index: Path) -> dict[str, str]:
+        try:
+            data = json.loads(index.read_text())
+            weight_map = data["weight_map"]
+        except (OSError, json.JSONDecodeError, KeyError, TypeError):
+            raise VlmMergeError(f"{index}: unreadable index (expected JSON with a 'weight_map'); re-download it") from None
+        return {str(k): str(v) for k, v in weight_map.items()}
+
+    def _check_index_consistency(self) -> None:
+        if self._weight_map is None:
+            return
+        for name, shard in self._weight_map.items():
+            info = self._infos.get(name)
+            if info is None or info.file.name != shard:
+                raise VlmMergeError(
+                    f"{self.path}: index lists {name!r} in {shard!r} but that shard does not hold it; "
+                    "re-download the model"
+                )
+
+    # -- metadata --------------------------------------------------------------------------
+    def keys(self) -> list[str]:
+        return list(self._infos)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._infos
+
+    def info(self, name: str) -> TensorInfo:
+        try:
+            return self._infos[name]
+        except KeyError:
+            raise VlmMergeError(f"{self.path}: has no tensor {name!r}") from None
+
+    def infos(self) -> dict[str, TensorInfo]:
+        return dict(self._infos)
+
+    @property
+    def weight_files(self) -> list[Path]:
+        return list(self._files)
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(i.nbytes for i in self._infos.values())
+
+    def config(self) -> dict:
+        """The parsed config.json ({} when absent)."""
+        cfg = self.path / "config.json"
+        if not cfg.exists():
+            return {}
+        try:
+            return json.loads(cfg.read_text())
+        except json.JSONDecodeError as e:
+            raise VlmMergeError(f"{cfg}: invalid JSON ({e.msg} at line {e.lineno}); fix or re-download it") from None
+
+    # -- data ------------------------------------------------------------------------------
+    def get(self, name: str) -> torch.Tensor:
+        """One tensor. For safetensors this is a zero-copy view of the memory-mapped file."""
+        info = self.info(name)
+        if self.format == "safetensors":
+            mm = self._maps.get(info.file)
+            if mm is None:
+                with open(info.file, "rb") as f:
+                    mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+                self._maps[info.file] = mm
+            if info.numel == 0:
+                return torch.empty(info.shape, dtype=info.dtype)
+            flat = torch.frombuffer(mm, dtype=info.dtype, count=info.numel, offset=info.offset)
+            return flat.view(info.shape)
+        if self._bin_cache is None or self._bin_cache[0] != info.file:
+            self._bin_cache = None  # drop the previous shard before loading the next
+            self._bin_cache = (info.file, _load_bin(info.file))
+        return self._bin_cache[1][name]
+
+    def read_bytes(self, name: str) -> bytes:
+        """The raw stored bytes of one tensor (used to copy tensors byte for byte)."""
+        t = self.get(name)
+        return t.contiguous().view(torch.uint8).numpy().tobytes() if t.numel() else b""
+
+    def close(self) -> None:
+        for mm in self._maps.values():
+            try:
+                mm.close()
+            except BufferError:  # a tensor view is still alive; the mapping closes when it dies
+                pass
+        self._maps.clear()
+        self._bin_cache = None
+
+    def __enter__(self) -> CheckpointReader:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+# ------------------------------------------------------------------------------------------
+# Writing
+# ------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PlannedTensor:
+    """A tensor the writer will receive, declared before writing starts."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+    @property
+    def nbytes(self) -> int:
+        n = self.dtype.itemsize
+        for s in self.shape:
+            n *= s
+        return n
+
+
+def plan_shards(tensors: list[PlannedTensor], max_shard_bytes: int) -> list[list[PlannedTensor]]:
+    """Split tensors, in order, into shards of at most `max_shard_bytes` (a bigger tensor gets its own)."""
+    shards: list[list[PlannedTensor]] = [[]]
+    size = 0
+    for t in tensors:
+        if shards[-1] and size + t.nbytes > max_shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(t)
+        size += t.nbytes
+    return shards if shards[0] else []
+
+
+def _safetensors_header(shard: list[PlannedTensor], metadata: dict[str, str]) -> bytes:
+    header: dict[str, object] = {"__metadata__": metadata}
+    offset = 0
+    for t in shard:
+        header[t.name] = {"dtype": _TORCH_TO_ST[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + t.nbytes]}
+        offset += t.nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    return struct.pack("<Q", len(raw)) + raw
+
+
+def prepare_output_dir(out: str | Path, force: bool) -> Path:
+    """Check the target before any work starts: refuse to overwrite unless `force`."""
+    out = Path(out).expanduser()
+    if out.exists() and not force:
+        raise VlmMergeError(f"{out}: output already exists; pass --force (force=True) to replace it or choose another path")
+    if out.exists() and not out.is_dir():
+        raise VlmMergeError(f"{out}: exists and is not a directory; remove it or choose another path")
+    parent = out.parent
+    if not parent.exists():
+        parent.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+class AtomicDir:
+    """A temporary directory beside `target` that replaces it on success and vanishes on failure."""
+
+    def __init__(self, target: str | Path, force: bool = False):
+        self.target = prepare_output_dir(target, force)
+        self.force = force
+        self.tmp = self.target.parent / f".{self.target.name}.tmp-{uuid.uuid4().hex[:8]}"
+
+    def __enter__(self) -> Path:
+        self.tmp.mkdir()
+        return self.tmp
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is not None:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+            return
+        try:
+            self.commit()
+        except BaseException:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+            raise
+
+    def commit(self) -> None:
+        old = None
+        if self.target.exists():
+            if not self.force:
+                raise VlmMergeError(f"{self.target}: appeared while writing; pass --force to replace it")
+            old = self.target.parent / f".{self.target.name}.old-{uuid.uuid4().hex[:8]}"
+            os.rename(self.target, old)
+        os.rename(self.tmp, self.target)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+class CheckpointWriter:
+    """Streams tensors, in the declared order, into sharded safetensors files in `directory`.
+
+    Use inside an `AtomicDir`: `directory` is the temporary directory. Shard `k` of `n` is named
+    `model-0000k-of-0000n.safetensors` (a single shard is `model.safetensors`), plus the index.
+    """
+
+    def __init__(
+        self,
+        directory: Path,
+        tensors: Iterable[PlannedTensor],
+        max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+        metadata: dict[str, str] | None = None,
+    ):
+        self.directory = directory
+        self.shards = plan_shards(list(tensors), max_shard_bytes)
+        self.metadata = {"format": "pt", **(metadata or {})}
+        n = len(self.shards)
+        self.names = (
+            [SAFETENSORS_SINGLE] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+        )
+        self._order: Iterator[tuple[int, PlannedTensor]] = (
+            (i, t) for i, shard in enumerate(self.shards) for t in shard
+        )
+        self._shard_index = -1
+        self._file: BinaryIO | None = None
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        """Write the next tensor; it must match the declared name, shape and dtype."""
+        try:
+            i, planned = next(self._order)
+        except StopIteration:
+            raise RuntimeError(f"writer received undeclared tensor {name!r}") from None
+        if planned.name != name or tuple(tensor.shape) != planned.shape or tensor.dtype != planned.dtype:
+            raise RuntimeError(
+                f"writer expected {planned.name} {planned.shape} {planned.dtype}, got {name} {tuple(tensor.shape)} {tensor.dtype}"
+            )
+        if i != self._shard_index:
+            self._open_shard(i)
+        assert self._file is not None
+        if tensor.numel():
+            self._file.write(tensor.contiguous().view(torch.uint8).numpy().data)
+
+    def write_bytes(self, name: str, data: bytes | memoryview) -> None:
+        """Write the next tensor as raw bytes (byte-identical copies)."""
+        i, planned = next(self._order)
+        if planned.name != name or len(data) != planned.nbytes:
+            raise RuntimeError(f"writer expected {planned.name} ({planned.nbytes} bytes), got {name} ({len(data)} bytes)")
+        if i != self._shard_index:
+            self._open_shard(i)
+        assert self._file is not None
+        self._file.write(data)
+
+    def _open_shard(self, i: int) -> None:
+        self._close_file()
+        self._shard_index = i
+        self._file = open(self.directory / self.names[i], "wb")
+        self._file.write(_safetensors_header(self.shards[i], self.metadata))
+
+    def _close_file(self) -> None:
+        if self._file is not None:
+            self._file.flush()
+            os.fsync(self._file.fileno())
+            self._file.close()
+            self._file = None
+
+    def close(self) -> None:
+        """Finish the last shard and write the index (for more than one shard)."""
+        left = next(self._order, None)
+        if left is not None:
+            self._close_file()
+            raise RuntimeError(f"writer closed before tensor {left[1].name!r} was written")
+        self._close_file()
+        if len(self.shards) > 1:
+            weight_map = {t.name: self.names[i] for i, shard in enumerate(self.shards) for t in shard}
+            total = sum(t.nbytes for shard in self.shards for t in shard)
+            index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+            (self.directory / SAFETENSORS_INDEX).write_text(json.dumps(index, indent=2) + "\n")
+
+    def abort(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+
+def copy_aux_files(src: Path, dst: Path, names: Iterable[str] = AUX_FILES) -> list[str]:
+    """Copy the non-weight files (configs, tokenizer, chat template, processor) that exist in `src`."""
+    copied = []
+    for name in names:
+        if (src / name).is_file():
+            shutil.copyfile(src / name, dst / name)
+            copied.append(name)
+    return copied

@@ -1,0 +1,188 @@
+"""`vlm-merge` command line. Errors in the user's input print one line and exit with status 2."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from vlm_merge.errors import VlmMergeError
+
+
+def format_table(headers: list[str], rows: list[list[str]] | list[tuple[str, ...]]) -> str:
+    """A plain-text table with aligned columns."""
+    cells = [headers, *[[str(c) for c in r] for r in rows]]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+    line = lambda r: "  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip()  # noqa: E731
+    return "\n".join([line(headers), line(["-" * w for w in widths]), *[line(r) for r in cells[1:]]])
+
+
+def _parse_scales(text: str | None, what: str) -> list[float] | None:
+    if text is None:
+        return None
+    try:
+        return [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise VlmMergeError(f"{what}: {text!r} is not a comma-separated list of numbers") from None
+
+
+def _parse_module_scales(items: list[str] | None) -> dict[str, float]:
+    out = {}
+    for item in items or []:
+        name, sep, value = item.partition("=")
+        try:
+            if not sep:
+                raise ValueError
+            out[name.strip()] = float(value)
+        except ValueError:
+            raise VlmMergeError(f"--module-scale {item!r}: expected NAME=NUMBER, e.g. mlp=0.5") from None
+    return out
+
+
+def _size(text: str) -> int:
+    units = {"": 1, "B": 1, "KB": 1000, "MB": 1000**2, "GB": 1000**3, "KIB": 1024, "MIB": 1024**2, "GIB": 1024**3}
+    t = text.strip().upper()
+    num = t.rstrip("KMGIB")
+    unit = t[len(num):]
+    try:
+        value = float(num)
+        if unit not in units or value <= 0:
+            raise ValueError
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid size {text!r} (e.g. 5GB, 500MB)") from None
+    return int(value * units[unit])
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from vlm_merge.anatomy import align, inspect_checkpoint, inspect_llm, inspect_vlm
+    from vlm_merge.backbone import describe_parts
+    from vlm_merge.checkpoint import CheckpointReader
+
+    reader = CheckpointReader(args.path, args.cache_dir)
+    base = CheckpointReader(args.base, args.cache_dir) if args.base else None
+    anatomy = inspect_vlm(reader, base) if (base is not None or _looks_multimodal(reader)) else inspect_checkpoint(reader)
+    info = describe_parts(anatomy)
+    alignment = None
+    if base is not None:
+        base_anat = inspect_llm(base, "--base")
+        alignment = align(anatomy, base_anat)
+        info["alignment"] = {
+            "base": str(base.path),
+            "paired_tensors": len(alignment.pairs),
+            "base_vocab_rows": alignment.base_vocab_rows,
+            "vlm_vocab_rows": alignment.vlm_vocab_rows,
+        }
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return 0
+    tc = anatomy.text_config
+    print(f"{anatomy.path}\nlayout: {anatomy.layout.name} — {anatomy.layout.description}")
+    print(f"architectures: {', '.join(anatomy.config.get('architectures') or ['?'])}; format: {reader.format}, "
+          f"{len(reader.weight_files)} weight file(s)")
+    print(f"language model: {anatomy.num_layers} layers, hidden {anatomy.hidden_size}, vocab rows {anatomy.vocab_rows}"
+          f" (config vocab_size {tc.get('vocab_size')}, model_type {tc.get('model_type')})\n")
+    print(format_table(["part", "tensors", "parameters", "dtype", "key prefix"], anatomy.summary_rows()))
+    if alignment is not None:
+        delta = (alignment.vlm_vocab_rows or 0) - (alignment.base_vocab_rows or 0)
+        print(f"\nalignment with {base.path}: {len(alignment.pairs)} language-model tensors paired, shapes match"
+              + (f"; vocab rows differ by {delta:+d} (matched by token string when merging)" if delta else ""))
+    return 0
+
+
+def _looks_multimodal(reader) -> bool:
+    from vlm_merge.anatomy import inspect_checkpoint
+
+    return inspect_checkpoint(reader).layout.name not in ("llm",)
+
+
+def cmd_chat_vector(args: argparse.Namespace) -> int:
+    from chat_vector import chat_vector
+
+    out = chat_vector(
+        args.vlm, args.en_base, args.ja_base, args.out,
+        scale=args.scale,
+        layer_scales=_parse_scales(args.layer_scales, "--layer-scales"),
+        module_scales=_parse_module_scales(args.module_scale),
+        skip=args.skip,
+        dtype=args.dtype,
+        vision_tower=args.vision_tower,
+        cache_dir=args.cache_dir,
+        force=args.force,
+        max_shard_bytes=args.max_shard_size,
+        progress=not args.quiet,
+        trust_remote_code=args.trust_remote_code,
+    )
+    print(f"wrote {out}")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from vlm_merge.demo import run_demo
+
+    report = run_demo(Path(args.out), force=args.force, seed=args.seed)
+    print(f"report: {report}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from chat_vector.rules import DEFAULT_SKIP, SKIP_PRESETS
+    from vlm_merge.checkpoint import DEFAULT_MAX_SHARD_BYTES
+
+    p = argparse.ArgumentParser(prog="vlm-merge", description="Build Japanese VLMs by merging checkpoints.")
+    p.add_argument("-v", "--verbose", action="store_true", help="log details")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("inspect", help="name the parts of a checkpoint (vision tower, projector, language model)")
+    s.add_argument("path", help="model directory or Hugging Face id in the local cache")
+    s.add_argument("--base", help="a standalone LLM to align the VLM's language model with")
+    s.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    s.add_argument("--cache-dir", help="Hugging Face cache to look model ids up in (default: HF_HUB_CACHE)")
+    s.set_defaults(func=cmd_inspect)
+
+    s = sub.add_parser("chat-vector", help="ja_vlm_llm = ja_base + scale * (vlm_llm - en_base)")
+    s.add_argument("--vlm", required=True, help="the English VLM (LLaVA-1.5 / LLaVA-1.6, any supported layout)")
+    s.add_argument("--en-base", required=True, help="the English LLM the VLM was tuned from")
+    s.add_argument("--ja-base", required=True, help="the Japanese LLM continued-pretrained from the same base")
+    s.add_argument("--out", required=True, help="output directory (written atomically)")
+    s.add_argument("--scale", type=float, default=1.0, help="global chat-vector scale (default 1.0)")
+    s.add_argument("--layer-scales", help="comma-separated per-layer multipliers, one per decoder layer")
+    s.add_argument("--module-scale", action="append", metavar="NAME=X",
+                   help="per-module multiplier: attention, mlp, norms, embeddings, lm_head (repeatable)")
+    s.add_argument("--skip", default=DEFAULT_SKIP,
+                   help=f"tensors that keep the Japanese base's value: presets ({', '.join(SKIP_PRESETS)}) "
+                        f"and/or regexes on canonical LLM keys, comma-separated (default: {DEFAULT_SKIP})")
+    s.add_argument("--dtype", help="output dtype of the language model (default: the VLM's)")
+    s.add_argument("--vision-tower", help="CLIP checkpoint for original-LLaVA VLMs that do not embed theirs")
+    s.add_argument("--cache-dir", help="Hugging Face cache to look model ids up in (default: HF_HUB_CACHE)")
+    s.add_argument("--max-shard-size", type=_size, default=DEFAULT_MAX_SHARD_BYTES, help="e.g. 5GB (default)")
+    s.add_argument("--force", action="store_true", help="replace an existing output directory")
+    s.add_argument("--quiet", action="store_true", help="no progress bar")
+    s.add_argument("--trust-remote-code", action="store_true", help="allow custom tokenizer code from the checkpoints")
+    s.set_defaults(func=cmd_chat_vector)
+
+    s = sub.add_parser("demo", help="run the built-in demo end to end and write a report")
+    s.add_argument("--out", default="out/demo", help="report directory (default out/demo)")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--force", action="store_true", help="replace an existing report directory")
+    s.set_defaults(func=cmd_demo)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s: %(message)s")
+    try:
+        return args.func(args)
+    except VlmMergeError as e:
+        print(f"vlm-merge: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("vlm-merge: interrupted; nothing was written", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

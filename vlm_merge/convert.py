@@ -1,0 +1,162 @@
+"""Original LLaVA (haotian-liu) -> transformers' llava-hf format, as data.
+
+Original LLaVA checkpoints (`LlavaLlamaForCausalLM`, `LlavaMistralForCausalLM`) cannot be loaded by
+transformers' own classes, so a merged model built from one is written in the llava-hf layout that
+`LlavaForConditionalGeneration` / `LlavaNextForConditionalGeneration` load. The key renames and the
+config fields are tables here; the vision tower comes from the checkpoint when it embeds one
+(`model.vision_tower.vision_tower.vision_model.*`, LLaVA-1.6) or else from the CLIP checkpoint named
+by `mm_vision_tower` (LLaVA-1.5).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+from vlm_merge.errors import VlmMergeError
+
+# (regex on an original key, replacement) -> llava-hf key. First match wins.
+ORIGINAL_TO_HF: tuple[tuple[str, str], ...] = (
+    (r"^model\.mm_projector\.0\.", "multi_modal_projector.linear_1."),
+    (r"^model\.mm_projector\.2\.", "multi_modal_projector.linear_2."),
+    (r"^model\.vision_tower\.vision_tower\.vision_model\.", "vision_tower.vision_model."),
+    (r"^model\.image_newline$", "image_newline"),
+    (r"^model\.", "language_model.model."),
+    (r"^lm_head\.", "language_model.lm_head."),
+)
+# Keys of a standalone CLIP checkpoint that become the llava-hf vision tower.
+CLIP_TO_HF: tuple[tuple[str, str], ...] = ((r"^vision_model\.", "vision_tower.vision_model."),)
+# Original keys that are buffers, not weights; transformers recomputes them.
+DROP_KEYS = re.compile(r"rotary_emb\.inv_freq$")
+
+# Original architecture -> (llava-hf architecture, model_type, processor class, image processor class).
+ARCHITECTURES: dict[str, tuple[str, str, str, str]] = {
+    "pad": ("LlavaForConditionalGeneration", "llava", "LlavaProcessor", "CLIPImageProcessor"),
+    "square": ("LlavaForConditionalGeneration", "llava", "LlavaProcessor", "CLIPImageProcessor"),
+    "anyres": ("LlavaNextForConditionalGeneration", "llava_next", "LlavaNextProcessor", "LlavaNextImageProcessor"),
+}
+
+# Chat templates of the conversation formats LLaVA was tuned with (llava-hf's own templates).
+CHAT_TEMPLATES: dict[str, str] = {
+    "llava-1.5": (
+        "{% for message in messages %}{% if message['role'] != 'system' %}{{ message['role'].upper() + ': '}}{% endif %}"
+        "{% for item in message['content'] | selectattr('type', 'equalto', 'image') %}{{ '<image>\n' }}{% endfor %}"
+        "{% for item in message['content'] | selectattr('type', 'equalto', 'text') %}{{ item['text'] + ' '}}{% endfor %}"
+        "{% endfor %}{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}"
+    ),
+    "llava-mistral": (
+        "{% for message in messages %}{% if message['role'] == 'user' %}{{ '[INST] ' }}"
+        "{% for item in message['content'] | selectattr('type', 'equalto', 'image') %}{{ '<image>\n' }}{% endfor %}"
+        "{% for item in message['content'] | selectattr('type', 'equalto', 'text') %}{{ item['text'] }}{% endfor %}"
+        "{{ ' [/INST]' }}{% elif message['role'] == 'assistant' %}"
+        "{% for item in message['content'] | selectattr('type', 'equalto', 'text') %}{{ ' ' + item['text'] + '</s>' }}{% endfor %}"
+        "{% endif %}{% endfor %}"
+    ),
+}
+TEXT_MODEL_TYPES = {"LlavaLlamaForCausalLM": "llama", "LlavaMistralForCausalLM": "mistral"}
+TEMPLATE_FOR_TEXT_MODEL = {"llama": "llava-1.5", "mistral": "llava-mistral"}
+# Top-level fields of an original config that are LLaVA's, not the language model's.
+_LLAVA_FIELDS = re.compile(r"^(mm_|image_|tune_|freeze_|unfreeze_|use_mm_|tokenizer_model_max_length|tokenizer_padding_side)")
+
+
+def rename(key: str, table: tuple[tuple[str, str], ...]) -> str | None:
+    for pattern, repl in table:
+        if re.search(pattern, key):
+            return re.sub(pattern, repl, key, count=1)
+    return None
+
+
+def text_model_type(config: dict) -> str:
+    arch = (config.get("architectures") or [""])[0]
+    if arch in TEXT_MODEL_TYPES:
+        return TEXT_MODEL_TYPES[arch]
+    mt = str(config.get("model_type", ""))
+    return "mistral" if "mistral" in mt else "llama"
+
+
+def text_config_of_original(config: dict) -> dict:
+    """The language-model part of an original LLaVA config."""
+    text = {k: v for k, v in config.items() if not _LLAVA_FIELDS.match(k)}
+    for k in ("architectures", "model_type", "_name_or_path", "transformers_version", "use_cache"):
+        text.pop(k, None)
+    text["model_type"] = text_model_type(config)
+    return text
+
+
+def vision_tower_name(config: dict) -> str:
+    name = config.get("mm_vision_tower") or config.get("vision_tower")
+    if not name:
+        raise VlmMergeError("original LLaVA config has no mm_vision_tower; pass --vision-tower PATH (a CLIP checkpoint)")
+    return str(name)
+
+
+def vision_config_of_clip(clip_config: dict) -> dict:
+    """The CLIP vision config (from a CLIPModel or CLIPVisionModel config.json)."""
+    vc = dict(clip_config.get("vision_config") or clip_config)
+    vc = {k: v for k, v in vc.items() if k not in ("architectures", "transformers_version", "_name_or_path")}
+    vc["model_type"] = "clip_vision_model"
+    return vc
+
+
+def hf_config_from_original(config: dict, vision_config: dict, text_config: dict) -> dict:
+    """A LlavaConfig / LlavaNextConfig dict equivalent to an original LLaVA config."""
+    aspect = str(config.get("image_aspect_ratio", "pad"))
+    if aspect not in ARCHITECTURES:
+        raise VlmMergeError(f"original LLaVA config: image_aspect_ratio {aspect!r} is not supported (pad, square, anyres)")
+    if str(config.get("mm_projector_type", "mlp2x_gelu")) != "mlp2x_gelu":
+        raise VlmMergeError(f"original LLaVA config: mm_projector_type {config.get('mm_projector_type')!r} is not supported (mlp2x_gelu)")
+    arch, model_type, _, _ = ARCHITECTURES[aspect]
+    feature = str(config.get("mm_vision_select_feature", "patch"))
+    image_size, patch = int(vision_config.get("image_size", 336)), int(vision_config.get("patch_size", 14))
+    out = {
+        "architectures": [arch],
+        "model_type": model_type,
+        "text_config": text_config,
+        "vision_config": vision_config,
+        "projector_hidden_act": "gelu",
+        "vision_feature_layer": int(config.get("mm_vision_select_layer", -2)),
+        "vision_feature_select_strategy": "default" if feature == "patch" else "full",
+        "image_seq_length": (image_size // patch) ** 2,
+        "multimodal_projector_bias": True,
+        "tie_word_embeddings": bool(config.get("tie_word_embeddings", False)),
+    }
+    if model_type == "llava_next":
+        out["image_grid_pinpoints"] = config.get("image_grid_pinpoints") or [[image_size, image_size]]
+        out.pop("image_seq_length")
+    return out
+
+
+def processor_files_from_original(config: dict, vision_config: dict, clip_dir: Path | None) -> dict[str, str]:
+    """preprocessor_config.json, processor_config.json and chat_template.jinja for a converted model."""
+    aspect = str(config.get("image_aspect_ratio", "pad"))
+    _, _, processor_class, image_processor_class = ARCHITECTURES[aspect]
+    size = int(vision_config.get("image_size", 336))
+    pre: dict = {}
+    if clip_dir is not None and (clip_dir / "preprocessor_config.json").exists():
+        pre = json.loads((clip_dir / "preprocessor_config.json").read_text())
+    if not pre:
+        pre = {
+            "do_resize": True, "size": {"shortest_edge": size}, "resample": 3,
+            "do_center_crop": True, "crop_size": {"height": size, "width": size},
+            "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True,
+            "image_mean": [0.48145466, 0.4578275, 0.40821073], "image_std": [0.26862954, 0.26130258, 0.27577711],
+            "do_convert_rgb": True,
+        }
+    pre["image_processor_type"] = image_processor_class
+    pre["processor_class"] = processor_class
+    if aspect == "anyres":
+        pre["image_grid_pinpoints"] = config.get("image_grid_pinpoints") or [[size, size]]
+    proc = {
+        "processor_class": processor_class,
+        "patch_size": int(vision_config.get("patch_size", 14)),
+        "vision_feature_select_strategy": "default",
+        "num_additional_image_tokens": 1,
+        "image_token": "<image>",
+    }
+    template = CHAT_TEMPLATES[TEMPLATE_FOR_TEXT_MODEL[text_model_type(config)]]
+    return {
+        "preprocessor_config.json": json.dumps(pre, indent=2) + "\n",
+        "processor_config.json": json.dumps(proc, indent=2) + "\n",
+        "chat_template.jinja": template,
+    }

@@ -1,0 +1,168 @@
+"""The streaming merge engine: every merge (Chat Vector, task arithmetic, …) runs through `execute`.
+
+A merge is a `MergePlan`: the ordered list of output tensors, each either a byte copy of a source
+tensor (vision tower, projector) or a merge of aligned source tensors computed by a pure function
+from `vlm_merge.methods`. The engine reads one tensor per source at a time, computes in float32,
+rounds once to the output dtype and streams the result into the output shard, so memory holds one
+tensor per input plus the current output tensor. Elementwise merges are evaluated in chunks that stay
+in cache, which makes the pass close to the cost of reading the inputs and writing the output once.
+"""
+
+from __future__ import annotations
+
+import errno
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from vlm_merge.checkpoint import (
+    DEFAULT_MAX_SHARD_BYTES,
+    CheckpointReader,
+    CheckpointWriter,
+    PlannedTensor,
+)
+from vlm_merge.errors import VlmMergeError
+from vlm_merge.vocab import VocabPlan, fill_vocab_rows
+
+CHUNK_ELEMENTS = 1 << 18  # elementwise merges run over 256K-element slices (1 MiB in float32)
+
+TensorFn = Callable[[Mapping[str, torch.Tensor]], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class Copy:
+    """Copy a source tensor byte for byte."""
+
+    role: str
+    key: str
+
+
+@dataclass(frozen=True)
+class Merge:
+    """Compute an output tensor from source tensors with `fn` (float32 in spirit, see `elementwise`).
+
+    `inputs` maps role -> source key. `elementwise` promises that `fn` works on any slice of its
+    inputs, so the engine may evaluate it in chunks. `vocab` marks embedding / lm_head tensors whose
+    rows are aligned through the plan's `VocabPlan` first: `target_role` supplies the starting rows.
+    """
+
+    inputs: dict[str, str]
+    fn: TensorFn
+    elementwise: bool = True
+    vocab: bool = False
+    target_role: str | None = None
+    vlm_rows_role: str | None = None  # role whose rows fill tokens new to the output (image/pad)
+    vlm_rows_key: str | None = None
+    vector_roles: tuple[str, ...] = ()  # roles that are task vectors, not models: unmatched rows are 0
+
+
+@dataclass(frozen=True)
+class OutputTensor:
+    key: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    op: Copy | Merge
+
+
+@dataclass
+class MergePlan:
+    tensors: list[OutputTensor]
+    sources: dict[str, CheckpointReader]
+    vocab: VocabPlan | None = None
+    metadata: dict[str, str] = field(default_factory=dict)
+
+    def planned(self) -> list[PlannedTensor]:
+        return [PlannedTensor(t.key, t.shape, t.dtype) for t in self.tensors]
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(p.nbytes for p in self.planned())
+
+
+def _chunked(fn: TensorFn, tensors: Mapping[str, torch.Tensor], out: torch.Tensor) -> None:
+    """Evaluate an elementwise `fn` slice by slice, writing each rounded slice into `out`."""
+    flat = {r: t.reshape(-1) for r, t in tensors.items()}
+    flat_out = out.view(-1)
+    n = flat_out.numel()
+    for start in range(0, n, CHUNK_ELEMENTS):
+        stop = min(n, start + CHUNK_ELEMENTS)
+        flat_out[start:stop] = fn({r: t[start:stop] for r, t in flat.items()})
+
+
+def _gather_vocab(op: Merge, tensors: dict[str, torch.Tensor], plan: VocabPlan, sources: dict[str, CheckpointReader]) -> dict[str, torch.Tensor]:
+    """Put every role's rows into the output's row space (float32).
+
+    Rows a model role has no counterpart for are given the target's rows, so every task vector
+    (m - b) is zero there and the output keeps the target's value; a role that already is a task
+    vector (`vector_roles`) gets zeros there.
+    """
+    assert op.target_role is not None
+    vlm_rows = None
+    if op.vlm_rows_role is not None and op.vlm_rows_key is not None:
+        vlm_rows = tensors.get(op.vlm_rows_role)
+        if vlm_rows is None:
+            vlm_rows = sources[op.vlm_rows_role].get(op.vlm_rows_key)
+    filled = fill_vocab_rows(tensors[op.target_role], plan, vlm_rows)
+    aligned = {op.target_role: filled}
+    for role, t in tensors.items():
+        if role == op.target_role:
+            continue
+        rows = plan.pairs[role]
+        g = torch.zeros_like(filled) if role in op.vector_roles else filled.clone()
+        g[rows.out] = t[rows.src].float()
+        aligned[role] = g
+    return aligned
+
+
+def compute(t: OutputTensor, plan: MergePlan) -> torch.Tensor:
+    """The value of one merged output tensor, rounded to its dtype."""
+    op = t.op
+    assert isinstance(op, Merge)
+    tensors = {role: plan.sources[role].get(key) for role, key in op.inputs.items()}
+    vocab = plan.vocab
+    if op.vocab and vocab is not None:
+        if not vocab.is_identity or any(x.shape[0] != vocab.out_rows for x in tensors.values()):
+            tensors = _gather_vocab(op, tensors, vocab, plan.sources)
+    for role, x in tensors.items():
+        if tuple(x.shape) != t.shape:
+            raise VlmMergeError(f"{t.key}: source {role} has shape {list(x.shape)}, output needs {list(t.shape)}")
+    out = torch.empty(t.shape, dtype=t.dtype)
+    if op.elementwise:
+        _chunked(op.fn, tensors, out)
+    else:
+        out.copy_(op.fn(tensors))
+    if out.is_floating_point() and not bool(torch.isfinite(out).all()):
+        raise VlmMergeError(f"{t.key}: merge produced NaN/inf values; check the scales/weights and the inputs")
+    return out
+
+
+def execute(
+    plan: MergePlan,
+    directory: Path,
+    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+    progress: bool = True,
+) -> None:
+    """Write every tensor of `plan` into `directory` (a temporary directory owned by the caller)."""
+    writer = CheckpointWriter(directory, plan.planned(), max_shard_bytes, plan.metadata)
+    bar = tqdm(total=plan.total_bytes, unit="B", unit_scale=True, desc="merging", disable=not progress)
+    try:
+        for t in plan.tensors:
+            if isinstance(t.op, Copy):
+                src = plan.sources[t.op.role].get(t.op.key)
+                writer.write(t.key, src)
+            else:
+                writer.write(t.key, compute(t, plan))
+            bar.update(PlannedTensor(t.key, t.shape, t.dtype).nbytes)
+        writer.close()
+    except OSError as e:
+        writer.abort()
+        hint = "free disk space or choose another output path" if e.errno == errno.ENOSPC else "check the output path"
+        raise VlmMergeError(f"{directory.parent}: writing the merged model failed ({e.strerror or e}); {hint}") from None
+    except BaseException:
+        writer.abort()
+        raise
+    finally:
+        bar.close()

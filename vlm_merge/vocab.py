@@ -1,0 +1,223 @@
+"""Vocabulary alignment by token string, for embeddings and lm_head across tokenizers.
+
+The output model uses the *target* tokenizer (the Japanese base's), plus the VLM's image token and
+pad token when the target lacks them. Every other source's rows are matched to the output rows by
+token string; a row with no counterpart in a source gets no contribution from it (its task vector is
+zero there: both of its sides are given the target's row), so it keeps the target's value.
+
+Row-count conventions follow llava-hf: when the VLM's embedding has more rows than its tokenizer has
+tokens (32064 for 32002 tokens), the output is padded the same way, to a multiple of the largest power
+of two (<= 64) that divides the VLM's row count. Rows that belong to no token (padding, tokens new to
+the output) are filled with the mean of the target's rows, as transformers' LLaVA conversion does.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from vlm_merge.errors import VlmMergeError
+
+DEFAULT_IMAGE_TOKEN = "<image>"
+DEFAULT_PAD_TOKEN = "<pad>"
+
+
+def load_tokenizer(path: Path, trust_remote_code: bool = False):
+    """The tokenizer in `path`, or None when the checkpoint ships none."""
+    names = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "vocab.json")
+    if not any((path / n).exists() for n in names):
+        return None
+    from transformers import AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # original-LLaVA configs make transformers warn about their model_type
+    try:
+        return AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise VlmMergeError(f"{path}: cannot load its tokenizer ({first[:160]})") from None
+    finally:
+        hf_logging.set_verbosity(level)
+
+
+@dataclass(frozen=True)
+class RowMap:
+    """Output rows `out` take rows `src` of one source tensor."""
+
+    out: torch.Tensor
+    src: torch.Tensor
+
+    @property
+    def is_prefix_identity(self) -> bool:
+        n = len(self.out)
+        return bool(n == 0 or (torch.equal(self.out, self.src) and int(self.out[-1]) == n - 1))
+
+
+@dataclass(frozen=True)
+class AddedToken:
+    token: str
+    out_row: int
+    vlm_row: int | None  # the VLM row to copy, or None (filled with the target's mean row)
+
+
+@dataclass(frozen=True)
+class VocabPlan:
+    """How the vocabulary dimension of the output relates to each source's rows."""
+
+    out_rows: int
+    target_rows: int  # rows [0, target_rows) come from the target (Japanese base)
+    pairs: dict[str, RowMap]  # role -> output rows that role contributes to (for task vectors)
+    added: tuple[AddedToken, ...] = ()
+    image_token: str | None = None
+    image_token_id: int | None = None
+    pad_token: str | None = None
+    pad_token_id: int | None = None
+    tokens_added_to_tokenizer: tuple[str, ...] = ()
+    notes: tuple[str, ...] = ()
+
+    @property
+    def is_identity(self) -> bool:
+        return (
+            not self.added
+            and self.out_rows == self.target_rows
+            and all(m.is_prefix_identity and len(m.out) == self.out_rows for m in self.pairs.values())
+        )
+
+    def summary(self) -> str:
+        parts = [f"{self.out_rows} output rows ({self.target_rows} from the target)"]
+        for role, m in self.pairs.items():
+            parts.append(f"{role}: {len(m.out)} rows matched")
+        if self.added:
+            parts.append("added: " + ", ".join(f"{a.token}->{a.out_row}" for a in self.added))
+        return "; ".join(parts)
+
+
+def match_rows(target_vocab: dict[str, int], target_rows: int, side: VocabSide) -> dict[int, int]:
+    """Target row -> row of `side` holding the same token string (rows that exist in both tensors)."""
+    vocab = side.vocab or {}
+    return {
+        tid: vocab[token]
+        for token, tid in target_vocab.items()
+        if tid < target_rows and token in vocab and vocab[token] < side.rows
+    }
+
+
+def pad_multiple(rows: int, tokens: int) -> int:
+    """The row multiple a VLM was padded to: the largest power of two <= 64 dividing `rows` (1 if unpadded)."""
+    if rows <= tokens:
+        return 1
+    m = 64
+    while m > 1 and rows % m:
+        m //= 2
+    return m
+
+
+@dataclass(frozen=True)
+class VocabSide:
+    """What the planner needs to know of one source's vocabulary dimension."""
+
+    rows: int  # rows of its embedding tensor
+    vocab: dict[str, int] | None  # token string -> id (None: no tokenizer)
+    size: int | None = None  # tokenizer length (number of tokens)
+    pad_token: str | None = None
+
+    @classmethod
+    def of(cls, rows: int, tokenizer) -> VocabSide:
+        if tokenizer is None:
+            return cls(rows, None)
+        return cls(rows, dict(tokenizer.get_vocab()), len(tokenizer), getattr(tokenizer, "pad_token", None))
+
+
+def plan_vocab(
+    *,
+    target: VocabSide,
+    vlm: VocabSide,
+    image_token_id: int | None,
+    delta_roles: dict[str, VocabSide],
+    multiple: int = 1,
+) -> VocabPlan:
+    """Plan the output vocabulary.
+
+    `target` is the model the output starts from (the Japanese base). `vlm` supplies the image token
+    (and pad token) rows when the target lacks them; `image_token_id` is the VLM's image token id
+    (None for original LLaVA, which has no image token: `<image>` is then added). `delta_roles` maps
+    each role whose rows enter a task vector (e.g. "vlm", "en_base") to its side. Rows are matched by
+    token string; a row enters the task vectors only where every delta role has it. With no tokenizers
+    rows are matched by position, which is only allowed when every row count is equal. The output row
+    count is padded up to `multiple` (see `pad_multiple`).
+    """
+    sides = [target, vlm, *delta_roles.values()]
+    if any(s.vocab is None for s in sides):
+        if len({s.rows for s in sides}) != 1:
+            raise VlmMergeError(
+                f"vocabulary sizes differ ({target.rows} target rows, {vlm.rows} VLM rows, "
+                + ", ".join(f"{r}: {s.rows}" for r, s in delta_roles.items())
+                + ") but a source has no tokenizer files; add tokenizer.json / tokenizer.model so rows can "
+                "be matched by token string"
+            )
+        ident = torch.arange(target.rows)
+        return VocabPlan(
+            out_rows=target.rows,
+            target_rows=target.rows,
+            pairs={r: RowMap(ident, ident) for r in delta_roles},
+            image_token_id=image_token_id,
+            notes=("a source has no tokenizer: rows matched by position (all row counts equal)",),
+        )
+
+    target_vocab = target.vocab or {}
+    lookups = {role: match_rows(target_vocab, target.rows, side) for role, side in delta_roles.items()}
+    common = set.intersection(*(set(m) for m in lookups.values())) if lookups else set()
+    common_rows = sorted(common)
+    out_idx = torch.tensor(common_rows, dtype=torch.long)
+    pairs = {
+        role: RowMap(out_idx, torch.tensor([lookup[r] for r in common_rows], dtype=torch.long))
+        for role, lookup in lookups.items()
+    }
+
+    # Tokens the output needs that the target tokenizer lacks: the image token, and a pad token.
+    vlm_vocab = vlm.vocab or {}
+    vlm_inv = {i: t for t, i in vlm_vocab.items()}
+    image_token = vlm_inv.get(image_token_id, DEFAULT_IMAGE_TOKEN) if image_token_id is not None else DEFAULT_IMAGE_TOKEN
+    pad_token = target.pad_token or vlm.pad_token or DEFAULT_PAD_TOKEN
+    want: list[tuple[str, int | None]] = []
+    for token in dict.fromkeys((image_token, pad_token)):
+        if token not in target_vocab:
+            row = vlm_vocab.get(token)
+            want.append((token, row if row is not None and row < vlm.rows else None))
+    n_tokens = target.size if target.size is not None else len(target_vocab)
+    added = tuple(AddedToken(tok, n_tokens + i, row) for i, (tok, row) in enumerate(want))
+    needed = max(target.rows, n_tokens + len(added))
+    out_rows = -(-needed // multiple) * multiple
+    ids = {**target_vocab, **{a.token: a.out_row for a in added}}
+    unmatched = min(target.rows, n_tokens) - len(common_rows)
+    notes = (f"{unmatched} target rows have no counterpart in every source and keep the target's values",) if unmatched > 0 else ()
+    return VocabPlan(
+        out_rows=out_rows,
+        target_rows=target.rows,
+        pairs=pairs,
+        added=added,
+        image_token=image_token,
+        image_token_id=ids.get(image_token),
+        pad_token=pad_token,
+        pad_token_id=ids.get(pad_token),
+        tokens_added_to_tokenizer=tuple(a.token for a in added),
+        notes=notes,
+    )
+
+
+def fill_vocab_rows(target: torch.Tensor, plan: VocabPlan, vlm: torch.Tensor | None) -> torch.Tensor:
+    """The output's starting rows (float32): the target's rows, added tokens, mean-filled padding."""
+    out = torch.empty((plan.out_rows, target.shape[1]), dtype=torch.float32)
+    n = min(plan.target_rows, plan.out_rows, target.shape[0])
+    out[:n] = target[:n]
+    if plan.out_rows > n:
+        out[n:] = target.float().mean(dim=0)
+    for a in plan.added:
+        if a.vlm_row is not None and vlm is not None:
+            out[a.out_row] = vlm[a.vlm_row]
+        else:
+            out[a.out_row] = target.float().mean(dim=0)
+    return out
