@@ -154,3 +154,20 @@ def test_bfloat16_output_rounds_once(zoo, tmp_path):
     # vision tower stays in its own dtype, byte for byte
     k = "model.vision_tower.vision_model.embeddings.patch_embedding.weight"
     assert r.read_bytes(k) == vr.read_bytes(k)
+
+
+def test_batched_generation_equals_one_at_a_time(zoo, merged):
+    from transformers import AutoModelForImageTextToText
+
+    from eval.generation import generate_answers
+    from vlm_merge.demo import demo_images
+
+    out = merged["llava-hf-llama"]
+    model = AutoModelForImageTextToText.from_pretrained(str(out))
+    proc = AutoProcessor.from_pretrained(str(out))
+    images = demo_images(seed=3, n=5)
+    questions = ["これは何ですか", "色は？", "何個ありますか、数えてください", "形", "この画像を説明してください"]
+    batched = generate_answers(model, proc, images, questions, max_new_tokens=6, batch_size=5)
+    single = [generate_answers(model, proc, [im], [q], max_new_tokens=6, batch_size=1)[0] for im, q in zip(images, questions)]
+    assert batched == single
+    assert len(set(batched)) > 1

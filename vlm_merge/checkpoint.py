@@ -3,8 +3,9 @@
 Reading (`CheckpointReader`) accepts what users have on disk: a local directory or a Hugging Face
 cache id (resolved offline), holding safetensors (single file or sharded with
 `model.safetensors.index.json`) or PyTorch `.bin` files (single or sharded with
-`pytorch_model.bin.index.json`). Names, shapes and dtypes come from headers only; tensor data is
-memory-mapped and materialised one tensor at a time. `.bin` files are only ever opened with
+`pytorch_model.bin.index.json`). Names, shapes and dtypes come from headers only; a tensor's bytes
+are read with `pread` into a fresh or caller-provided buffer, one tensor at a time (no mapping of
+whole files, so memory holds only the tensors in use). `.bin` files are only ever opened with
 `torch.load(weights_only=True)`.
 
 Writing (`CheckpointWriter`) takes the full list of output tensors (name, shape, dtype) up front, so
@@ -16,7 +17,6 @@ written into a temporary directory beside the target and renamed into place only
 from __future__ import annotations
 
 import json
-import mmap
 import os
 import pickle
 import shutil
@@ -214,7 +214,7 @@ class CheckpointReader:
             self.format = "safetensors" if all(f.suffix == ".safetensors" for f in files) else "bin"
             self._files = list(files)
         self._infos: dict[str, TensorInfo] = {}
-        self._maps: dict[Path, mmap.mmap] = {}
+        self._fds: dict[Path, int] = {}
         self._bin_cache: tuple[Path, dict[str, torch.Tensor]] | None = None
         if self.format == "safetensors":
             for file in self._files:
@@ -309,35 +309,49 @@ class CheckpointReader:
 
     # -- data ------------------------------------------------------------------------------
     def get(self, name: str) -> torch.Tensor:
-        """One tensor. For safetensors this is a zero-copy view of the memory-mapped file."""
+        """One tensor, in memory of its own."""
         info = self.info(name)
         if self.format == "safetensors":
-            mm = self._maps.get(info.file)
-            if mm is None:
-                with open(info.file, "rb") as f:
-                    mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
-                self._maps[info.file] = mm
-            if info.numel == 0:
-                return torch.empty(info.shape, dtype=info.dtype)
-            flat = torch.frombuffer(mm, dtype=info.dtype, count=info.numel, offset=info.offset)
-            return flat.view(info.shape)
+            return self.read_into(name, torch.empty(info.nbytes, dtype=torch.uint8))
+        return self._bin_tensor(info)
+
+    def read_into(self, name: str, buffer: torch.Tensor) -> torch.Tensor:
+        """One tensor read into `buffer` (uint8, at least its size); returns a typed view of it.
+
+        For `.bin` checkpoints the tensor comes from the (memory-mapped) pickle instead.
+        """
+        info = self.info(name)
+        if self.format != "safetensors":
+            return self._bin_tensor(info)
+        view = buffer[: info.nbytes]
+        if info.nbytes:
+            fd = self._fds.get(info.file)
+            if fd is None:
+                fd = self._fds[info.file] = os.open(info.file, os.O_RDONLY)
+            mv = memoryview(view.numpy())
+            done = 0
+            while done < info.nbytes:
+                n = os.preadv(fd, [mv[done:]], info.offset + done)
+                if n <= 0:
+                    raise VlmMergeError(f"{info.file}: ended while reading {name!r}; the file is truncated, re-download it")
+                done += n
+        return view.view(info.dtype).view(info.shape)
+
+    def _bin_tensor(self, info: TensorInfo) -> torch.Tensor:
         if self._bin_cache is None or self._bin_cache[0] != info.file:
             self._bin_cache = None  # drop the previous shard before loading the next
             self._bin_cache = (info.file, _load_bin(info.file))
-        return self._bin_cache[1][name]
+        return self._bin_cache[1][info.name]
 
     def read_bytes(self, name: str) -> bytes:
-        """The raw stored bytes of one tensor (used to copy tensors byte for byte)."""
+        """The raw stored bytes of one tensor (used to compare tensors byte for byte)."""
         t = self.get(name)
         return t.contiguous().view(torch.uint8).numpy().tobytes() if t.numel() else b""
 
     def close(self) -> None:
-        for mm in self._maps.values():
-            try:
-                mm.close()
-            except BufferError:  # a tensor view is still alive; the mapping closes when it dies
-                pass
-        self._maps.clear()
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
         self._bin_cache = None
 
     def __enter__(self) -> CheckpointReader:
@@ -500,8 +514,6 @@ class CheckpointWriter:
 
     def _close_file(self) -> None:
         if self._file is not None:
-            self._file.flush()
-            os.fsync(self._file.fileno())
             self._file.close()
             self._file = None
 

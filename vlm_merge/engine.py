@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import errno
 from collections.abc import Callable, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -27,7 +28,9 @@ from vlm_merge.checkpoint import (
 from vlm_merge.errors import VlmMergeError
 from vlm_merge.vocab import VocabPlan, fill_vocab_rows
 
-CHUNK_ELEMENTS = 1 << 18  # elementwise merges run over 256K-element slices (1 MiB in float32)
+# Elementwise merges run over 64K-element slices (256 KiB in float32): small enough to stay in cache
+# and to be served by the allocator without faulting fresh pages (1 MiB slices ran 6x slower here).
+CHUNK_ELEMENTS = 1 << 16
 
 TensorFn = Callable[[Mapping[str, torch.Tensor]], torch.Tensor]
 
@@ -82,14 +85,43 @@ class MergePlan:
         return sum(p.nbytes for p in self.planned())
 
 
-def _chunked(fn: TensorFn, tensors: Mapping[str, torch.Tensor], out: torch.Tensor) -> None:
-    """Evaluate an elementwise `fn` slice by slice, writing each rounded slice into `out`."""
+class Scratch:
+    """Reusable buffers (one per source role, one for the output), so that reading and writing large
+    tensors does not fault fresh memory in for every tensor."""
+
+    def __init__(self) -> None:
+        self._buffers: dict[str, torch.Tensor] = {}
+
+    def buffer(self, slot: str, nbytes: int) -> torch.Tensor:
+        buf = self._buffers.get(slot)
+        if buf is None or buf.numel() < nbytes:
+            buf = self._buffers[slot] = torch.empty(nbytes, dtype=torch.uint8)
+        return buf[:nbytes]
+
+    def read(self, reader: CheckpointReader, role: str, key: str) -> torch.Tensor:
+        return reader.read_into(key, self.buffer(role, reader.info(key).nbytes))
+
+    def output(self, shape: tuple[int, ...], dtype: torch.dtype, slot: int = 0) -> torch.Tensor:
+        return self.buffer(f"\0out{slot}", PlannedTensor("", shape, dtype).nbytes).view(dtype).view(shape)
+
+
+def _chunked(fn: TensorFn, tensors: Mapping[str, torch.Tensor], out: torch.Tensor) -> bool:
+    """Evaluate an elementwise `fn` slice by slice, writing each rounded slice into `out`.
+
+    Returns whether every value was finite (a NaN/inf anywhere makes the float32 slice's sum non-finite;
+    summing is far cheaper than an elementwise `isfinite`).
+    """
     flat = {r: t.reshape(-1) for r, t in tensors.items()}
     flat_out = out.view(-1)
     n = flat_out.numel()
+    finite = True
     for start in range(0, n, CHUNK_ELEMENTS):
         stop = min(n, start + CHUNK_ELEMENTS)
-        flat_out[start:stop] = fn({r: t[start:stop] for r, t in flat.items()})
+        r = fn({k: t[start:stop] for k, t in flat.items()})
+        if finite and not bool(torch.isfinite(r.sum())):
+            finite = bool(torch.isfinite(r).all())  # the sum may overflow on huge but finite values
+        flat_out[start:stop] = r
+    return finite
 
 
 def _gather_vocab(op: Merge, tensors: dict[str, torch.Tensor], plan: VocabPlan, sources: dict[str, CheckpointReader]) -> dict[str, torch.Tensor]:
@@ -117,11 +149,12 @@ def _gather_vocab(op: Merge, tensors: dict[str, torch.Tensor], plan: VocabPlan, 
     return aligned
 
 
-def compute(t: OutputTensor, plan: MergePlan) -> torch.Tensor:
-    """The value of one merged output tensor, rounded to its dtype."""
+def compute(t: OutputTensor, plan: MergePlan, scratch: Scratch | None = None, slot: int = 0) -> torch.Tensor:
+    """The value of one merged output tensor, rounded to its dtype (in `scratch`'s output `slot`)."""
     op = t.op
     assert isinstance(op, Merge)
-    tensors = {role: plan.sources[role].get(key) for role, key in op.inputs.items()}
+    scratch = scratch or Scratch()
+    tensors = {role: scratch.read(plan.sources[role], role, key) for role, key in op.inputs.items()}
     vocab = plan.vocab
     if op.vocab and vocab is not None:
         if not vocab.is_identity or any(x.shape[0] != vocab.out_rows for x in tensors.values()):
@@ -129,12 +162,14 @@ def compute(t: OutputTensor, plan: MergePlan) -> torch.Tensor:
     for role, x in tensors.items():
         if tuple(x.shape) != t.shape:
             raise VlmMergeError(f"{t.key}: source {role} has shape {list(x.shape)}, output needs {list(t.shape)}")
-    out = torch.empty(t.shape, dtype=t.dtype)
+    out = scratch.output(t.shape, t.dtype, slot)
     if op.elementwise:
-        _chunked(op.fn, tensors, out)
+        finite = _chunked(op.fn, tensors, out)
     else:
-        out.copy_(op.fn(tensors))
-    if out.is_floating_point() and not bool(torch.isfinite(out).all()):
+        r = op.fn(tensors)
+        finite = bool(torch.isfinite(r).all())
+        out.copy_(r)
+    if not finite:
         raise VlmMergeError(f"{t.key}: merge produced NaN/inf values; check the scales/weights and the inputs")
     return out
 
@@ -145,24 +180,42 @@ def execute(
     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
     progress: bool = True,
 ) -> None:
-    """Write every tensor of `plan` into `directory` (a temporary directory owned by the caller)."""
+    """Write every tensor of `plan` into `directory` (a temporary directory owned by the caller).
+
+    Writing overlaps computing: a writer thread writes tensor i from one output buffer while the next
+    tensor is computed into the other (double buffering), so memory holds two output tensors at most.
+    """
     writer = CheckpointWriter(directory, plan.planned(), max_shard_bytes, plan.metadata)
     bar = tqdm(total=plan.total_bytes, unit="B", unit_scale=True, desc="merging", disable=not progress)
+    scratch = Scratch()
+    pending: list[Future | None] = [None, None]  # the write in flight from each output slot
+    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vlm-merge-writer")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(max(1, threads - 1))  # leave a core to the writer thread
     try:
-        for t in plan.tensors:
+        for i, t in enumerate(plan.tensors):
+            slot = i % 2
+            if pending[slot] is not None:
+                pending[slot].result()
             if isinstance(t.op, Copy):
-                src = plan.sources[t.op.role].get(t.op.key)
-                writer.write(t.key, src)
+                nbytes = PlannedTensor(t.key, t.shape, t.dtype).nbytes
+                value = plan.sources[t.op.role].read_into(t.op.key, scratch.buffer(f"\0out{slot}", nbytes))
             else:
-                writer.write(t.key, compute(t, plan))
+                value = compute(t, plan, scratch, slot)
+            pending[slot] = pool.submit(writer.write, t.key, value)
             bar.update(PlannedTensor(t.key, t.shape, t.dtype).nbytes)
+        for f in pending:
+            if f is not None:
+                f.result()
         writer.close()
-    except OSError as e:
+    except BaseException as e:
+        pool.shutdown(wait=True, cancel_futures=True)
         writer.abort()
-        hint = "free disk space or choose another output path" if e.errno == errno.ENOSPC else "check the output path"
-        raise VlmMergeError(f"{directory.parent}: writing the merged model failed ({e.strerror or e}); {hint}") from None
-    except BaseException:
-        writer.abort()
+        if isinstance(e, OSError):
+            hint = "free disk space or choose another output path" if e.errno == errno.ENOSPC else "check the output path"
+            raise VlmMergeError(f"{directory.parent}: writing the merged model failed ({e.strerror or e}); {hint}") from None
         raise
     finally:
+        pool.shutdown(wait=True)
+        torch.set_num_threads(threads)
         bar.close()
