@@ -1,8 +1,9 @@
 """Chat Vector for VLMs: `ja_vlm_llm = ja_base + scale * (vlm_llm - en_base)`.
 
 Three ways in, one engine (`vlm_merge.backbone` over `vlm_merge.engine`):
-- `chat_vector(vlm, en_base, ja_base, out)`: one streaming pass, task arithmetic anchored at the
-  Japanese base (`vlm_merge.methods.task_arithmetic`).
+- `chat_vector(vlm, en_base, ja_base, out)`: the recipe `chat_vector_recipe(…)` (task arithmetic over
+  the English base, starting from the Japanese base) run by `vlm_merge.merge.merge` in one streaming
+  pass; the output's `merge_recipe.yaml` replays it with `vlm-merge merge`.
 - `extract_delta(vlm, en_base, file)`: save `vlm_llm - en_base` once as a safetensors file with its
   sources, key map, dtype and the English vocabulary in the metadata; `load_delta(file)` reads it back.
 - `apply_delta(delta, ja_base, out, vlm=…)`: add a saved delta to a Japanese base
@@ -25,7 +26,7 @@ import torch
 
 import vlm_merge
 from chat_vector.rules import Scales, resolve_skip
-from vlm_merge.anatomy import align, inspect_llm, inspect_vlm
+from vlm_merge.anatomy import align, inspect_llm, inspect_vlm, layer_index
 from vlm_merge.backbone import TARGET, VLM, Source, open_sources, plan_backbone, write_backbone
 from vlm_merge.card import model_card
 from vlm_merge.checkpoint import (
@@ -37,7 +38,9 @@ from vlm_merge.checkpoint import (
 )
 from vlm_merge.engine import Merge, MergePlan, OutputTensor, execute
 from vlm_merge.errors import VlmMergeError
-from vlm_merge.methods import add_task_vectors, difference, task_arithmetic
+from vlm_merge.merge import merge
+from vlm_merge.methods import add_task_vectors, difference
+from vlm_merge.recipe import VLM_REF, ModelEntry, Recipe, resolve_setting
 from vlm_merge.vocab import RowMap, VocabPlan, VocabSide, load_tokenizer, match_rows
 
 EN_BASE, DELTA = "en_base", "delta"
@@ -62,33 +65,21 @@ def make_scales(
     )
 
 
-def _cv_tensor(t: Mapping[str, torch.Tensor], w: float) -> torch.Tensor:
-    return task_arithmetic(t[EN_BASE], [t[VLM]], [w], anchor=t[TARGET])
+def chat_vector_recipe(
+    vlm: str | Path, en_base: str | Path, ja_base: str | Path, scales: Scales, dtype: str | None = None
+) -> Recipe:
+    """Chat Vector as a recipe: task arithmetic over the English base, starting from the Japanese base.
 
-
-def _apply_tensor(t: Mapping[str, torch.Tensor], w: float) -> torch.Tensor:
-    return add_task_vectors(t[TARGET], [t[DELTA]], [w])
-
-
-def _rule(scales: Scales, fn):
-    def rule(canonical: str):
-        w = scales.factor(canonical)
-        return None if w is None else partial(fn, w=w)
-
-    return rule
-
-
-def _card(method: str, sources: dict[str, str], scales: Scales, bp, extra: list[str]) -> str:
-    recipe = {"method": method, "formula": "ja_base + scale * (vlm_llm - en_base)", **scales.describe()}
-    details = [
-        f"output layout: {bp.output_layout}; language-model tensors merged {bp.summary['merged']}, "
-        f"kept from the Japanese base {bp.summary['kept']}, copied from the VLM {bp.summary['copied']}",
-        *extra,
-    ]
-    if bp.vocab is not None:
-        details.append("vocabulary: " + bp.vocab.summary())
-        details.extend(bp.vocab.notes)
-    return model_card("Japanese VLM by Chat Vector", method, recipe, sources, details)
+    `ja_base + w * (vlm_llm - en_base)`, w per tensor from `scales` (see `Scales.weight_setting`).
+    """
+    return Recipe(
+        merge_method="task_arithmetic",
+        vlm=str(vlm),
+        base_model=str(en_base),
+        target=str(ja_base),
+        models=(ModelEntry(VLM_REF, {"weight": scales.weight_setting()}),),
+        dtype=dtype,
+    )
 
 
 def chat_vector(
@@ -114,25 +105,19 @@ def chat_vector(
     `layer_scales` multiplies the scale per decoder layer, `module_scales` per module group
     (attention, mlp, norms, embeddings, lm_head); `skip` names presets or regexes of tensors that keep
     the Japanese base's value (see `chat_vector.rules`). `dtype` is the output dtype of the language
-    model (default: the VLM's). Returns the output directory.
+    model (default: the VLM's). The output holds `merge_recipe.yaml`: `vlm-merge merge` replays it.
     """
     prepare_output_dir(out, force)
     scales = make_scales(scale, layer_scales, module_scales, skip)
-    sources = open_sources(
-        vlm, ja_base, {EN_BASE: en_base}, vision_tower=vision_tower, cache_dir=cache_dir, trust_remote_code=trust_remote_code
+    if scales.layer_scales is not None:
+        with CheckpointReader(vlm, cache_dir) as reader:
+            scales.check_layers(inspect_vlm(reader).num_layers)
+    dtype_name = str(dtype).removeprefix("torch.") if isinstance(dtype, torch.dtype) else dtype
+    recipe = chat_vector_recipe(vlm, en_base, ja_base, scales, dtype_name)
+    return merge(
+        recipe, out, force=force, max_shard_bytes=max_shard_bytes, vision_tower=vision_tower, cache_dir=cache_dir,
+        progress=progress, trust_remote_code=trust_remote_code, card_title="Japanese VLM by Chat Vector",
     )
-    try:
-        scales.check_layers(sources.vlm.anatomy.num_layers)
-        bp = plan_backbone(sources, _rule(scales, _cv_tensor), [TARGET, VLM, EN_BASE], _dtype(dtype))
-        names = {"vlm": str(sources.vlm.reader.path), "en_base": str(sources.others[EN_BASE].reader.path), "ja_base": str(sources.target.reader.path)}
-        card = _card("chat_vector", names, scales, bp, [])
-        recipe = {"method": "chat_vector", "sources": names, **scales.describe(), "dtype": str(bp.config.get("dtype", "")), "vlm_merge_version": vlm_merge.__version__}
-        return write_backbone(
-            bp, out, force=force, max_shard_bytes=max_shard_bytes, card=card,
-            extra_files={"chat_vector_recipe.json": json.dumps(recipe, indent=2, ensure_ascii=False) + "\n"}, progress=progress,
-        )
-    finally:
-        sources.close()
 
 
 # ------------------------------------------------------------------------------------------
@@ -250,6 +235,10 @@ def load_delta(path: str | Path) -> ChatVectorDelta:
     return ChatVectorDelta(path, reader, json.loads(raw[METADATA_KEY]))
 
 
+def _apply_tensor(t: Mapping[str, torch.Tensor], w: float) -> torch.Tensor:
+    return add_task_vectors(t[TARGET], [t[DELTA]], [w])
+
+
 def apply_delta(
     delta: str | Path | ChatVectorDelta,
     ja_base: str | Path,
@@ -275,15 +264,24 @@ def apply_delta(
     d = delta if isinstance(delta, ChatVectorDelta) else load_delta(delta)
     vlm_path = vlm or d.metadata["sources"]["vlm"]
     scales = make_scales(scale, layer_scales, module_scales, skip)
-    sources = open_sources(vlm_path, ja_base, {}, vision_tower=vision_tower, cache_dir=cache_dir)
+    sources = open_sources(vlm_path, {TARGET: ja_base}, vision_tower=vision_tower, cache_dir=cache_dir)
     try:
         delta_anat = inspect_llm(d.reader, "the chat vector")
-        sources.others[DELTA] = Source(DELTA, d.reader, delta_anat, vocab_side=d.vocab_side)
+        sources.models[DELTA] = Source(DELTA, d.reader, delta_anat, vocab_side=d.vocab_side)
         sources.alignments[DELTA] = align(sources.vlm.anatomy, delta_anat)
-        scales.check_layers(sources.vlm.anatomy.num_layers)
-        bp = plan_backbone(sources, _rule(scales, _apply_tensor), [TARGET, DELTA], _dtype(dtype), vector_roles=(DELTA,))
+        num_layers = sources.vlm.anatomy.num_layers
+        scales.check_layers(num_layers)
+        setting = scales.weight_setting()
+
+        def rule(canon: str):
+            w = resolve_setting(setting, canon, layer_index(canon), num_layers, "scale")
+            return partial(_apply_tensor, w=float(w))
+
+        bp = plan_backbone(sources, rule, [TARGET, DELTA], _dtype(dtype), vector_roles=(DELTA,))
         names = {"chat_vector": str(d.path), **{f"delta {k}": v for k, v in d.metadata["sources"].items()}, "ja_base": str(sources.target.reader.path), "vlm (vision side)": str(sources.vlm.reader.path)}
-        card = _card("chat_vector", names, scales, bp, [f"delta stored as {d.metadata.get('dtype')}"])
+        recipe = {"method": "chat_vector (saved delta)", "formula": "ja_base + weight * delta", "weight": setting}
+        details = [f"delta stored as {d.metadata.get('dtype')}", "vocabulary: " + (bp.vocab.summary() if bp.vocab else "unchanged")]
+        card = model_card("Japanese VLM by Chat Vector", "chat_vector", recipe, names, details)
         return write_backbone(bp, out, force=force, max_shard_bytes=max_shard_bytes, card=card, progress=progress)
     finally:
         sources.close()

@@ -16,8 +16,8 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
+from typing import Any
 
-from vlm_merge.anatomy import layer_index
 from vlm_merge.errors import VlmMergeError
 
 SKIP_PRESETS: dict[str, tuple[str, ...]] = {
@@ -29,6 +29,7 @@ SKIP_PRESETS: dict[str, tuple[str, ...]] = {
 DEFAULT_SKIP = "none"
 
 # Module groups for per-module scales: name -> regex on the canonical key.
+FINAL_NORM = r"^model\.norm\."
 MODULES: dict[str, str] = {
     "attention": r"\.self_attn\.",
     "mlp": r"\.mlp\.",
@@ -63,7 +64,7 @@ def resolve_skip(skip: str | list[str] | tuple[str, ...] | None) -> tuple[str, .
 
 @dataclass(frozen=True)
 class Scales:
-    """Effective scale of a tensor = scale x layer_scales[layer] x module_scales[module]; None if skipped."""
+    """A Chat Vector's scales: global, per decoder layer, per module group, and skipped tensors."""
 
     scale: float = 1.0
     layer_scales: tuple[float, ...] | None = None
@@ -81,17 +82,27 @@ class Scales:
                 f"layer_scales has {len(self.layer_scales)} values but the language model has {num_layers} layers"
             )
 
-    def factor(self, canonical: str) -> float | None:
-        if any(re.search(p, canonical) for p in self.skip):
-            return None
-        f = self.scale
-        i = layer_index(canonical)
-        if i is not None and self.layer_scales is not None:
-            f *= self.layer_scales[i]
-        for module, pattern in MODULES.items():
-            if module in self.module_scales and re.search(pattern, canonical):
-                f *= self.module_scales[module]
-        return f
+    def weight_setting(self) -> Any:
+        """The Chat Vector's weight as a recipe parameter setting (see `vlm_merge.recipe`).
+
+        Effective weight = scale x layer_scales[layer] x module_scales[module]; skipped tensors get 0
+        (the Japanese base's value). Embeddings, lm_head and the final norm sit outside the layers.
+        """
+        if not self.skip and not self.module_scales and self.layer_scales is None:
+            return self.scale
+        ms = self.module_scales
+
+        def per_layer(m: float | None = None) -> float | list[float]:
+            if self.layer_scales is None:
+                return self.scale if m is None else self.scale * m
+            return [self.scale * ls if m is None else self.scale * ls * m for ls in self.layer_scales]
+
+        entries: list[dict[str, Any]] = [{"filter_regex": p, "value": 0.0} for p in self.skip]
+        for group, pattern in (("embeddings", MODULES["embeddings"]), ("lm_head", MODULES["lm_head"]), ("norms", FINAL_NORM)):
+            entries.append({"filter_regex": pattern, "value": self.scale * ms[group] if group in ms else self.scale})
+        entries += [{"filter_regex": MODULES[g], "value": per_layer(ms[g])} for g in ("attention", "mlp", "norms") if g in ms]
+        entries.append({"value": per_layer()})
+        return entries
 
     def describe(self) -> dict:
         return {

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from vlm_merge import checkpoint
 from vlm_merge.cli import main
@@ -62,8 +63,14 @@ def test_chat_vector_cli_writes_model(zoo, tmp_path, capsys):
     assert f"wrote {out}" in capsys.readouterr().out
     index = json.loads((out / "model.safetensors.index.json").read_text())
     assert len(set(index["weight_map"].values())) > 3  # sharded at 20 KB
-    recipe = json.loads((out / "chat_vector_recipe.json").read_text())
-    assert recipe["scale"] == 0.5 and recipe["skip"]
+    recipe = yaml.safe_load((out / "merge_recipe.yaml").read_text())
+    assert recipe["merge_method"] == "task_arithmetic" and recipe["models"][0]["model"] == "vlm"
+    weight = recipe["models"][0]["parameters"]["weight"]
+    assert weight[-1] == {"value": 0.5} and any(e.get("value") == 0.0 for e in weight)  # norms skipped
+    # the resolved recipe replays bit for bit
+    assert main(["merge", str(out / "merge_recipe.yaml"), str(tmp_path / "replay"), "--quiet", "--max-shard-size", "20KB"]) == 0
+    for f in out.glob("*.safetensors"):
+        assert f.read_bytes() == (tmp_path / "replay" / f.name).read_bytes()
     # refuse to overwrite; --force replaces
     assert main(_cv_args(zoo, out)) == 2
     assert "already exists" in _error_line(capsys)

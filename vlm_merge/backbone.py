@@ -66,17 +66,39 @@ class Source:
 
 @dataclass
 class Sources:
-    vlm: Source
-    target: Source
-    others: dict[str, Source]
-    alignments: dict[str, Alignment]  # role -> alignment of that LLM with the VLM
+    """The checkpoints of one merge: an optional VLM and named LLM sources (roles).
+
+    `target_role` names the source whose vocabulary, tokenizer and text config the output takes
+    (and whose tensors a skipped tensor keeps). Without a VLM the output is a plain LLM laid out
+    like the target.
+    """
+
+    vlm: Source | None
+    models: dict[str, Source]
+    target_role: str
+    alignments: dict[str, Alignment]  # role -> alignment with the reference (the VLM, else the target)
     clip: CheckpointReader | None = None  # separate vision tower (original LLaVA-1.5)
     cache_dir: str | Path | None = None
 
     @property
+    def target(self) -> Source:
+        return self.models[self.target_role]
+
+    @property
+    def reference(self) -> Source:
+        """The model whose key layout the output follows."""
+        return self.vlm if self.vlm is not None else self.target
+
+    def source(self, role: str) -> Source:
+        if role == VLM and self.vlm is not None:
+            return self.vlm
+        return self.models[role]
+
+    @property
     def readers(self) -> dict[str, CheckpointReader]:
-        out = {VLM: self.vlm.reader, TARGET: self.target.reader}
-        out.update({r: s.reader for r, s in self.others.items()})
+        out = {r: s.reader for r, s in self.models.items()}
+        if self.vlm is not None:
+            out[VLM] = self.vlm.reader
         if self.clip is not None:
             out[CLIP] = self.clip
         return out
@@ -100,32 +122,34 @@ def _resolve_vision_tower(vlm: Anatomy, vision_tower: str | Path | None, cache_d
 
 
 def open_sources(
-    vlm: str | Path,
-    target: str | Path,
-    others: Mapping[str, str | Path] | None = None,
+    vlm: str | Path | None,
+    models: Mapping[str, str | Path],
+    target_role: str = TARGET,
     *,
     vision_tower: str | Path | None = None,
     cache_dir: str | Path | None = None,
     trust_remote_code: bool = False,
 ) -> Sources:
-    """Open and align the checkpoints of a backbone merge (no tensor data is read)."""
-    others = dict(others or {})
-    base_for_generic = CheckpointReader(target, cache_dir)
-    vlm_reader = CheckpointReader(vlm, cache_dir)
-    vlm_anat = inspect_vlm(vlm_reader, base=base_for_generic)
-    target_src = Source(TARGET, base_for_generic, inspect_llm(base_for_generic, "the target (Japanese base)"))
-    other_srcs = {}
-    for role, path in others.items():
-        reader = CheckpointReader(path, cache_dir)
-        other_srcs[role] = Source(role, reader, inspect_llm(reader, role))
-    alignments = {TARGET: align(vlm_anat, target_src.anatomy)}
-    for role, src in other_srcs.items():
-        alignments[role] = align(vlm_anat, src.anatomy)
-    vlm_src = Source(VLM, vlm_reader, vlm_anat)
-    for src in (vlm_src, target_src, *other_srcs.values()):
+    """Open and align the checkpoints of a merge (no tensor data is read).
+
+    `models` maps role names to LLM checkpoints; `target_role` must be one of them. Every LLM is
+    aligned with the VLM's language model (or, without a VLM, with the target).
+    """
+    if target_role not in models:
+        raise ValueError(f"target role {target_role!r} is not among the models {sorted(models)}")
+    readers = {role: CheckpointReader(path, cache_dir) for role, path in models.items()}
+    srcs = {role: Source(role, r, inspect_llm(r, role)) for role, r in readers.items()}
+    vlm_src = None
+    clip = None
+    if vlm is not None:
+        vlm_reader = CheckpointReader(vlm, cache_dir)
+        vlm_src = Source(VLM, vlm_reader, inspect_vlm(vlm_reader, base=readers[target_role]))
+        clip = _resolve_vision_tower(vlm_src.anatomy, vision_tower, cache_dir)
+    reference = vlm_src.anatomy if vlm_src is not None else srcs[target_role].anatomy
+    alignments = {role: align(reference, src.anatomy) for role, src in srcs.items()}
+    for src in (*([vlm_src] if vlm_src else []), *srcs.values()):
         src.tokenizer = load_tokenizer(src.reader.path, trust_remote_code)
-    clip = _resolve_vision_tower(vlm_anat, vision_tower, cache_dir)
-    return Sources(vlm_src, target_src, other_srcs, alignments, clip, cache_dir)
+    return Sources(vlm_src, srcs, target_role, alignments, clip, cache_dir)
 
 
 def _image_token_id(config: dict) -> int | None:
@@ -136,22 +160,27 @@ def _image_token_id(config: dict) -> int | None:
 
 
 def plan_vocabulary(sources: Sources, delta_roles: list[str]) -> VocabPlan | None:
-    """Row alignment of embeddings / lm_head between the target and the roles that enter task vectors."""
-    if not sources.alignments[TARGET].vocab_keys:
+    """Row alignment of embeddings / lm_head between the target and the roles that enter task vectors.
+
+    With a VLM the output also gets its image token (and a pad token) when the target lacks them.
+    """
+    if not sources.alignments[sources.target_role].vocab_keys:
         return None
-    by_role = {VLM: sources.vlm, **sources.others}
-    vlm_side = sources.vlm.vocab
+    vlm_side = sources.vlm.vocab if sources.vlm is not None else None
     return plan_vocab(
         target=sources.target.vocab,
         vlm=vlm_side,
-        image_token_id=_image_token_id(sources.vlm.anatomy.config),
-        delta_roles={r: by_role[r].vocab for r in delta_roles},
-        multiple=pad_multiple(vlm_side.rows, vlm_side.size if vlm_side.size is not None else vlm_side.rows),
+        image_token_id=_image_token_id(sources.vlm.anatomy.config) if sources.vlm is not None else None,
+        delta_roles={r: sources.source(r).vocab for r in delta_roles},
+        multiple=pad_multiple(vlm_side.rows, vlm_side.size if vlm_side.size is not None else vlm_side.rows) if vlm_side else 1,
     )
 
 
-def _keep_target(t: Mapping[str, torch.Tensor]) -> torch.Tensor:
-    return t[TARGET]
+def _keep(role: str) -> TensorFn:
+    def keep(t: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        return t[role]
+
+    return keep
 
 
 @dataclass
@@ -170,19 +199,22 @@ def plan_backbone(
     roles: list[str],
     dtype: torch.dtype | None = None,
     vector_roles: tuple[str, ...] = (),
+    elementwise: bool = True,
 ) -> BackbonePlan:
     """The output tensors of a backbone merge: vision parts copied, language model merged by `rule`.
 
     `roles` are the sources every merge function reads (always including the target); all of them
     except the target enter task vectors, so their vocabulary rows are aligned to the output's.
     `vector_roles` are sources that hold task vectors themselves (a saved Chat Vector).
+    `elementwise` says whether the rule's functions may be evaluated slice by slice.
     """
-    vlm = sources.vlm.anatomy
-    original = vlm.layout.name == "llava-original"
-    vocab = plan_vocabulary(sources, [r for r in roles if r != TARGET])
+    ref = sources.reference
+    original = ref.anatomy.layout.name == "llava-original"
+    target_role = sources.target_role
+    vocab = plan_vocabulary(sources, [r for r in roles if r != target_role])
     target_keys = sources.target.anatomy.lm_keys
-    canon_of = {v: c for c, v in vlm.lm_keys.items()}
-    by_role = {VLM: sources.vlm, **sources.others, TARGET: sources.target}
+    canon_of = {v: c for c, v in ref.anatomy.lm_keys.items()}
+    pairs = sources.alignments[target_role]
     tensors: list[OutputTensor] = []
     counts = {"merged": 0, "kept": 0, "copied": 0}
 
@@ -200,45 +232,46 @@ def plan_backbone(
                 info = sources.clip.info(key)
                 tensors.append(OutputTensor(new, info.shape, info.dtype, Copy(CLIP, key)))
                 counts["copied"] += 1
-    for key in sources.vlm.reader.keys():
-        info = vlm.infos[key]
+    for key in ref.reader.keys():
+        info = ref.anatomy.infos[key]
         if convert.DROP_KEYS.search(key):
             continue
         canon = canon_of.get(key)
         if canon is None:  # vision tower, projector, image_newline, …
-            tensors.append(OutputTensor(out_key(key), info.shape, info.dtype, Copy(VLM, key)))
+            tensors.append(OutputTensor(out_key(key), info.shape, info.dtype, Copy(ref.role, key)))
             counts["copied"] += 1
             continue
-        if canon not in sources.alignments[TARGET].pairs:
+        if canon not in pairs.pairs:
             continue
-        inputs = {r: by_role[r].anatomy.lm_keys[canon] for r in roles}
+        inputs = {r: sources.source(r).anatomy.lm_keys[canon] for r in roles}
         fn = rule(canon)
         out_dtype = dtype or info.dtype
-        is_vocab = vocab is not None and canon in sources.alignments[TARGET].vocab_keys
-        shape = (vocab.out_rows, info.shape[1]) if is_vocab and vocab is not None else info.shape
+        is_vocab = vocab is not None and canon in pairs.vocab_keys
+        shape = (vocab.out_rows, info.shape[1]) if is_vocab and vocab is not None else sources.target.anatomy.infos[target_keys[canon]].shape
         target_info = sources.target.anatomy.infos[target_keys[canon]]
         if fn is None:
             counts["kept"] += 1
-            if not is_vocab or (vocab is not None and vocab.is_identity):
-                if target_info.dtype == out_dtype:
-                    tensors.append(OutputTensor(out_key(key), shape, out_dtype, Copy(TARGET, target_keys[canon])))
-                else:
-                    tensors.append(OutputTensor(out_key(key), shape, out_dtype, Merge({TARGET: target_keys[canon]}, _keep_target)))
+            if not is_vocab or (vocab is not None and vocab.is_identity and target_info.shape == shape):
+                op = Copy(target_role, target_keys[canon]) if target_info.dtype == out_dtype else Merge({target_role: target_keys[canon]}, _keep(target_role))
+                tensors.append(OutputTensor(out_key(key), shape, out_dtype, op, canon))
                 continue
-            inputs = {TARGET: target_keys[canon]}
-            fn = _keep_target
+            inputs = {target_role: target_keys[canon]}
+            fn = _keep(target_role)
         else:
             counts["merged"] += 1
-        op = Merge(inputs, fn, vocab=is_vocab, target_role=TARGET, vlm_rows_role=VLM, vlm_rows_key=key, vector_roles=vector_roles)
-        tensors.append(OutputTensor(out_key(key), shape, out_dtype, op))
+        vlm_rows = (VLM, sources.vlm.anatomy.lm_keys[canon]) if sources.vlm is not None else (None, None)
+        op = Merge(inputs, fn, elementwise=elementwise, vocab=is_vocab, target_role=target_role,
+                   vlm_rows_role=vlm_rows[0], vlm_rows_key=vlm_rows[1], vector_roles=vector_roles)
+        tensors.append(OutputTensor(out_key(key), shape, out_dtype, op, canon))
     plan = MergePlan(tensors, sources.readers, vocab)
     config = output_config(sources, vocab, dtype)
-    return BackbonePlan(plan, sources, config, vocab, "llava-hf" if original else vlm.layout.name, counts)
+    layout = "llava-hf" if original else ref.anatomy.layout.name
+    return BackbonePlan(plan, sources, config, vocab, layout, counts)
 
 
 def _text_config(sources: Sources, vocab: VocabPlan | None) -> dict:
-    vlm = sources.vlm.anatomy
-    base = convert.text_config_of_original(vlm.config) if vlm.layout.name == "llava-original" else dict(vlm.text_config)
+    ref = sources.reference.anatomy
+    base = convert.text_config_of_original(ref.config) if ref.layout.name == "llava-original" else dict(ref.text_config)
     target = {k: v for k, v in sources.target.anatomy.config.items() if k not in _CONFIG_DROP}
     text = {**base, **target}
     if vocab is not None:
@@ -277,9 +310,15 @@ def _clip_vision_config(sources: Sources) -> dict:
 
 
 def output_config(sources: Sources, vocab: VocabPlan | None, dtype: torch.dtype | None) -> dict:
-    """config.json of the merged VLM: the VLM's multimodal settings with the target's language model."""
-    vlm = sources.vlm.anatomy
+    """config.json of the output: the VLM's multimodal settings (if any) with the target's language model."""
     text = _text_config(sources, vocab)
+    if sources.vlm is None:
+        config = {**copy.deepcopy(sources.target.anatomy.config), **text}
+        if dtype is not None:
+            config["dtype"] = str(dtype).removeprefix("torch.")
+            config.pop("torch_dtype", None)
+        return config
+    vlm = sources.vlm.anatomy
     if vlm.layout.name == "llava-original":
         config = convert.hf_config_from_original(vlm.config, _clip_vision_config(sources), text)
     else:
@@ -321,10 +360,9 @@ def _rebuild_processor(vlm_dir: Path, tokenizer, out_dir: Path) -> bool:
 def write_model_files(bp: BackbonePlan, tmp: Path) -> None:
     """config.json, generation_config.json, tokenizer (+ image/pad tokens), processor, chat template."""
     sources, vocab = bp.sources, bp.vocab
-    vlm_dir, target_dir = sources.vlm.reader.path, sources.target.reader.path
+    target_dir = sources.target.reader.path
     (tmp / "config.json").write_text(json.dumps(bp.config, indent=2, ensure_ascii=False) + "\n")
     tok = sources.target.tokenizer
-    chat_template = None
     if tok is not None:
         tok = copy.deepcopy(tok)
         if vocab is not None and vocab.tokens_added_to_tokenizer:
@@ -333,18 +371,20 @@ def write_model_files(bp: BackbonePlan, tmp: Path) -> None:
             tok.add_tokens([HFAddedToken(t, special=True, normalized=False) for t in vocab.tokens_added_to_tokenizer], special_tokens=True)
         if vocab is not None and vocab.pad_token and getattr(tok, "pad_token", None) is None:
             tok.pad_token = vocab.pad_token
-        vlm_tok = sources.vlm.tokenizer
-        chat_template = getattr(vlm_tok, "chat_template", None) if vlm_tok is not None else None
-        tok.chat_template = chat_template
+        if sources.vlm is not None:  # the VLM's conversation format is the one its vision skills know
+            vlm_tok = sources.vlm.tokenizer
+            tok.chat_template = getattr(vlm_tok, "chat_template", None) if vlm_tok is not None else None
         tok.save_pretrained(str(tmp))
-    if bp.output_layout == "llava-hf" and sources.vlm.anatomy.layout.name == "llava-original":
+    if sources.vlm is None:
+        pass
+    elif sources.vlm.anatomy.layout.name == "llava-original":
         files = convert.processor_files_from_original(sources.vlm.anatomy.config, bp.config["vision_config"], sources.clip.path if sources.clip else None)
         for name, text in files.items():
             (tmp / name).write_text(text)
-    elif tok is not None and not _rebuild_processor(vlm_dir, tok, tmp):
+    elif tok is not None and not _rebuild_processor(sources.vlm.reader.path, tok, tmp):
         for name in ("preprocessor_config.json", "processor_config.json"):
-            if (vlm_dir / name).exists():
-                (tmp / name).write_bytes((vlm_dir / name).read_bytes())
+            if (sources.vlm.reader.path / name).exists():
+                (tmp / name).write_bytes((sources.vlm.reader.path / name).read_bytes())
     gen_src = target_dir / "generation_config.json"
     gen = json.loads(gen_src.read_text()) if gen_src.exists() else {}
     gen.pop("transformers_version", None)

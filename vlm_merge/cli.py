@@ -118,6 +118,45 @@ def cmd_chat_vector(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_merge(args: argparse.Namespace) -> int:
+    from vlm_merge.merge import merge
+
+    out = merge(
+        args.recipe, args.out, dtype=args.dtype, device=args.device, force=args.force, max_shard_bytes=args.max_shard_size,
+        vision_tower=args.vision_tower, cache_dir=args.cache_dir, progress=not args.quiet,
+        trust_remote_code=args.trust_remote_code,
+    )
+    print(f"wrote {out}")
+    return 0
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    from vlm_merge.merge import validate
+
+    rp, rows = validate(args.recipe, vision_tower=args.vision_tower, cache_dir=args.cache_dir)
+    r = rp.recipe
+    print(f"recipe {args.recipe}: {r.merge_method} — OK")
+    print(f"output: {'VLM ' + r.vlm if r.vlm else 'LLM'}; vocabulary and text config from {r.tokenizer_source}"
+          + (f"; starts from target {r.target}" if r.target else ""))
+    if rp.backbone.vocab is not None:
+        print("vocabulary: " + rp.backbone.vocab.summary())
+    print()
+    print(format_table(["part", "tensors", "method", "sources"], rows))
+    return 0
+
+
+def _add_output_options(s: argparse.ArgumentParser) -> None:
+    from vlm_merge.checkpoint import DEFAULT_MAX_SHARD_BYTES
+
+    s.add_argument("--dtype", help="output dtype of the language model (default: the VLM's / the recipe's)")
+    s.add_argument("--vision-tower", help="CLIP checkpoint for original-LLaVA VLMs that do not embed theirs")
+    s.add_argument("--cache-dir", help="Hugging Face cache to look model ids up in (default: HF_HUB_CACHE)")
+    s.add_argument("--max-shard-size", type=_size, default=DEFAULT_MAX_SHARD_BYTES, help="e.g. 5GB (default)")
+    s.add_argument("--force", action="store_true", help="replace an existing output directory")
+    s.add_argument("--quiet", action="store_true", help="no progress bar")
+    s.add_argument("--trust-remote-code", action="store_true", help="allow custom tokenizer code from the checkpoints")
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from vlm_merge.demo import run_demo
 
@@ -128,7 +167,6 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     from chat_vector.rules import DEFAULT_SKIP, SKIP_PRESETS
-    from vlm_merge.checkpoint import DEFAULT_MAX_SHARD_BYTES
 
     p = argparse.ArgumentParser(prog="vlm-merge", description="Build Japanese VLMs by merging checkpoints.")
     p.add_argument("-v", "--verbose", action="store_true", help="log details")
@@ -153,20 +191,28 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--skip", default=DEFAULT_SKIP,
                    help=f"tensors that keep the Japanese base's value: presets ({', '.join(SKIP_PRESETS)}) "
                         f"and/or regexes on canonical LLM keys, comma-separated (default: {DEFAULT_SKIP})")
-    s.add_argument("--dtype", help="output dtype of the language model (default: the VLM's)")
+    _add_output_options(s)
+    s.set_defaults(func=cmd_chat_vector)
+
+    s = sub.add_parser("merge", help="merge by a recipe (ours or mergekit's YAML)")
+    s.add_argument("recipe", help="recipe YAML (e.g. a merged model's merge_recipe.yaml to reproduce it)")
+    s.add_argument("out", help="output directory (written atomically)")
+    s.add_argument("--device", default="cpu", help="where the merge arithmetic runs: cpu (default) or cuda")
+    _add_output_options(s)
+    s.set_defaults(func=cmd_merge)
+
+    s = sub.add_parser("validate", help="check a recipe against its sources without merging")
+    s.add_argument("recipe")
     s.add_argument("--vision-tower", help="CLIP checkpoint for original-LLaVA VLMs that do not embed theirs")
     s.add_argument("--cache-dir", help="Hugging Face cache to look model ids up in (default: HF_HUB_CACHE)")
-    s.add_argument("--max-shard-size", type=_size, default=DEFAULT_MAX_SHARD_BYTES, help="e.g. 5GB (default)")
-    s.add_argument("--force", action="store_true", help="replace an existing output directory")
-    s.add_argument("--quiet", action="store_true", help="no progress bar")
-    s.add_argument("--trust-remote-code", action="store_true", help="allow custom tokenizer code from the checkpoints")
-    s.set_defaults(func=cmd_chat_vector)
+    s.set_defaults(func=cmd_validate)
 
     s = sub.add_parser("demo", help="run the built-in demo end to end and write a report")
     s.add_argument("--out", default="out/demo", help="report directory (default out/demo)")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--force", action="store_true", help="replace an existing report directory")
     s.set_defaults(func=cmd_demo)
+    from eval.cli import add_eval_commands; add_eval_commands(sub)  # noqa: E702 - eval, score, compare, caption
     return p
 
 

@@ -68,6 +68,7 @@ class OutputTensor:
     shape: tuple[int, ...]
     dtype: torch.dtype
     op: Copy | Merge
+    canonical: str | None = None  # the canonical LLM key, for language-model tensors
 
 
 @dataclass
@@ -76,6 +77,7 @@ class MergePlan:
     sources: dict[str, CheckpointReader]
     vocab: VocabPlan | None = None
     metadata: dict[str, str] = field(default_factory=dict)
+    device: str = "cpu"  # where merge arithmetic runs; "cuda" moves each tensor's inputs to the GPU
 
     def planned(self) -> list[PlannedTensor]:
         return [PlannedTensor(t.key, t.shape, t.dtype) for t in self.tensors]
@@ -163,7 +165,11 @@ def compute(t: OutputTensor, plan: MergePlan, scratch: Scratch | None = None, sl
         if tuple(x.shape) != t.shape:
             raise VlmMergeError(f"{t.key}: source {role} has shape {list(x.shape)}, output needs {list(t.shape)}")
     out = scratch.output(t.shape, t.dtype, slot)
-    if op.elementwise:
+    if plan.device != "cpu":
+        r = op.fn({k: x.to(plan.device, non_blocking=True) for k, x in tensors.items()})
+        finite = bool(torch.isfinite(r).all())
+        out.copy_(r.to(t.dtype).cpu())
+    elif op.elementwise:
         finite = _chunked(op.fn, tensors, out)
     else:
         r = op.fn(tensors)

@@ -134,7 +134,7 @@ class VocabSide:
 def plan_vocab(
     *,
     target: VocabSide,
-    vlm: VocabSide,
+    vlm: VocabSide | None,
     image_token_id: int | None,
     delta_roles: dict[str, VocabSide],
     multiple: int = 1,
@@ -142,18 +142,19 @@ def plan_vocab(
     """Plan the output vocabulary.
 
     `target` is the model the output starts from (the Japanese base). `vlm` supplies the image token
-    (and pad token) rows when the target lacks them; `image_token_id` is the VLM's image token id
+    (and pad token) rows when the target lacks them (None: a plain LLM merge, no tokens are added);
+    `image_token_id` is the VLM's image token id
     (None for original LLaVA, which has no image token: `<image>` is then added). `delta_roles` maps
     each role whose rows enter a task vector (e.g. "vlm", "en_base") to its side. Rows are matched by
     token string; a row enters the task vectors only where every delta role has it. With no tokenizers
     rows are matched by position, which is only allowed when every row count is equal. The output row
     count is padded up to `multiple` (see `pad_multiple`).
     """
-    sides = [target, vlm, *delta_roles.values()]
+    sides = [target, *([vlm] if vlm is not None else []), *delta_roles.values()]
     if any(s.vocab is None for s in sides):
         if len({s.rows for s in sides}) != 1:
             raise VlmMergeError(
-                f"vocabulary sizes differ ({target.rows} target rows, {vlm.rows} VLM rows, "
+                f"vocabulary sizes differ ({target.rows} target rows, "
                 + ", ".join(f"{r}: {s.rows}" for r, s in delta_roles.items())
                 + ") but a source has no tokenizer files; add tokenizer.json / tokenizer.model so rows can "
                 "be matched by token string"
@@ -177,6 +178,11 @@ def plan_vocab(
         for role, lookup in lookups.items()
     }
 
+    n_tokens = target.size if target.size is not None else len(target_vocab)
+    if vlm is None:
+        return VocabPlan(out_rows=target.rows, target_rows=target.rows, pairs=pairs, pad_token=target.pad_token,
+                         pad_token_id=target_vocab.get(target.pad_token) if target.pad_token else None,
+                         notes=_unmatched_note(target.rows, n_tokens, len(common_rows)))
     # Tokens the output needs that the target tokenizer lacks: the image token, and a pad token.
     vlm_vocab = vlm.vocab or {}
     vlm_inv = {i: t for t, i in vlm_vocab.items()}
@@ -187,13 +193,11 @@ def plan_vocab(
         if token not in target_vocab:
             row = vlm_vocab.get(token)
             want.append((token, row if row is not None and row < vlm.rows else None))
-    n_tokens = target.size if target.size is not None else len(target_vocab)
     added = tuple(AddedToken(tok, n_tokens + i, row) for i, (tok, row) in enumerate(want))
     needed = max(target.rows, n_tokens + len(added))
     out_rows = -(-needed // multiple) * multiple
     ids = {**target_vocab, **{a.token: a.out_row for a in added}}
-    unmatched = min(target.rows, n_tokens) - len(common_rows)
-    notes = (f"{unmatched} target rows have no counterpart in every source and keep the target's values",) if unmatched > 0 else ()
+    notes = _unmatched_note(target.rows, n_tokens, len(common_rows))
     return VocabPlan(
         out_rows=out_rows,
         target_rows=target.rows,
@@ -206,6 +210,11 @@ def plan_vocab(
         tokens_added_to_tokenizer=tuple(a.token for a in added),
         notes=notes,
     )
+
+
+def _unmatched_note(rows: int, tokens: int, matched: int) -> tuple[str, ...]:
+    unmatched = min(rows, tokens) - matched
+    return (f"{unmatched} target rows have no counterpart in every source and keep the target's values",) if unmatched > 0 else ()
 
 
 def fill_vocab_rows(target: torch.Tensor, plan: VocabPlan, vlm: torch.Tensor | None) -> torch.Tensor:

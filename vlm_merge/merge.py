@@ -1,0 +1,265 @@
+"""Running a recipe: resolve every parameter for every tensor, then merge through the engine.
+
+`plan_recipe` opens and aligns the sources, checks the method, parameters and layer lists before any
+tensor is read, and yields a `RecipePlan`; `merge` writes the model with its resolved recipe
+(`merge_recipe.yaml`, every default written out) and a model card; `validate` is the dry run behind
+`vlm-merge validate`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+
+import vlm_merge
+from vlm_merge.anatomy import PROJECTOR, VISION, layer_index, lm_role
+from vlm_merge.backbone import VLM, BackbonePlan, Sources, open_sources, plan_backbone, write_backbone
+from vlm_merge.card import model_card
+from vlm_merge.checkpoint import DEFAULT_MAX_SHARD_BYTES, dtype_from_name, prepare_output_dir
+from vlm_merge.engine import Copy, Merge
+from vlm_merge.errors import VlmMergeError
+from vlm_merge.methods import METHODS, Method, tensor_seed
+from vlm_merge.recipe import Recipe, check_layer_lists, load_recipe, recipe_from_dict, resolve_setting
+
+RESOLVED_RECIPE = "merge_recipe.yaml"
+
+
+@dataclass(frozen=True)
+class TensorParams:
+    """The parameters one tensor is merged with."""
+
+    per_model: tuple[dict, ...]
+    shared: dict
+
+
+@dataclass
+class RecipePlan:
+    recipe: Recipe  # resolved: absolute sources, defaults written out
+    method: Method
+    sources: Sources
+    backbone: BackbonePlan
+    params: dict[str, TensorParams]  # canonical key -> parameters
+    base_role: str | None
+    model_roles: tuple[str, ...]
+    anchor_role: str | None
+
+
+def _method(name: str) -> Method:
+    try:
+        return METHODS[name]
+    except KeyError:
+        raise VlmMergeError(f"recipe merge_method: {name!r} is not a method (known: {', '.join(METHODS)})") from None
+
+
+def _model_entries(recipe: Recipe, method: Method) -> list[int]:
+    """Indices of `recipe.models` that enter the method, in order (base first for base-less methods)."""
+    idx = list(range(len(recipe.models)))
+    if recipe.base_model is None:
+        return idx
+    base_pos = [i for i in idx if recipe.models[i].model == recipe.base_model]
+    if method.needs_base:  # the base is not a task vector (mergekit skips it too)
+        return [i for i in idx if i not in base_pos]
+    return base_pos[:1] + [i for i in idx if i not in base_pos[:1]]
+
+
+def _resolve_tensor_params(recipe: Recipe, method: Method, entries: list[int], canon: str, num_layers: int) -> TensorParams:
+    layer = layer_index(canon)
+    per_model = []
+    for i in entries:
+        m = recipe.models[i]
+        per_model.append({k: resolve_setting(v, canon, layer, num_layers, f"models[{i}].parameters.{k}") for k, v in m.parameters.items()})
+    shared = {k: resolve_setting(v, canon, layer, num_layers, f"parameters.{k}") for k, v in recipe.parameters.items()}
+    per_model = [{k: v for k, v in pm.items() if v is not None} for pm in per_model]
+    shared = {k: v for k, v in shared.items() if v is not None}
+    try:
+        resolved_models, resolved_shared = method.resolve(per_model, shared)
+    except ValueError as e:
+        raise VlmMergeError(f"recipe parameters for {canon}: {e}") from None
+    return TensorParams(tuple(resolved_models), resolved_shared)
+
+
+def _tensor_fn(rp: RecipePlan, canon: str, seed: int):
+    method, params = rp.method, rp.params[canon]
+    base_role, model_roles, anchor_role = rp.base_role, rp.model_roles, rp.anchor_role
+    per_model, shared = list(params.per_model), params.shared
+    tensor_seed_value = tensor_seed(seed, canon) if method.random else None
+
+    def fn(t: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        return method.merge(
+            t[base_role] if base_role is not None else None,
+            [t[r] for r in model_roles],
+            per_model,
+            shared,
+            anchor=t[anchor_role] if anchor_role is not None else None,
+            seed=tensor_seed_value,
+        )
+
+    return fn
+
+
+def _as_recipe(recipe: Recipe | dict | str | Path) -> Recipe:
+    if isinstance(recipe, Recipe):
+        return recipe
+    if isinstance(recipe, dict):
+        return recipe_from_dict(recipe)
+    return load_recipe(recipe)
+
+
+def plan_recipe(
+    recipe: Recipe | dict | str | Path,
+    *,
+    dtype: str | torch.dtype | None = None,
+    vision_tower: str | Path | None = None,
+    cache_dir: str | Path | None = None,
+    trust_remote_code: bool = False,
+) -> RecipePlan:
+    """Check a recipe against its sources and resolve every tensor's parameters (no tensor data read)."""
+    recipe = _as_recipe(recipe)
+    method = _method(recipe.merge_method)
+    if method.needs_base and recipe.base_model is None:
+        raise VlmMergeError(f"recipe base_model: missing; {method.name} takes task vectors against a base model")
+    if recipe.target is not None and not method.supports_anchor:
+        raise VlmMergeError(f"recipe target: {method.name} cannot start from a target model; remove target or use a task-vector method")
+    vocab_ref = recipe.vocab_source
+    if vocab_ref == VLM:
+        raise VlmMergeError("recipe tokenizer_source/target: must be a language model (e.g. the Japanese base), not the VLM")
+    entries = _model_entries(recipe, method)
+    llm_refs = {r: r for r in recipe.refs() if r != VLM}
+    out_dtype = dtype_from_name(dtype) if isinstance(dtype, str) else dtype
+    if out_dtype is None and recipe.dtype is not None:
+        out_dtype = dtype_from_name(recipe.dtype)
+    sources = open_sources(
+        recipe.vlm, llm_refs, vocab_ref, vision_tower=vision_tower, cache_dir=cache_dir, trust_remote_code=trust_remote_code
+    )
+    try:
+        num_layers = sources.reference.anatomy.num_layers
+        for i, m in enumerate(recipe.models):
+            for k, v in m.parameters.items():
+                check_layer_lists(v, num_layers, f"models[{i}].parameters.{k}")
+        for k, v in recipe.parameters.items():
+            check_layer_lists(v, num_layers, f"parameters.{k}")
+        canon_keys = list(sources.alignments[vocab_ref].pairs)
+        params = {c: _resolve_tensor_params(recipe, method, entries, c, num_layers) for c in canon_keys}
+        base_role = recipe.base_model if method.needs_base else None
+        anchor_role = recipe.target if recipe.target is not None else None
+        model_roles = tuple(recipe.models[i].model for i in entries)
+        used = [r for r in dict.fromkeys([vocab_ref, *([base_role] if base_role else []), *([anchor_role] if anchor_role else []), *model_roles])]
+        resolved = _resolved_recipe(recipe, method, sources, out_dtype)
+        rp = RecipePlan(resolved, method, sources, None, params, base_role, model_roles, anchor_role)  # type: ignore[arg-type]
+
+        def rule(canon: str):
+            return _tensor_fn(rp, canon, recipe.seed)
+
+        rp.backbone = plan_backbone(sources, rule, used, out_dtype, elementwise=method.elementwise)
+        return rp
+    except BaseException:
+        sources.close()
+        raise
+
+
+def _resolved_recipe(recipe: Recipe, method: Method, sources: Sources, out_dtype: torch.dtype | None) -> Recipe:
+    """The recipe with absolute source paths and every parameter default written out."""
+
+    def path_of(ref: str | None) -> str | None:
+        if ref is None or ref == VLM:
+            return ref
+        return str(sources.source(ref).reader.path)
+
+    per_model_names = [p.name for p in method.params if p.per_model]
+    shared_names = [p.name for p in method.params if not p.per_model]
+    models = []
+    for m in recipe.models:
+        params = dict(m.parameters)
+        for name in per_model_names:
+            if name not in params and name not in recipe.parameters and not method.param(name).required:
+                params[name] = method.param(name).default
+        models.append(replace(m, model=path_of(m.model) or m.model, parameters=params))
+    shared = dict(recipe.parameters)
+    for name in shared_names:
+        if name not in shared and not method.param(name).required:
+            shared[name] = method.param(name).default
+    dtype_name = str(out_dtype).removeprefix("torch.") if out_dtype is not None else None
+    return replace(
+        recipe,
+        models=tuple(models),
+        vlm=str(sources.vlm.reader.path) if sources.vlm is not None else None,
+        base_model=path_of(recipe.base_model),
+        target=path_of(recipe.target),
+        tokenizer_source=path_of(recipe.vocab_source),
+        parameters=shared,
+        dtype=dtype_name,
+    )
+
+
+def merge(
+    recipe: Recipe | dict | str | Path,
+    out: str | Path,
+    *,
+    dtype: str | torch.dtype | None = None,
+    device: str = "cpu",
+    force: bool = False,
+    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+    vision_tower: str | Path | None = None,
+    cache_dir: str | Path | None = None,
+    progress: bool = True,
+    trust_remote_code: bool = False,
+    card_title: str | None = None,
+) -> Path:
+    """Merge by `recipe` and write the model (and `merge_recipe.yaml`) to `out`; returns `out`.
+
+    `device="cuda"` runs each tensor's arithmetic on the GPU (inputs are still streamed from disk).
+    """
+    if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
+        raise VlmMergeError(f"--device {device!r}: use cpu or cuda")
+    if device != "cpu" and not torch.cuda.is_available():
+        raise VlmMergeError(f"--device {device}: CUDA is not available on this machine; use --device cpu")
+    prepare_output_dir(out, force)
+    rp = plan_recipe(recipe, dtype=dtype, vision_tower=vision_tower, cache_dir=cache_dir, trust_remote_code=trust_remote_code)
+    try:
+        bp = rp.backbone
+        bp.plan.device = device
+        r = rp.recipe
+        sources = {k: v for k, v in (("vlm", r.vlm), ("base_model", r.base_model), ("target", r.target)) if v}
+        sources.update({f"models[{i}]": m.model for i, m in enumerate(r.models)})
+        details = [
+            f"output layout: {bp.output_layout}; language-model tensors merged {bp.summary['merged']}, "
+            f"kept {bp.summary['kept']}, copied {bp.summary['copied']}",
+            f"replay: `vlm-merge merge {RESOLVED_RECIPE} OUT`",
+        ]
+        if bp.vocab is not None:
+            details.append("vocabulary: " + bp.vocab.summary())
+        title = card_title or f"{r.merge_method} merge"
+        card = model_card(title, r.merge_method, r.to_dict(), sources, details)
+        return write_backbone(
+            bp, out, force=force, max_shard_bytes=max_shard_bytes, card=card,
+            extra_files={RESOLVED_RECIPE: f"# vlm-merge {vlm_merge.__version__}: resolved recipe\n" + r.to_yaml()},
+            progress=progress,
+        )
+    finally:
+        rp.sources.close()
+
+
+def validate(recipe: Recipe | dict | str | Path, **kwargs) -> tuple[RecipePlan, list[tuple[str, str, str, str]]]:
+    """Check a recipe without merging. Rows (part, tensors, how, sources) say what comes from where."""
+    rp = plan_recipe(recipe, **kwargs)
+    rp.sources.close()
+    ref = rp.sources.reference.anatomy
+    groups: dict[tuple[str, str, str], int] = {}
+    for t in rp.backbone.plan.tensors:
+        op = t.op
+        if t.canonical is not None:
+            part = f"language_model: {lm_role(t.canonical)}"
+            if isinstance(op, Copy) or len(op.inputs) == 1:
+                how, src = "kept", next(iter(op.inputs)) if isinstance(op, Merge) else op.role
+            else:
+                how, src = rp.method.name, ", ".join(op.inputs)
+        else:
+            assert isinstance(op, Copy)
+            part = VISION if op.role == "clip" or op.key in ref.parts[VISION] else PROJECTOR if op.key in ref.parts[PROJECTOR] else "other"
+            how, src = "copy", "vlm" if op.role == "clip" else op.role
+        key = (part, how, src)
+        groups[key] = groups.get(key, 0) + 1
+    return rp, [(part, str(n), how, src) for (part, how, src), n in groups.items()]
