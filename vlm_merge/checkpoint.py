@@ -55,23 +55,6 @@ _ST_DTYPES: dict[str, torch.dtype] = {
 }
 _TORCH_TO_ST = {v: k for k, v in _ST_DTYPES.items()}
 
-# Files a user needs beside the weights; copied from the source model that supplies them.
-AUX_FILES = (
-    "config.json",
-    "generation_config.json",
-    "tokenizer.json",
-    "tokenizer.model",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "added_tokens.json",
-    "chat_template.json",
-    "chat_template.jinja",
-    "preprocessor_config.json",
-    "processor_config.json",
-    "video_preprocessor_config.json",
-)
-
-
 def dtype_from_name(name: str) -> torch.dtype:
     """Map `bfloat16`/`bf16`/`float16`/`fp16`/`float32`/`fp32` to a torch dtype."""
     table = {
@@ -534,13 +517,3 @@ class CheckpointWriter:
         if self._file is not None:
             self._file.close()
             self._file = None
-
-
-def copy_aux_files(src: Path, dst: Path, names: Iterable[str] = AUX_FILES) -> list[str]:
-    """Copy the non-weight files (configs, tokenizer, chat template, processor) that exist in `src`."""
-    copied = []
-    for name in names:
-        if (src / name).is_file():
-            shutil.copyfile(src / name, dst / name)
-            copied.append(name)
-    return copied
