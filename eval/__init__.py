@@ -1,5 +1,39 @@
-"""Evaluation of image-text-to-text models: batched generation (benchmarks and metrics build on it)."""
+"""Evaluation of image-text-to-text models on Japanese VLM benchmarks, and captioning.
 
-from eval.generation import generate_answers
+Public API (imported on first use, so `import eval` stays light):
 
-__all__ = ["generate_answers"]
+- `evaluate(model, bench, …) -> EvalResult`, `encode_benchmark_images` (eval.runner)
+- `caption(images, model, …) -> CaptionResult` (eval.captioning)
+- `load_benchmark`, `BENCHMARKS` (eval.benchmarks); `PROTOCOLS` (eval.protocols); `TEMPLATES` (eval.prompts)
+- `generate`, `generate_answers`, `encode_images`, `GenerationSettings` (eval.generation, eval.decoding)
+- `score_predictions`, `SCORERS` (eval.metrics)
+"""
+
+from importlib import import_module
+
+_EXPORTS = {
+    "evaluate": "eval.runner",
+    "EvalResult": "eval.runner",
+    "encode_benchmark_images": "eval.runner",
+    "caption": "eval.captioning",
+    "CaptionResult": "eval.captioning",
+    "load_benchmark": "eval.benchmarks",
+    "Benchmark": "eval.benchmarks",
+    "BENCHMARKS": "eval.benchmarks",
+    "PROTOCOLS": "eval.protocols",
+    "TEMPLATES": "eval.prompts",
+    "generate": "eval.generation",
+    "generate_answers": "eval.generation",
+    "encode_images": "eval.generation",
+    "GenerationSettings": "eval.decoding",
+    "score_predictions": "eval.metrics",
+    "SCORERS": "eval.metrics",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'eval' has no attribute {name!r}")

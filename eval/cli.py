@@ -1,0 +1,185 @@
+"""The evaluation subcommands of `vlm-merge`: eval, score, compare, caption.
+
+`add_eval_commands(sub)` registers them on the main parser's subparsers. Handlers raise
+`VlmMergeError` for bad input, which `vlm-merge` prints as one line with exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from eval.benchmarks import BENCHMARKS
+from eval.images import MAX_SIDE
+from eval.metrics import DEFAULT_SCORERS, SCORERS
+from eval.prompts import TEMPLATES
+from eval.protocols import PROTOCOLS
+
+DEVICE_HELP = "auto (CUDA if available), cpu, cuda or cuda:N (default auto)"
+DTYPE_HELP = "auto (the protocol's dtype on CUDA, float32 on CPU), float32, float16 or bfloat16 (default auto)"
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+        if value < 1:
+            raise ValueError
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive integer") from None
+    return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+        if not value > 0:
+            raise ValueError
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive number") from None
+    return value
+
+
+def _format_scores(scores: dict, columns: list[str]) -> str:
+    from vlm_merge.cli import format_table
+
+    rows = [[c, f"{scores[c]['mean']:.2f}", f"{scores[c]['mid']:.2f}", f"[{scores[c]['low']:.2f}, {scores[c]['high']:.2f}]"]
+            for c in columns if c in scores]
+    return format_table(["metric", "mean", "bootstrap mid", "95% interval"], rows)
+
+
+def _interrupted(checkpoint: Path) -> int:
+    kept = sum(1 for line in checkpoint.read_text(encoding="utf-8").splitlines() if line.strip()) if checkpoint.exists() else 0
+    print(f"vlm-merge: interrupted; {kept} finished items are kept in {checkpoint}; run the same command to resume",
+          file=sys.stderr)
+    return 130
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from eval.runner import PREDICTIONS_FILE, SCORES_FILE, evaluate
+
+    try:
+        result = evaluate(
+            args.model, args.bench, protocol=args.protocol, template=args.template, max_new_tokens=args.max_new_tokens,
+            num_beams=args.num_beams, repetition_penalty=args.repetition_penalty, limit=args.limit,
+            batch_size=args.batch_size, out_dir=args.out, force=args.force, data=args.data, cache_dir=args.cache_dir,
+            device=args.device, dtype=args.dtype, seed=args.seed, progress=not args.quiet, model_name=args.name,
+        )
+    except KeyboardInterrupt:
+        return _interrupted(Path(args.out) / PREDICTIONS_FILE)
+    meta = result.metadata
+    print(f"{meta['benchmark']['name']} · protocol {meta['protocol']['name']} · {meta['benchmark']['questions_evaluated']} "
+          f"questions ({meta['resumed_from_checkpoint']} resumed) · model {meta['model']['name']}")
+    print(_format_scores(meta["scores"], list(meta["scores"])))
+    print(f"predictions: {result.out_dir / 'predictions.jsonl'}\nscores: {result.out_dir / SCORES_FILE}")
+    return 0
+
+
+def cmd_score(args: argparse.Namespace) -> int:
+    from eval.metrics import score_predictions
+    from eval.model_loading import library_versions
+    from eval.outputs import read_jsonl
+    from vlm_merge.errors import VlmMergeError
+
+    path = Path(args.predictions)
+    records = read_jsonl(path, ("answer", "prediction"))
+    for n, r in enumerate(records, 1):
+        for key in ("answer", "prediction"):
+            if not isinstance(r[key], str):
+                raise VlmMergeError(f"{path}: record {n}: {key!r} is {type(r[key]).__name__}, not a string")
+    metrics = [m.strip() for m in args.metrics.split(",") if m.strip()]
+    report = score_predictions([r["answer"] for r in records], [r["prediction"] for r in records], metrics,
+                               seed=args.seed)
+    out = {"file": str(path), "n": len(records), "scores": report.to_json()["aggregate"], "scorers": report.scorers,
+           "bootstrap": report.bootstrap, "libraries": library_versions()}
+    print(json.dumps(out, ensure_ascii=False, indent=2))
+    return 0
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from eval.compare import compare
+
+    report = compare(args.runs, args.out, force=args.force)
+    print(f"comparison: {report}\nplots: {report.parent / 'scores.png'}, {report.parent / 'answer_lengths.png'}")
+    return 0
+
+
+def cmd_caption(args: argparse.Namespace) -> int:
+    from eval.captioning import CAPTIONS_FILE, DEFAULT_CAPTION_PROMPT, GALLERY_FILE, caption
+    from eval.decoding import GenerationSettings
+
+    settings = GenerationSettings(max_new_tokens=args.max_new_tokens, num_beams=args.num_beams,
+                                  repetition_penalty=args.repetition_penalty)
+    try:
+        result = caption(
+            args.images, args.model, prompt=args.prompt or DEFAULT_CAPTION_PROMPT, template=args.template,
+            settings=settings, batch_size=args.batch_size, out_dir=args.out, force=args.force, max_side=args.max_side,
+            device=args.device, dtype=args.dtype, cache_dir=args.cache_dir, progress=not args.quiet,
+            model_name=args.name,
+        )
+    except KeyboardInterrupt:
+        return _interrupted(Path(args.out) / CAPTIONS_FILE)
+    print(f"{len(result.captions)} images captioned, {len(result.skipped)} skipped")
+    for s in result.skipped:
+        print(f"  skipped {s['reason']}")
+    print(f"captions: {result.out_dir / 'captions.jsonl'}\ngallery: {result.out_dir / GALLERY_FILE}")
+    return 0
+
+
+def _model_options(s: argparse.ArgumentParser) -> None:
+    s.add_argument("--model", required=True, help="model directory or Hugging Face id in the local cache")
+    s.add_argument("--name", help="model name shown in tables (default: the directory name)")
+    s.add_argument("--device", default="auto", help=DEVICE_HELP)
+    s.add_argument("--dtype", default="auto", help=DTYPE_HELP)
+    s.add_argument("--batch-size", type=_positive_int, default=8, help="prompts per generate call (default 8)")
+    s.add_argument("--cache-dir", help="Hugging Face hub cache to look ids up in (default: HF_HUB_CACHE)")
+    s.add_argument("--force", action="store_true", help="start over instead of resuming a run in --out")
+    s.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def add_eval_commands(sub) -> None:
+    """Register eval, score, compare and caption on `vlm-merge`'s subparsers."""
+    s = sub.add_parser("eval", help="score a model on a Japanese VLM benchmark (resumable)")
+    _model_options(s)
+    s.add_argument("--bench", required=True,
+                   help=f"benchmark: {', '.join(BENCHMARKS)}, or a JSONL/CSV/parquet file or dataset directory "
+                        "(image|image_path, question, answer; or image, qas)")
+    s.add_argument("--data", help="where a registered benchmark's files are: dataset directory, parquet file, "
+                                  "or another Hub id in the cache (default: its Hub id in the local caches)")
+    s.add_argument("--protocol", default="sakana",
+                   help=f"{', '.join(f'{n} ({p.questions}, {p.template})' for n, p in PROTOCOLS.items())}; default sakana")
+    s.add_argument("--template", help=f"override the protocol's prompt template: {', '.join(TEMPLATES)}")
+    s.add_argument("--max-new-tokens", type=_positive_int, help="override the protocol's max_new_tokens")
+    s.add_argument("--num-beams", type=_positive_int, help="override the protocol's number of beams (1 = greedy)")
+    s.add_argument("--repetition-penalty", type=_positive_float, help="override the protocol's repetition penalty")
+    s.add_argument("--limit", type=_positive_int, help="only the first N selected questions")
+    s.add_argument("--seed", type=int, default=0, help="bootstrap seed (default 0)")
+    s.add_argument("--out", required=True, help="run directory: predictions.jsonl, scores.json, run.json")
+    s.set_defaults(func=cmd_eval)
+
+    s = sub.add_parser("score", help="re-score a predictions JSONL (fields answer, prediction) and print JSON")
+    s.add_argument("predictions", help="JSONL with answer and prediction per line")
+    s.add_argument("--metrics", default=",".join(DEFAULT_SCORERS),
+                   help=f"comma-separated: {', '.join(SCORERS)} (default all)")
+    s.add_argument("--seed", type=int, default=0, help="bootstrap seed (default 0)")
+    s.set_defaults(func=cmd_score)
+
+    s = sub.add_parser("compare", help="tables and plots of several eval runs (scores, answer lengths)")
+    s.add_argument("runs", nargs="+", help="eval run directories, or directories holding them")
+    s.add_argument("--out", default="out/compare", help="output directory (default out/compare)")
+    s.add_argument("--force", action="store_true", help="replace an existing output directory")
+    s.set_defaults(func=cmd_compare)
+
+    s = sub.add_parser("caption", help="caption your own images (Japanese by default) into an HTML gallery")
+    _model_options(s)
+    s.add_argument("images", nargs="+", help="image files and/or directories (searched recursively)")
+    s.add_argument("--prompt", help="question asked about every image (default: a Japanese request to describe it)")
+    s.add_argument("--template", default="chat", help=f"prompt template: {', '.join(TEMPLATES)} (default chat)")
+    s.add_argument("--max-new-tokens", type=_positive_int, default=256, help="default 256")
+    s.add_argument("--num-beams", type=_positive_int, default=1, help="default 1 (greedy)")
+    s.add_argument("--repetition-penalty", type=_positive_float, default=1.0, help="default 1.0")
+    s.add_argument("--max-side", type=_positive_int, default=MAX_SIDE,
+                   help=f"downscale larger images to this many pixels on a side (default {MAX_SIDE})")
+    s.add_argument("--out", required=True, help="output directory: captions.jsonl, gallery.html")
+    s.set_defaults(func=cmd_caption)

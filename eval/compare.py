@@ -1,0 +1,199 @@
+"""`vlm-merge compare`: evaluation runs side by side, as markdown tables, PNG plots and JSON.
+
+Runs are grouped by `comparable_key` (benchmark data and question selection, protocol, prompt text,
+decoding settings, metrics): numbers are only put in one table when they are comparable; runs of
+the same benchmark under other settings land in their own group, with the difference spelled out.
+
+Files written (atomically, as one directory):
+- `comparison.md`: per group, every model's scores (mean and 95% bootstrap interval) and answer lengths;
+- `scores.png`: headline scores per model and group, with bootstrap intervals;
+- `answer_lengths.png`: violins of prediction lengths (characters) per model next to the references'
+  (degenerate empty/short answers and runaway answers stand out);
+- `comparison.json`: the same numbers.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from eval.outputs import dumps, read_jsonl
+from eval.runner import PREDICTIONS_FILE, SCORES_FILE
+from vlm_merge.checkpoint import AtomicDir
+from vlm_merge.errors import VlmMergeError
+
+TABLE_COLUMNS = ("rougeL", "rougeL_ja", "rouge1", "rouge2", "exact_match", "substring_match", "non_japanese")
+RATE_COLUMNS = {"exact_match", "substring_match", "non_japanese"}  # per-sample 0/1: shown in %
+REQUIRED_KEYS = ("comparable_key", "scores", "model", "benchmark", "protocol", "prompt", "generation")
+
+
+@dataclass
+class Run:
+    dir: Path
+    metadata: dict
+    predictions: list[dict]
+    label: str = ""
+
+    @property
+    def group(self) -> str:
+        return self.metadata["comparable_key"]
+
+
+def find_runs(paths: list[str | Path]) -> list[Run]:
+    """Each path is a run directory (with scores.json) or a directory whose subdirectories are runs."""
+    dirs: list[Path] = []
+    for p in map(Path, paths):
+        if (p / SCORES_FILE).is_file():
+            dirs.append(p)
+        elif p.is_dir() and (subs := sorted(d for d in p.iterdir() if (d / SCORES_FILE).is_file())):
+            dirs += subs
+        else:
+            raise VlmMergeError(f"{p}: no {SCORES_FILE} here or in its subdirectories; pass `vlm-merge eval --out` directories")
+    runs = []
+    for d in dict.fromkeys(dirs):
+        try:
+            meta = json.loads((d / SCORES_FILE).read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise VlmMergeError(f"{d / SCORES_FILE}: not valid JSON ({e})") from None
+        missing = [k for k in REQUIRED_KEYS if not isinstance(meta, dict) or k not in meta]
+        if missing:
+            raise VlmMergeError(f"{d / SCORES_FILE}: no {missing[0]!r}; not a `vlm-merge eval` scores file")
+        preds = read_jsonl(d / PREDICTIONS_FILE, ("answer", "prediction"))
+        runs.append(Run(d, meta, preds))
+    _label(runs)
+    return runs
+
+
+def _label(runs: list[Run]) -> None:
+    """Model names, made unique within a group by the run directory's name."""
+    for run in runs:
+        run.label = run.metadata["model"]["name"]
+    for run in runs:
+        clash = [r for r in runs if r.group == run.group and r.label == run.metadata["model"]["name"]]
+        if len(clash) > 1:
+            for r in clash:
+                r.label = f"{r.metadata['model']['name']} ({r.dir.name})"
+
+
+def _group_title(meta: dict, variants: dict[str, int]) -> str:
+    b, p = meta["benchmark"], meta["protocol"]
+    base = f"{b['name']} · {p['name']}"
+    n = variants.get(base, 1)
+    return base if n == 1 else f"{base} · variant {meta['comparable_key'][:6]}"
+
+
+def _group_description(meta: dict) -> str:
+    b, p, g = meta["benchmark"], meta["protocol"], meta["generation"]
+    overrides = ", ".join(f"{k}={v}" for k, v in p.get("overrides", {}).items()) or "none"
+    return (
+        f"{b['questions_evaluated']} questions ({p['questions']}), data {b['source']} split {b.get('split')} "
+        f"sha256 {str(b['fingerprint'])[:12]}{' rev ' + str(b['revision'])[:12] if b.get('revision') else ''}; "
+        f"prompt `{meta['prompt']['template']}`; decoding: max_new_tokens {g['max_new_tokens']}, beams {g['num_beams']}, "
+        f"repetition_penalty {g['repetition_penalty']}; overrides: {overrides}; key `{meta['comparable_key']}`"
+    )
+
+
+def _fmt(agg: dict | None, column: str) -> str:
+    if agg is None:
+        return "–"
+    scale = 100 if column in RATE_COLUMNS else 1
+    return f"{agg['mean'] * scale:.2f} [{agg['low'] * scale:.2f}, {agg['high'] * scale:.2f}]"
+
+
+def _lengths(preds: list[dict], field: str) -> np.ndarray:
+    return np.array([len(str(p[field])) for p in preds], dtype=float)
+
+
+def compare(paths: list[str | Path], out: str | Path, force: bool = False) -> Path:
+    """Write comparison.md, scores.png, answer_lengths.png and comparison.json for the runs under `paths`."""
+    runs = find_runs(paths)
+    groups: dict[str, list[Run]] = {}
+    for run in runs:
+        groups.setdefault(run.group, []).append(run)
+    bases: dict[str, int] = {}
+    for members in groups.values():
+        m = members[0].metadata
+        base = f"{m['benchmark']['name']} · {m['protocol']['name']}"
+        bases[base] = bases.get(base, 0) + 1
+    titles = {key: _group_title(members[0].metadata, bases) for key, members in groups.items()}
+
+    md = ["# Evaluation comparison", "",
+          "Scores are means over questions with 95% bootstrap intervals (1000 resamples); ROUGE is F x 100 with "
+          "MeCab tokens, `_ja` = strict Japanese, exact/substring match and non-Japanese rate in %. Only runs with "
+          "the same benchmark data, question selection, protocol, prompt and decoding share a table.", ""]
+    summary: dict = {"groups": []}
+    for key, members in groups.items():
+        meta = members[0].metadata
+        headline = meta.get("headline") or ["rougeL"]
+        md += [f"## {titles[key]}", "", _group_description(meta), ""]
+        cols = [c for c in TABLE_COLUMNS if c in meta["scores"]]
+        md.append("| model | " + " | ".join(cols) + " | answer chars (median) | run |")
+        md.append("|---|" + "---|" * len(cols) + "---|---|")
+        entries = []
+        for run in sorted(members, key=lambda r: -r.metadata["scores"].get(headline[0], {}).get("mean", 0.0)):
+            scores = run.metadata["scores"]
+            median = float(np.median(_lengths(run.predictions, "prediction")))
+            md.append(f"| {run.label} | " + " | ".join(_fmt(scores.get(c), c) for c in cols)
+                      + f" | {median:.0f} | `{run.dir}` |")
+            entries.append({"model": run.label, "run": str(run.dir), "scores": scores, "median_answer_chars": median})
+        ref_median = float(np.median(_lengths(members[0].predictions, "answer")))
+        md += ["", f"Reference answers: median {ref_median:.0f} characters.", ""]
+        summary["groups"].append({"title": titles[key], "comparable_key": key, "description": _group_description(meta),
+                                  "headline": headline, "runs": entries})
+    md += ["![scores](scores.png)", "", "![answer lengths](answer_lengths.png)", ""]
+
+    with AtomicDir(out, force) as tmp:
+        (tmp / "comparison.md").write_text("\n".join(md), encoding="utf-8")
+        (tmp / "comparison.json").write_text(dumps(summary), encoding="utf-8")
+        _plot_scores(groups, titles, tmp / "scores.png")
+        _plot_lengths(groups, titles, tmp / "answer_lengths.png")
+    return Path(out) / "comparison.md"
+
+
+def _figure(n: int, width_per: float, height: float):
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(max(5.0, width_per * n), height), layout="constrained")
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(1, n, squeeze=False)[0]
+    return fig, axes
+
+
+def _plot_scores(groups: dict[str, list[Run]], titles: dict[str, str], path: Path) -> None:
+    fig, axes = _figure(len(groups), 5.5, 4.2)
+    for ax, (key, members) in zip(axes, groups.items()):
+        headline = members[0].metadata.get("headline") or ["rougeL"]
+        x = np.arange(len(members))
+        width = 0.8 / len(headline)
+        for j, metric in enumerate(headline):
+            aggs = [m.metadata["scores"].get(metric, {"mean": 0, "low": 0, "high": 0}) for m in members]
+            means = np.array([a["mean"] for a in aggs])
+            err = np.array([[a["mean"] - a["low"] for a in aggs], [a["high"] - a["mean"] for a in aggs]])
+            ax.bar(x + (j - (len(headline) - 1) / 2) * width, means, width, yerr=err, capsize=3, label=metric)
+        top = max((m.metadata["scores"].get(metric, {}).get("high", 0.0) for m in members for metric in headline),
+                  default=0.0)
+        ax.set_ylim(0, max(1.0, top * 1.15))
+        ax.set_xticks(x, [m.label for m in members], rotation=30, ha="right", fontsize=8)
+        ax.set_title(titles[key], fontsize=9)
+        ax.set_ylabel("score (mean, 95% bootstrap CI)")
+        ax.legend(fontsize=8)
+    fig.savefig(path, dpi=120)
+
+
+def _plot_lengths(groups: dict[str, list[Run]], titles: dict[str, str], path: Path) -> None:
+    fig, axes = _figure(len(groups), 5.5, 4.2)
+    for ax, (key, members) in zip(axes, groups.items()):
+        series = [_lengths(members[0].predictions, "answer")] + [_lengths(m.predictions, "prediction") for m in members]
+        labels = ["reference"] + [m.label for m in members]
+        series = [s if s.size and np.ptp(s) > 0 else np.concatenate([s, s + 1e-3]) if s.size else np.zeros(2)
+                  for s in series]  # a violin needs some spread
+        parts = ax.violinplot(series, showmedians=True)
+        parts["bodies"][0].set_facecolor("grey")
+        ax.set_xticks(np.arange(1, len(labels) + 1), labels, rotation=30, ha="right", fontsize=8)
+        ax.set_title(titles[key], fontsize=9)
+        ax.set_ylabel("answer length (characters)")
+    fig.savefig(path, dpi=120)

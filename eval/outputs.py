@@ -1,0 +1,138 @@
+"""Output files of evaluation and captioning runs: atomic writes, append-only checkpoints, run configs.
+
+A long run appends one JSON line per finished item to its checkpoint file (flushed and fsynced per
+batch) and records its configuration in `run.json`; rerunning the same command reads the lines back
+(a torn last line from a kill is dropped) and continues where it stopped. Final files are written to
+a temporary file beside the target and renamed into place.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import uuid
+from collections.abc import Iterable
+from pathlib import Path
+
+from vlm_merge.errors import VlmMergeError
+
+RUN_FILE = "run.json"
+
+
+def write_atomic(path: Path, text: str | bytes) -> None:
+    """Write `text` to a temporary file beside `path`, fsync, and rename it into place."""
+    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
+    data = text.encode("utf-8") if isinstance(text, str) else text
+    try:
+        with open(tmp, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def dumps(obj: object) -> str:
+    return json.dumps(obj, ensure_ascii=False, indent=2, sort_keys=False) + "\n"
+
+
+def jsonl(records: Iterable[dict]) -> str:
+    return "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
+
+
+def read_jsonl(path: Path, required: tuple[str, ...] = (), tolerate_torn_tail: bool = False) -> list[dict]:
+    """JSON objects, one per line; a bad line is an error naming file and line (a torn last line may be dropped)."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise VlmMergeError(f"{path}: no such file") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise VlmMergeError(f"{path}: cannot be read as UTF-8 text ({e})") from None
+    lines = text.split("\n")
+    records = []
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            if tolerate_torn_tail and n == len(lines) and not text.endswith("\n"):
+                break  # interrupted mid-write; the item is generated again
+            raise VlmMergeError(f"{path}:{n}: not valid JSON ({e.msg}); fix or delete that line") from None
+        if not isinstance(record, dict):
+            raise VlmMergeError(f"{path}:{n}: expected a JSON object, got {type(record).__name__}")
+        for key in required:
+            if key not in record:
+                raise VlmMergeError(f"{path}:{n}: no {key!r} field; each line needs {', '.join(required)}")
+        records.append(record)
+    return records
+
+
+class Checkpoint:
+    """An output directory holding `run.json` and an append-only JSONL of finished items keyed by `key`."""
+
+    def __init__(self, out_dir: Path, filename: str, key: str, config: dict, force: bool = False):
+        self.dir = Path(out_dir).expanduser()
+        self.path = self.dir / filename
+        self.key = key
+        if self.dir.exists() and not self.dir.is_dir():
+            raise VlmMergeError(f"{self.dir}: exists and is not a directory; choose another --out")
+        self.dir.mkdir(parents=True, exist_ok=True)
+        run_file = self.dir / RUN_FILE
+        if force:
+            for f in (run_file, self.path):
+                f.unlink(missing_ok=True)
+        if run_file.exists():
+            try:
+                old = json.loads(run_file.read_text(encoding="utf-8"))
+            except (json.JSONDecodeError, UnicodeDecodeError):
+                raise VlmMergeError(f"{run_file}: unreadable; delete it or pass --force to start over") from None
+            difference = _first_difference(old, config)
+            if difference is not None:
+                name, was, now = difference
+                raise VlmMergeError(
+                    f"{self.dir} holds a run with a different {name} ({_short(was)} instead of {_short(now)}); "
+                    "use another --out, or --force to start over"
+                )
+        elif self.path.exists():
+            raise VlmMergeError(f"{self.path}: exists without {RUN_FILE}; use another --out, or --force to start over")
+        else:
+            write_atomic(run_file, dumps(config))
+        self.done: dict[str, dict] = {}
+        if self.path.exists():
+            records = read_jsonl(self.path, (key,), tolerate_torn_tail=True)
+            self.done = {str(r[key]): r for r in records}
+            self._rewrite(records)  # drop a torn tail so appends start on a fresh line
+
+    def _rewrite(self, records: list[dict]) -> None:
+        write_atomic(self.path, jsonl(records))
+
+    def append(self, records: list[dict]) -> None:
+        with open(self.path, "a", encoding="utf-8") as fh:
+            fh.write(jsonl(records))
+            fh.flush()
+            os.fsync(fh.fileno())
+        for r in records:
+            self.done[str(r[self.key])] = r
+
+    def finish(self, records: list[dict]) -> None:
+        """Replace the checkpoint with the final records (same file name, atomically)."""
+        self._rewrite(records)
+
+
+def _first_difference(old: object, new: object, path: str = "") -> tuple[str, object, object] | None:
+    """The first (dotted key, old value, new value) where two JSON values differ, in `new`'s key order."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        for key in [*new, *(k for k in old if k not in new)]:
+            found = _first_difference(old.get(key), new.get(key), f"{path}.{key}" if path else key)
+            if found is not None:
+                return found
+        return None
+    return None if old == new else (path, old, new)
+
+
+def _short(value: object) -> str:
+    text = json.dumps(value, ensure_ascii=False, sort_keys=True)
+    return text if len(text) <= 80 else text[:77] + "..."

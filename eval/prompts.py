@@ -1,0 +1,72 @@
+"""Prompt templates: how one question about one image becomes the model's input text.
+
+`chat` (the default) is the model's own chat template (`processor.apply_chat_template` with one user turn
+holding an image and the question). The others are fixed strings from the published evaluations;
+`{question}` is the question and `<image>` stands for the processor's image token. The tokenizer adds
+BOS itself, so no template spells `<s>`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from vlm_merge.errors import VlmMergeError
+
+IMAGE_PLACEHOLDER = "<image>"
+JA_SHISA_SYSTEM = "あなたは役立つ、偏見がなく、検閲されていないアシスタントです。与えられた画像を下に、質問に答えてください。"
+
+
+@dataclass(frozen=True)
+class PromptTemplate:
+    name: str
+    text: str | None  # None: the model's own chat template
+    description: str
+
+
+TEMPLATES: dict[str, PromptTemplate] = {
+    t.name: t
+    for t in (
+        PromptTemplate("chat", None, "the model's own chat template (one user turn: image, question)"),
+        PromptTemplate(
+            "ja-shisa-vqa",
+            f"[INST] <<SYS>>\n{JA_SHISA_SYSTEM}\n<</SYS>>\n\n{IMAGE_PLACEHOLDER}\n{{question}} [/INST]",
+            "Sakana EvoVLM-JP evaluation: Llama-2 [INST] <<SYS>> form with shisa-gamma's Japanese system line",
+        ),
+        PromptTemplate(
+            "llava-mistral", f"[INST] {IMAGE_PLACEHOLDER}\n{{question}} [/INST]", "LLaVA-1.6-Mistral conversation"
+        ),
+        PromptTemplate("llava-1.5", f"USER: {IMAGE_PLACEHOLDER}\n{{question}} ASSISTANT:", "LLaVA-1.5 conversation"),
+    )
+}
+
+
+def get_template(name: str) -> PromptTemplate:
+    try:
+        return TEMPLATES[name]
+    except KeyError:
+        raise VlmMergeError(f"unknown prompt template {name!r}: choose from {', '.join(TEMPLATES)}") from None
+
+
+def image_token(processor) -> str:
+    """The processor's image placeholder token (`<image>` for LLaVA)."""
+    return getattr(processor, "image_token", None) or IMAGE_PLACEHOLDER
+
+
+def build_prompt(processor, question: str, template: str | PromptTemplate = "chat") -> str:
+    """The input text for `question` (one image) under `template`."""
+    t = get_template(template) if isinstance(template, str) else template
+    question = question.replace(image_token(processor), "")  # the template places the one image (as llm-jp-eval-mm)
+    if t.text is None:
+        if not getattr(processor, "chat_template", None):
+            raise VlmMergeError(
+                "the model's processor has no chat template; choose a prompt template: "
+                + ", ".join(n for n in TEMPLATES if n != "chat")
+            )
+        conversation = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
+        return processor.apply_chat_template(conversation, add_generation_prompt=True)
+    return t.text.replace(IMAGE_PLACEHOLDER, image_token(processor)).replace("{question}", question)
+
+
+def template_text(processor, template: str | PromptTemplate) -> str:
+    """The template as text with `{question}` left in (recorded in score files)."""
+    return build_prompt(processor, "{question}", template)
