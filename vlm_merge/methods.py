@@ -427,8 +427,9 @@ def generalized_task_arithmetic(
 
     kept: list[torch.Tensor] = []
     mixed: torch.Tensor | None = None
+    base32 = base.to(torch.float32)  # once: float32 - bfloat16 in place is a slow mixed-dtype kernel
     for i, (m, w) in enumerate(zip(models, weights)):
-        d = difference(m, base)
+        d = difference(m, base32)
         if sparsification is not None:
             _sparsify_(d, sparsification, densities[i], gamma=gammas[i], epsilon=epsilons[i], rescale=rescale, gen=gen)
         if w != 1:
@@ -475,13 +476,16 @@ def _finish_(
             total = xs[0].clone()
             for x in xs[1:]:
                 total.add_(x)
-            positive = total >= 0
+            # Majority sign s = +1 where total >= 0 (copysign: a -0.0 total only arises when every
+            # x is +-0, and those never agree). x agrees iff x * s > 0: scale by s, clamp the
+            # disagreeing (and zero) entries to 0, scale back (s = +-1 is exact).
+            sign = torch.copysign(torch.ones_like(total), total)
             den = torch.zeros_like(total) if consensus_weights is not None else None
             for i, x in enumerate(xs):
-                agree = torch.where(positive, x > 0, x < 0)
-                x.mul_(agree)
+                x.mul_(sign).clamp_(min=0)
                 if den is not None:
-                    den.add_(agree, alpha=consensus_weights[i])
+                    den.add_(torch.sign(x), alpha=consensus_weights[i])
+                x.mul_(sign)
             for x in xs[1:]:
                 acc.add_(x)
             if den is not None:
