@@ -1,13 +1,14 @@
 """vlm_merge.methods against mergekit 0.1.5's own per-tensor functions.
 
-    .venv/bin/python bench/methods_vs_mergekit.py [--mergekit-python bench/.venv-mergekit/bin/python]
+    .venv/bin/python -m bench.methods_vs_mergekit [--mergekit-python bench/.venv-mergekit/bin/python]
 
 For every method both tools share, builds seeded random float32 tensors (2-D, 1-D, 4-D, and a
 bf16-rounded set whose task vectors have many equal magnitudes, to exercise tie-breaking), saves
 them, and runs mergekit in a subprocess of its own venv: `mergekit.merge_methods.merge_tensors`
 (the registered method, i.e. the path mergekit-yaml takes per tensor) and `mergekit.sparsify.sparsify`
 directly. Random cases seed torch's global RNG right before each mergekit call and hand the same
-seed to our functions, whose draws follow the same stream. Ours run in this process via
+seed to our functions; mergekit's `torch.bernoulli` is replaced there by our sampler (u < p from
+`torch.rand`, the same stream), so its algorithm is compared given identical masks. Ours run in this process via
 `METHODS[name].merge` (and `sparsify`). Prints max |ours - mergekit| per case and PASS/FAIL at
 float32 round-off: |diff| <= 2e-6 * max(1, max|mergekit|).
 
@@ -27,11 +28,9 @@ from pathlib import Path
 
 import torch
 
+from vlm_merge.methods import METHODS, sparsify
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from vlm_merge.methods import METHODS, sparsify  # noqa: E402
-
 DEFAULT_MERGEKIT_PYTHON = ROOT / "bench" / ".venv-mergekit" / "bin" / "python"
 REL_TOL = 2e-6
 
@@ -41,6 +40,9 @@ import json, sys, torch
 from mergekit.merge_methods import merge_tensors
 from mergekit.sparsify import RescaleNorm, SparsificationMethod, sparsify
 _sort, _argsort, _targsort = torch.sort, torch.argsort, torch.Tensor.argsort
+# Same Bernoulli draws as vlm_merge.methods.bernoulli_mask (u < p, u from torch.rand in flat order):
+# mergekit's algorithm is compared given identical masks.
+torch.bernoulli = lambda p, *a, generator=None, **k: (torch.rand(p.shape, generator=generator, dtype=p.dtype) < p).to(p.dtype)
 def stable_sorts(on):
     # mergekit sorts with torch's default (unstable) sort; "stable" cases force stable=True so that
     # equal magnitudes are ordered by index, the documented order of vlm_merge.methods.

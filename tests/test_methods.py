@@ -75,7 +75,7 @@ def ref_magnitude_outliers(t, density, gamma, rescale=False):
 def ref_bernoulli(t, density, gen, rescale):
     if density >= 1:
         return t
-    mask = torch.bernoulli(torch.full_like(t, density), generator=gen)
+    mask = M.bernoulli_mask(torch.full_like(t, density), gen)
     masked = t * mask
     return masked / density if rescale == "dare" else ref_rescale_l1(t, masked, rescale == "l1")
 
@@ -88,7 +88,7 @@ def ref_della(t, density, eps, gen, rescale):
     ranks = torch.argsort(torch.argsort(x.abs(), dim=1, stable=True), dim=1, stable=True).float() + 1
     lo, hi = ranks.min(dim=1, keepdim=True).values, ranks.max(dim=1, keepdim=True).values
     probs = (density - eps) + ((ranks - lo) / (hi - lo)).clamp(0, 1) * 2 * eps
-    masked = x * torch.bernoulli(probs, generator=gen)
+    masked = x * M.bernoulli_mask(probs, gen)
     out = masked / probs if rescale == "dare" else ref_rescale_l1(x, masked, rescale == "l1")
     return out.reshape(shape)
 
@@ -218,9 +218,9 @@ def test_golden_dare():
     out = merge("dare_linear", base, [ones], [{"weight": 1.0, "density": 0.25}], seed=3)
     assert set(out.unique().tolist()) <= {0.0, 4.0}
     assert abs(out.mean().item() - 1.0) < 0.1
-    # the mask is torch.bernoulli(full(density)) drawn from Generator(seed) in flat order
+    # the mask is u < density, u = torch.rand from Generator(seed) in flat order
     d = torch.linspace(-1, 1, 4000)
-    mask = torch.bernoulli(torch.full((4000,), 0.3), generator=torch.Generator().manual_seed(9))
+    mask = (torch.rand(4000, generator=torch.Generator().manual_seed(9)) < 0.3).float()
     out = merge("dare_linear", base, [d], [{"weight": 2.0, "density": 0.3}], seed=9)
     assert torch.allclose(out, 2 * d * mask / 0.3)
     # "l1" (mergekit): sum |out| = sum |d| exactly up to round-off; "none": plain mask
@@ -240,7 +240,7 @@ def test_golden_della():
     assert torch.allclose(p, torch.tensor([[0.3, 0.3 + 0.4, 0.3 + 0.8 / 3, 0.3 + 0.4 / 3]]))
     assert torch.equal(M.della_keep_probs(torch.tensor([[5.0]]), 0.4, 0.1), torch.tensor([[0.4]]))
     base = torch.zeros(1, 4)
-    mask = torch.bernoulli(p, generator=torch.Generator().manual_seed(5))
+    mask = (torch.rand(p.shape, generator=torch.Generator().manual_seed(5)) < p).float()
     out = merge("della_linear", base, [row], [{"weight": 1.0, "density": 0.5, "epsilon": 0.2}], seed=5)
     assert torch.allclose(out, row * mask / p)
 
@@ -333,7 +333,7 @@ def test_della_nd_ranks_along_dim1():
     x = torch.randn(3, 5, 2, generator=torch.Generator().manual_seed(2))
     ranks = torch.argsort(torch.argsort(x.abs(), dim=1), dim=1).float()
     probs = 0.4 + ranks / 4 * 0.2  # density .5, epsilon .1, C = 5
-    mask = torch.bernoulli(probs, generator=torch.Generator().manual_seed(4))
+    mask = (torch.rand(probs.shape, generator=torch.Generator().manual_seed(4)) < probs).float()
     out = M.sparsify(x, "della_magprune", 0.5, epsilon=0.1, rescale="dare", generator=4)
     assert torch.allclose(out, x * mask / probs)
 
