@@ -171,3 +171,23 @@ def test_batched_generation_equals_one_at_a_time(zoo, merged):
     single = [generate_answers(model, proc, [im], [q], max_new_tokens=6, batch_size=1)[0] for im, q in zip(images, questions)]
     assert batched == single
     assert len(set(batched)) > 1
+
+
+def test_checkpoint_saved_by_transformers_5_is_understood(zoo, tmp_path):
+    """transformers 5's save_pretrained writes language_model.model.* and vision_tower.* (no vision_model.)."""
+    from transformers import AutoModelForImageTextToText
+
+    model = AutoModelForImageTextToText.from_pretrained(str(zoo.vlms["llava-hf-llama"]))
+    saved = tmp_path / "saved"
+    model.save_pretrained(str(saved))
+    for name in ("tokenizer.json", "tokenizer_config.json", "preprocessor_config.json", "processor_config.json", "chat_template.jinja"):
+        if (zoo.vlms["llava-hf-llama"] / name).exists():
+            (saved / name).write_bytes((zoo.vlms["llava-hf-llama"] / name).read_bytes())
+    keys = CheckpointReader(saved).keys()
+    assert any(k.startswith("vision_tower.") for k in keys) and any(k.startswith("language_model.model.") for k in keys)
+    vlm = inspect_vlm(CheckpointReader(saved))
+    assert vlm.layout.name == "llava-hf" and len(vlm.parts[VISION]) == len(inspect_vlm(CheckpointReader(zoo.vlms["llava-hf-llama"])).parts[VISION])
+    en, ja = family_of(zoo, "llava-hf-llama")
+    out = chat_vector(saved, en, ja, tmp_path / "out", progress=False)
+    loaded, info = AutoModelForImageTextToText.from_pretrained(str(out), output_loading_info=True)
+    assert not any(info.values()), info
