@@ -212,7 +212,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--force", action="store_true", help="replace an existing report directory")
     s.set_defaults(func=cmd_demo)
-    from eval.cli import add_eval_commands; add_eval_commands(sub)  # noqa: E702 - eval, score, compare, caption
+    from eval.cli import add_eval_commands
+    from vlm_merge.evolve import add_evolve_commands
+
+    add_eval_commands(sub)  # eval, score, compare, caption
+    add_evolve_commands(sub)  # evolve
     return p
 
 

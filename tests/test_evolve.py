@@ -1,0 +1,237 @@
+"""Evolutionary merging on the random-weight fixtures: genome <-> recipe, resident merging equals
+`vlm-merge merge` bit for bit, a deterministic run and its outputs, failing candidates penalised,
+resume after SIGKILL mid-generation equal to an uninterrupted run, config errors, and Ray workers."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from eval.fixture_datasets import draw_scene
+from eval.model_loading import load_model
+from vlm_merge.errors import VlmMergeError
+from vlm_merge.evolve import CHECKPOINT_FILE, LOG_FILE, Genome, config_from_dict, main, run_evolve
+from vlm_merge.merge import merge
+from vlm_merge.resident import ResidentMerger
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def dev(tmp_path_factory) -> Path:
+    """A custom JSONL VQA set: 24 drawn scenes, Japanese questions and answers."""
+    root = tmp_path_factory.mktemp("dev")
+    (root / "img").mkdir()
+    rng = random.Random(0)
+    rows = []
+    for i in range(24):
+        img, objs = draw_scene(rng)
+        img.save(root / "img" / f"{i}.png")
+        rows.append({"image": f"img/{i}.png", "question": "何色の図形がありますか？", "answer": f"{objs[0][0]}の{objs[0][1]}です。"})
+    (root / "dev.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    return root / "dev.jsonl"
+
+
+def config(zoo, dev, **over) -> dict:
+    cfg = {
+        "sources": {"vlm": str(zoo.vlms["llava-hf-llama"]), "base_model": str(zoo.llms["en-llama"]),
+                    "target": str(zoo.llms["ja-llama"]), "models": ["vlm"]},
+        "method": "task_arithmetic",
+        "genome": {"params": {"weight": [0.0, 1.5]}, "separate": ["embeddings"]},
+        "fitness": {"benchmark": str(dev), "kind": "loglik", "metrics": {"loglik": 1.0}, "limit": 8},
+        "cmaes": {"popsize": 4, "max_evaluations": 12, "seed": 3},
+        "threads": 1,
+    }
+    for k, v in over.items():
+        cfg[k] = {**cfg[k], **v} if isinstance(v, dict) and isinstance(cfg.get(k), dict) else v
+    return cfg
+
+
+def test_genome_decodes_to_a_recipe_with_one_value_per_gene(zoo, dev):
+    cfg = config_from_dict(config(zoo, dev, method="ties", genome={
+        "params": {"weight": [0.0, 2.0], "density": [0.2, 1.0]}, "split_modules": True, "separate": ["embeddings", "lm_head", "norms"],
+        "fixed": {"normalize": False}}))
+    g = Genome.of(cfg, num_layers=2)
+    # 2 params x (2 layer groups x 2 modules + 3 separate genes)
+    assert len(g) == 2 * (2 * 2 + 3)
+    x = [i / (len(g) - 1) for i in range(len(g))]
+    recipe = g.decode(x)
+    values = g.values(x)
+    assert recipe.parameters == {"normalize": False} and recipe.models[0].model == "vlm"
+    rm_params = _resolved(zoo, recipe)
+    w = lambda canon: rm_params[canon].per_model[0]["weight"]  # noqa: E731
+    d = lambda canon: rm_params[canon].per_model[0]["density"]  # noqa: E731
+    assert w("model.layers.1.mlp.down_proj.weight") == values["weight[vlm]@layers1/mlp"]
+    assert w("model.layers.0.self_attn.q_proj.weight") == values["weight[vlm]@layers0/attention"]
+    assert w("model.embed_tokens.weight") == values["weight[vlm]@embeddings"]
+    assert w("lm_head.weight") == values["weight[vlm]@lm_head"]
+    assert w("model.layers.1.input_layernorm.weight") == values["weight[vlm]@norms"] == w("model.norm.weight")
+    assert d("model.layers.0.mlp.up_proj.weight") == values["density[vlm]@layers0/mlp"]
+    assert values["weight[vlm]@layers0/attention"] == 0.0 and values["density[vlm]@norms"] == pytest.approx(1.0)
+    # coarser granularity: one gene per parameter covers both layers
+    g2 = Genome.of(config_from_dict(config(zoo, dev, genome={"params": {"weight": [0.5, 1.0]}, "layer_granularity": 2, "separate": []})), 2)
+    assert [x.name for x in g2.genes] == ["weight[vlm]@layers0-1"] and g2.decode([0.5]).models[0].parameters == {"weight": 0.75}
+
+
+def _resolved(zoo, recipe):
+    from vlm_merge.merge import plan_recipe
+
+    rp = plan_recipe(recipe)
+    rp.sources.close()
+    return rp.params
+
+
+@pytest.mark.parametrize("method,params", [("task_arithmetic", {"weight": [0.3, 1.4]}), ("dare_ties", {"weight": [0.5, 1.2], "density": 0.6})])
+def test_resident_merge_equals_merge_written_and_loaded(zoo, tmp_path, method, params):
+    z = {"vlm": str(zoo.vlms["llava-hf-llama"]), "base_model": str(zoo.llms["en-llama"]), "target": str(zoo.llms["ja-llama"])}
+    r0 = {"merge_method": method, **z, "models": [{"model": "vlm", "parameters": {"weight": 1.0}}], "seed": 5}
+    r1 = {**r0, "models": [{"model": "vlm", "parameters": params}]}
+    merge(r0, tmp_path / "m0", progress=False)
+    merge(r1, tmp_path / "m1", progress=False)
+    live, _ = load_model(tmp_path / "m0", device="cpu")
+    vision = {k: v.clone() for k, v in live.state_dict().items() if "language_model" not in k and "lm_head" not in k}
+    rm = ResidentMerger.open(r0, live)
+    stats = rm.apply(r1)
+    assert stats.tensors == len(rm.tensors) > 10
+    ref, _ = load_model(tmp_path / "m1", device="cpu")
+    got, want = live.state_dict(), ref.state_dict()
+    assert [k for k in want if not torch.equal(got[k], want[k])] == []
+    assert all(torch.equal(vision[k], got[k]) for k in vision)  # vision tower and projector untouched
+    rm.apply(r0)  # back again
+    assert not torch.equal(live.state_dict()["model.language_model.layers.0.mlp.up_proj.weight"], want["model.language_model.layers.0.mlp.up_proj.weight"])
+    with pytest.raises(VlmMergeError, match="only parameter values"):
+        rm.apply({**r1, "merge_method": "ties"})
+
+
+def test_run_is_deterministic_and_its_outputs_replay(zoo, dev, tmp_path):
+    cfg = config(zoo, dev)
+    a = run_evolve(config_from_dict(cfg), tmp_path / "a", progress=False)
+    b = run_evolve(config_from_dict(cfg), tmp_path / "b", progress=False, write_model=False)
+    log_a = [json.loads(x) for x in (tmp_path / "a" / LOG_FILE).read_text().splitlines()]
+    log_b = [json.loads(x) for x in (tmp_path / "b" / LOG_FILE).read_text().splitlines()]
+    assert len(log_a) == 12 and [r["generation"] for r in log_a] == [1] * 4 + [2] * 4 + [3] * 4
+    assert [(r["x"], r["fitness"]) for r in log_a] == [(r["x"], r["fitness"]) for r in log_b]
+    assert len({r["recipe_sha256"] for r in log_a}) == 12 and len({r["fitness"] for r in log_a}) > 1
+    assert a.best["fitness"] == max(r["fitness"] for r in log_a) and all(r["error"] is None for r in log_a)
+    assert all(r["merge_s"] > 0 and r["eval_s"] > 0 for r in log_a)
+    assert (tmp_path / "a" / "fitness.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not (tmp_path / "a" / ".scaffold").exists()
+    summary = json.loads((tmp_path / "a" / "summary.json").read_text())
+    assert summary["best"]["x"] == a.best["x"] and summary["evaluations"] == 12
+    # best_recipe.yaml replays with `vlm-merge merge` into the same bytes as the written model
+    from vlm_merge.cli import main as cli_main
+
+    assert cli_main(["merge", str(tmp_path / "a" / "best_recipe.yaml"), str(tmp_path / "replay"), "--quiet"]) == 0
+    shards = sorted(p.name for p in (tmp_path / "a" / "model").glob("*.safetensors"))
+    assert shards and all((tmp_path / "a" / "model" / s).read_bytes() == (tmp_path / "replay" / s).read_bytes() for s in shards)
+    # ... and the written model scores what the search logged for the best genome
+    from vlm_merge.evolve import Evaluator
+
+    ev = Evaluator(config_from_dict(cfg), tmp_path / "a" / "model")
+    best_recipe = Genome.of(config_from_dict(cfg), 2).decode(a.best["x"])
+    assert ev.score(best_recipe).fitness == a.best["fitness"]
+
+
+def test_failing_candidates_are_penalised_logged_and_the_run_goes_on(zoo, dev, tmp_path):
+    # DELLA needs density - epsilon and density + epsilon in (0, 1): part of this box is invalid
+    cfg = config(zoo, dev, method="della", genome={"params": {"weight": [0.5, 1.5], "density": [0.05, 0.95], "epsilon": [0.0, 0.45]},
+                                                    "layer_granularity": 2, "separate": []},
+                 cmaes={"popsize": 6, "max_evaluations": 12, "sigma0": 0.4, "seed": 1}, fitness={"penalty": -99.0})
+    res = run_evolve(config_from_dict(cfg), tmp_path / "run", progress=False, write_model=False)
+    log = [json.loads(x) for x in (tmp_path / "run" / LOG_FILE).read_text().splitlines()]
+    bad, good = [r for r in log if r["error"]], [r for r in log if not r["error"]]
+    assert len(log) == 12 and bad and good
+    assert all(r["fitness"] == -99.0 and "epsilon" in r["error"] for r in bad)
+    assert res.best["error"] is None and res.best["fitness"] == max(r["fitness"] for r in good)
+    # NaN/inf weights: every candidate fails, the run still finishes and says so
+    cfg = config(zoo, dev, genome={"params": {"weight": [1e300, 1e301]}}, cmaes={"popsize": 4, "max_evaluations": 4})
+    res = run_evolve(config_from_dict(cfg), tmp_path / "nan", progress=False)
+    log = [json.loads(x) for x in (tmp_path / "nan" / LOG_FILE).read_text().splitlines()]
+    assert len(log) == 4 and all("NaN/inf" in r["error"] and r["fitness"] == -1e6 for r in log)
+    assert res.best is None and not (tmp_path / "nan" / "best_recipe.yaml").exists()
+    assert json.loads((tmp_path / "nan" / "summary.json").read_text())["failed"] == 4
+
+
+def test_resume_after_sigkill_mid_generation_matches_an_uninterrupted_run(zoo, dev, tmp_path):
+    cfg = config(zoo, dev, fitness={"limit": None, "batch_size": 2}, cmaes={"popsize": 6, "max_evaluations": 24, "seed": 7})
+    path = tmp_path / "config.yaml"
+    path.write_text(json.dumps(cfg))  # JSON is YAML
+    ref = run_evolve(config_from_dict(cfg), tmp_path / "ref", progress=False, write_model=False)
+    out = tmp_path / "killed"
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen([sys.executable, "-m", "vlm_merge.evolve", str(path), "--out", str(out), "--quiet"], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    log = out / LOG_FILE
+    deadline = time.time() + 120
+    try:
+        while time.time() < deadline and proc.poll() is None:
+            lines = log.read_text().splitlines() if log.exists() else []
+            if any(json.loads(x)["generation"] == 3 and json.loads(x)["index"] >= 1 for x in lines if x.endswith("}")):
+                os.kill(proc.pid, signal.SIGKILL)
+                break
+            time.sleep(0.002)
+    finally:
+        proc.wait(timeout=60)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr.read().decode()[-2000:]
+    state = json.loads((out / CHECKPOINT_FILE).read_text())
+    partial = [json.loads(x) for x in log.read_text().splitlines() if x.endswith("}")]
+    assert state["generation"] == 2 and len(partial) > state["log_lines"], "the kill did not land mid-generation"
+    assert main(["--resume", str(out), "--quiet"]) == 0
+    resumed = [json.loads(x) for x in log.read_text().splitlines()]
+    reflog = [json.loads(x) for x in (tmp_path / "ref" / LOG_FILE).read_text().splitlines()]
+    assert [(r["x"], r["fitness"]) for r in resumed] == [(r["x"], r["fitness"]) for r in reflog]
+    best = json.loads((out / "summary.json").read_text())["best"]
+    assert best["x"] == ref.best["x"] and best["fitness"] == ref.best["fitness"]
+    assert (out / "best_recipe.yaml").exists() and (out / "model" / "config.json").exists()
+
+
+def test_config_errors_are_one_line_and_exit_2(zoo, dev, tmp_path, capsys):
+    bad = [
+        ({"genome": {"params": {"density": [0.1, 0.9]}}}, "not a parameter of task_arithmetic"),
+        ({"genome": {"params": {"weight": [1.0, 0.5]}}}, "must be below high"),
+        ({"method": "nope"}, "is not one of"),
+        ({"fitness": {"subset": {"mode": "halving"}}}, "needs a size"),
+        ({"cmaes": {"popsiz": 4}}, "unknown key"),
+    ]
+    for over, msg in bad:
+        with pytest.raises(VlmMergeError, match=msg) as e:
+            config_from_dict(config(zoo, dev, **over))
+        assert "\n" not in str(e.value)
+    path = tmp_path / "bad.yaml"
+    path.write_text("sources: [1, 2\n")
+    assert main([str(path), "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "invalid YAML" in err
+    assert main(["--resume", str(tmp_path / "nothing-here")]) == 2
+
+
+def test_successive_halving_logs_rungs_and_picks_best_on_every_question(zoo, dev, tmp_path):
+    cfg = config(zoo, dev, fitness={"limit": None, "subset": {"mode": "halving", "size": 6, "eta": 2}},
+                 cmaes={"popsize": 8, "max_evaluations": 16})
+    res = run_evolve(config_from_dict(cfg), tmp_path / "run", progress=False, write_model=False)
+    log = [json.loads(x) for x in (tmp_path / "run" / LOG_FILE).read_text().splitlines()]
+    assert len(log) == 16 and {r["rung"] for r in log} == {0, 1, 2}  # 6 -> 12 -> 24 questions
+    finals = [r for r in log if r["final"]]
+    assert finals and all(r["questions"] == 24 for r in finals) and all(r["questions"] in (6, 12) for r in log if not r["final"])
+    assert res.best["final"] and res.best["fitness"] == max(r["fitness"] for r in finals)
+
+
+@pytest.mark.slow
+def test_ray_workers_score_like_one_process(zoo, dev, tmp_path):
+    import ray  # noqa: F401 - part of the test extra; this test must run, not skip
+    cfg = config(zoo, dev, cmaes={"popsize": 4, "max_evaluations": 8})
+    serial = run_evolve(config_from_dict(cfg), tmp_path / "serial", progress=False, write_model=False)
+    par = run_evolve(config_from_dict(cfg), tmp_path / "ray", progress=False, write_model=False, workers=2)
+    a = [json.loads(x) for x in (tmp_path / "serial" / LOG_FILE).read_text().splitlines()]
+    b = [json.loads(x) for x in (tmp_path / "ray" / LOG_FILE).read_text().splitlines()]
+    assert [(r["x"], r["fitness"]) for r in a] == [(r["x"], r["fitness"]) for r in b]
+    assert par.best["x"] == serial.best["x"]

@@ -1,0 +1,1162 @@
+"""Evolutionary merging: CMA-ES over per-layer merge parameters with a VQA fitness (`vlm-merge evolve`).
+
+A run (`run_evolve(config, out)`, or `vlm-merge evolve CONFIG.yaml --out DIR`) searches the parameters
+of a merge recipe for the language backbone of a VLM so that a benchmark score is maximised, then
+writes the best model. The pieces:
+
+Genome (`Genome`). One gene per (method parameter, source model, layer group [, module]) plus optional
+genes for embeddings / norms / lm_head. Every gene is a number x in [0, 1] (CMA-ES runs with
+`bounds=[0, 1]`, cma's BoundTransform: the solutions it asks for are always inside), decoded linearly
+to the parameter's bounds: value = low + x * (high - low). Bounds come from `genome.params`
+(`{weight: [0, 1.5], density: [0.1, 1.0]}`) and must lie in the method's own range. A genome decodes
+to an ordinary `Recipe`:
+  - layers are cut into groups of `layer_granularity` consecutive layers; a parameter becomes a list of
+    one value per layer (the recipe's exact per-layer form), all layers of a group sharing the gene;
+  - `split_modules: true`: separate genes for attention (`self_attn`, `input_layernorm`) and MLP
+    (`mlp`, `post_attention_layernorm`) of each group, as `filter_regex` conditions;
+  - `separate: [embeddings, norms, lm_head]`: own genes for `embed_tokens`, every RMSNorm weight
+    (`norm.weight$`), `lm_head`; tensors without their own gene follow the recipe rule for tensors
+    outside the layers (position 0 of a per-layer list: the first group's gene);
+  - per-model parameters (weight, density, ...) get genes per model entering the method; shared
+    ones (slerp's `t`, `lambda`) one set; `genome.fixed` values are written as recipe parameters.
+
+Search. CMA-ES (`cma`) in ask/tell form: `popsize`, `sigma0` (in gene units, i.e. fractions of the
+bounds), `x0` (a gene value in [0, 1] for all genes, or real parameter values by name), budget
+`max_evaluations` (whole generations only) and `seed`. cma's normal draws come from our own
+`numpy.random.Generator` seeded with `seed` (the `randn` option; numpy's global RNG is never used),
+so a run is deterministic for a seed.
+
+Fitness (`fitness:`). A benchmark (a registered one with `data:`, or a custom JSONL/CSV of image,
+question, answer) disjoint from the test split; `kind: generate` scores generated answers with
+`eval.evaluate` (protocol, template and decoding settings as in `vlm-merge eval`) and combines score
+columns by weights (`metrics: {rougeL: 1.0}`); `kind: loglik` is the mean per-token log-likelihood of
+the reference answers under teacher forcing (one forward pass per batch, no generation). Cheap
+fitness: `subset: {mode: random, size: K}` scores a generation on K questions drawn for that
+generation; `subset: {mode: halving, size: K, eta: 2}` scores everyone on K questions, the best
+1/eta on eta*K, ... up to every question; CMA-ES ranks by (rung reached, score). The draws come from
+`numpy.random.default_rng([seed, generation])`; each record says which protocol and rung it was
+scored under. A candidate that fails (invalid parameter combination, NaN/inf weights, a generation
+error) scores `penalty`, is logged with its error, and the run goes on.
+
+Speed. The sources are loaded once (`vlm_merge.resident.ResidentMerger`) into one live model; each
+candidate's language model is written into it in place and evaluated in-process, and image features
+are computed once per image for the whole run. `workers: N` evaluates a generation's candidates on N
+Ray actors, each holding its own resident sources (one GPU each on CUDA, else one CPU slot).
+
+Reliability. After every generation `checkpoint.json` (CMA-ES state as cma's pickle bytes, the
+counters, the best record, the log length) is written atomically; `log.jsonl` gets one line per
+candidate as it finishes. `--resume` restores the checkpoint, drops log lines past it (reusing
+finished candidates of the interrupted generation whose genome matches) and continues: a resumed run
+ends with the same best genome and score as an uninterrupted one. Ctrl-C stops with the checkpoint
+written. Only our own run directory's checkpoint is ever unpickled, after its SHA-256 is checked.
+
+Outputs in OUT/: `config.yaml`, `log.jsonl`, `checkpoint.json`, `best_recipe.yaml` (replay with
+`vlm-merge merge best_recipe.yaml DIR`), `model/` (the best model), `fitness.png`, `summary.json`.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import math
+import os
+import pickle
+import shutil
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import yaml
+
+from vlm_merge.errors import VlmMergeError
+from vlm_merge.recipe import VLM_REF, ModelEntry, Recipe
+
+CONFIG_FILE = "config.yaml"
+LOG_FILE = "log.jsonl"
+CHECKPOINT_FILE = "checkpoint.json"
+BEST_RECIPE_FILE = "best_recipe.yaml"
+SUMMARY_FILE = "summary.json"
+PLOT_FILE = "fitness.png"
+MODEL_DIR = "model"
+SCAFFOLD_DIR = ".scaffold"
+SEPARATE_GROUPS = ("embeddings", "norms", "lm_head")
+SUBSET_MODES = ("none", "random", "halving")
+FITNESS_KINDS = ("generate", "loglik")
+MODULE_FILTERS = {"attention": r"self_attn|input_layernorm", "mlp": r"mlp|post_attention_layernorm"}
+SEPARATE_FILTERS = {"embeddings": {"filter": "embed_tokens"}, "norms": {"filter_regex": r"norm\.weight$"}, "lm_head": {"filter": "lm_head"}}
+DEFAULT_BOUNDS = {"weight": (0.0, 1.5), "density": (0.1, 1.0), "t": (0.0, 1.0), "gamma": (0.0, 0.1), "epsilon": (0.0, 0.1), "lambda": (0.5, 1.5)}
+
+
+def _err(where: str, msg: str) -> VlmMergeError:
+    return VlmMergeError(f"evolve config {where}: {msg}")
+
+
+# ================================================================================================
+# Config
+
+
+@dataclass(frozen=True)
+class SourcesConfig:
+    models: tuple[str, ...]  # the models whose parameters are searched ("vlm" = the VLM's language model)
+    vlm: str | None = None
+    base_model: str | None = None
+    target: str | None = None
+    tokenizer_source: str | None = None
+
+
+@dataclass(frozen=True)
+class GenomeConfig:
+    params: dict[str, tuple[float, float]] = field(default_factory=lambda: {"weight": DEFAULT_BOUNDS["weight"]})
+    fixed: dict[str, Any] = field(default_factory=dict)
+    layer_granularity: int = 1
+    split_modules: bool = False
+    separate: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class SubsetConfig:
+    mode: str = "none"
+    size: int = 0
+    eta: int = 2
+
+
+@dataclass(frozen=True)
+class FitnessConfig:
+    benchmark: str
+    data: str | None = None
+    split: str | None = None
+    kind: str = "generate"
+    protocol: str = "llm-jp"
+    template: str | None = None
+    max_new_tokens: int | None = None
+    num_beams: int | None = None
+    repetition_penalty: float | None = None
+    metrics: dict[str, float] = field(default_factory=lambda: {"rougeL": 1.0})
+    limit: int | None = None
+    subset: SubsetConfig = field(default_factory=SubsetConfig)
+    penalty: float = -1e6
+    batch_size: int = 8
+
+
+@dataclass(frozen=True)
+class CmaConfig:
+    popsize: int | None = None
+    sigma0: float = 0.2
+    x0: float | dict[str, float] = 0.5
+    max_evaluations: int = 32
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class EvolveConfig:
+    sources: SourcesConfig
+    fitness: FitnessConfig
+    method: str = "task_arithmetic"
+    genome: GenomeConfig = field(default_factory=GenomeConfig)
+    cmaes: CmaConfig = field(default_factory=CmaConfig)
+    dtype: str | None = None  # output dtype of the merged language model (recipe `dtype`)
+    device: str = "auto"
+    model_dtype: str = "auto"  # dtype the live model is loaded in (auto: float32 on CPU, protocol's on GPU)
+    threads: int | None = None  # torch threads in each evaluating process (None: torch's default)
+    workers: int = 0  # Ray actors; 0 = evaluate in this process
+    recipe_seed: int = 0  # `seed` of every decoded recipe (DARE / DELLA masks)
+
+    def to_dict(self) -> dict:
+        def clean(v):
+            if isinstance(v, tuple):
+                return [clean(x) for x in v]
+            if isinstance(v, dict):
+                return {k: clean(x) for k, x in v.items()}
+            return v
+
+        return clean(asdict(self))
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False, allow_unicode=True)
+
+    def sha256(self) -> str:
+        """Hash of everything results depend on (`workers` only changes where candidates run)."""
+        d = self.to_dict()
+        d.pop("workers")
+        return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _build(cls, data: Any, where: str, conv: Mapping[str, Callable[[Any, str], Any]] | None = None):
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise _err(where, f"expected a mapping, got {data!r}")
+    known = {f.name: f for f in fields(cls)}
+    for k in data:
+        if k not in known:
+            raise _err(f"{where}.{k}".lstrip("."), f"unknown key (known: {', '.join(known)})")
+    kwargs = {}
+    for k, v in data.items():
+        kwargs[k] = (conv or {}).get(k, lambda x, w: x)(v, f"{where}.{k}".lstrip("."))
+    try:
+        return cls(**kwargs)
+    except TypeError as e:
+        missing = str(e).split("argument")[-1].strip(": '")
+        raise _err(where or "top level", f"missing required key {missing}") from None
+
+
+def _num(v: Any, where: str, *, integer: bool = False, low: float | None = None, allow_none: bool = False):
+    if v is None and allow_none:
+        return None
+    ok = isinstance(v, int) if integer else isinstance(v, (int, float))
+    if isinstance(v, bool) or not ok or (not integer and not math.isfinite(v)):
+        raise _err(where, f"expected {'an integer' if integer else 'a number'}, got {v!r}")
+    if low is not None and v < low:
+        raise _err(where, f"{v!r} is below {low:g}")
+    return int(v) if integer else float(v)
+
+
+def _str(v: Any, where: str, choices: Sequence[str] | None = None, allow_none: bool = True):
+    if v is None and allow_none:
+        return None
+    if not isinstance(v, str):
+        raise _err(where, f"expected a string, got {v!r}")
+    if choices is not None and v not in choices:
+        raise _err(where, f"{v!r} is not one of {', '.join(choices)}")
+    return v
+
+
+def _rebase(ref: str | None, base: Path | None) -> str | None:
+    if ref is None or ref == VLM_REF or base is None:
+        return ref
+    p = Path(ref).expanduser()
+    if p.is_absolute():
+        return str(p)
+    local = base / p
+    return str(local.resolve()) if local.exists() else ref  # else a Hugging Face id
+
+
+def config_from_dict(data: Any, base_dir: str | Path | None = None) -> EvolveConfig:
+    """Validate an evolve config mapping; relative paths are taken relative to `base_dir`."""
+    from vlm_merge.methods import METHODS
+
+    base = Path(base_dir) if base_dir is not None else None
+    if not isinstance(data, dict):
+        raise _err("top level", "expected a mapping with sources, method, genome, fitness, cmaes")
+
+    def sources(v, w):
+        s = _build(SourcesConfig, v, w, {
+            "models": lambda x, ww: tuple(_rebase(_str(m, f"{ww}[{i}]", allow_none=False), base) for i, m in enumerate(x))
+            if isinstance(x, list) and x else (_ for _ in ()).throw(_err(ww, "expected a non-empty list of models")),
+            **{k: (lambda x, ww: _rebase(_str(x, ww), base)) for k in ("vlm", "base_model", "target")},
+            "tokenizer_source": lambda x, ww: _str(x, ww),
+        })
+        return s
+
+    def bounds(v, w):
+        if not isinstance(v, dict) or not v:
+            raise _err(w, "expected a mapping parameter -> [low, high], e.g. {weight: [0, 1.5]}")
+        out = {}
+        for k, b in v.items():
+            if b is None:
+                b = DEFAULT_BOUNDS.get(k)
+                if b is None:
+                    raise _err(f"{w}.{k}", "no default bounds; give [low, high]")
+            if not isinstance(b, (list, tuple)) or len(b) != 2:
+                raise _err(f"{w}.{k}", f"expected [low, high], got {b!r}")
+            lo, hi = _num(b[0], f"{w}.{k}[0]"), _num(b[1], f"{w}.{k}[1]")
+            if not lo < hi:
+                raise _err(f"{w}.{k}", f"low {lo:g} must be below high {hi:g}")
+            out[str(k)] = (lo, hi)
+        return out
+
+    def genome(v, w):
+        return _build(GenomeConfig, v, w, {
+            "params": bounds,
+            "fixed": lambda x, ww: dict(x) if isinstance(x, dict) else (_ for _ in ()).throw(_err(ww, "expected a mapping")),
+            "layer_granularity": lambda x, ww: _num(x, ww, integer=True, low=1),
+            "split_modules": lambda x, ww: x if isinstance(x, bool) else (_ for _ in ()).throw(_err(ww, f"expected true/false, got {x!r}")),
+            "separate": lambda x, ww: tuple(_str(s, ww, SEPARATE_GROUPS, False) for s in (x or [])),
+        })
+
+    def subset(v, w):
+        return _build(SubsetConfig, v, w, {
+            "mode": lambda x, ww: _str(x, ww, SUBSET_MODES, False),
+            "size": lambda x, ww: _num(x, ww, integer=True, low=0),
+            "eta": lambda x, ww: _num(x, ww, integer=True, low=2),
+        })
+
+    def metrics(v, w):
+        if not isinstance(v, dict) or not v:
+            raise _err(w, "expected a mapping score column -> weight, e.g. {rougeL: 1.0}")
+        return {str(k): _num(x, f"{w}.{k}") for k, x in v.items()}
+
+    def fitness(v, w):
+        return _build(FitnessConfig, v, w, {
+            "benchmark": lambda x, ww: _rebase(_str(x, ww, allow_none=False), base),
+            "data": lambda x, ww: _rebase(_str(x, ww), base),
+            "split": _str, "protocol": _str, "template": _str,
+            "kind": lambda x, ww: _str(x, ww, FITNESS_KINDS, False),
+            "max_new_tokens": lambda x, ww: _num(x, ww, integer=True, low=1, allow_none=True),
+            "num_beams": lambda x, ww: _num(x, ww, integer=True, low=1, allow_none=True),
+            "repetition_penalty": lambda x, ww: _num(x, ww, allow_none=True),
+            "metrics": metrics,
+            "limit": lambda x, ww: _num(x, ww, integer=True, low=1, allow_none=True),
+            "subset": subset,
+            "penalty": _num,
+            "batch_size": lambda x, ww: _num(x, ww, integer=True, low=1),
+        })
+
+    def x0(v, w):
+        if isinstance(v, dict):
+            return {str(k): _num(x, f"{w}.{k}") for k, x in v.items()}
+        x = _num(v, w)
+        if not 0 <= x <= 1:
+            raise _err(w, f"{x!r}: a gene value must lie in [0, 1] (or give real values by parameter name)")
+        return x
+
+    def cmaes(v, w):
+        return _build(CmaConfig, v, w, {
+            "popsize": lambda x, ww: _num(x, ww, integer=True, low=2, allow_none=True),
+            "sigma0": lambda x, ww: _num(x, ww, low=1e-6),
+            "x0": x0,
+            "max_evaluations": lambda x, ww: _num(x, ww, integer=True, low=1),
+            "seed": lambda x, ww: _num(x, ww, integer=True),
+        })
+
+    cfg = _build(EvolveConfig, data, "", {
+        "sources": sources, "fitness": fitness, "genome": genome, "cmaes": cmaes,
+        "method": lambda x, w: _str(x, w, tuple(METHODS), False),
+        "dtype": _str, "device": lambda x, w: _str(x, w, allow_none=False), "model_dtype": lambda x, w: _str(x, w, allow_none=False),
+        "threads": lambda x, w: _num(x, w, integer=True, low=1, allow_none=True),
+        "workers": lambda x, w: _num(x, w, integer=True, low=0),
+        "recipe_seed": lambda x, w: _num(x, w, integer=True),
+    })
+    _check_config(cfg)
+    return cfg
+
+
+def _check_config(cfg: EvolveConfig) -> None:
+    from vlm_merge.methods import METHODS
+
+    method = METHODS[cfg.method]
+    for name, (lo, hi) in cfg.genome.params.items():
+        try:
+            p = method.param(name)
+        except KeyError:
+            floats = [q.name for q in method.params if q.kind == "float"]
+            raise _err(f"genome.params.{name}", f"is not a parameter of {cfg.method} (searchable: {', '.join(floats)})") from None
+        if p.kind != "float":
+            raise _err(f"genome.params.{name}", f"is a {p.kind} parameter; only numbers can be searched (use genome.fixed)")
+        for v in (lo, hi):
+            try:
+                p.check(v)
+            except ValueError as e:
+                raise _err(f"genome.params.{name}", f"bound {e}") from None
+        if name in cfg.genome.fixed:
+            raise _err(f"genome.fixed.{name}", "is also searched in genome.params; keep one")
+    if VLM_REF in cfg.sources.models and cfg.sources.vlm is None:
+        raise _err("sources.models", "names 'vlm' but sources.vlm is not set")
+    if cfg.fitness.subset.mode != "none" and cfg.fitness.subset.size < 1:
+        raise _err("fitness.subset.size", f"mode {cfg.fitness.subset.mode} needs a size of at least 1")
+    if isinstance(cfg.cmaes.x0, dict):
+        for k in cfg.cmaes.x0:
+            if k not in cfg.genome.params:
+                raise _err(f"cmaes.x0.{k}", f"is not searched (genome.params: {', '.join(cfg.genome.params)})")
+
+
+def load_config(path: str | Path) -> EvolveConfig:
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text())
+    except OSError as e:
+        raise VlmMergeError(f"{path}: cannot read the evolve config ({e.strerror})") from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        raise VlmMergeError(f"{path}: invalid YAML{f' at line {mark.line + 1}' if mark else ''}") from None
+    return config_from_dict(data, path.parent)
+
+
+# ================================================================================================
+# Genome
+
+
+@dataclass(frozen=True)
+class Gene:
+    name: str  # e.g. "weight[vlm]@layers0-3/mlp"
+    param: str
+    model: int | None  # index into the recipe's models (per-model parameters); None: shared
+    group: str  # "layers:<g>" or one of SEPARATE_GROUPS
+    module: str | None  # "attention" | "mlp" | None
+    low: float
+    high: float
+
+    def decode(self, x: float) -> float:
+        return self.low + float(x) * (self.high - self.low)
+
+    def encode(self, value: float) -> float:
+        return min(1.0, max(0.0, (float(value) - self.low) / (self.high - self.low)))
+
+
+@dataclass(frozen=True)
+class Genome:
+    """The genes of a config for a model with `num_layers` decoder layers, and their recipe."""
+
+    config: EvolveConfig
+    num_layers: int
+    genes: tuple[Gene, ...]
+
+    @classmethod
+    def of(cls, config: EvolveConfig, num_layers: int) -> Genome:
+        from vlm_merge.merge import _model_entries
+        from vlm_merge.methods import METHODS
+
+        method = METHODS[config.method]
+        g = config.genome
+        n_groups = math.ceil(num_layers / g.layer_granularity)
+        modules: tuple[str | None, ...] = ("attention", "mlp") if g.split_modules else (None,)
+        entries = _model_entries(_recipe_skeleton(config), method)
+        labels = [_label(config.sources.models[i]) for i in entries]
+        genes = []
+        for name, (lo, hi) in g.params.items():
+            owners: list[tuple[int | None, str]] = [(i, f"[{lab}]") for i, lab in zip(entries, labels)] if method.param(name).per_model else [(None, "")]
+            for model, tag in owners:
+                for grp in range(n_groups):
+                    first, last = grp * g.layer_granularity, min(num_layers, (grp + 1) * g.layer_granularity) - 1
+                    span = f"layers{first}" if first == last else f"layers{first}-{last}"
+                    for mod in modules:
+                        genes.append(Gene(f"{name}{tag}@{span}" + (f"/{mod}" if mod else ""), name, model, f"layers:{grp}", mod, lo, hi))
+                for sep in g.separate:
+                    genes.append(Gene(f"{name}{tag}@{sep}", name, model, sep, None, lo, hi))
+        return cls(config, num_layers, tuple(genes))
+
+    def __len__(self) -> int:
+        return len(self.genes)
+
+    def x0(self) -> list[float]:
+        x0 = self.config.cmaes.x0
+        if isinstance(x0, dict):
+            return [g.encode(x0[g.param]) if g.param in x0 else 0.5 for g in self.genes]
+        return [float(x0)] * len(self.genes)
+
+    def values(self, x: Sequence[float]) -> dict[str, float]:
+        self._check(x)
+        return {g.name: g.decode(v) for g, v in zip(self.genes, x)}
+
+    def _check(self, x: Sequence[float]) -> None:
+        if len(x) != len(self.genes):
+            raise VlmMergeError(f"genome: {len(x)} values for {len(self.genes)} genes")
+
+    def _setting(self, genes: list[tuple[Gene, float]]) -> Any:
+        gran = self.config.genome.layer_granularity
+        by = {(g.group, g.module): g.decode(v) for g, v in genes}
+        mods = ("attention", "mlp") if self.config.genome.split_modules else (None,)
+        per_layer = {m: [by[(f"layers:{i // gran}", m)] for i in range(self.num_layers)] for m in mods}
+        conds = [{**SEPARATE_FILTERS[s], "value": by[(s, None)]} for s in self.config.genome.separate]
+        if self.config.genome.split_modules:
+            conds += [{"filter_regex": MODULE_FILTERS[m], "value": per_layer[m]} for m in mods]
+            conds.append({"value": per_layer["attention"]})
+        else:
+            lst = per_layer[None]
+            conds.append({"value": lst[0] if len(set(lst)) == 1 and math.ceil(self.num_layers / gran) == 1 else lst})
+        return conds[0]["value"] if len(conds) == 1 else conds
+
+    def decode(self, x: Sequence[float]) -> Recipe:
+        """The recipe of genome `x` (gene values in [0, 1])."""
+        self._check(x)
+        cfg = self.config
+        skel = _recipe_skeleton(cfg)
+        pairs = list(zip(self.genes, (float(v) for v in x)))
+        models = []
+        for i, m in enumerate(skel.models):
+            params = dict(m.parameters)
+            for name in cfg.genome.params:
+                mine = [(g, v) for g, v in pairs if g.param == name and g.model == i]
+                if mine:
+                    params[name] = self._setting(mine)
+            models.append(ModelEntry(m.model, params))
+        shared = dict(skel.parameters)
+        for name in cfg.genome.params:
+            mine = [(g, v) for g, v in pairs if g.param == name and g.model is None]
+            if mine:
+                shared[name] = self._setting(mine)
+        return replace(skel, models=tuple(models), parameters=shared)
+
+
+def _label(ref: str) -> str:
+    return ref if ref == VLM_REF else Path(ref).name or ref
+
+
+def _recipe_skeleton(cfg: EvolveConfig) -> Recipe:
+    """The recipe without searched values: sources, method, fixed parameters, dtype, seed."""
+    s = cfg.sources
+    return Recipe(
+        merge_method=cfg.method, models=tuple(ModelEntry(m, {}) for m in s.models), base_model=s.base_model,
+        vlm=s.vlm, target=s.target, parameters=dict(cfg.genome.fixed), tokenizer_source=s.tokenizer_source,
+        dtype=cfg.dtype, seed=cfg.recipe_seed,
+    )
+
+
+def recipe_sha256(recipe: Recipe) -> str:
+    return hashlib.sha256(recipe.to_yaml().encode()).hexdigest()[:16]
+
+
+def num_layers_of(config: EvolveConfig) -> int:
+    """Decoder layers of the merge's reference model (headers only)."""
+    from vlm_merge.anatomy import inspect_llm, inspect_vlm
+    from vlm_merge.checkpoint import CheckpointReader
+
+    s = config.sources
+    ref_path = s.vlm or s.target or s.base_model or s.models[0]
+    reader = CheckpointReader(ref_path)
+    try:
+        anatomy = inspect_vlm(reader) if s.vlm else inspect_llm(reader, "reference")
+        return anatomy.num_layers
+    finally:
+        reader.close()
+
+
+# ================================================================================================
+# Fitness (one evaluating process: this one, or a Ray actor)
+
+
+@dataclass(frozen=True)
+class Scored:
+    fitness: float
+    scores: dict[str, float]
+    merge_s: float
+    eval_s: float
+    questions: int
+    error: str | None = None
+
+
+class LogLikelihood:
+    """Mean per-token log-likelihood of the reference answers under teacher forcing (no generation).
+
+    Input per question: the protocol's prompt (image placeholder expanded to the image's feature
+    tokens) followed by the answer's tokens and EOS; the score of a question is the mean log-probability
+    of its answer tokens (EOS included), the column `loglik` their mean over questions.
+    """
+
+    name = "loglik"
+
+    def __init__(self, model, processor, template: str) -> None:
+        self.model, self.processor, self.template = model, processor, template
+        tok = processor.tokenizer
+        eos = model.generation_config.eos_token_id
+        eos = eos if eos is not None else tok.eos_token_id
+        self.eos = eos[0] if isinstance(eos, list) else eos
+        self.pad = tok.pad_token_id if tok.pad_token_id is not None else self.eos
+
+    def __call__(self, questions, encoded, batch_size: int) -> list[float]:
+        import torch
+        from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+        from eval.generation import _model_dtype
+        from eval.prompts import build_prompt, image_token
+
+        tok, model = self.processor.tokenizer, self.model
+        token = image_token(self.processor)
+        dtype, dev = _model_dtype(model), model.device
+        out: list[float] = []
+        with torch.inference_mode():
+            for s in range(0, len(questions), batch_size):
+                batch = questions[s : s + batch_size]
+                rows, starts, feats = [], [], []
+                for q in batch:
+                    img = encoded[q.image_key]
+                    prompt = build_prompt(self.processor, q.question, self.template).replace(token, token * img.n_tokens, 1)
+                    p_ids = tok(prompt).input_ids
+                    a_ids = tok(q.answer, add_special_tokens=False).input_ids + ([self.eos] if self.eos is not None else [])
+                    rows.append(p_ids + a_ids)
+                    starts.append(len(p_ids))
+                    feats.append(img.features.to(dev, dtype))
+                width = max(map(len, rows))
+                ids = torch.full((len(rows), width), self.pad, dtype=torch.long)
+                mask = torch.zeros((len(rows), width), dtype=torch.long)
+                for i, r in enumerate(rows):
+                    ids[i, : len(r)] = torch.tensor(r)
+                    mask[i, : len(r)] = 1
+                logits = model(input_ids=ids.to(dev), attention_mask=mask.to(dev),
+                               mm_encoder_outputs={"image": BaseModelOutputWithPooling(pooler_output=feats)}).logits
+                logp = torch.log_softmax(logits[:, :-1].float(), dim=-1).gather(-1, ids[:, 1:].to(dev).unsqueeze(-1)).squeeze(-1)
+                for i, r in enumerate(rows):
+                    out.append(float(logp[i, starts[i] - 1 : len(r) - 1].mean()))
+        return out
+
+
+class Evaluator:
+    """Resident sources + one live model + cached image features: scores recipes in-process."""
+
+    def __init__(self, config: EvolveConfig, scaffold: str | Path) -> None:
+        import torch
+
+        from eval.benchmarks import load_benchmark
+        from eval.metrics import SCORERS, make_scorers
+        from eval.model_loading import load_model
+        from eval.protocols import get_protocol
+        from eval.runner import encode_benchmark_images
+        from vlm_merge.resident import ResidentMerger
+
+        if config.threads is not None:
+            torch.set_num_threads(config.threads)
+        self.config = config
+        f = config.fitness
+        self.protocol = get_protocol(f.protocol).with_overrides(
+            template=f.template, max_new_tokens=f.max_new_tokens, num_beams=f.num_beams, repetition_penalty=f.repetition_penalty
+        )
+        self.model, self.processor = load_model(scaffold, device=config.device, dtype=config.model_dtype, gpu_dtype=self.protocol.gpu_dtype)
+        genome = Genome.of(config, num_layers_of(config))
+        self.merger = ResidentMerger.open(genome.decode(genome.x0()), self.model)
+        self.bench = load_benchmark(f.benchmark, f.data, split=f.split)
+        self.pool = self.bench.select(self.protocol.questions, f.limit)
+        self.by_id = {q.question_id: q for q in self.pool}
+        self.encoded = encode_benchmark_images(self.model, self.processor, self.bench, self.pool, batch_size=f.batch_size)
+        if f.kind == "generate":
+            column_of = {c: name for name, cls in SCORERS.items() for c in cls.fields}
+            unknown = [c for c in f.metrics if c not in column_of]
+            if unknown:
+                raise _err(f"fitness.metrics.{unknown[0]}", f"not a score column (known: {', '.join(column_of)})")
+            self.scorers = make_scorers(list(dict.fromkeys(column_of[c] for c in f.metrics)))
+        else:
+            if set(f.metrics) != {"loglik"}:
+                raise _err("fitness.metrics", "kind loglik has the one column 'loglik'; use metrics: {loglik: 1.0}")
+            self.loglik = LogLikelihood(self.model, self.processor, self.protocol.template)
+
+    def question_ids(self) -> list[str]:
+        return [q.question_id for q in self.pool]
+
+    def score(self, recipe: Recipe | dict, question_ids: Sequence[str] | None = None) -> Scored:
+        """Merge `recipe` into the live model and score it; failures score the penalty with the error."""
+        from vlm_merge.resident import CandidateError
+
+        f = self.config.fitness
+        qs = self.pool if question_ids is None else [self.by_id[q] for q in question_ids]
+        t0 = time.perf_counter()
+        try:
+            self.merger.apply(recipe)
+        except CandidateError as e:
+            return Scored(f.penalty, {}, time.perf_counter() - t0, 0.0, len(qs), f"merge: {e}")
+        t1 = time.perf_counter()
+        try:
+            scores = self._scores(qs)
+            value = sum(w * scores[c] for c, w in f.metrics.items())
+            if not math.isfinite(value):
+                raise ValueError(f"fitness is {value}")
+        except (KeyboardInterrupt, SystemExit):
+            raise
+        except Exception as e:  # noqa: BLE001 - any failure of a candidate is logged and penalised
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            return Scored(f.penalty, {}, t1 - t0, time.perf_counter() - t1, len(qs), f"evaluation: {type(e).__name__}: {first}")
+        return Scored(float(value), scores, t1 - t0, time.perf_counter() - t1, len(qs))
+
+    def _scores(self, qs) -> dict[str, float]:
+        f = self.config.fitness
+        if f.kind == "loglik":
+            vals = self.loglik(qs, self.encoded, f.batch_size)
+            return {"loglik": float(np.mean(vals))}
+        from eval.runner import evaluate
+
+        bench = replace(self.bench, questions=list(qs))
+        res = evaluate(self.model, bench, processor=self.processor, protocol=self.protocol, batch_size=f.batch_size,
+                       encoded_images=self.encoded, scorers=self.scorers, progress=False)
+        return {c: float(res.scores[c].mean) for c in f.metrics}
+
+
+def _ray_actor_class():
+    import ray
+
+    @ray.remote
+    class EvaluatorActor:
+        def __init__(self, config: dict, base_dir: str | None, scaffold: str) -> None:
+            self.ev = Evaluator(config_from_dict(config, base_dir), scaffold)
+
+        def score(self, recipe: dict, question_ids):
+            return self.ev.score(recipe, question_ids)
+
+    return EvaluatorActor
+
+
+class RayPool:
+    """`n` Ray actors, each an `Evaluator` with its own resident sources; candidates run round-robin."""
+
+    def __init__(self, config: EvolveConfig, scaffold: Path, n: int) -> None:
+        try:
+            import ray
+        except ImportError:
+            raise VlmMergeError("workers > 0 needs Ray: pip install 'vlm-merge[evolve]'") from None
+        self.ray = ray
+        self._started = not ray.is_initialized()
+        if self._started:
+            ray.init(num_cpus=max(n, 1), include_dashboard=False, log_to_driver=False, configure_logging=False)
+        gpu = config.device.startswith("cuda") or (config.device == "auto" and _cuda())
+        actor = _ray_actor_class().options(num_gpus=1 if gpu else 0, num_cpus=0 if gpu else 1)
+        self.actors = [actor.remote(config.to_dict(), None, str(scaffold)) for _ in range(n)]
+
+    def map(self, jobs: list[tuple[dict, list[str] | None]]) -> list[Scored]:
+        futures = [self.actors[i % len(self.actors)].score.remote(r, q) for i, (r, q) in enumerate(jobs)]
+        try:
+            return self.ray.get(futures)
+        except self.ray.exceptions.RayError as e:
+            raise VlmMergeError(f"a Ray worker failed: {str(e).splitlines()[0]}") from None
+
+    def close(self) -> None:
+        for a in self.actors:
+            self.ray.kill(a)
+        if self._started:
+            self.ray.shutdown()
+
+
+class LocalPool:
+    def __init__(self, config: EvolveConfig, scaffold: Path) -> None:
+        self.ev = Evaluator(config, scaffold)
+
+    def map(self, jobs: list[tuple[dict, list[str] | None]]) -> list[Scored]:
+        return [self.ev.score(r, q) for r, q in jobs]
+
+    def close(self) -> None:
+        pass
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+# ================================================================================================
+# The search
+
+
+class _Randn:
+    """cma's `randn` option: normal draws from our own numpy Generator (pickled with the CMA state)."""
+
+    def __init__(self, seed: int) -> None:
+        self.rng = np.random.Generator(np.random.PCG64(seed))
+
+    def __call__(self, *shape: int) -> np.ndarray:
+        return self.rng.standard_normal(shape)
+
+
+@dataclass
+class EvolveResult:
+    out: Path
+    best: dict | None  # the best log record
+    generations: int
+    evaluations: int
+    finished: bool
+    model: Path | None = None
+
+
+def _write_atomic(path: Path, data: str | bytes) -> None:
+    from eval.outputs import write_atomic
+
+    write_atomic(path, data)
+
+
+def _read_log(path: Path) -> list[dict]:
+    from eval.outputs import read_jsonl
+
+    return read_jsonl(path, tolerate_torn_tail=True) if path.exists() else []
+
+
+class _Log:
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def append(self, records: Sequence[dict]) -> None:
+        with open(self.path, "a", encoding="utf-8") as fh:
+            for r in records:
+                fh.write(json.dumps(r, ensure_ascii=False) + "\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+
+
+def _cma(config: EvolveConfig, x0: list[float]):
+    import cma
+
+    opts = {
+        "bounds": [0.0, 1.0], "seed": float("nan"), "randn": _Randn(config.cmaes.seed),
+        "verbose": -9, "verb_log": 0, "verb_disp": 0,
+    }
+    if config.cmaes.popsize is not None:
+        opts["popsize"] = config.cmaes.popsize
+    return cma.CMAEvolutionStrategy(x0, config.cmaes.sigma0, opts)
+
+
+def _best(records: Sequence[dict]) -> dict | None:
+    """Best record by fitness among final scores (not an early halving rung; ties: the first)."""
+    best = None
+    for r in records:
+        if r["error"] is None and r["final"] and (best is None or r["fitness"] > best["fitness"]):
+            best = r
+    return best
+
+
+def _progress_text(gen: int, evals: int, total: int, best: dict | None, per_cand: float | None) -> str:
+    b = f"{best['fitness']:.4g}" if best else "-"
+    s = f"{per_cand:.2f}s/cand" if per_cand is not None else "-"
+    return f"gen {gen} | evals {evals}/{total} | best {b} | {s}"
+
+
+def _subsets(config: EvolveConfig, pool: list[str], generation: int) -> list[list[str]] | None:
+    """Question ids per rung (one rung for `random`), or None for the whole pool."""
+    sub = config.fitness.subset
+    if sub.mode == "none" or sub.size >= len(pool):
+        return None
+    rng = np.random.default_rng([config.cmaes.seed, generation])
+    order = [pool[i] for i in rng.permutation(len(pool))]
+    if sub.mode == "random":
+        chosen = set(order[: sub.size])
+        return [[q for q in pool if q in chosen]]
+    sizes, s = [], sub.size
+    while s < len(pool):
+        sizes.append(s)
+        s *= sub.eta
+    sizes.append(len(pool))
+    return [[q for q in pool if q in set(order[:n])] for n in sizes]
+
+
+def protocol_text(config: EvolveConfig) -> str:
+    f, sub = config.fitness, config.fitness.subset
+    what = "mean answer log-likelihood (teacher forcing)" if f.kind == "loglik" else " + ".join(f"{w:g}*{c}" for c, w in f.metrics.items())
+    if sub.mode == "random":
+        how = f"each generation scored on {sub.size} questions drawn by numpy default_rng([seed, generation])"
+    elif sub.mode == "halving":
+        how = (f"successive halving: all on {sub.size} questions, the best 1/{sub.eta} on x{sub.eta} more, ... up to every "
+               f"question (nested draws of default_rng([seed, generation])); CMA-ES ranks by (rung, score)")
+    else:
+        how = "every candidate scored on every question"
+    return f"{what}; {how}; failures score {f.penalty:g}"
+
+
+def run_evolve(
+    config: EvolveConfig | dict | str | Path,
+    out: str | Path,
+    *,
+    resume: bool = False,
+    force: bool = False,
+    progress: bool = True,
+    workers: int | None = None,
+    write_model: bool = True,
+) -> EvolveResult:
+    """Run (or with `resume=True` continue) an evolutionary merge into `out`; see the module docstring.
+
+    `config` is an `EvolveConfig`, a mapping, or a YAML path; with `resume=True` it may be None-like
+    (`out/config.yaml` is used) and if given must equal the saved one. `workers` overrides the config.
+    """
+    from tqdm.auto import tqdm
+
+    out = Path(out)
+    saved = out / CONFIG_FILE
+    if resume:
+        if not saved.exists():
+            raise VlmMergeError(f"{out}: no {CONFIG_FILE}; not an evolve run directory to resume")
+        prior = load_config(saved)
+        if config is not None:
+            cfg = _as_config(config)
+            if cfg.sha256() != prior.sha256():
+                raise VlmMergeError(f"{out}: the config differs from the run's {CONFIG_FILE}; resume without a config or start a new run")
+        cfg = prior
+    else:
+        cfg = _as_config(config)
+        if out.exists() and any(out.iterdir()):
+            if not force:
+                raise VlmMergeError(f"{out}: exists and is not empty; use --resume to continue it or --force to replace it")
+            shutil.rmtree(out)
+        out.mkdir(parents=True, exist_ok=True)
+        _write_atomic(saved, cfg.to_yaml())
+    if workers is not None:
+        cfg = replace(cfg, workers=workers)
+
+    genome = Genome.of(cfg, num_layers_of(cfg))
+    log_path, ckpt_path = out / LOG_FILE, out / CHECKPOINT_FILE
+    state = _load_checkpoint(ckpt_path, cfg) if resume and ckpt_path.exists() else None
+    records = _read_log(log_path)
+    if state is not None:
+        es = pickle.loads(state["cma"])
+        kept, leftover = records[: state["log_lines"]], records[state["log_lines"] :]
+        gen, evals = state["generation"], state["evaluations"]
+        finished = state["finished"]
+    else:
+        es = _cma(cfg, genome.x0())
+        kept, leftover, gen, evals, finished = [], records, 0, 0, False
+    _write_atomic(log_path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in kept))
+    reuse = {(r["generation"], r["index"]): r for r in leftover if r.get("generation") == gen + 1}
+    records = kept
+    log = _Log(log_path)
+
+    scaffold = out / SCAFFOLD_DIR
+    pool = None
+    popsize = es.popsize
+    total = max(popsize, (cfg.cmaes.max_evaluations // popsize) * popsize)
+    bar = tqdm(total=total, initial=evals, unit="cand", desc="evolve", disable=not progress, dynamic_ncols=True)
+    try:
+        if not finished:
+            if not scaffold.exists():
+                from vlm_merge.resident import write_scaffold
+
+                write_scaffold(genome.decode(genome.x0()), scaffold)
+            pool = RayPool(cfg, scaffold, cfg.workers) if cfg.workers > 0 else LocalPool(cfg, scaffold)
+            qpool = _pool_ids(pool, cfg)
+        started = time.perf_counter()
+        n_this_run = 0
+        while not finished:
+            if evals + popsize > total or es.stop():
+                finished = True
+                stop = "budget" if evals + popsize > total else "cma: " + ", ".join(f"{k}={v}" for k, v in es.stop().items())
+                _checkpoint(ckpt_path, es, gen, evals, records, True, cfg, stop)
+                break
+            gen_no = gen + 1
+            xs = [[float(v) for v in x] for x in es.ask()]
+            recs = _run_generation(cfg, genome, pool, xs, gen_no, evals, qpool, reuse, log)
+            es.tell([np.asarray(x) for x in xs], [r.pop("_cma") for r in recs])
+            records += recs
+            gen, evals = gen_no, evals + len(recs)
+            n_this_run += sum(1 for r in recs if not r.get("reused"))
+            _checkpoint(ckpt_path, es, gen, evals, records, False, cfg)
+            bar.update(len(recs))
+            per = (time.perf_counter() - started) / n_this_run if n_this_run else None
+            bar.set_postfix_str(_progress_text(gen, evals, total, _best(records), per))
+    except KeyboardInterrupt:
+        bar.close()
+        raise EvolveInterrupted(f"interrupted in generation {gen + 1}; checkpoint after generation {gen} in {out}; "
+                                f"continue with `vlm-merge evolve --resume {out}`") from None
+    finally:
+        bar.close()
+        if pool is not None:
+            pool.close()
+    best = _best(records)
+    stop = json.loads(ckpt_path.read_text()).get("stop") if ckpt_path.exists() else None
+    model_dir = _finish(cfg, genome, out, records, best, gen, evals, write_model, stop)
+    shutil.rmtree(scaffold, ignore_errors=True)
+    return EvolveResult(out, best, gen, evals, True, model_dir)
+
+
+class EvolveInterrupted(VlmMergeError):
+    """Ctrl-C during a run: the last generation's checkpoint is on disk."""
+
+
+def _as_config(config) -> EvolveConfig:
+    if isinstance(config, EvolveConfig):
+        return config
+    if isinstance(config, dict):
+        return config_from_dict(config)
+    return load_config(config)
+
+
+def _pool_ids(pool, cfg: EvolveConfig) -> list[str]:
+    from eval.benchmarks import load_benchmark
+    from eval.protocols import get_protocol
+
+    if isinstance(pool, LocalPool):
+        return pool.ev.question_ids()
+    f = cfg.fitness
+    proto = get_protocol(f.protocol)
+    return [q.question_id for q in load_benchmark(f.benchmark, f.data, split=f.split).select(proto.questions, f.limit)]
+
+
+def _run_generation(cfg, genome: Genome, pool, xs, gen_no: int, evals: int, qpool: list[str], reuse: dict, log: _Log) -> list[dict]:
+    recipes = [genome.decode(x) for x in xs]
+    base = [{"generation": gen_no, "index": i, "evaluation": evals + i + 1, "x": x, "genes": genome.values(x),
+             "recipe_sha256": recipe_sha256(r)} for i, (x, r) in enumerate(zip(xs, recipes))]
+    rungs = _subsets(cfg, qpool, gen_no)
+    out: list[dict] = [None] * len(xs)  # type: ignore[list-item]
+    todo = []
+    for i, b in enumerate(base):
+        old = reuse.get((gen_no, i))
+        if old is not None and old["x"] == b["x"] and rungs_single(cfg):
+            out[i] = {**old, "reused": True}
+            log.append([_ordered(out[i])])
+        else:
+            todo.append(i)
+    if rungs is None or len(rungs) == 1:
+        qids = None if rungs is None else rungs[0]
+        # evaluated one at a time locally (each logged as it finishes), in one batch on Ray actors
+        step = 1 if isinstance(pool, LocalPool) else max(1, len(todo))
+        for s in range(0, len(todo), step):
+            idx = todo[s : s + step]
+            for i, sc in zip(idx, pool.map([(recipes[i].to_dict(), qids) for i in idx])):
+                out[i] = {**base[i], **_scored(sc), "questions": sc.questions, "rung": 0, "final": True}
+                log.append([_ordered(out[i])])
+        for i, r in enumerate(out):
+            r["_cma"] = -r["fitness"]
+        return [_ordered(r) for r in out]
+    # successive halving over nested subsets
+    alive = list(range(len(xs)))
+    reached = {i: (0, cfg.fitness.penalty) for i in alive}
+    last: dict[int, dict] = {}
+    for rung, qids in enumerate(rungs):
+        scored = pool.map([(recipes[i].to_dict(), qids) for i in alive])
+        for i, sc in zip(alive, scored):
+            last[i] = {**_scored(sc), "questions": sc.questions, "rung": rung, "final": rung == len(rungs) - 1}
+            reached[i] = (rung if sc.error is None else -1, sc.fitness)
+        if rung + 1 < len(rungs):
+            ok = sorted((i for i in alive if last[i]["error"] is None), key=lambda i: (-last[i]["fitness"], i))
+            alive = ok[: max(1, math.ceil(len(alive) / cfg.fitness.subset.eta))]
+            if not alive:
+                break
+    order = sorted(range(len(xs)), key=lambda i: (reached[i][0], reached[i][1], -i))  # worst first
+    rank = {i: pos for pos, i in enumerate(order)}
+    for i in range(len(xs)):
+        out[i] = {**base[i], **last[i], "_cma": -float(rank[i])}
+    log.append([{k: v for k, v in _ordered(r).items() if k != "_cma"} for r in out])
+    return [_ordered(r) for r in out]
+
+
+def rungs_single(cfg: EvolveConfig) -> bool:
+    return cfg.fitness.subset.mode != "halving"
+
+
+def _scored(sc: Scored) -> dict:
+    return {"fitness": sc.fitness, "scores": sc.scores, "merge_s": round(sc.merge_s, 6), "eval_s": round(sc.eval_s, 6), "error": sc.error}
+
+
+_ORDER = ("generation", "index", "evaluation", "fitness", "scores", "error", "rung", "final", "questions", "merge_s", "eval_s", "recipe_sha256", "genes", "x")
+
+
+def _ordered(r: dict) -> dict:
+    head = {k: r[k] for k in _ORDER if k in r}
+    return {**head, **{k: v for k, v in r.items() if k not in head and k != "reused"}}
+
+
+def _checkpoint(path: Path, es, gen: int, evals: int, records: list[dict], finished: bool, cfg: EvolveConfig, stop: str | None = None) -> None:
+    blob = es.pickle_dumps()
+    state = {
+        "version": 1, "config_sha256": cfg.sha256(), "generation": gen, "evaluations": evals, "log_lines": len(records),
+        "finished": finished, "stop": stop, "best": _best(records), "cma_sha256": hashlib.sha256(blob).hexdigest(),
+        "cma_pickle_base64": base64.b64encode(blob).decode("ascii"),
+        "rng": {"cma_randn": "numpy PCG64 inside the CMA state", "subsets": f"numpy default_rng([{cfg.cmaes.seed}, generation])"},
+    }
+    _write_atomic(path, json.dumps(state) + "\n")
+
+
+def _load_checkpoint(path: Path, cfg: EvolveConfig) -> dict:
+    try:
+        state = json.loads(path.read_text())
+        blob = base64.b64decode(state["cma_pickle_base64"])
+    except (OSError, ValueError, KeyError) as e:
+        raise VlmMergeError(f"{path}: unreadable checkpoint ({e}); start a new run") from None
+    if state.get("config_sha256") != cfg.sha256():
+        raise VlmMergeError(f"{path}: written for another config; start a new run")
+    if hashlib.sha256(blob).hexdigest() != state.get("cma_sha256"):
+        raise VlmMergeError(f"{path}: the CMA-ES state does not match its checksum; start a new run")
+    state["cma"] = blob
+    return state
+
+
+def _finish(cfg: EvolveConfig, genome: Genome, out: Path, records: list[dict], best: dict | None, gen: int, evals: int, write_model: bool, stop: str | None) -> Path | None:
+    import vlm_merge
+
+    summary = {
+        "generations": gen, "evaluations": evals, "genes": len(genome), "gene_names": [g.name for g in genome.genes],
+        "protocol": protocol_text(cfg), "stopped_by": stop, "failed": sum(1 for r in records if r["error"]),
+        "merge_s_mean": float(np.mean([r["merge_s"] for r in records])) if records else None,
+        "eval_s_mean": float(np.mean([r["eval_s"] for r in records])) if records else None,
+        "best": best, "version": vlm_merge.__version__,
+    }
+    plot_fitness(records, out / PLOT_FILE)
+    model_dir = None
+    if best is not None:
+        recipe = genome.decode(best["x"])
+        _write_atomic(out / BEST_RECIPE_FILE, f"# vlm-merge evolve: best of {evals} candidates, fitness {best['fitness']:.6g}\n" + recipe.to_yaml())
+        if write_model:
+            from vlm_merge.merge import merge
+
+            model_dir = merge(out / BEST_RECIPE_FILE, out / MODEL_DIR, force=True, progress=False)
+    _write_atomic(out / SUMMARY_FILE, json.dumps(summary, indent=2, ensure_ascii=False) + "\n")
+    return model_dir
+
+
+def plot_fitness(records: Sequence[dict], path: Path) -> None:
+    """Population fitness (dots; failures as x at the bottom) and best so far over evaluations."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import io
+
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ok = [r for r in records if r["error"] is None]
+    ax.scatter([r["evaluation"] for r in ok], [r["fitness"] for r in ok], s=12, alpha=0.6,
+               c=[r.get("rung", 0) for r in ok], cmap="viridis", label="candidates")
+    bad = [r for r in records if r["error"] is not None]
+    if ok and bad:
+        low = min(r["fitness"] for r in ok)
+        ax.scatter([r["evaluation"] for r in bad], [low] * len(bad), marker="x", color="red", label="failed (penalised)")
+    xs, ys, best = [], [], None
+    for r in records:
+        if r["error"] is None and r["final"] and (best is None or r["fitness"] > best):
+            best = r["fitness"]
+        if best is not None:
+            xs.append(r["evaluation"])
+            ys.append(best)
+    if xs:
+        ax.step(xs, ys, where="post", color="black", label="best so far")
+    ax.set_xlabel("evaluation")
+    ax.set_ylabel("fitness")
+    ax.legend(loc="lower right", fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100)
+    plt.close(fig)
+    _write_atomic(path, buf.getvalue())
+
+
+# ================================================================================================
+# CLI
+
+
+def cmd_evolve(args) -> int:
+    import sys
+
+    if args.config is None and not args.resume:
+        raise VlmMergeError("evolve: give CONFIG.yaml, or --resume with the run directory")
+    out = args.out or (args.resume if isinstance(args.resume, str) else None)
+    if out is None:
+        raise VlmMergeError("evolve: --out DIR is required")
+    try:
+        res = run_evolve(args.config, out, resume=bool(args.resume), force=args.force, progress=not args.quiet, workers=args.workers)
+    except EvolveInterrupted as e:
+        print(f"vlm-merge: {e}", file=sys.stderr)
+        return 130
+    b = res.best
+    print(f"{res.evaluations} candidates in {res.generations} generations; "
+          + (f"best fitness {b['fitness']:.6g} (evaluation {b['evaluation']}); " if b else "no candidate succeeded; ")
+          + f"outputs in {res.out}")
+    return 0
+
+
+def add_evolve_commands(subparsers) -> None:
+    """Register `vlm-merge evolve` on the CLI's subparsers."""
+    s = subparsers.add_parser("evolve", help="evolutionary merge: CMA-ES over per-layer merge parameters with a VQA fitness")
+    s.add_argument("config", nargs="?", help="evolve config YAML (sources, method, genome, fitness, cmaes)")
+    s.add_argument("--out", help="run directory (log, checkpoint, best recipe, model, plot)")
+    s.add_argument("--resume", nargs="?", const=True, default=False, metavar="DIR",
+                   help="continue the run in DIR (or in --out) from its last checkpoint")
+    s.add_argument("--workers", type=int, help="Ray actors evaluating candidates in parallel (overrides the config)")
+    s.add_argument("--force", action="store_true", help="replace an existing run directory")
+    s.add_argument("--quiet", action="store_true", help="no progress line")
+    s.set_defaults(func=cmd_evolve)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m vlm_merge.evolve ...`: the `vlm-merge evolve` command on its own."""
+    import argparse
+    import sys
+
+    parser = argparse.ArgumentParser(prog="vlm-merge")
+    add_evolve_commands(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(["evolve", *(sys.argv[1:] if argv is None else argv)])
+    try:
+        return args.func(args)
+    except VlmMergeError as e:
+        print(f"vlm-merge: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":  # run through the imported module, so pickled classes name vlm_merge.evolve
+    from vlm_merge.evolve import main as _main
+
+    raise SystemExit(_main())

@@ -1,0 +1,218 @@
+"""Resident merging: load the sources of a recipe once, then write each candidate's merged language
+model into one live model in place (no disk, no reload).
+
+`ResidentMerger.open(recipe, model, device=...)` plans the recipe with `merge.plan_recipe` (the same
+source opening, key alignment and vocabulary row alignment as `vlm-merge merge`), reads every source
+tensor the language model's merge needs onto `device` once (embedding / lm_head rows already aligned
+to the output's vocabulary, exactly as the engine aligns them), and binds every output tensor to the
+live model's parameter by its canonical key (`model.X` -> the decoder's `X`, `lm_head.weight` -> the
+output embeddings). `apply(recipe)` then resolves the candidate's per-tensor parameters and, tensor by
+tensor, runs the method and copies the result into the parameter: the same function, the same
+float32 arithmetic (chunked like the engine for elementwise methods on the CPU), rounded once to the
+output dtype. The live model then holds the weights `vlm-merge merge` would write for that recipe
+(bit for bit, when the model is loaded in the output dtype). The vision tower and projector are never
+touched, so image features computed once stay valid for every candidate.
+
+A candidate recipe must have the structure of the opening recipe (method, sources, vocabulary
+source, dtype); only parameter values may differ.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
+
+import torch
+
+from vlm_merge.engine import Copy, Merge, _chunked, _gather_vocab
+from vlm_merge.errors import VlmMergeError
+from vlm_merge.merge import RecipePlan, TensorParams, _as_recipe, _model_entries, _resolve_tensor_params, _tensor_fn, plan_recipe
+from vlm_merge.recipe import Recipe, check_layer_lists
+
+
+class CandidateError(VlmMergeError):
+    """A candidate that cannot be merged (invalid parameter combination, NaN/inf weights)."""
+
+
+@dataclass
+class _Bound:
+    key: str  # output key (the layout `vlm-merge merge` writes)
+    canonical: str
+    param: torch.nn.Parameter  # the live model's parameter
+    dtype: torch.dtype  # output dtype: every result is rounded to it once
+    inputs: dict[str, torch.Tensor]  # role -> source tensor on the device (vocab rows aligned, float32)
+    elementwise: bool
+
+
+@dataclass(frozen=True)
+class ApplyStats:
+    seconds: float
+    tensors: int
+    bytes_written: int
+
+
+def _structure(r: Recipe) -> tuple:
+    return (r.merge_method, r.vlm, r.base_model, r.target, tuple(m.model for m in r.models), r.tokenizer_source, r.dtype)
+
+
+def live_parameter(model, canonical: str) -> torch.nn.Parameter:
+    """The live model's parameter for a canonical language-model key (`model.layers.0.mlp.up_proj.weight`)."""
+    try:
+        if canonical.startswith("model."):
+            return model.get_decoder().get_parameter(canonical.removeprefix("model."))
+        if canonical.startswith("lm_head."):
+            head = model.get_output_embeddings()
+            return head.get_parameter(canonical.removeprefix("lm_head."))
+    except (AttributeError, NotImplementedError):
+        pass
+    raise VlmMergeError(f"{canonical}: the live model ({type(model).__name__}) has no such language-model parameter")
+
+
+class ResidentMerger:
+    """Sources of one recipe held on a device, writing merged language models into `model` in place."""
+
+    def __init__(self, rp: RecipePlan, original: Recipe, model, device: torch.device, bound: list[_Bound], num_layers: int) -> None:
+        self._rp = rp
+        self.model = model
+        self.device = device
+        self.tensors = bound
+        self.num_layers = num_layers
+        self._structure = _structure(original)
+        self._entries = _model_entries(original, rp.method)
+        self._scratch: dict[tuple, torch.Tensor] = {}
+
+    # -- opening -------------------------------------------------------------------------------
+    @classmethod
+    def open(
+        cls, recipe: Recipe | dict | str, model, *, device: str | torch.device | None = None,
+        vision_tower: str | None = None, cache_dir: str | None = None,
+    ) -> ResidentMerger:
+        """Plan `recipe` and load its language-model sources onto `device` (default: the model's)."""
+        recipe = _as_recipe(recipe)
+        dev = torch.device(device) if device is not None else next(model.parameters()).device
+        rp = plan_recipe(recipe, vision_tower=vision_tower, cache_dir=cache_dir)
+        try:
+            plan = rp.backbone.plan
+            bound: list[_Bound] = []
+            for t in plan.tensors:
+                if t.canonical is None:
+                    continue  # vision tower, projector, image_newline: never merged
+                param = live_parameter(model, t.canonical)
+                if tuple(param.shape) != tuple(t.shape):
+                    raise VlmMergeError(
+                        f"{t.key}: the live model's parameter has shape {list(param.shape)}, the recipe's output "
+                        f"{list(t.shape)}; load the model that `vlm-merge merge` writes for this recipe"
+                    )
+                op = t.op
+                if isinstance(op, Copy):  # kept byte for byte: written once
+                    with torch.no_grad():
+                        param.copy_(plan.sources[op.role].get(op.key).to(t.dtype))
+                    continue
+                assert isinstance(op, Merge)
+                tensors = {role: plan.sources[role].get(key) for role, key in op.inputs.items()}
+                vocab = plan.vocab
+                if op.vocab and vocab is not None and (not vocab.is_identity or any(x.shape[0] != vocab.out_rows for x in tensors.values())):
+                    tensors = _gather_vocab(op, tensors, vocab, plan.sources)
+                inputs = {r: x.to(dev).contiguous() for r, x in tensors.items()}
+                bound.append(_Bound(t.key, t.canonical, param, t.dtype, inputs, op.elementwise))
+            num_layers = rp.sources.reference.anatomy.num_layers
+        finally:
+            rp.sources.close()
+        return cls(rp, recipe, model, dev, bound, num_layers)
+
+    @property
+    def recipe(self) -> Recipe:
+        """The resolved opening recipe (absolute sources)."""
+        return self._rp.recipe
+
+    @property
+    def source_bytes(self) -> int:
+        """Bytes of the resident source tensors (what one merge must read at least once)."""
+        return sum(x.numel() * x.element_size() for b in self.tensors for x in b.inputs.values())
+
+    # -- one candidate -------------------------------------------------------------------------
+    def resolve(self, recipe: Recipe | dict) -> dict[str, TensorParams]:
+        """Every tensor's parameters for `recipe`; CandidateError for out-of-range or invalid values."""
+        recipe = _as_recipe(recipe)
+        if _structure(recipe) != self._structure:
+            raise VlmMergeError(
+                "resident merge: the recipe differs from the opened one in method, sources, tokenizer_source or dtype; "
+                "only parameter values may change between candidates"
+            )
+        try:
+            for i, m in enumerate(recipe.models):
+                for k, v in m.parameters.items():
+                    check_layer_lists(v, self.num_layers, f"models[{i}].parameters.{k}")
+            for k, v in recipe.parameters.items():
+                check_layer_lists(v, self.num_layers, f"parameters.{k}")
+            return {
+                b.canonical: _resolve_tensor_params(recipe, self._rp.method, self._entries, b.canonical, self.num_layers)
+                for b in self.tensors
+            }
+        except VlmMergeError as e:
+            raise CandidateError(str(e)) from None
+
+    @torch.inference_mode()
+    def apply(self, recipe: Recipe | dict) -> ApplyStats:
+        """Write `recipe`'s merged language model into the live model. CandidateError on NaN/inf results
+        (the model's language model is then partly written; the next `apply` overwrites all of it)."""
+        started = time.perf_counter()
+        recipe = _as_recipe(recipe)
+        params = self.resolve(recipe)
+        rp = replace(self._rp, params=params)
+        written = 0
+        for b in self.tensors:
+            fn = _tensor_fn(rp, b.canonical, recipe.seed)
+            try:
+                if self.device.type == "cpu" and b.elementwise:
+                    out = self._buffer(b)
+                    finite = _chunked(fn, b.inputs, out)  # the engine's own evaluation, slice by slice
+                else:
+                    r = fn(b.inputs)
+                    finite = bool(torch.isfinite(r.sum())) or bool(torch.isfinite(r).all())
+                    out = r.to(b.dtype)
+            except ValueError as e:
+                raise CandidateError(f"{b.canonical}: {e}") from None
+            if not finite:
+                raise CandidateError(f"{b.key}: merge produced NaN/inf values")
+            b.param.copy_(out)
+            written += b.param.numel() * b.param.element_size()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return ApplyStats(time.perf_counter() - started, len(self.tensors), written)
+
+    def _buffer(self, b: _Bound) -> torch.Tensor:
+        key = (tuple(b.param.shape), b.dtype)
+        buf = self._scratch.get(key)
+        if buf is None:
+            buf = self._scratch[key] = torch.empty(b.param.shape, dtype=b.dtype, device=self.device)
+        return buf
+
+    def state(self) -> Mapping[str, torch.Tensor]:
+        """Canonical key -> the live parameter (for checks)."""
+        return {b.canonical: b.param for b in self.tensors}
+
+
+
+def write_scaffold(recipe: Recipe | dict | str, out, *, vision_tower: str | None = None, cache_dir: str | None = None):
+    """Write the model a resident search starts from: the recipe's output layout, config, tokenizer and
+    processor, its vision side copied, its language model the target's (aligned) tensors. Independent
+    of parameter values, so it is written whatever the first candidate is (every candidate overwrites
+    the language model)."""
+    from vlm_merge.backbone import write_backbone
+
+    rp = plan_recipe(_as_recipe(recipe), vision_tower=vision_tower, cache_dir=cache_dir)
+    try:
+        bp = rp.backbone
+        target = bp.sources.target_role
+
+        def keep(t: Mapping[str, torch.Tensor]) -> torch.Tensor:
+            return t[target]
+
+        bp.plan.tensors = [
+            replace(t, op=replace(t.op, fn=keep, elementwise=True)) if isinstance(t.op, Merge) else t for t in bp.plan.tensors
+        ]
+        return write_backbone(bp, out, force=True, progress=False)
+    finally:
+        rp.sources.close()
