@@ -127,7 +127,7 @@ def reuse_freed_memory() -> None:
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc mallopt parameters
 
 
-def _chunked(fn: TensorFn, tensors: Mapping[str, torch.Tensor], out: torch.Tensor) -> bool:
+def chunked(fn: TensorFn, tensors: Mapping[str, torch.Tensor], out: torch.Tensor) -> bool:
     """Evaluate an elementwise `fn` slice by slice, writing each rounded slice into `out`.
 
     Returns whether every value was finite (a NaN/inf anywhere makes the float32 slice's sum non-finite;
@@ -146,7 +146,7 @@ def _chunked(fn: TensorFn, tensors: Mapping[str, torch.Tensor], out: torch.Tenso
     return finite
 
 
-def _gather_vocab(op: Merge, tensors: dict[str, torch.Tensor], plan: VocabPlan, sources: dict[str, CheckpointReader]) -> dict[str, torch.Tensor]:
+def gather_vocab(op: Merge, tensors: dict[str, torch.Tensor], plan: VocabPlan, sources: dict[str, CheckpointReader]) -> dict[str, torch.Tensor]:
     """Put every role's rows into the output's row space (float32).
 
     Rows a model role has no counterpart for are given the target's rows, so every task vector
@@ -180,7 +180,7 @@ def compute(t: OutputTensor, plan: MergePlan, scratch: Scratch | None = None, sl
     vocab = plan.vocab
     if op.vocab and vocab is not None:
         if not vocab.is_identity or any(x.shape[0] != vocab.out_rows for x in tensors.values()):
-            tensors = _gather_vocab(op, tensors, vocab, plan.sources)
+            tensors = gather_vocab(op, tensors, vocab, plan.sources)
     for role, x in tensors.items():
         if tuple(x.shape) != t.shape:
             raise VlmMergeError(f"{t.key}: source {role} has shape {list(x.shape)}, output needs {list(t.shape)}")
@@ -190,7 +190,7 @@ def compute(t: OutputTensor, plan: MergePlan, scratch: Scratch | None = None, sl
         finite = bool(torch.isfinite(r).all())
         out.copy_(r.to(t.dtype).cpu())
     elif op.elementwise:
-        finite = _chunked(op.fn, tensors, out)
+        finite = chunked(op.fn, tensors, out)
     else:
         r = op.fn(tensors)
         finite = bool(torch.isfinite(r.sum())) or bool(torch.isfinite(r).all())

@@ -407,14 +407,14 @@ class Genome:
 
     @classmethod
     def of(cls, config: EvolveConfig, num_layers: int) -> Genome:
-        from vlm_merge.merge import _model_entries
+        from vlm_merge.merge import model_entries
         from vlm_merge.methods import METHODS
 
         method = METHODS[config.method]
         g = config.genome
         n_groups = math.ceil(num_layers / g.layer_granularity)
         modules: tuple[str | None, ...] = ("attention", "mlp") if g.split_modules else (None,)
-        entries = _model_entries(_recipe_skeleton(config), method)
+        entries = model_entries(_recipe_skeleton(config), method)
         labels = [_label(config.sources.models[i]) for i in entries]
         genes = []
         for name, (lo, hi) in g.params.items():

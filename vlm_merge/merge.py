@@ -54,7 +54,7 @@ def _method(name: str) -> Method:
         raise VlmMergeError(f"recipe merge_method: {name!r} is not a method (known: {', '.join(METHODS)})") from None
 
 
-def _model_entries(recipe: Recipe, method: Method) -> list[int]:
+def model_entries(recipe: Recipe, method: Method) -> list[int]:
     """Indices of `recipe.models` that enter the method, in order (base first for base-less methods)."""
     idx = list(range(len(recipe.models)))
     if recipe.base_model is None:
@@ -65,7 +65,7 @@ def _model_entries(recipe: Recipe, method: Method) -> list[int]:
     return base_pos[:1] + [i for i in idx if i not in base_pos[:1]]
 
 
-def _resolve_tensor_params(recipe: Recipe, method: Method, entries: list[int], canon: str, num_layers: int) -> TensorParams:
+def resolve_tensor_params(recipe: Recipe, method: Method, entries: list[int], canon: str, num_layers: int) -> TensorParams:
     layer = layer_index(canon)
     per_model = []
     for i in entries:
@@ -81,7 +81,7 @@ def _resolve_tensor_params(recipe: Recipe, method: Method, entries: list[int], c
     return TensorParams(tuple(resolved_models), resolved_shared)
 
 
-def _tensor_fn(rp: RecipePlan, canon: str, seed: int):
+def tensor_fn(rp: RecipePlan, canon: str, seed: int):
     method, params = rp.method, rp.params[canon]
     base_role, model_roles, anchor_role = rp.base_role, rp.model_roles, rp.anchor_role
     per_model, shared = list(params.per_model), params.shared
@@ -100,7 +100,7 @@ def _tensor_fn(rp: RecipePlan, canon: str, seed: int):
     return fn
 
 
-def _as_recipe(recipe: Recipe | dict | str | Path) -> Recipe:
+def as_recipe(recipe: Recipe | dict | str | Path) -> Recipe:
     if isinstance(recipe, Recipe):
         return recipe
     if isinstance(recipe, dict):
@@ -117,7 +117,7 @@ def plan_recipe(
     trust_remote_code: bool = False,
 ) -> RecipePlan:
     """Check a recipe against its sources and resolve every tensor's parameters (no tensor data read)."""
-    recipe = _as_recipe(recipe)
+    recipe = as_recipe(recipe)
     method = _method(recipe.merge_method)
     if method.needs_base and recipe.base_model is None:
         raise VlmMergeError(f"recipe base_model: missing; {method.name} takes task vectors against a base model")
@@ -126,7 +126,7 @@ def plan_recipe(
     vocab_ref = recipe.vocab_source
     if vocab_ref == VLM:
         raise VlmMergeError("recipe tokenizer_source/target: must be a language model (e.g. the Japanese base), not the VLM")
-    entries = _model_entries(recipe, method)
+    entries = model_entries(recipe, method)
     llm_refs = {r: r for r in recipe.refs() if r != VLM}
     out_dtype = dtype_from_name(dtype) if isinstance(dtype, str) else dtype
     if out_dtype is None and recipe.dtype is not None:
@@ -142,7 +142,7 @@ def plan_recipe(
         for k, v in recipe.parameters.items():
             check_layer_lists(v, num_layers, f"parameters.{k}")
         canon_keys = list(sources.alignments[vocab_ref].pairs)
-        params = {c: _resolve_tensor_params(recipe, method, entries, c, num_layers) for c in canon_keys}
+        params = {c: resolve_tensor_params(recipe, method, entries, c, num_layers) for c in canon_keys}
         base_role = recipe.base_model if method.needs_base else None
         anchor_role = recipe.target if recipe.target is not None else None
         model_roles = tuple(recipe.models[i].model for i in entries)
@@ -151,7 +151,7 @@ def plan_recipe(
         rp = RecipePlan(resolved, method, sources, None, params, base_role, model_roles, anchor_role)  # type: ignore[arg-type]
 
         def rule(canon: str):
-            return _tensor_fn(rp, canon, recipe.seed)
+            return tensor_fn(rp, canon, recipe.seed)
 
         rp.backbone = plan_backbone(sources, rule, used, out_dtype, elementwise=method.elementwise)
         return rp

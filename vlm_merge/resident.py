@@ -25,9 +25,9 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from vlm_merge.engine import Copy, Merge, _chunked, _gather_vocab
+from vlm_merge.engine import Copy, Merge, chunked, gather_vocab
 from vlm_merge.errors import VlmMergeError
-from vlm_merge.merge import RecipePlan, TensorParams, _as_recipe, _model_entries, _resolve_tensor_params, _tensor_fn, plan_recipe
+from vlm_merge.merge import RecipePlan, TensorParams, as_recipe, model_entries, resolve_tensor_params, tensor_fn, plan_recipe
 from vlm_merge.recipe import Recipe, check_layer_lists
 
 
@@ -79,7 +79,7 @@ class ResidentMerger:
         self.tensors = bound
         self.num_layers = num_layers
         self._structure = _structure(original)
-        self._entries = _model_entries(original, rp.method)
+        self._entries = model_entries(original, rp.method)
         self._scratch: dict[tuple, torch.Tensor] = {}
 
     # -- opening -------------------------------------------------------------------------------
@@ -89,7 +89,7 @@ class ResidentMerger:
         vision_tower: str | None = None, cache_dir: str | None = None,
     ) -> ResidentMerger:
         """Plan `recipe` and load its language-model sources onto `device` (default: the model's)."""
-        recipe = _as_recipe(recipe)
+        recipe = as_recipe(recipe)
         dev = torch.device(device) if device is not None else next(model.parameters()).device
         rp = plan_recipe(recipe, vision_tower=vision_tower, cache_dir=cache_dir)
         try:
@@ -113,7 +113,7 @@ class ResidentMerger:
                 tensors = {role: plan.sources[role].get(key) for role, key in op.inputs.items()}
                 vocab = plan.vocab
                 if op.vocab and vocab is not None and (not vocab.is_identity or any(x.shape[0] != vocab.out_rows for x in tensors.values())):
-                    tensors = _gather_vocab(op, tensors, vocab, plan.sources)
+                    tensors = gather_vocab(op, tensors, vocab, plan.sources)
                 inputs = {r: x.to(dev).contiguous() for r, x in tensors.items()}
                 bound.append(_Bound(t.key, t.canonical, param, t.dtype, inputs, op.elementwise))
             num_layers = rp.sources.reference.anatomy.num_layers
@@ -134,7 +134,7 @@ class ResidentMerger:
     # -- one candidate -------------------------------------------------------------------------
     def resolve(self, recipe: Recipe | dict) -> dict[str, TensorParams]:
         """Every tensor's parameters for `recipe`; CandidateError for out-of-range or invalid values."""
-        recipe = _as_recipe(recipe)
+        recipe = as_recipe(recipe)
         if _structure(recipe) != self._structure:
             raise VlmMergeError(
                 "resident merge: the recipe differs from the opened one in method, sources, tokenizer_source or dtype; "
@@ -147,7 +147,7 @@ class ResidentMerger:
             for k, v in recipe.parameters.items():
                 check_layer_lists(v, self.num_layers, f"parameters.{k}")
             return {
-                b.canonical: _resolve_tensor_params(recipe, self._rp.method, self._entries, b.canonical, self.num_layers)
+                b.canonical: resolve_tensor_params(recipe, self._rp.method, self._entries, b.canonical, self.num_layers)
                 for b in self.tensors
             }
         except VlmMergeError as e:
@@ -158,16 +158,16 @@ class ResidentMerger:
         """Write `recipe`'s merged language model into the live model. CandidateError on NaN/inf results
         (the model's language model is then partly written; the next `apply` overwrites all of it)."""
         started = time.perf_counter()
-        recipe = _as_recipe(recipe)
+        recipe = as_recipe(recipe)
         params = self.resolve(recipe)
         rp = replace(self._rp, params=params)
         written = 0
         for b in self.tensors:
-            fn = _tensor_fn(rp, b.canonical, recipe.seed)
+            fn = tensor_fn(rp, b.canonical, recipe.seed)
             try:
                 if self.device.type == "cpu" and b.elementwise:
                     out = self._buffer(b)
-                    finite = _chunked(fn, b.inputs, out)  # the engine's own evaluation, slice by slice
+                    finite = chunked(fn, b.inputs, out)  # the engine's own evaluation, slice by slice
                 else:
                     r = fn(b.inputs)
                     finite = bool(torch.isfinite(r.sum())) or bool(torch.isfinite(r).all())
@@ -202,7 +202,7 @@ def write_scaffold(recipe: Recipe | dict | str, out, *, vision_tower: str | None
     the language model)."""
     from vlm_merge.backbone import write_backbone
 
-    rp = plan_recipe(_as_recipe(recipe), vision_tower=vision_tower, cache_dir=cache_dir)
+    rp = plan_recipe(as_recipe(recipe), vision_tower=vision_tower, cache_dir=cache_dir)
     try:
         bp = rp.backbone
         target = bp.sources.target_role
