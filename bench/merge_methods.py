@@ -27,7 +27,6 @@ import argparse
 import json
 import shlex
 import sys
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 

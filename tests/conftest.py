@@ -26,3 +26,12 @@ def zoo(tmp_path_factory) -> FixtureZoo:
 def family_of(zoo: FixtureZoo, vlm: str) -> tuple:
     fam = zoo.vlm_family[vlm]
     return zoo.llms[f"en-{fam}"], zoo.llms[f"ja-{fam}"]
+
+
+def error_line(capsys) -> str:
+    """The single `vlm-merge: error:` line a failed command printed (and no traceback)."""
+    err = capsys.readouterr().err.strip().splitlines()
+    errors = [line for line in err if line.startswith("vlm-merge: error:")]
+    assert len(errors) == 1, err
+    assert "Traceback" not in "\n".join(err)
+    return errors[0]

@@ -16,6 +16,7 @@ import torch
 import yaml
 
 from vlm_merge import checkpoint
+from tests.conftest import error_line
 from vlm_merge.cli import main
 
 
@@ -33,14 +34,6 @@ def _cv_args(zoo, out, vlm="llava-hf-llama", en=None, ja=None):
         "chat-vector", "--vlm", str(vlm_path), "--en-base", str(en or zoo.llms[f"en-{fam}"]),
         "--ja-base", str(ja or zoo.llms[f"ja-{fam}"]), "--out", str(out), "--quiet", "--cache-dir", str(zoo.hf_cache),
     ]
-
-
-def _error_line(capsys) -> str:
-    err = capsys.readouterr().err.strip().splitlines()
-    errors = [line for line in err if line.startswith("vlm-merge: error:")]
-    assert len(errors) == 1, err
-    assert "Traceback" not in "\n".join(err)
-    return errors[0]
 
 
 def _nothing_left(out: Path) -> None:
@@ -73,7 +66,7 @@ def test_chat_vector_cli_writes_model(zoo, tmp_path, capsys):
         assert f.read_bytes() == (tmp_path / "replay" / f.name).read_bytes()
     # refuse to overwrite; --force replaces
     assert main(_cv_args(zoo, out)) == 2
-    assert "already exists" in _error_line(capsys)
+    assert "already exists" in error_line(capsys)
     assert main(_cv_args(zoo, out) + ["--force"]) == 0
 
 
@@ -142,7 +135,7 @@ def test_bad_input_is_one_line_exit_2_nothing_written(zoo, tmp_path, capsys, mak
         fam = "llama"
         args[args.index("--en-base") + 1] = str(spec.get("en") or zoo.llms[f"en-{fam}"])
     assert main(args + spec.get("extra", [])) == 2
-    line = _error_line(capsys)
+    line = error_line(capsys)
     assert expected in line, line
     _nothing_left(out)
 
@@ -160,7 +153,7 @@ def test_disk_full_midway_leaves_nothing(zoo, tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(checkpoint.CheckpointWriter, "write", failing_write)
     out = tmp_path / "out"
     assert main(_cv_args(zoo, out)) == 2
-    line = _error_line(capsys)
+    line = error_line(capsys)
     assert "No space left on device" in line and "free disk space" in line
     assert calls["n"] >= 30  # the failing write happened (one more may be in flight: double buffering)
     _nothing_left(out)

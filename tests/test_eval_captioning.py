@@ -11,7 +11,6 @@ import zlib
 from pathlib import Path
 
 import pytest
-import torch
 from PIL import Image
 
 from eval.captioning import (
@@ -28,14 +27,6 @@ from vlm_merge.cli import main
 from vlm_merge.errors import VlmMergeError
 
 CHROMIUM = "/usr/bin/chromium"  # Debian package `chromium`
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def _png_chunk(kind: bytes, data: bytes) -> bytes:

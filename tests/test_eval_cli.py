@@ -13,29 +13,14 @@ from PIL import Image
 from eval.fixture_datasets import write_in_the_wild, write_ja_vg_vqa
 from eval.metrics import score_predictions
 from eval.outputs import dumps, jsonl, read_jsonl
+from tests.conftest import error_line
 from vlm_merge.cli import main
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     root = tmp_path_factory.mktemp("cli-data")
     return {"vg": write_ja_vg_vqa(root / "vg", n_images=5), "wild": write_in_the_wild(root / "wild")}
-
-
-def _error_line(capsys) -> str:
-    err = capsys.readouterr().err.strip().splitlines()
-    errors = [line for line in err if line.startswith("vlm-merge: error:")]
-    assert len(errors) == 1, err
-    assert "Traceback" not in "\n".join(err)
-    return errors[0]
 
 
 def _eval(zoo, data, out, *extra, model="llava-hf-llama", bench="ja-vg-vqa-500", source="vg"):
@@ -130,7 +115,7 @@ def test_compare_cli_tables_and_plots(runs, tmp_path, capsys):
     assert {("beams 2" in v, "beams 1" in v) for v in variants} == {(True, False), (False, True)}
     capsys.readouterr()
     assert main(["compare", str(runs), "--out", str(out)]) == 2
-    assert "already exists" in _error_line(capsys)
+    assert "already exists" in error_line(capsys)
 
 
 @pytest.mark.parametrize(
@@ -168,7 +153,7 @@ def test_bad_input_is_one_line_and_exit_2(zoo, data, tmp_path, capsys, argv, mes
     values = {"vlm": zoo.vlms["llava-hf-llama"], "original": zoo.vlms["llava-original-llama"], "vg": data["vg"],
               "tmp": tmp_path}
     assert main([a.format(**values) for a in argv]) == 2
-    assert message in _error_line(capsys)
+    assert message in error_line(capsys)
     assert not (tmp_path / "o" / "scores.json").exists()
 
 

@@ -39,15 +39,6 @@ def vlms(zoo):
 GREEDY = GenerationSettings(max_new_tokens=12)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """Tiny models: intra-op threads only add wake-up latency (and noise on a shared 2-vCPU machine)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.mark.parametrize("name", ["llava-hf-llama", "llava-next-hf-mistral"])
 def test_batched_greedy_equals_one_at_a_time(vlms, images, name):
     model, proc = vlms[name]

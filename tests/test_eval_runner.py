@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
 from eval.benchmarks import load_benchmark
@@ -18,14 +17,6 @@ from eval.runner import PREDICTIONS_FILE, SCORES_FILE, encode_benchmark_images, 
 from vlm_merge.errors import VlmMergeError
 
 FAST = {"max_new_tokens": 6}  # the protocols' 256/512 tokens are overridden to keep tests quick
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

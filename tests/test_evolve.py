@@ -115,7 +115,7 @@ def test_resident_merge_equals_merge_written_and_loaded(zoo, tmp_path, method, p
 def test_run_is_deterministic_and_its_outputs_replay(zoo, dev, tmp_path):
     cfg = config(zoo, dev)
     a = run_evolve(config_from_dict(cfg), tmp_path / "a", progress=False)
-    b = run_evolve(config_from_dict(cfg), tmp_path / "b", progress=False, write_model=False)
+    run_evolve(config_from_dict(cfg), tmp_path / "b", progress=False, write_model=False)
     log_a = [json.loads(x) for x in (tmp_path / "a" / LOG_FILE).read_text().splitlines()]
     log_b = [json.loads(x) for x in (tmp_path / "b" / LOG_FILE).read_text().splitlines()]
     assert len(log_a) == 12 and [r["generation"] for r in log_a] == [1] * 4 + [2] * 4 + [3] * 4
