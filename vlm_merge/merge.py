@@ -82,19 +82,19 @@ def resolve_tensor_params(recipe: Recipe, method: Method, entries: list[int], ca
 
 
 def tensor_fn(rp: RecipePlan, canon: str, seed: int):
+    """The merge function of one tensor over role-named inputs, its parameters bound once."""
     method, params = rp.method, rp.params[canon]
     base_role, model_roles, anchor_role = rp.base_role, rp.model_roles, rp.anchor_role
-    per_model, shared = list(params.per_model), params.shared
-    tensor_seed_value = tensor_seed(seed, canon) if method.random else None
+    bound = method.bind(
+        list(params.per_model), params.shared,
+        seed=tensor_seed(seed, canon) if method.random else None, anchored=anchor_role is not None,
+    )
 
     def fn(t: Mapping[str, torch.Tensor]) -> torch.Tensor:
-        return method.merge(
+        return bound(
             t[base_role] if base_role is not None else None,
             [t[r] for r in model_roles],
-            per_model,
-            shared,
-            anchor=t[anchor_role] if anchor_role is not None else None,
-            seed=tensor_seed_value,
+            t[anchor_role] if anchor_role is not None else None,
         )
 
     return fn

@@ -981,29 +981,47 @@ class Method:
         """
         if len(model_params) != len(models):
             raise ValueError(f"models: {len(models)} models but {len(model_params)} parameter sets")
-        per_model, shared = self.resolve(model_params, params)
         if self.needs_base and base is None:
             raise ValueError(f"base: None; {self.name} needs a base tensor")
-        if anchor is not None and not self.supports_anchor:
-            raise ValueError(f"anchor: {self.name} does not take an anchor")
-        if self.random and seed is None:
-            raise ValueError(f"seed: None; {self.name} is random and needs a seed (see tensor_seed)")
         shape = models[0].shape
         for what, t in [("base", base if self.needs_base else None), ("anchor", anchor)] + [
             (f"models[{i}]", m) for i, m in enumerate(models)
         ]:
             if t is not None and t.shape != shape:
                 raise ValueError(f"{what}: shape {tuple(t.shape)} differs from models[0] {tuple(shape)}")
+        return self.bind(model_params, params, seed=seed, anchored=anchor is not None)(base, models, anchor)
+
+    def bind(
+        self,
+        model_params: Sequence[Mapping[str, object]],
+        params: Mapping[str, object],
+        *,
+        seed: int | None = None,
+        anchored: bool = False,
+    ) -> Callable[[torch.Tensor | None, Sequence[torch.Tensor], torch.Tensor | None], torch.Tensor]:
+        """Validate once and return `f(base, models, anchor)` calling `fn` directly.
+
+        The engine evaluates elementwise methods slice by slice; binding keeps the parameter checks
+        out of that loop.
+        """
+        per_model, shared = self.resolve(model_params, params)
+        if anchored and not self.supports_anchor:
+            raise ValueError(f"anchor: {self.name} does not take an anchor")
+        if self.random and seed is None:
+            raise ValueError(f"seed: None; {self.name} is random and needs a seed (see tensor_seed)")
         kwargs: dict[str, object] = {}
         for p in self.params:
             if p.arg is not None:
                 kwargs[p.arg] = [pm[p.name] for pm in per_model] if p.per_model else shared[p.name]
-        if self.supports_anchor:
-            kwargs["anchor"] = anchor
         if self.random:
             kwargs["generator"] = seed
-        args = ((base,) if self.needs_base else ()) + (tuple(models) if self.unpack_models else (list(models),))
-        return self.fn(*args, **kwargs)
+        fn, needs_base, unpack, supports_anchor = self.fn, self.needs_base, self.unpack_models, self.supports_anchor
+
+        def call(base: torch.Tensor | None, models: Sequence[torch.Tensor], anchor: torch.Tensor | None = None) -> torch.Tensor:
+            args = ((base,) if needs_base else ()) + (tuple(models) if unpack else (list(models),))
+            return fn(*args, **kwargs, **({"anchor": anchor} if supports_anchor else {}))
+
+        return call
 
 
 def validate_params(
