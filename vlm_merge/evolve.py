@@ -73,7 +73,7 @@ import numpy as np
 import yaml
 
 from vlm_merge.errors import VlmMergeError
-from vlm_merge.recipe import VLM_REF, ModelEntry, Recipe
+from vlm_merge.recipe import VLM_REF, ModelEntry, Recipe, read_yaml
 
 CONFIG_FILE = "config.yaml"
 LOG_FILE = "log.jsonl"
@@ -366,14 +366,7 @@ def _check_config(cfg: EvolveConfig) -> None:
 
 def load_config(path: str | Path) -> EvolveConfig:
     path = Path(path)
-    try:
-        data = yaml.safe_load(path.read_text())
-    except OSError as e:
-        raise VlmMergeError(f"{path}: cannot read the evolve config ({e.strerror})") from None
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        raise VlmMergeError(f"{path}: invalid YAML{f' at line {mark.line + 1}' if mark else ''}") from None
-    return config_from_dict(data, path.parent)
+    return config_from_dict(read_yaml(path, "evolve config"), path.parent)
 
 
 # ================================================================================================

@@ -189,17 +189,22 @@ def recipe_from_dict(data: dict, source_file: Path | None = None) -> Recipe:
     )
 
 
-def load_recipe(path: str | Path) -> Recipe:
-    """Read a recipe (ours or mergekit's) from YAML. Relative model paths are relative to the file."""
-    path = Path(path)
+def read_yaml(path: Path, what: str) -> Any:
+    """Parse a YAML file; unreadable or invalid files are a one-line error naming `what`."""
     try:
-        data = yaml.safe_load(path.read_text())
+        return yaml.safe_load(path.read_text())
     except OSError as e:
-        raise VlmMergeError(f"{path}: cannot read recipe ({e.strerror})") from None
+        raise VlmMergeError(f"{path}: cannot read the {what} ({e.strerror})") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark is not None else ""
-        raise VlmMergeError(f"{path}: invalid YAML{where}; fix the recipe") from None
+        raise VlmMergeError(f"{path}: invalid YAML{where}; fix the {what}") from None
+
+
+def load_recipe(path: str | Path) -> Recipe:
+    """Read a recipe (ours or mergekit's) from YAML. Relative model paths are relative to the file."""
+    path = Path(path)
+    data = read_yaml(path, "recipe")
     recipe = recipe_from_dict(data, source_file=path)
     return _rebase_paths(recipe, path.parent)
 
