@@ -357,6 +357,20 @@ def _rebuild_processor(vlm_dir: Path, tokenizer, out_dir: Path) -> bool:
     return True
 
 
+def _write_processor(bp: BackbonePlan, tokenizer, tmp: Path) -> None:
+    """The VLM's processor with the output's tokenizer (converted for original LLaVA)."""
+    vlm = bp.sources.vlm
+    assert vlm is not None
+    if vlm.anatomy.layout.name == "llava-original":
+        clip_dir = bp.sources.clip.path if bp.sources.clip else None
+        for name, text in convert.processor_files_from_original(vlm.anatomy.config, bp.config["vision_config"], clip_dir).items():
+            (tmp / name).write_text(text)
+    elif tokenizer is not None and not _rebuild_processor(vlm.reader.path, tokenizer, tmp):
+        for name in ("preprocessor_config.json", "processor_config.json"):
+            if (vlm.reader.path / name).exists():
+                (tmp / name).write_bytes((vlm.reader.path / name).read_bytes())
+
+
 def write_model_files(bp: BackbonePlan, tmp: Path) -> None:
     """config.json, generation_config.json, tokenizer (+ image/pad tokens), processor, chat template."""
     sources, vocab = bp.sources, bp.vocab
@@ -375,16 +389,8 @@ def write_model_files(bp: BackbonePlan, tmp: Path) -> None:
             vlm_tok = sources.vlm.tokenizer
             tok.chat_template = getattr(vlm_tok, "chat_template", None) if vlm_tok is not None else None
         tok.save_pretrained(str(tmp))
-    if sources.vlm is None:
-        pass
-    elif sources.vlm.anatomy.layout.name == "llava-original":
-        files = convert.processor_files_from_original(sources.vlm.anatomy.config, bp.config["vision_config"], sources.clip.path if sources.clip else None)
-        for name, text in files.items():
-            (tmp / name).write_text(text)
-    elif tok is not None and not _rebuild_processor(sources.vlm.reader.path, tok, tmp):
-        for name in ("preprocessor_config.json", "processor_config.json"):
-            if (sources.vlm.reader.path / name).exists():
-                (tmp / name).write_bytes((sources.vlm.reader.path / name).read_bytes())
+    if sources.vlm is not None:
+        _write_processor(bp, tok, tmp)
     gen_src = target_dir / "generation_config.json"
     gen = json.loads(gen_src.read_text()) if gen_src.exists() else {}
     gen.pop("transformers_version", None)
