@@ -214,9 +214,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_demo)
     from eval.cli import add_eval_commands
     from vlm_merge.evolve import add_evolve_commands
+    from vlm_merge.world.cli import add_world_commands
 
     add_eval_commands(sub)  # eval, score, compare, caption
     add_evolve_commands(sub)  # evolve
+    add_world_commands(sub)  # zoo build, zoo bar
     return p
 
 

@@ -1,0 +1,23 @@
+"""The miniature world: tiny English/Japanese LMs and an English VLM where merging measurably helps.
+
+- `scenes`: PIL scenes of coloured shapes, EN/JA questions (several phrasings), content scoring;
+- `text`: chat format, pretraining corpora, the shared BPE tokenizer;
+- `datasets`: the VQA sets (eval custom-benchmark JSONL + PNG);
+- `train` / `build`: training every part on CPU and saving HF checkpoints (`build_zoo`);
+- `evaluate`: content accuracy, exact match, Japanese ROUGE-L, paired bootstrap;
+- `experiment`: the bar (controls vs Chat Vector at the dev-chosen scale) over seeds;
+- `cli`: `vlm-merge zoo build|bar` (`add_world_commands`).
+"""
+
+from pathlib import Path
+
+SHIPPED_ZOO = Path(__file__).resolve().parents[2] / "assets" / "miniature-zoo"
+
+
+def shipped_zoo() -> Path:
+    """The prebuilt zoo of one seed (assets/miniature-zoo): en-base, ja-base, en-vlm, data."""
+    from vlm_merge.errors import VlmMergeError
+
+    if not (SHIPPED_ZOO / "zoo.json").exists():
+        raise VlmMergeError(f"{SHIPPED_ZOO}: no prebuilt zoo; build one with `vlm-merge zoo build --out DIR`")
+    return SHIPPED_ZOO

@@ -1,0 +1,169 @@
+"""`build_zoo(out, seed)`: train and save the whole miniature world as ordinary HF checkpoints.
+
+Layout of `out`:
+- ``en-base/``  LlamaForCausalLM trained from scratch on English (some Japanese and parallel text);
+- ``ja-base/``  en-base continued-pretrained on Japanese (with English replay);
+- ``en-vlm/``   LlavaForConditionalGeneration: pretrained CLIP vision tower + MLP projector + en-base's LM,
+  tuned on English VQA (llava-hf processor files, chat template);
+- ``data/``     images and {en,ja}-{dev,test}.jsonl (eval custom-benchmark schema);
+- ``zoo.json``  settings, seed, timings, early-stopping record; ``train_log.json`` losses per stage.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import shutil
+import time
+from pathlib import Path
+
+import torch
+from transformers import GenerationConfig, LlamaForCausalLM, LlavaForConditionalGeneration
+
+from vlm_merge.world import datasets, evaluate, scenes, text, train
+from vlm_merge.world.train import WorldSettings
+
+log = logging.getLogger(__name__)
+
+CHAT_TEMPLATE = (  # llava-hf's llava-1.5 template, as transformers 5 saves it
+    "{% for message in messages %}{% if message['role'] != 'system' %}{{ message['role'].upper() + ': ' }}"
+    "{% endif %}{% for content in message['content'] | selectattr('type', 'equalto', 'image') %}"
+    "{{ '<image>\\n' }}{% endfor %}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}"
+    "{{ content['text'] + ' ' }}{% endfor %}{% endfor %}"
+    "{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}"
+)
+PARTS = ("en-base", "ja-base", "en-vlm")
+
+
+def _write_json(path: Path, data) -> None:
+    path.write_text(json.dumps(data, indent=2, ensure_ascii=False, sort_keys=True) + "\n", encoding="utf-8")
+
+
+def save_llm(model: LlamaForCausalLM, tok, out: Path) -> None:
+    model.generation_config = GenerationConfig(bos_token_id=1, eos_token_id=2)
+    model.save_pretrained(out)
+    text.write_tokenizer(tok, out)
+
+
+def write_processor_files(out: Path, vlm_tok) -> None:
+    """tokenizer, chat template, preprocessor_config.json (CLIPImageProcessor) and processor_config.json."""
+    text.write_tokenizer(vlm_tok, out, vlm=True, chat_template=CHAT_TEMPLATE)
+    size = scenes.IMAGE_SIZE
+    _write_json(out / "preprocessor_config.json", {
+        "image_mean": list(train.CLIP_MEAN), "image_std": list(train.CLIP_STD),
+        "crop_size": {"height": size, "width": size}, "size": {"shortest_edge": size},
+        "do_center_crop": True, "do_convert_rgb": True, "do_normalize": True, "do_rescale": True, "do_resize": True,
+        "image_processor_type": "CLIPImageProcessor", "processor_class": "LlavaProcessor", "resample": 3,
+        "rescale_factor": 1 / 255,
+    })
+    _write_json(out / "processor_config.json", {
+        "image_token": text.IMAGE_TOKEN, "num_additional_image_tokens": 1, "patch_size": scenes.CELL,
+        "processor_class": "LlavaProcessor", "vision_feature_select_strategy": "default",
+    })
+
+
+def build_vlm(en: LlamaForCausalLM, tower, vlm_tok, s: WorldSettings, seed: int) -> LlavaForConditionalGeneration:
+    """A LLaVA with `tower`, a fresh projector and `en`'s language model (embedding rows for <image>/<pad>)."""
+    image_id, pad_id = vlm_tok.token_to_id(text.IMAGE_TOKEN), vlm_tok.token_to_id(text.PAD_TOKEN)
+    rows = vlm_tok.get_vocab_size(with_added_tokens=True)
+    torch.manual_seed(seed)
+    vlm = LlavaForConditionalGeneration(train.llava_config(s, rows, image_id, pad_id))
+    vlm.model.vision_tower.load_state_dict(tower.state_dict())
+    state = en.state_dict()
+    with torch.no_grad():
+        emb, head = state["model.embed_tokens.weight"], state["lm_head.weight"]
+        extra = rows - emb.shape[0]
+        new_emb = torch.cat([emb, emb.mean(0, keepdim=True).expand(extra, -1)])
+        new_head = torch.cat([head, head.mean(0, keepdim=True).expand(extra, -1)])
+        lm_state = {k.removeprefix("model."): v for k, v in state.items() if k.startswith("model.")}
+        lm_state["embed_tokens.weight"] = new_emb
+        vlm.model.language_model.load_state_dict(lm_state)
+        vlm.lm_head.weight.copy_(new_head)
+    return vlm
+
+
+def build_zoo(out: str | Path, seed: int = 0, settings: WorldSettings | None = None, progress: bool = True,
+              force: bool = False, dev_check: int = 150) -> Path:
+    """Train and write the zoo of `seed` into `out` (see the module docstring). Returns `out`."""
+    s = settings or WorldSettings()
+    out = Path(out)
+    if out.exists():
+        if not force and any(out.iterdir()):
+            from vlm_merge.errors import VlmMergeError
+
+            raise VlmMergeError(f"{out}: already exists and is not empty; pass --force to replace it")
+        shutil.rmtree(out)
+    tmp = out.with_name(f".{out.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    torch.set_num_threads(s.threads)
+    t0 = time.perf_counter()
+    timings, losses = {}, {}
+    train.seed_all(seed)
+
+    def stage(name):
+        losses[name] = []
+        log.info("stage %s", name)
+        return losses[name]
+
+    t = time.perf_counter()
+    tok = text.build_tokenizer(seed)
+    vlm_tok = text.vlm_tokenizer(tok)
+    files = datasets.write_datasets(tmp / "data", seed)
+    timings["data+tokenizer"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    torch.manual_seed(seed)
+    en = LlamaForCausalLM(train.lm_config(s, tok.get_vocab_size()))
+    train.train_lm(en, tok, s.en_mix, seed * 1000 + 1, s.en_steps, s.en_lr, s.batch, "english base", progress, stage("en-base"))
+    save_llm(en, tok, tmp / "en-base")
+    timings["en-base"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    ja = copy.deepcopy(en)
+    train.train_lm(ja, tok, s.ja_mix, seed * 1000 + 2, s.ja_steps, s.ja_lr, s.batch, "japanese base", progress, stage("ja-base"))
+    save_llm(ja, tok, tmp / "ja-base")
+    del ja
+    timings["ja-base"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    tower = train.train_vision(s, seed * 1000 + 3, progress, stage("vision"))
+    timings["vision"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    vlm = build_vlm(en, tower, vlm_tok, s, seed * 1000 + 4)
+    vlm_dir = tmp / "en-vlm"
+    vlm_dir.mkdir()
+    write_processor_files(vlm_dir, vlm_tok)
+    from transformers import AutoProcessor
+
+    processor = AutoProcessor.from_pretrained(str(vlm_dir))
+    dev_rows = datasets.read_rows(files["en-dev"])[:dev_check]
+    dev_images = datasets.load_images(files["en-dev"], dev_rows)
+    checks = []
+
+    def check(step: int) -> bool:
+        preds = evaluate.answer(vlm, processor, dev_images, [r["question"] for r in dev_rows])
+        acc = float(evaluate.score(dev_rows, preds, rouge=False).content.mean())
+        checks.append({"step": step, "en_dev_content_accuracy": acc})
+        log.info("english VLM step %d: en dev content accuracy %.3f", step, acc)
+        vlm.train()
+        return acc >= s.vlm_target
+
+    steps = train.train_vlm(vlm, vlm_tok, s, seed * 1000 + 5, progress, stage("en-vlm"), check if dev_check else None)
+    vlm.generation_config = GenerationConfig(bos_token_id=1, eos_token_id=2, pad_token_id=vlm_tok.token_to_id(text.PAD_TOKEN))
+    vlm.save_pretrained(vlm_dir)
+    timings["en-vlm"] = time.perf_counter() - t
+    timings["total"] = time.perf_counter() - t0
+
+    _write_json(tmp / "train_log.json", losses)
+    _write_json(tmp / "zoo.json", {
+        "format": "vlm-merge miniature world", "seed": seed, "settings": s.as_dict(), "parts": list(PARTS),
+        "data": {k: str(v.relative_to(tmp)) for k, v in files.items()}, "vlm_steps": steps,
+        "vlm_checks": checks, "timings_s": {k: round(v, 1) for k, v in timings.items()},
+        "torch_threads": s.threads,
+    })
+    tmp.rename(out)
+    return out

@@ -1,0 +1,97 @@
+"""Scoring models on the world's VQA sets: content accuracy, exact match, Japanese ROUGE-L, paired bootstrap.
+
+Generation goes through `eval.generation.generate_answers` (the same batched, greedy path as any real
+benchmark run); `content_correct` (see `scenes`) decides whether the asked attribute is right.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from vlm_merge.world import datasets, scenes
+
+BOOTSTRAP = 2000
+MAX_NEW_TOKENS = 24
+
+
+def load_vlm(path: str | Path):
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    model = LlavaForConditionalGeneration.from_pretrained(str(path), dtype=torch.float32)
+    model.eval()
+    return model, AutoProcessor.from_pretrained(str(path))
+
+
+def answer(model, processor, images, questions, batch_size: int = 64, progress: bool = False) -> list[str]:
+    from eval.generation import generate_answers
+
+    return generate_answers(model, processor, images, questions, max_new_tokens=MAX_NEW_TOKENS,
+                            batch_size=batch_size, progress=progress)
+
+
+def _normalize(s: str) -> str:
+    try:
+        from eval.japanese_text import normalize_japanese
+
+        return normalize_japanese(s)
+    except Exception:  # noqa: BLE001 - eval is optional here
+        return " ".join(s.split())
+
+
+@dataclass
+class Scores:
+    content: np.ndarray
+    exact: np.ndarray
+    rouge_l: np.ndarray | None
+    predictions: list[str]
+
+    def summary(self) -> dict:
+        out = {"content_accuracy": float(self.content.mean()), "exact_match": float(self.exact.mean()),
+               "n": int(self.content.size)}
+        lo, hi = bootstrap_ci(self.content)
+        out["content_ci"] = [lo, hi]
+        if self.rouge_l is not None:
+            out["rouge_l"] = float(self.rouge_l.mean())
+        return out
+
+
+def score(rows: list[dict], preds: list[str], rouge: bool = True) -> Scores:
+    content = np.array([scenes.content_correct(p, r["attribute"], r["value"], r["lang"]) for r, p in zip(rows, preds)], float)
+    exact = np.array([_normalize(p) == _normalize(r["answer"]) for r, p in zip(rows, preds)], float)
+    rl = None
+    if rouge:
+        try:
+            from eval.metrics import RougeJa
+
+            scorer = RougeJa()
+            rl = np.array([scorer.score_one(r["answer"], p)["rougeL"] for r, p in zip(rows, preds)])
+        except Exception:  # noqa: BLE001 - MeCab missing: report without ROUGE
+            rl = None
+    return Scores(content, exact, rl, preds)
+
+
+def bootstrap_ci(x: np.ndarray, resamples: int = BOOTSTRAP, seed: int = 0) -> tuple[float, float]:
+    rng = np.random.default_rng(seed)
+    means = x[rng.integers(0, x.size, size=(resamples, x.size))].mean(axis=1)
+    lo, hi = np.percentile(means, [2.5, 97.5])
+    return float(lo), float(hi)
+
+
+def paired_bootstrap(a: np.ndarray, b: np.ndarray, resamples: int = BOOTSTRAP, seed: int = 0) -> dict:
+    """Mean of a - b over the same questions and its 95% paired bootstrap CI (questions resampled)."""
+    d = np.asarray(a, float) - np.asarray(b, float)
+    lo, hi = bootstrap_ci(d, resamples, seed)
+    return {"diff": float(d.mean()), "low": lo, "high": hi, "excludes_zero": bool(lo > 0 or hi < 0)}
+
+
+def evaluate_model(model_dir: str | Path, data_file: str | Path, limit: int | None = None, rouge: bool = True,
+                   progress: bool = False, model_and_processor=None) -> Scores:
+    rows = datasets.read_rows(data_file)[:limit]
+    images = datasets.load_images(data_file, rows)
+    model, processor = model_and_processor or load_vlm(model_dir)
+    preds = answer(model, processor, images, [r["question"] for r in rows], progress=progress)
+    return score(rows, preds, rouge=rouge)

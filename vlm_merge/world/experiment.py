@@ -1,0 +1,100 @@
+"""The bar: on the Japanese test set, Chat Vector at the dev-chosen scale against every control.
+
+Models (all LLaVA checkpoints with the same vision tower and projector, the EN-VLM's):
+- ``en-vlm@en``: the English VLM on the English (parallel) test questions, the world's sanity check;
+- ``en-vlm``: the English VLM on Japanese questions;
+- ``ja-shell``: the Japanese base in the VLM shell, no delta (Chat Vector at scale 0);
+- ``chat-vector``: `ja_base + scale * (vlm_llm - en_base)`, scale chosen on the Japanese dev set.
+Differences are paired bootstrap 95% CIs over test questions (content accuracy).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import time
+from pathlib import Path
+
+import torch
+
+from vlm_merge.world import evaluate
+
+log = logging.getLogger(__name__)
+
+SCALES = (0.25, 0.5, 0.75, 1.0, 1.25, 1.5)
+SKIPS = ("none", "embeddings")  # Chat Vector with / without the delta on embed_tokens + lm_head
+BAR_POINTS = 0.10
+
+
+def chat_vector_model(zoo: Path, out: Path, scale: float, skip: str = "none") -> Path:
+    from chat_vector import chat_vector
+
+    return chat_vector(zoo / "en-vlm", zoo / "en-base", zoo / "ja-base", out, scale=scale, skip=skip, force=True,
+                       progress=False)
+
+
+def _summ(sc: evaluate.Scores) -> dict:
+    return sc.summary()
+
+
+def measure_bar(zoo: str | Path, work: str | Path, scales=SCALES, skips=SKIPS, progress: bool = False,
+                rouge: bool = True) -> dict:
+    """Evaluate controls and Chat Vector on `zoo`; writes merged models under `work`; returns the record."""
+    torch.set_num_threads(2)
+    zoo, work = Path(zoo), Path(work)
+    work.mkdir(parents=True, exist_ok=True)
+    meta = json.loads((zoo / "zoo.json").read_text())
+    data = {k: zoo / v for k, v in meta["data"].items()}
+    t0 = time.perf_counter()
+    rec: dict = {"zoo": str(zoo), "seed": meta["seed"], "models": {}, "dev": {}}
+    scores: dict[str, evaluate.Scores] = {}
+
+    en_vlm = evaluate.load_vlm(zoo / "en-vlm")
+    scores["en-vlm@en"] = evaluate.evaluate_model(None, data["en-test"], rouge=False, model_and_processor=en_vlm)
+    scores["en-vlm"] = evaluate.evaluate_model(None, data["ja-test"], rouge=rouge, model_and_processor=en_vlm)
+    del en_vlm
+    shell = chat_vector_model(zoo, work / "ja-shell", 0.0)
+    scores["ja-shell"] = evaluate.evaluate_model(shell, data["ja-test"], rouge=rouge)
+
+    best = None
+    for skip in skips:
+        for s in scales:
+            path = chat_vector_model(zoo, work / "cv-dev", s, skip)
+            dev = evaluate.evaluate_model(path, data["ja-dev"], rouge=False)
+            acc = float(dev.content.mean())
+            rec["dev"][f"{s}/{skip}"] = acc
+            log.info("seed %s: scale %.2f skip %s -> ja dev content accuracy %.3f", meta["seed"], s, skip, acc)
+            if best is None or acc > best[2]:
+                best = (s, skip, acc)
+    rec["chosen_scale"], rec["chosen_skip"] = best[0], best[1]
+    path = chat_vector_model(zoo, work / "chat-vector", best[0], best[1])
+    scores["chat-vector"] = evaluate.evaluate_model(path, data["ja-test"], rouge=rouge)
+    shutil.rmtree(work / "cv-dev", ignore_errors=True)
+
+    for name, sc in scores.items():
+        rec["models"][name] = _summ(sc)
+        rec["models"][name]["examples"] = sc.predictions[:6]
+    cv = scores["chat-vector"].content
+    rec["vs"] = {c: evaluate.paired_bootstrap(cv, scores[c].content) for c in ("en-vlm", "ja-shell")}
+    rec["bar"] = {
+        "en_vlm_en_ok": rec["models"]["en-vlm@en"]["content_accuracy"] >= 0.95,
+        "beats_controls": all(v["diff"] >= BAR_POINTS and v["low"] > 0 for v in rec["vs"].values()),
+    }
+    rec["bar"]["holds"] = rec["bar"]["en_vlm_en_ok"] and rec["bar"]["beats_controls"]
+    rec["seconds"] = round(time.perf_counter() - t0, 1)
+    return rec
+
+
+def format_record(rec: dict) -> str:
+    lines = [f"seed {rec['seed']} (scale {rec['chosen_scale']}, skip {rec.get('chosen_skip', 'none')} chosen on dev: "
+             + ", ".join(f"{k}={v:.3f}" for k, v in rec["dev"].items()) + ")"]
+    lines.append(f"  {'model':<12} {'content':>8} {'95% CI':>15} {'exact':>6} {'rougeL':>7}")
+    for name, m in rec["models"].items():
+        rl = f"{m['rouge_l']:.1f}" if "rouge_l" in m else "-"
+        lines.append(f"  {name:<12} {m['content_accuracy']:8.3f} [{m['content_ci'][0]:.3f},{m['content_ci'][1]:.3f}]"
+                     f" {m['exact_match']:6.3f} {rl:>7}")
+    for c, v in rec["vs"].items():
+        lines.append(f"  chat-vector - {c}: {v['diff']:+.3f} [{v['low']:+.3f}, {v['high']:+.3f}]")
+    lines.append(f"  bar holds: {rec['bar']['holds']} ({rec['bar']})")
+    return "\n".join(lines)

@@ -1,0 +1,293 @@
+"""Training the miniature zoo on CPU: the English base, its Japanese continued pretraining, the vision
+tower, and the English VLM (LLaVA recipe: frozen pretrained vision tower, projector + language model tuned
+on English visual QA, early-stopped on English dev content accuracy).
+
+Everything is deterministic for a seed: data come from `random.Random` streams, weights from
+`torch.manual_seed`, and training runs on a fixed number of CPU threads.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import torch
+from tokenizers import Tokenizer
+from tqdm.auto import tqdm
+from transformers import CLIPVisionConfig, CLIPVisionModel, LlamaConfig, LlamaForCausalLM, LlavaConfig, LlavaForConditionalGeneration
+
+from vlm_merge.world import scenes, text
+
+log = logging.getLogger(__name__)
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+N_PATCH_CLASSES = 1 + len(scenes.COLORS) * len(scenes.SHAPES)
+
+
+@dataclass
+class WorldSettings:
+    """Sizes, steps and learning rates of one zoo build (defaults: the shipped zoo)."""
+
+    hidden: int = 128
+    layers: int = 4
+    heads: int = 4
+    intermediate: int = 384
+    vision_hidden: int = 64
+    vision_layers: int = 2
+    batch: int = 32
+    en_steps: int = 600
+    en_lr: float = 2e-3
+    ja_steps: int = 400
+    ja_lr: float = 5e-4
+    vision_steps: int = 200
+    vlm_steps: int = 1500
+    vlm_lr: float = 1e-3  # projector; the language model gets vlm_lr * vlm_lm_lr_scale
+    vlm_lm_lr_scale: float = 0.5
+    vlm_replay: float = 0.0  # share of each VLM batch that is text-only chat from en_mix (as LLaVA mixes ShareGPT)
+    vlm_min_steps: int = 300
+    vlm_target: float = 0.97  # stop once English dev content accuracy reaches this
+    vlm_check_every: int = 150
+    en_mix: dict = field(default_factory=lambda: {"qa-en": 0.6, "xqa-en": 0.05, "text-en": 0.12, "qa-ja": 0.08,
+                                                  "text-ja": 0.05, "para": 0.1})
+    ja_mix: dict = field(default_factory=lambda: {"qa-ja": 0.55, "xqa-ja": 0.12, "text-ja": 0.12, "qa-en": 0.1,
+                                                  "xqa-en": 0.03, "text-en": 0.03, "para": 0.05})
+    threads: int = 2
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def seed_all(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)
+
+
+# ---------------------------------------------------------------- models
+def lm_config(s: WorldSettings, vocab_size: int) -> LlamaConfig:
+    return LlamaConfig(
+        vocab_size=vocab_size, hidden_size=s.hidden, intermediate_size=s.intermediate, num_hidden_layers=s.layers,
+        num_attention_heads=s.heads, num_key_value_heads=s.heads, max_position_embeddings=text.MAX_LENGTH,
+        rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=2, tie_word_embeddings=False, initializer_range=0.02,
+    )
+
+
+def vision_config(s: WorldSettings) -> CLIPVisionConfig:
+    return CLIPVisionConfig(
+        image_size=scenes.IMAGE_SIZE, patch_size=scenes.CELL, hidden_size=s.vision_hidden,
+        intermediate_size=2 * s.vision_hidden, num_hidden_layers=s.vision_layers, num_attention_heads=4,
+        projection_dim=s.vision_hidden, hidden_act="quick_gelu",
+    )
+
+
+def llava_config(s: WorldSettings, vocab_size: int, image_token_id: int, pad_id: int) -> LlavaConfig:
+    cfg = LlavaConfig(
+        text_config=lm_config(s, vocab_size).to_dict() | {"pad_token_id": pad_id},
+        vision_config=vision_config(s).to_dict(),
+        image_token_index=image_token_id, vision_feature_layer=-1, vision_feature_select_strategy="default",
+        image_seq_length=(scenes.GRID * scenes.GRID), projector_hidden_act="gelu",
+    )
+    cfg.architectures = ["LlavaForConditionalGeneration"]
+    return cfg
+
+
+def pixels(images) -> torch.Tensor:
+    """CLIPImageProcessor's output for images already IMAGE_SIZE square: rescale + normalise."""
+    arr = np.stack([np.asarray(im.convert("RGB"), dtype=np.float32) / 255.0 for im in images])
+    arr = (arr - np.array(CLIP_MEAN, dtype=np.float32)) / np.array(CLIP_STD, dtype=np.float32)
+    return torch.from_numpy(arr).permute(0, 3, 1, 2).contiguous()
+
+
+# ---------------------------------------------------------------- batches
+def encode_pair(tok: Tokenizer, prompt: str, answer: str, eos_id: int) -> tuple[list[int], int]:
+    """Token ids of `prompt answer</s>` (BOS first) and where the answer starts (loss mask boundary)."""
+    if not prompt:
+        ids = tok.encode(answer).ids + [eos_id]
+        return ids, 1
+    ids = tok.encode(f"{prompt} {answer}").ids + [eos_id]
+    return ids, len(tok.encode(prompt).ids)
+
+
+def collate(seqs: list[tuple[list[int], int]], answer_only: bool, pad_id: int = 0) -> dict[str, torch.Tensor]:
+    width = max(len(ids) for ids, _ in seqs)
+    input_ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(seqs), width), -100, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for i, (ids, start) in enumerate(seqs):
+        input_ids[i, : len(ids)] = torch.tensor(ids)
+        mask[i, : len(ids)] = 1
+        first = start if answer_only else 1
+        labels[i, first : len(ids)] = torch.tensor(ids[first:])
+    return {"input_ids": input_ids, "attention_mask": mask, "labels": labels}
+
+
+def _lr_at(step: int, steps: int, lr: float, warmup: int = 50) -> float:
+    if step < warmup:
+        return lr * (step + 1) / warmup
+    return lr * 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, steps - warmup))))
+
+
+def _loop(params, steps: int, lr: float, batch_fn: Callable[[int], torch.Tensor], desc: str, progress: bool,
+          losses: list, weight_decay: float = 0.0, check: Callable[[int], bool] | None = None,
+          check_every: int = 0, min_steps: int = 0) -> int:
+    groups = params if isinstance(params[0], dict) else [{"params": params}]
+    for g in groups:
+        g.setdefault("scale", 1.0)
+    opt = torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.98), weight_decay=weight_decay)
+    flat = [p for g in groups for p in g["params"]]
+    bar = tqdm(range(steps), desc=desc, disable=not progress, leave=False)
+    done = steps
+    for step in bar:
+        for g in opt.param_groups:
+            g["lr"] = _lr_at(step, steps, lr) * g["scale"]
+        loss = batch_fn(step)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(flat, 1.0)
+        opt.step()
+        if step % 25 == 0 or step == steps - 1:
+            value = float(loss.detach())
+            losses.append((step, round(value, 4)))
+            bar.set_postfix(loss=f"{value:.3f}")
+        if check is not None and check_every and (step + 1) % check_every == 0 and step + 1 >= min_steps:
+            if check(step + 1):
+                done = step + 1
+                break
+    bar.close()
+    return done
+
+
+def train_lm(model: LlamaForCausalLM, tok: Tokenizer, mix: dict, seed: int, steps: int, lr: float, batch: int,
+             desc: str, progress: bool, losses: list) -> None:
+    """Causal-LM training on documents from `mix` (loss on every token after BOS)."""
+    sampler: Iterator = text.mixture_sampler(mix, seed)
+    eos = tok.token_to_id(text.EOS)
+    model.train()
+
+    def batch_fn(step: int) -> torch.Tensor:
+        seqs = [encode_pair(tok, *next(sampler), eos) for _ in range(batch)]
+        b = collate(seqs, answer_only=False)
+        return model(**b).loss
+
+    _loop(list(model.parameters()), steps, lr, batch_fn, desc, progress, losses, weight_decay=0.01)
+    model.eval()
+
+
+def _patch_labels(scene: scenes.Scene) -> list[int]:
+    colors, shapes = list(scenes.COLORS), list(scenes.SHAPES)
+    out = [0] * (scenes.GRID * scenes.GRID)
+    for o in scene.objects:
+        out[o.cell] = 1 + colors.index(o.color) * len(shapes) + shapes.index(o.shape)
+    return out
+
+
+def train_vision(s: WorldSettings, seed: int, progress: bool, losses: list) -> CLIPVisionModel:
+    """A CLIP vision tower pretrained to name the object in every patch (colour x shape or empty)."""
+    torch.manual_seed(seed)
+    tower = CLIPVisionModel(vision_config(s))
+    head = torch.nn.Linear(s.vision_hidden, N_PATCH_CLASSES)
+    cell_head = torch.nn.Linear(s.vision_hidden, scenes.GRID * scenes.GRID)  # where the patch is
+    cells = torch.arange(scenes.GRID * scenes.GRID)
+    rng = random.Random(seed)
+
+    def batch_fn(step: int) -> torch.Tensor:
+        sc = [scenes.sample_scene(rng) for _ in range(64)]
+        px = pixels([scenes.draw_scene(x) for x in sc])
+        y = torch.tensor([_patch_labels(x) for x in sc])
+        h = tower(pixel_values=px).last_hidden_state[:, 1:]
+        loss = torch.nn.functional.cross_entropy(head(h).reshape(-1, N_PATCH_CLASSES), y.reshape(-1))
+        where = cell_head(h).reshape(-1, len(cells))
+        return loss + torch.nn.functional.cross_entropy(where, cells.repeat(len(sc)))
+
+    tower.train()
+    _loop(list(tower.parameters()) + list(head.parameters()) + list(cell_head.parameters()), s.vision_steps, 3e-3, batch_fn, "vision tower",
+          progress, losses)
+    tower.eval()
+    with torch.no_grad():
+        sc = [scenes.sample_scene(rng) for _ in range(256)]
+        h = tower(pixel_values=pixels([scenes.draw_scene(x) for x in sc])).last_hidden_state[:, 1:]
+        acc = (head(h).argmax(-1) == torch.tensor([_patch_labels(x) for x in sc])).float().mean().item()
+    losses.append(("patch_accuracy", round(acc, 4)))
+    return tower
+
+
+# ---------------------------------------------------------------- VLM
+@dataclass
+class VqaItem:
+    pixels: torch.Tensor  # (3, H, W)
+    prompt: str
+    answer: str
+    qa: scenes.QA
+
+
+def vlm_prompt(question: str) -> str:
+    return text.prompt(text.IMAGE_TOKEN, question)
+
+
+def vqa_stream(seed: int, lang: str = "en") -> Iterator[tuple[scenes.Scene, scenes.QA]]:
+    rng = random.Random(seed)
+    while True:
+        sc = scenes.sample_scene(rng)
+        yield sc, scenes.sample_qa(sc, rng, lang)
+
+
+def train_vlm(vlm: LlavaForConditionalGeneration, tok: Tokenizer, s: WorldSettings, seed: int, progress: bool,
+              losses: list, check: Callable[[int], bool] | None) -> int:
+    """Stage 2 of LLaVA on English VQA: projector + language model trained, vision tower frozen.
+
+    Vision features are computed once per batch without gradients; the image placeholder is expanded to
+    the image's tokens exactly as the processor does. Returns the number of steps run.
+    """
+    n_img = scenes.GRID * scenes.GRID
+    image_id, eos = tok.token_to_id(text.IMAGE_TOKEN), tok.token_to_id(text.EOS)
+    pad_id = tok.token_to_id(text.PAD_TOKEN)
+    stream = vqa_stream(seed)
+    replay = text.mixture_sampler(s.en_mix, seed + 7)
+    n_text = int(round(s.batch * s.vlm_replay))
+    tower, projector, lm = vlm.model.vision_tower, vlm.model.multi_modal_projector, vlm.model.language_model
+    for p in tower.parameters():
+        p.requires_grad_(False)
+    tower.eval()
+
+    def batch_fn(step: int) -> torch.Tensor:
+        items = [next(stream) for _ in range(s.batch - n_text)]
+        seqs = []
+        for sc, qa in items:
+            ids, start = encode_pair(tok, vlm_prompt(qa.question), qa.answer, eos)
+            k = ids.index(image_id)
+            ids = ids[:k] + [image_id] * n_img + ids[k + 1 :]
+            seqs.append((ids, start + n_img - 1))
+        seqs += [encode_pair(tok, *next(replay), eos) for _ in range(n_text)]
+        b = collate(seqs, answer_only=True, pad_id=pad_id)
+        with torch.no_grad():
+            feats = tower(pixel_values=pixels([scenes.draw_scene(sc) for sc, _ in items]),
+                          output_hidden_states=True).hidden_states[-1][:, 1:]
+        embeds = lm.embed_tokens(b["input_ids"])
+        img = projector(feats).reshape(-1, embeds.shape[-1])
+        where = (b["input_ids"] == image_id)
+        embeds = embeds.masked_scatter(where.unsqueeze(-1), img.to(embeds.dtype))
+        h = lm(inputs_embeds=embeds, attention_mask=b["attention_mask"]).last_hidden_state
+        logits = vlm.lm_head(h[:, :-1])
+        return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), b["labels"][:, 1:].reshape(-1))
+
+    vlm.train()
+    params = [{"params": list(projector.parameters())},
+              {"params": list(lm.parameters()) + list(vlm.lm_head.parameters()), "scale": s.vlm_lm_lr_scale}]
+    done = _loop(params, s.vlm_steps, s.vlm_lr, batch_fn, "english VLM", progress, losses, weight_decay=0.0,
+                 check=check, check_every=s.vlm_check_every, min_steps=s.vlm_min_steps)
+    vlm.eval()
+    for p in tower.parameters():
+        p.requires_grad_(True)
+    return done
+
+
+def timed(fn, *args, **kwargs):
+    t = time.perf_counter()
+    out = fn(*args, **kwargs)
+    return out, time.perf_counter() - t
