@@ -19,21 +19,19 @@ import time
 from pathlib import Path
 
 import torch
-from transformers import GenerationConfig, LlamaForCausalLM, LlavaForConditionalGeneration
+from transformers import (
+    GenerationConfig,
+    LlamaForCausalLM,
+    LlavaForConditionalGeneration,
+)
 
+from vlm_merge.fixtures import CHAT_TEMPLATES
 from vlm_merge.world import datasets, evaluate, scenes, text, train
 from vlm_merge.world.train import WorldSettings
 
 log = logging.getLogger(__name__)
 
-CHAT_TEMPLATE = (  # llava-hf's llava-1.5 template, as transformers 5 saves it
-    "{% for message in messages %}{% if message['role'] != 'system' %}{{ message['role'].upper() + ': ' }}"
-    "{% endif %}{% for content in message['content'] | selectattr('type', 'equalto', 'image') %}"
-    "{{ '<image>\\n' }}{% endfor %}"
-    "{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}"
-    "{{ content['text'] + ' ' }}{% endfor %}{% endfor %}"
-    "{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}"
-)
+CHAT_TEMPLATE = CHAT_TEMPLATES["llama"]  # llava-hf's llava-1.5 template, as transformers 5 saves it
 PARTS = ("en-base", "ja-base", "en-vlm")
 
 
