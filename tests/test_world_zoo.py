@@ -1,5 +1,6 @@
 """The shipped miniature zoo (assets/miniature-zoo): real HF checkpoints that vlm-merge and transformers read,
-an English VLM that answers English questions, and Chat Vector helping on Japanese ones."""
+an English VLM that answers English questions, and Chat Vector beating the Japanese base in the VLM shell on
+Japanese ones (by a few points: the bar of the issue, +10, is not reached; see EXPERIMENTS.md)."""
 
 from __future__ import annotations
 
@@ -51,3 +52,18 @@ def test_recorded_bar_reproduces(name, tmp_path):
     expected = bar["models"][name]["examples"]
     scores = evaluate.evaluate_model(model, SHIPPED_ZOO / "data" / "ja-test.jsonl", limit=len(expected), rouge=False)
     assert scores.predictions == expected
+
+
+def test_chat_vector_beats_the_japanese_shell_on_the_whole_test_set(tmp_path):
+    """What the shipped world shows (and the demo reports): Chat Vector at the dev-chosen scale answers more
+    Japanese test questions correctly than the Japanese base in the VLM shell, paired CI above 0."""
+    from vlm_merge.world.experiment import chat_vector_model
+
+    bar = _bar()
+    test = SHIPPED_ZOO / "data" / "ja-test.jsonl"
+    shell = evaluate.evaluate_model(chat_vector_model(SHIPPED_ZOO, tmp_path / "shell", 0.0), test, rouge=False)
+    cv = evaluate.evaluate_model(chat_vector_model(SHIPPED_ZOO, tmp_path / "cv", bar["chosen_scale"], bar["chosen_skip"]),
+                                 test, rouge=False)
+    d = evaluate.paired_bootstrap(cv.content, shell.content)
+    assert d["diff"] == pytest.approx(bar["vs"]["ja-shell"]["diff"], abs=6e-4) and d["low"] > 0
+    assert cv.content.size >= 800

@@ -51,9 +51,10 @@ def cmd_zoo_bar(args: argparse.Namespace) -> int:
     records = []
     for seed in args.seeds:
         zoo = Path(args.zoo) if args.zoo else out / f"zoo-{seed}"
+        settings = _settings(args)
         if not (zoo / "zoo.json").exists():
-            build_zoo(zoo, seed, _settings(args), progress=not args.quiet, force=True)
-        rec = measure_bar(zoo, out / f"work-{seed}")
+            build_zoo(zoo, seed, settings, progress=not args.quiet, force=True)
+        rec = measure_bar(zoo, out / f"work-{seed}", threads=settings.threads)
         print(format_record(rec), flush=True)
         records.append(rec)
         if args.zoo:

@@ -75,17 +75,17 @@ def score(rows: list[dict], preds: list[str], rouge: bool = True) -> Scores:
 
 
 def bootstrap_ci(x: np.ndarray, resamples: int = BOOTSTRAP, seed: int = 0) -> tuple[float, float]:
-    rng = np.random.default_rng(seed)
-    means = x[rng.integers(0, x.size, size=(resamples, x.size))].mean(axis=1)
-    lo, hi = np.percentile(means, [2.5, 97.5])
-    return float(lo), float(hi)
+    from eval.metrics import bootstrap_aggregate
+
+    agg = bootstrap_aggregate(x, resamples, seed)
+    return agg.low, agg.high
 
 
 def paired_bootstrap(a: np.ndarray, b: np.ndarray, resamples: int = BOOTSTRAP, seed: int = 0) -> dict:
     """Mean of a - b over the same questions and its 95% paired bootstrap CI (questions resampled)."""
-    d = np.asarray(a, float) - np.asarray(b, float)
-    lo, hi = bootstrap_ci(d, resamples, seed)
-    return {"diff": float(d.mean()), "low": lo, "high": hi, "excludes_zero": bool(lo > 0 or hi < 0)}
+    from eval.metrics import paired_bootstrap as paired
+
+    return paired(a, b, resamples, seed)
 
 
 def evaluate_model(model_dir: str | Path, data_file: str | Path, limit: int | None = None, rouge: bool = True,

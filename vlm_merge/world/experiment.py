@@ -39,9 +39,9 @@ def _summ(sc: evaluate.Scores) -> dict:
 
 
 def measure_bar(zoo: str | Path, work: str | Path, scales=SCALES, skips=SKIPS, progress: bool = False,
-                rouge: bool = True) -> dict:
+                rouge: bool = True, threads: int = 2) -> dict:
     """Evaluate controls and Chat Vector on `zoo`; writes merged models under `work`; returns the record."""
-    torch.set_num_threads(2)
+    torch.set_num_threads(threads)
     zoo, work = Path(zoo), Path(work)
     work.mkdir(parents=True, exist_ok=True)
     meta = json.loads((zoo / "zoo.json").read_text())

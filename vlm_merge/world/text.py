@@ -26,17 +26,12 @@ from vlm_merge.world import scenes
 BOS, EOS, UNK = "<s>", "</s>", "<unk>"
 IMAGE_TOKEN, PAD_TOKEN = "<image>", "<pad>"
 TOKENIZER_VOCAB = 1000
-MAX_LENGTH = 128
+MAX_LENGTH = 256
 
 
 def prompt(context: str, question: str) -> str:
     """The chat prompt up to the assistant's turn (no BOS: the tokenizer adds it)."""
     return f"USER: {context}\n{question} ASSISTANT:"
-
-
-def chat(context: str, question: str, answer: str) -> tuple[str, str]:
-    """(prompt, answer) of one chat turn; the training text is prompt + ' ' + answer + EOS."""
-    return prompt(context, question), answer
 
 
 TRANSLATE = {"en": "translate into japanese.", "ja": "英語に翻訳してください。"}  # asked after the text
@@ -57,22 +52,26 @@ def _parallel(scene: scenes.Scene, rng: random.Random) -> tuple[str, str]:
     return (en.answer, ja.answer) if rng.random() < 0.5 else (en.question, ja.question)
 
 
-def document(rng: random.Random, kind: str) -> tuple[str, str]:
+def turns_text(qas: list[scenes.QA]) -> str:
+    """Earlier chat turns about the same context, as they precede a follow-up question (LLaVA's multi-turn
+    format): ``{answer}</s> USER: {question} ASSISTANT:`` repeated, starting after the first prompt."""
+    return "".join(f" {qa.answer}{EOS} USER: {nxt.question} ASSISTANT:" for qa, nxt in zip(qas, qas[1:]))
+
+
+def document(rng: random.Random, kind: str, turns: int = 1) -> tuple[str, str]:
     """One training document as (prompt, answer); a plain text has an empty prompt.
 
-    kind: "qa-en" / "qa-ja" (scene reading comprehension), "xqa-en" / "xqa-ja" (the same with the scene
-    described in the other language: the answer follows the question's language), "text-en" / "text-ja"
-    (descriptions), "para" (translation either way, the instruction after the text).
+    kind: "qa-en" / "qa-ja" (scene reading comprehension, `turns` questions about one scene in a multi-turn
+    chat), "xqa-en" / "xqa-ja" (the same with the scene described in the other language: the answer
+    follows the question's language), "text-en" / "text-ja" (descriptions), "para" (translation either
+    way, the instruction after the text).
     """
     scene = scenes.sample_scene(rng)
-    if kind.startswith("qa-"):
-        lang = kind[3:]
-        qa = scenes.sample_qa(scene, rng, lang)
-        return chat(scenes.describe(scene, lang), qa.question, qa.answer)
-    if kind.startswith("xqa-"):  # cross-lingual: the context in the other language, answer in the question's
-        lang = kind[4:]
-        qa = scenes.sample_qa(scene, rng, lang)
-        return chat(scenes.describe(scene, "ja" if lang == "en" else "en"), qa.question, qa.answer)
+    if kind.startswith(("qa-", "xqa-")):
+        lang = kind.split("-")[1]
+        context = lang if kind.startswith("qa-") else ("ja" if lang == "en" else "en")
+        qas = [scenes.sample_qa(scene, rng, lang) for _ in range(turns)]
+        return prompt(scenes.describe(scene, context), qas[0].question) + turns_text(qas), qas[-1].answer
     if kind.startswith("text-"):
         return "", scenes.describe(scene, kind[5:])
     en, ja = _parallel(scene, rng)
@@ -81,12 +80,12 @@ def document(rng: random.Random, kind: str) -> tuple[str, str]:
     return prompt(ja, TRANSLATE["ja"]), en
 
 
-def mixture_sampler(mix: dict[str, float], seed: int):
-    """An endless iterator of documents drawn from `mix` (kind -> weight)."""
+def mixture_sampler(mix: dict[str, float], seed: int, turns: int = 1):
+    """An endless iterator of documents drawn from `mix` (kind -> weight), QA chats of `turns` turns."""
     rng = random.Random(seed)
     kinds, weights = list(mix), list(mix.values())
     while True:
-        yield document(rng, rng.choices(kinds, weights)[0])
+        yield document(rng, rng.choices(kinds, weights)[0], turns)
 
 
 def tokenizer_corpus(seed: int, n: int = 6000) -> list[str]:
