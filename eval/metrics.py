@@ -70,6 +70,20 @@ def bootstrap_aggregate(
     return Aggregate(mean=float(x.mean()), low=float(low), mid=float(mid), high=float(high), n=int(x.size))
 
 
+def paired_bootstrap(
+    a: Sequence[float], b: Sequence[float], resamples: int = BOOTSTRAP_RESAMPLES, seed: int = BOOTSTRAP_SEED
+) -> dict[str, float | bool]:
+    """Mean of a - b over the same questions and its 95% paired bootstrap interval (questions resampled).
+
+    Returns ``diff``, ``low``, ``high`` and ``excludes_zero`` (the interval lies on one side of 0).
+    """
+    x, y = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    if x.shape != y.shape:
+        raise VlmMergeError(f"paired bootstrap: {x.size} scores against {y.size}; both must score the same questions")
+    agg = bootstrap_aggregate(x - y, resamples, seed)
+    return {"diff": agg.mean, "low": agg.low, "high": agg.high, "excludes_zero": bool(agg.low > 0 or agg.high < 0)}
+
+
 class Scorer(ABC):
     """Per-sample scores for (reference, prediction) pairs; one or more named columns."""
 

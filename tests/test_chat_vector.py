@@ -4,6 +4,7 @@ alignment by token string, load + generate with transformers' own classes, saved
 from __future__ import annotations
 
 import json
+import random
 
 import pytest
 import torch
@@ -159,13 +160,14 @@ def test_bfloat16_output_rounds_once(zoo, tmp_path):
 def test_batched_generation_equals_one_at_a_time(zoo, merged):
     from transformers import AutoModelForImageTextToText
 
+    from eval.fixture_datasets import draw_scene
     from eval.generation import generate_answers
-    from vlm_merge.demo import demo_images
 
     out = merged["llava-hf-llama"]
     model = AutoModelForImageTextToText.from_pretrained(str(out))
     proc = AutoProcessor.from_pretrained(str(out))
-    images = demo_images(seed=3, n=5)
+    rng = random.Random(3)
+    images = [draw_scene(rng)[0] for _ in range(5)]
     questions = ["これは何ですか", "色は？", "何個ありますか、数えてください", "形", "この画像を説明してください"]
     batched = generate_answers(model, proc, images, questions, max_new_tokens=6, batch_size=5)
     single = [generate_answers(model, proc, [im], [q], max_new_tokens=6, batch_size=1)[0] for im, q in zip(images, questions)]

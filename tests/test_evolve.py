@@ -161,11 +161,10 @@ def test_failing_candidates_are_penalised_logged_and_the_run_goes_on(zoo, dev, t
     assert json.loads((tmp_path / "nan" / "summary.json").read_text())["failed"] == 4
 
 
-def test_resume_after_sigkill_mid_generation_matches_an_uninterrupted_run(zoo, dev, tmp_path):
-    cfg = config(zoo, dev, fitness={"limit": None, "batch_size": 2}, cmaes={"popsize": 6, "max_evaluations": 24, "seed": 7})
+def _kill_mid_generation(tmp_path, cfg, sig: int, generation: int) -> tuple[subprocess.Popen, Path, str]:
+    """Start `python -m vlm_merge.evolve` on `cfg` and send `sig` once `generation` has logged a candidate."""
     path = tmp_path / "config.yaml"
     path.write_text(json.dumps(cfg))  # JSON is YAML
-    ref = run_evolve(config_from_dict(cfg), tmp_path / "ref", progress=False, write_model=False)
     out = tmp_path / "killed"
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     proc = subprocess.Popen([sys.executable, "-m", "vlm_merge.evolve", str(path), "--out", str(out), "--quiet"], env=env,
@@ -175,23 +174,47 @@ def test_resume_after_sigkill_mid_generation_matches_an_uninterrupted_run(zoo, d
     try:
         while time.time() < deadline and proc.poll() is None:
             lines = log.read_text().splitlines() if log.exists() else []
-            if any(json.loads(x)["generation"] == 3 and json.loads(x)["index"] >= 1 for x in lines if x.endswith("}")):
-                os.kill(proc.pid, signal.SIGKILL)
+            if any(json.loads(x)["generation"] == generation and json.loads(x)["index"] >= 1 for x in lines if x.endswith("}")):
+                os.kill(proc.pid, sig)
                 break
             time.sleep(0.002)
     finally:
         proc.wait(timeout=60)
-    assert proc.returncode == -signal.SIGKILL, proc.stderr.read().decode()[-2000:]
-    state = json.loads((out / CHECKPOINT_FILE).read_text())
-    partial = [json.loads(x) for x in log.read_text().splitlines() if x.endswith("}")]
-    assert state["generation"] == 2 and len(partial) > state["log_lines"], "the kill did not land mid-generation"
+    return proc, out, proc.stderr.read().decode()
+
+
+def _assert_resumes_like(ref, out: Path, ref_dir: Path) -> None:
     assert main(["--resume", str(out), "--quiet"]) == 0
-    resumed = [json.loads(x) for x in log.read_text().splitlines()]
-    reflog = [json.loads(x) for x in (tmp_path / "ref" / LOG_FILE).read_text().splitlines()]
+    resumed = [json.loads(x) for x in (out / LOG_FILE).read_text().splitlines()]
+    reflog = [json.loads(x) for x in (ref_dir / LOG_FILE).read_text().splitlines()]
     assert [(r["x"], r["fitness"]) for r in resumed] == [(r["x"], r["fitness"]) for r in reflog]
     best = json.loads((out / "summary.json").read_text())["best"]
     assert best["x"] == ref.best["x"] and best["fitness"] == ref.best["fitness"]
     assert (out / "best_recipe.yaml").exists() and (out / "model" / "config.json").exists()
+
+
+def test_resume_after_sigkill_mid_generation_matches_an_uninterrupted_run(zoo, dev, tmp_path):
+    cfg = config(zoo, dev, fitness={"limit": None, "batch_size": 2}, cmaes={"popsize": 6, "max_evaluations": 24, "seed": 7})
+    ref = run_evolve(config_from_dict(cfg), tmp_path / "ref", progress=False, write_model=False)
+    proc, out, err = _kill_mid_generation(tmp_path, cfg, signal.SIGKILL, 3)
+    assert proc.returncode == -signal.SIGKILL, err[-2000:]
+    state = json.loads((out / CHECKPOINT_FILE).read_text())
+    partial = [json.loads(x) for x in (out / LOG_FILE).read_text().splitlines() if x.endswith("}")]
+    assert state["generation"] == 2 and len(partial) > state["log_lines"], "the kill did not land mid-generation"
+    _assert_resumes_like(ref, out, tmp_path / "ref")
+
+
+def test_ctrl_c_stops_with_a_checkpoint_and_resumes(zoo, dev, tmp_path):
+    cfg = config(zoo, dev, fitness={"limit": None, "batch_size": 2}, cmaes={"popsize": 6, "max_evaluations": 18, "seed": 5})
+    ref = run_evolve(config_from_dict(cfg), tmp_path / "ref", progress=False, write_model=False)
+    proc, out, err = _kill_mid_generation(tmp_path, cfg, signal.SIGINT, 2)
+    assert proc.returncode == 130, err[-2000:]
+    last = [x for x in err.splitlines() if x.strip()][-1]
+    assert "Traceback" not in err and last.startswith("vlm-merge: interrupted") and f"--resume {out}" in last, err
+    state = json.loads((out / CHECKPOINT_FILE).read_text())
+    assert state["generation"] == 1 and not state["finished"]
+    assert not (out / "best_recipe.yaml").exists()
+    _assert_resumes_like(ref, out, tmp_path / "ref")
 
 
 def test_config_errors_are_one_line_and_exit_2(zoo, dev, tmp_path, capsys):
@@ -235,3 +258,34 @@ def test_ray_workers_score_like_one_process(zoo, dev, tmp_path):
     b = [json.loads(x) for x in (tmp_path / "ray" / LOG_FILE).read_text().splitlines()]
     assert [(r["x"], r["fitness"]) for r in a] == [(r["x"], r["fitness"]) for r in b]
     assert par.best["x"] == serial.best["x"]
+
+
+def test_held_out_report_compares_best_with_chat_vector_and_controls(zoo, dev, tmp_path):
+    from eval.metrics import bootstrap_aggregate, paired_bootstrap
+
+    cfg = config(zoo, dev, fitness={"kind": "generate", "metrics": {"rougeL": 1.0}, "limit": 8, "max_new_tokens": 6},
+                 test={"benchmark": str(dev), "metric": "rougeL", "chat_vector_scale": 0.5})
+    res = run_evolve(config_from_dict(cfg), tmp_path / "run", progress=False, write_model=False)
+    rec = json.loads((tmp_path / "run" / "test_report.json").read_text())
+    assert rec == json.loads(json.dumps(res.test)) and rec["questions"] == 24
+    assert list(rec["models"]) == ["evolved", "chat-vector", "target-shell", "vlm"]
+    per = {n: [json.loads(x) for x in (tmp_path / "run" / "test_predictions" / f"{n}.jsonl").read_text().splitlines()]
+           for n in rec["models"]}
+    for n, rows in per.items():  # the report is its predictions re-aggregated
+        assert rec["models"][n]["mean"] == pytest.approx(bootstrap_aggregate([r["rougeL"] for r in rows]).mean)
+    for n, d in rec["evolved_vs"].items():
+        want = paired_bootstrap([r["rougeL"] for r in per["evolved"]], [r["rougeL"] for r in per[n]])
+        assert d == pytest.approx(want)
+    # the controls are what they say: the shell answers as the target model in the shell, the VLM as itself
+    shell = merge({"merge_method": "task_arithmetic", "vlm": cfg["sources"]["vlm"], "base_model": cfg["sources"]["base_model"],
+                   "target": cfg["sources"]["target"], "models": [{"model": "vlm", "parameters": {"weight": 0.0}}]},
+                  tmp_path / "shell", progress=False)
+    from eval.runner import evaluate
+
+    for name, path in (("target-shell", shell), ("vlm", Path(cfg["sources"]["vlm"]))):
+        model, proc = load_model(path, device="cpu")
+        got = evaluate(model, str(dev), processor=proc, protocol="llm-jp", max_new_tokens=6, batch_size=8, progress=False)
+        assert [r["prediction"] for r in got.predictions] == [r["prediction"] for r in per[name]]
+    assert "| evolved minus |" in (tmp_path / "run" / "test_report.md").read_text()
+    with pytest.raises(VlmMergeError, match="test.metric"):
+        config_from_dict(config(zoo, dev, test={"benchmark": str(dev), "metric": "accuracy"}))

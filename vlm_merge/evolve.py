@@ -52,6 +52,11 @@ written. Only our own run directory's checkpoint is ever unpickled, after its SH
 
 Outputs in OUT/: `config.yaml`, `log.jsonl`, `checkpoint.json`, `best_recipe.yaml` (replay with
 `vlm-merge merge best_recipe.yaml DIR`), `model/` (the best model), `fitness.png`, `summary.json`.
+With `test: {benchmark, data, split, limit, metric, chat_vector_scale}` (a split disjoint from the
+fitness questions) the run ends with a held-out report, `test_report.{md,json}`: the best recipe, Chat
+Vector at `chat_vector_scale`, the target in the VLM shell (scale 0) and the VLM itself, scored per
+question with the fitness protocol's generation, the best compared with each by a paired bootstrap
+(`eval.metrics.paired_bootstrap`); `test_predictions/<model>.jsonl` keep every answer and its scores.
 """
 
 from __future__ import annotations
@@ -143,6 +148,18 @@ class FitnessConfig:
 
 
 @dataclass(frozen=True)
+class TestConfig:
+    """`test:` the held-out report written after the search (see `held_out_report`)."""
+
+    benchmark: str
+    data: str | None = None
+    split: str | None = None
+    limit: int | None = None
+    metric: str = "rougeL"  # the score column compared, per question, with a paired bootstrap
+    chat_vector_scale: float = 1.0  # the Chat Vector model reported beside the best one
+
+
+@dataclass(frozen=True)
 class CmaConfig:
     popsize: int | None = None
     sigma0: float = 0.2
@@ -158,6 +175,7 @@ class EvolveConfig:
     method: str = "task_arithmetic"
     genome: GenomeConfig = field(default_factory=GenomeConfig)
     cmaes: CmaConfig = field(default_factory=CmaConfig)
+    test: TestConfig | None = None
     dtype: str | None = None  # output dtype of the merged language model (recipe `dtype`)
     device: str = "auto"
     model_dtype: str = "auto"  # dtype the live model is loaded in (auto: float32 on CPU, protocol's on GPU)
@@ -323,8 +341,20 @@ def config_from_dict(data: Any, base_dir: str | Path | None = None) -> EvolveCon
             "seed": lambda x, ww: _num(x, ww, integer=True),
         })
 
+    def test(v, w):
+        if v is None:
+            return None
+        return _build(TestConfig, v, w, {
+            "benchmark": lambda x, ww: _rebase(_str(x, ww, allow_none=False), base),
+            "data": lambda x, ww: _rebase(_str(x, ww), base),
+            "split": _str,
+            "limit": lambda x, ww: _num(x, ww, integer=True, low=1, allow_none=True),
+            "metric": lambda x, ww: _str(x, ww, allow_none=False),
+            "chat_vector_scale": _num,
+        })
+
     cfg = _build(EvolveConfig, data, "", {
-        "sources": sources, "fitness": fitness, "genome": genome, "cmaes": cmaes,
+        "sources": sources, "fitness": fitness, "genome": genome, "cmaes": cmaes, "test": test,
         "method": lambda x, w: _str(x, w, tuple(METHODS), False),
         "dtype": _str, "device": lambda x, w: _str(x, w, allow_none=False), "model_dtype": lambda x, w: _str(x, w, allow_none=False),
         "threads": lambda x, w: _num(x, w, integer=True, low=1, allow_none=True),
@@ -358,6 +388,15 @@ def _check_config(cfg: EvolveConfig) -> None:
         raise _err("sources.models", "names 'vlm' but sources.vlm is not set")
     if cfg.fitness.subset.mode != "none" and cfg.fitness.subset.size < 1:
         raise _err("fitness.subset.size", f"mode {cfg.fitness.subset.mode} needs a size of at least 1")
+    if cfg.test is not None:
+        missing = [k for k in ("vlm", "base_model", "target") if getattr(cfg.sources, k) is None]
+        if missing:
+            raise _err("test", f"the report compares with Chat Vector and the controls: set sources.{missing[0]}")
+        from eval.metrics import SCORERS
+
+        columns = [c for cls in SCORERS.values() for c in cls.fields]
+        if cfg.test.metric not in columns:
+            raise _err("test.metric", f"{cfg.test.metric!r} is not a score column (known: {', '.join(columns)})")
     if isinstance(cfg.cmaes.x0, dict):
         for k in cfg.cmaes.x0:
             if k not in cfg.genome.params:
@@ -580,7 +619,9 @@ class LogLikelihood:
 class Evaluator:
     """Resident sources + one live model + cached image features: scores recipes in-process."""
 
-    def __init__(self, config: EvolveConfig, scaffold: str | Path) -> None:
+    def __init__(self, config: EvolveConfig, scaffold: str | Path, *, resident: bool = True) -> None:
+        """`scaffold`: a model directory of the merge's architecture, loaded as the live model; with
+        `resident=False` no sources are loaded and the model at `scaffold` itself is scored."""
         import torch
 
         from eval.benchmarks import load_benchmark
@@ -598,8 +639,10 @@ class Evaluator:
             template=f.template, max_new_tokens=f.max_new_tokens, num_beams=f.num_beams, repetition_penalty=f.repetition_penalty
         )
         self.model, self.processor = load_model(scaffold, device=config.device, dtype=config.model_dtype, gpu_dtype=self.protocol.gpu_dtype)
-        genome = Genome.of(config, num_layers_of(config))
-        self.merger = ResidentMerger.open(genome.decode(genome.x0()), self.model)
+        self.merger = None
+        if resident:
+            genome = Genome.of(config, num_layers_of(config))
+            self.merger = ResidentMerger.open(genome.decode(genome.x0()), self.model)
         self.bench = load_benchmark(f.benchmark, f.data, split=f.split)
         self.pool = self.bench.select(self.protocol.questions, f.limit)
         self.by_id = {q.question_id: q for q in self.pool}
@@ -647,12 +690,21 @@ class Evaluator:
         if f.kind == "loglik":
             vals = self.loglik(qs, self.encoded, f.batch_size)
             return {"loglik": float(np.mean(vals))}
+        res = self._generate(qs)
+        return {c: float(res.scores[c].mean) for c in f.metrics}
+
+    def _generate(self, qs):
         from eval.runner import evaluate
 
         bench = replace(self.bench, questions=list(qs))
-        res = evaluate(self.model, bench, processor=self.processor, protocol=self.protocol, batch_size=f.batch_size,
-                       encoded_images=self.encoded, scorers=self.scorers, progress=False)
-        return {c: float(res.scores[c].mean) for c in f.metrics}
+        return evaluate(self.model, bench, processor=self.processor, protocol=self.protocol, batch_size=self.config.fitness.batch_size,
+                        encoded_images=self.encoded, scorers=self.scorers, progress=False)
+
+    def predict(self, question_ids: Sequence[str] | None = None) -> dict[str, str]:
+        """The live model's generated answers (question id -> text) under the fitness protocol
+        (`fitness.kind: generate`), e.g. to score them with a metric outside the registry."""
+        qs = self.pool if question_ids is None else [self.by_id[q] for q in question_ids]
+        return {r["question_id"]: r["prediction"] for r in self._generate(qs).predictions}
 
 
 def _ray_actor_class():
@@ -738,6 +790,7 @@ class EvolveResult:
     evaluations: int
     finished: bool
     model: Path | None = None
+    test: dict | None = None  # the held-out report (`test:` in the config)
 
 
 def _write_atomic(path: Path, data: str | bytes) -> None:
@@ -921,8 +974,15 @@ def run_evolve(
     best = _best(records)
     stop = json.loads(ckpt_path.read_text()).get("stop") if ckpt_path.exists() else None
     model_dir = _finish(cfg, genome, out, records, best, gen, evals, write_model, stop)
+    test = None
+    if cfg.test is not None and best is not None:
+        if not scaffold.exists():
+            from vlm_merge.resident import write_scaffold
+
+            write_scaffold(genome.decode(genome.x0()), scaffold)
+        test = held_out_report(cfg, out, genome.decode(best["x"]), scaffold)
     shutil.rmtree(scaffold, ignore_errors=True)
-    return EvolveResult(out, best, gen, evals, True, model_dir)
+    return EvolveResult(out, best, gen, evals, True, model_dir, test)
 
 
 class EvolveInterrupted(VlmMergeError):
@@ -1060,8 +1120,86 @@ def _finish(cfg: EvolveConfig, genome: Genome, out: Path, records: list[dict], b
     return model_dir
 
 
-def plot_fitness(records: Sequence[dict], path: Path) -> None:
-    """Population fitness (dots; failures as x at the bottom) and best so far over evaluations."""
+TEST_REPORT_MD, TEST_REPORT_JSON, TEST_PREDICTIONS_DIR = "test_report.md", "test_report.json", "test_predictions"
+
+
+def chat_vector_recipe(cfg: EvolveConfig, scale: float) -> Recipe:
+    """`target + scale * (vlm - base_model)` on every language-model tensor (scale 0: the target in the VLM shell)."""
+    s = cfg.sources
+    return Recipe(merge_method="task_arithmetic", models=(ModelEntry(VLM_REF, {"weight": scale}),), base_model=s.base_model,
+                  vlm=s.vlm, target=s.target, tokenizer_source=s.tokenizer_source, dtype=cfg.dtype, seed=cfg.recipe_seed)
+
+
+def held_out_report(cfg: EvolveConfig, out: Path, best_recipe: Recipe, scaffold: Path) -> dict:
+    """Score the best recipe, Chat Vector (`test.chat_vector_scale`), the target in the VLM shell (scale 0)
+    and the VLM itself on the `test:` split with the fitness protocol (generated answers), and compare the
+    best with each by a paired bootstrap over questions. Writes `test_report.{md,json}` and per-model
+    predictions with per-question scores (`test_predictions/<model>.jsonl`, re-scorable)."""
+    import gc
+
+    from eval.metrics import bootstrap_aggregate, paired_bootstrap
+    from eval.outputs import jsonl
+
+    t = cfg.test
+    assert t is not None
+    test_fitness = replace(cfg.fitness, benchmark=t.benchmark, data=t.data, split=t.split, limit=t.limit, kind="generate",
+                           metrics={t.metric: 1.0}, subset=SubsetConfig())
+    runs: list[tuple[str, str, EvolveConfig, Recipe | None]] = [
+        ("evolved", "the best recipe of the search", replace(cfg, fitness=test_fitness), best_recipe),
+        ("chat-vector", f"Chat Vector, scale {t.chat_vector_scale:g}: target + scale * (vlm - base_model)",
+         replace(cfg, fitness=test_fitness, method="task_arithmetic", sources=replace(cfg.sources, models=(VLM_REF,)),
+                 genome=GenomeConfig(params={"weight": DEFAULT_BOUNDS["weight"]})), chat_vector_recipe(cfg, t.chat_vector_scale)),
+        ("target-shell", "control: the target language model in the VLM shell (Chat Vector scale 0)", None, chat_vector_recipe(cfg, 0.0)),
+        ("vlm", "control: the VLM as it is", None, None),
+    ]
+    per_question: dict[str, list[dict]] = {}
+    ev = None
+    for name, _, run_cfg, recipe in runs:
+        if run_cfg is not None:  # a new method / source structure: its own resident evaluator
+            ev = None
+            gc.collect()
+            ev = Evaluator(run_cfg, scaffold)
+        if recipe is None:  # the VLM itself, same protocol and questions
+            ev = None
+            gc.collect()
+            ev = Evaluator(replace(cfg, fitness=test_fitness), cfg.sources.vlm, resident=False)
+        else:
+            ev.merger.apply(recipe)
+        per_question[name] = ev._generate(ev.pool).predictions
+    ev = None
+    gc.collect()
+    scores = {n: np.array([r[t.metric] for r in rows], dtype=np.float64) for n, rows in per_question.items()}
+    ids = [r["question_id"] for r in per_question["evolved"]]
+    if any([r["question_id"] for r in rows] != ids for rows in per_question.values()):
+        raise VlmMergeError("held-out report: the models were scored on different questions")
+    rec = {
+        "metric": t.metric, "questions": len(ids), "benchmark": t.benchmark, "data": t.data, "split": t.split,
+        "protocol": protocol_text(replace(cfg, fitness=test_fitness)),
+        "models": {n: {"description": d, **bootstrap_aggregate(scores[n]).as_dict()} for n, d, _, _ in runs},
+        "evolved_vs": {n: paired_bootstrap(scores["evolved"], scores[n]) for n, *_ in runs if n != "evolved"},
+    }
+    (out / TEST_PREDICTIONS_DIR).mkdir(exist_ok=True)
+    for n, rows in per_question.items():
+        _write_atomic(out / TEST_PREDICTIONS_DIR / f"{n}.jsonl", jsonl(rows))
+    _write_atomic(out / TEST_REPORT_JSON, json.dumps(rec, indent=2, ensure_ascii=False) + "\n")
+    lines = [f"# Held-out report: {t.benchmark}" + (f" ({t.split})" if t.split else ""), "",
+             f"{len(ids)} questions, score `{t.metric}` per question, 95% bootstrap intervals (1000 resamples, seed 0). "
+             f"Protocol: {rec['protocol']}.", "",
+             "| model | what | mean | 95% CI |", "|---|---|---|---|"]
+    lines += [f"| {n} | {m['description']} | {m['mean']:.4f} | [{m['low']:.4f}, {m['high']:.4f}] |" for n, m in rec["models"].items()]
+    lines += ["", "| evolved minus | difference | 95% paired CI | CI excludes 0 |", "|---|---|---|---|"]
+    lines += [f"| {n} | {d['diff']:+.4f} | [{d['low']:+.4f}, {d['high']:+.4f}] | {'yes' if d['excludes_zero'] else 'no'} |"
+              for n, d in rec["evolved_vs"].items()]
+    _write_atomic(out / TEST_REPORT_MD, "\n".join(lines) + "\n")
+    return rec
+
+
+def plot_fitness(records: Sequence[dict], path: Path, references: Mapping[str, float] | None = None) -> None:
+    """Population fitness (dots; failures as x at the bottom) and best so far over evaluations.
+
+    `references` (label -> fitness) are drawn as dashed horizontal lines, e.g. a hand-tuned merge's
+    score on the same fitness questions.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
@@ -1086,6 +1224,8 @@ def plot_fitness(records: Sequence[dict], path: Path) -> None:
             ys.append(best)
     if xs:
         ax.step(xs, ys, where="post", color="black", label="best so far")
+    for (label, value), colour in zip((references or {}).items(), ("tab:orange", "tab:green", "tab:purple", "tab:brown")):
+        ax.axhline(value, ls="--", lw=1, color=colour, label=label)
     ax.set_xlabel("evaluation")
     ax.set_ylabel("fitness")
     ax.legend(loc="lower right", fontsize=8)
