@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -80,6 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--questions", type=int, default=300)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2)
+    argv = sys.argv[1:] if argv is None else argv
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     zoo = Path(args.zoo)
@@ -90,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
     ll_cfg = config_from_dict(world_config(zoo, data, "loglik", args.questions))
     genome = Genome.of(gen_cfg, num_layers_of(gen_cfg))
     rng = random.Random(args.seed)
-    xs = [[rng.random() for _ in range(genome.size)] for _ in range(args.candidates)]
+    xs = [[rng.random() for _ in range(len(genome))] for _ in range(args.candidates)]
     with tempfile.TemporaryDirectory(prefix="bench-fitness-") as work:
         write_scaffold(genome.decode(genome.x0()), Path(work) / "scaffold")
         gen_ev = Evaluator(gen_cfg, Path(work) / "scaffold")
@@ -125,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
     gen_s = float(np.mean([r["generate_eval_s"] for r in records]))
     out["seconds_per_candidate"] = {"loglik": ll_s, "generate": gen_s, "speedup": gen_s / ll_s}
     out["machine"] = MachineFacts.collect().as_dict()
-    out["command"] = "python -m bench.fitness_rank " + " ".join(argv or [])
+    out["command"] = " ".join(["python -m bench.fitness_rank", *argv])
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "fitness_rank.json").write_text(json.dumps(out, indent=2, ensure_ascii=False, default=str) + "\n")
     md = ["# Log-likelihood fitness vs generated-answer accuracy\n",
