@@ -862,6 +862,17 @@ def _subsets(config: EvolveConfig, pool: list[str], generation: int) -> list[lis
     return [[q for q in pool if q in set(order[:n])] for n in sizes]
 
 
+def generation_text(f: FitnessConfig) -> str:
+    """How answers are generated under `f` (protocol and its overrides), for reports."""
+    from eval.protocols import get_protocol
+
+    p = get_protocol(f.protocol).with_overrides(template=f.template, max_new_tokens=f.max_new_tokens, num_beams=f.num_beams,
+                                                repetition_penalty=f.repetition_penalty)
+    g = p.generation
+    return (f"{p.name} protocol ({p.questions} questions), template {p.template}, max_new_tokens {g.max_new_tokens}, "
+            f"num_beams {g.num_beams}, repetition_penalty {g.repetition_penalty:g}")
+
+
 def protocol_text(config: EvolveConfig) -> str:
     f, sub = config.fitness, config.fitness.subset
     what = "mean answer log-likelihood (teacher forcing)" if f.kind == "loglik" else " + ".join(f"{w:g}*{c}" for c, w in f.metrics.items())
@@ -1174,7 +1185,7 @@ def held_out_report(cfg: EvolveConfig, out: Path, best_recipe: Recipe, scaffold:
         raise VlmMergeError("held-out report: the models were scored on different questions")
     rec = {
         "metric": t.metric, "questions": len(ids), "benchmark": t.benchmark, "data": t.data, "split": t.split,
-        "protocol": protocol_text(replace(cfg, fitness=test_fitness)),
+        "protocol": generation_text(test_fitness),
         "models": {n: {"description": d, **bootstrap_aggregate(scores[n]).as_dict()} for n, d, _, _ in runs},
         "evolved_vs": {n: paired_bootstrap(scores["evolved"], scores[n]) for n, *_ in runs if n != "evolved"},
     }
