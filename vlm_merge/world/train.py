@@ -51,7 +51,8 @@ class WorldSettings:
     vlm_lm_lr_scale: float = 0.5
     qa_turns: int = 4  # questions per scene in the text models' reading-comprehension chats
     vlm_turns: int = 3  # questions per image in a VLM training chat (LLaVA's multi-turn conversations)
-    vlm_replay: float = 0.15  # share of each VLM batch that is text-only chat from en_mix (as LLaVA mixes ShareGPT)
+    vlm_replay: float = 0.15  # share of each VLM batch that is text-only chat (as LLaVA mixes ShareGPT)
+    vlm_replay_mix: dict | None = None  # the replayed documents' mix (None: en_mix)
     vlm_min_steps: int = 300
     vlm_target: float = 0.97  # stop once English dev content accuracy reaches this
     vlm_check_every: int = 150
@@ -269,7 +270,7 @@ def train_vlm(vlm: LlavaForConditionalGeneration, tok: Tokenizer, s: WorldSettin
     image_id, eos = tok.token_to_id(text.IMAGE_TOKEN), tok.token_to_id(text.EOS)
     pad_id = tok.token_to_id(text.PAD_TOKEN)
     stream = vqa_stream(seed, turns=s.vlm_turns)
-    replay = text.mixture_sampler(s.en_mix, seed + 7, s.qa_turns)
+    replay = text.mixture_sampler(s.vlm_replay_mix or s.en_mix, seed + 7, s.qa_turns)
     n_text = int(round(s.batch * s.vlm_replay))
     tower, projector, lm = vlm.model.vision_tower, vlm.model.multi_modal_projector, vlm.model.language_model
     for p in tower.parameters():
