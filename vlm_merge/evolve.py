@@ -1135,10 +1135,14 @@ TEST_REPORT_MD, TEST_REPORT_JSON, TEST_PREDICTIONS_DIR = "test_report.md", "test
 
 
 def chat_vector_recipe(cfg: EvolveConfig, scale: float) -> Recipe:
-    """`target + scale * (vlm - base_model)` on every language-model tensor (scale 0: the target in the VLM shell)."""
+    """`chat_vector.chat_vector_recipe` at `scale` on this run's sources (scale 0: the target in the VLM shell),
+    with the run's tokenizer source and recipe seed so the resident merger accepts it."""
+    from chat_vector.api import chat_vector_recipe as cv_recipe
+    from chat_vector.api import make_scales
+
     s = cfg.sources
-    return Recipe(merge_method="task_arithmetic", models=(ModelEntry(VLM_REF, {"weight": scale}),), base_model=s.base_model,
-                  vlm=s.vlm, target=s.target, tokenizer_source=s.tokenizer_source, dtype=cfg.dtype, seed=cfg.recipe_seed)
+    return replace(cv_recipe(s.vlm, s.base_model, s.target, make_scales(scale), dtype=cfg.dtype),
+                   tokenizer_source=s.tokenizer_source, seed=cfg.recipe_seed)
 
 
 def held_out_report(cfg: EvolveConfig, out: Path, best_recipe: Recipe, scaffold: Path) -> dict:
@@ -1166,15 +1170,12 @@ def held_out_report(cfg: EvolveConfig, out: Path, best_recipe: Recipe, scaffold:
     per_question: dict[str, list[dict]] = {}
     ev = None
     for name, _, run_cfg, recipe in runs:
-        if run_cfg is not None:  # a new method / source structure: its own resident evaluator
-            ev = None
+        if run_cfg is not None or recipe is None:  # a new method / source structure, or the VLM itself
+            ev = None  # free the previous live model first
             gc.collect()
-            ev = Evaluator(run_cfg, scaffold)
-        if recipe is None:  # the VLM itself, same protocol and questions
-            ev = None
-            gc.collect()
-            ev = Evaluator(replace(cfg, fitness=test_fitness), cfg.sources.vlm, resident=False)
-        else:
+            ev = (Evaluator(run_cfg, scaffold) if recipe is not None
+                  else Evaluator(replace(cfg, fitness=test_fitness), cfg.sources.vlm, resident=False))
+        if recipe is not None:
             ev.merger.apply(recipe)
         per_question[name] = ev._generate(ev.pool).predictions
     ev = None
