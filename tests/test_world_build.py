@@ -61,3 +61,26 @@ def test_same_seed_same_weights(smoke_zoo, tmp_path):
     again = build_zoo(tmp_path / "again", 3, WorldSettings(**SMOKE), progress=False, dev_check=20)
     a, b = load_file(smoke_zoo / "ja-base" / "model.safetensors"), load_file(again / "ja-base" / "model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_frozen_blocks_and_frozen_vocab_stay_put(tmp_path):
+    """`ja_block_lr_scale=0` trains only the Japanese base's embeddings and lm_head; `vlm_train_vocab=False`
+    leaves the English VLM's embeddings and lm_head as the English base's (EXPERIMENTS.md, session 3)."""
+    from safetensors.torch import load_file
+
+    from vlm_merge.world.build import build_zoo
+    from vlm_merge.world.cli import SMOKE
+    from vlm_merge.world.train import WorldSettings
+
+    zoo = build_zoo(tmp_path / "zoo", 4, WorldSettings(**SMOKE | {"ja_block_lr_scale": 0.0, "vlm_train_vocab": False}),
+                    progress=False, dev_check=0)
+    en, ja = (load_file(zoo / p / "model.safetensors") for p in ("en-base", "ja-base"))
+    vlm = load_file(zoo / "en-vlm" / "model.safetensors")
+    vocab = ("model.embed_tokens.weight", "lm_head.weight")
+    assert all(torch.equal(en[k], ja[k]) for k in en if k not in vocab)
+    assert not any(torch.equal(en[k], ja[k]) for k in vocab)
+    rows = en["lm_head.weight"].shape[0]
+    for key in vocab:  # llava-hf's saved layout: language_model.{model.embed_tokens, lm_head}
+        assert torch.equal(vlm[f"language_model.{key}"][:rows], en[key])
+    up = "model.layers.0.mlp.up_proj.weight"
+    assert not torch.equal(vlm[f"language_model.{up}"], en[up])

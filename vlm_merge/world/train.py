@@ -45,6 +45,7 @@ class WorldSettings:
     en_lr: float = 2e-3
     ja_steps: int = 300
     ja_lr: float = 5e-4
+    ja_block_lr_scale: float = 1.0  # the Japanese continued pretraining's block learning rate, relative to ja_lr
     vision_steps: int = 200
     vlm_steps: int = 1500
     vlm_lr: float = 1e-3  # projector; the language model gets vlm_lr * vlm_lm_lr_scale
@@ -53,6 +54,7 @@ class WorldSettings:
     vlm_turns: int = 3  # questions per image in a VLM training chat (LLaVA's multi-turn conversations)
     vlm_replay: float = 0.15  # share of each VLM batch that is text-only chat (as LLaVA mixes ShareGPT)
     vlm_replay_mix: dict | None = None  # the replayed documents' mix (None: en_mix)
+    vlm_train_vocab: bool = True  # whether the VLM stage tunes embed_tokens and lm_head (else only the blocks)
     vlm_min_steps: int = 300
     vlm_target: float = 0.97  # stop once English dev content accuracy reaches this
     vlm_check_every: int = 150
@@ -170,8 +172,9 @@ def _loop(params, steps: int, lr: float, batch_fn: Callable[[int], torch.Tensor]
 
 
 def train_lm(model: LlamaForCausalLM, tok: Tokenizer, mix: dict, seed: int, steps: int, lr: float, batch: int,
-             desc: str, progress: bool, losses: list, turns: int = 1) -> None:
-    """Causal-LM training on documents from `mix` (loss on every token after BOS)."""
+             desc: str, progress: bool, losses: list, turns: int = 1, block_lr_scale: float = 1.0) -> None:
+    """Causal-LM training on documents from `mix` (loss on every token after BOS). The transformer blocks
+    and final norm learn at `lr * block_lr_scale` (0 freezes them), embeddings and lm_head at `lr`."""
     sampler: Iterator = text.mixture_sampler(mix, seed, turns)
     eos = tok.token_to_id(text.EOS)
     model.train()
@@ -181,7 +184,16 @@ def train_lm(model: LlamaForCausalLM, tok: Tokenizer, mix: dict, seed: int, step
         b = collate_chats([(ids, [i > 0 for i in range(len(ids))]) for ids, _ in seqs], pad_id=0)
         return model(**b).loss
 
-    _loop(list(model.parameters()), steps, lr, batch_fn, desc, progress, losses, weight_decay=0.01)
+    vocab = [model.model.embed_tokens.weight, model.lm_head.weight]
+    blocks = [p for p in model.parameters() if all(p is not v for v in vocab)]
+    groups = [{"params": vocab}]
+    if block_lr_scale > 0:
+        groups.append({"params": blocks, "scale": block_lr_scale})
+    for p in blocks:
+        p.requires_grad_(block_lr_scale > 0)
+    _loop(groups, steps, lr, batch_fn, desc, progress, losses, weight_decay=0.01)
+    for p in blocks:
+        p.requires_grad_(True)
     model.eval()
 
 
@@ -296,12 +308,16 @@ def train_vlm(vlm: LlavaForConditionalGeneration, tok: Tokenizer, s: WorldSettin
         return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), b["labels"][:, 1:].reshape(-1))
 
     vlm.train()
-    params = [{"params": list(projector.parameters())},
-              {"params": list(lm.parameters()) + list(vlm.lm_head.parameters()), "scale": s.vlm_lm_lr_scale}]
+    vocab = [lm.embed_tokens.weight, vlm.lm_head.weight]
+    lm_params = [p for p in list(lm.parameters()) + [vlm.lm_head.weight]
+                 if s.vlm_train_vocab or all(p is not v for v in vocab)]
+    for p in vocab:
+        p.requires_grad_(s.vlm_train_vocab)
+    params = [{"params": list(projector.parameters())}, {"params": lm_params, "scale": s.vlm_lm_lr_scale}]
     done = _loop(params, s.vlm_steps, s.vlm_lr, batch_fn, "english VLM", progress, losses, weight_decay=0.0,
                  check=check, check_every=s.vlm_check_every, min_steps=s.vlm_min_steps)
     vlm.eval()
-    for p in tower.parameters():
+    for p in list(tower.parameters()) + vocab:
         p.requires_grad_(True)
     return done
 
