@@ -174,22 +174,12 @@ class ChatVectorChoice:
 
 def choose_chat_vector(zoo: Zoo, scratch: Path, questions: int | None, progress: bool = True) -> ChatVectorChoice:
     """The experiment's grid (`SCALES` x `SKIPS`) scored on ja-dev content accuracy; the first best wins."""
-    from tqdm.auto import tqdm
+    from vlm_merge.world.experiment import choose_on_dev
 
-    from vlm_merge.world import evaluate
-    from vlm_merge.world.experiment import SCALES, SKIPS, chat_vector_model
-
-    grid = [(s, k) for k in SKIPS for s in SCALES]
-    dev, best = {}, None
-    for scale, skip in tqdm(grid, desc="chat vector on ja-dev", unit="merge", disable=not progress, dynamic_ncols=True):
-        path = chat_vector_model(zoo.root, scratch, scale, skip)
-        sc = evaluate.evaluate_model(path, zoo.data["ja-dev"], limit=questions, rouge=False)
-        acc = float(sc.content.mean())
-        dev[f"{scale}/{skip}"] = {"content_accuracy": acc, "exact_match": float(sc.exact.mean())}
-        if best is None or acc > best[2]:
-            best = (scale, skip, acc, [float(x) for x in sc.exact])
-    shutil.rmtree(scratch, ignore_errors=True)
-    return ChatVectorChoice(best[0], best[1], dev, best[3])
+    scale, skip, dev = choose_on_dev(zoo.root, zoo.data["ja-dev"], scratch, questions, progress=progress)
+    summary = {k: {"content_accuracy": float(sc.content.mean()), "exact_match": float(sc.exact.mean())}
+               for k, sc in dev.items()}
+    return ChatVectorChoice(scale, skip, summary, [float(x) for x in dev[f"{scale}/{skip}"].exact])
 
 
 def search_config(zoo: Zoo, settings: DemoSettings, x0_weight: float) -> dict:

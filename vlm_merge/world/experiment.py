@@ -34,6 +34,28 @@ def chat_vector_model(zoo: Path, out: Path, scale: float, skip: str = "none") ->
                        progress=False)
 
 
+def choose_on_dev(zoo: Path, dev_file: Path, scratch: Path, limit: int | None = None, scales=SCALES, skips=SKIPS,
+                  progress: bool = False) -> tuple[float, str, dict[str, evaluate.Scores]]:
+    """Chat Vector over the grid `skips` x `scales`, each merge written to `scratch` and scored on the first
+    `limit` questions of `dev_file`; the first best content accuracy wins.
+
+    Returns (scale, skip, {"{scale}/{skip}": Scores}); `scratch` is removed afterwards."""
+    from tqdm.auto import tqdm
+
+    grid = [(s, k) for k in skips for s in scales]
+    scores: dict[str, evaluate.Scores] = {}
+    best = None
+    for scale, skip in tqdm(grid, desc="chat vector on dev", unit="merge", disable=not progress, dynamic_ncols=True):
+        sc = evaluate.evaluate_model(chat_vector_model(zoo, scratch, scale, skip), dev_file, limit=limit, rouge=False)
+        scores[f"{scale}/{skip}"] = sc
+        acc = float(sc.content.mean())
+        log.info("chat vector scale %.2f skip %s -> dev content accuracy %.3f", scale, skip, acc)
+        if best is None or acc > best[2]:
+            best = (scale, skip, acc)
+    shutil.rmtree(scratch, ignore_errors=True)
+    return best[0], best[1], scores
+
+
 def _summ(sc: evaluate.Scores) -> dict:
     return sc.summary()
 
@@ -57,20 +79,11 @@ def measure_bar(zoo: str | Path, work: str | Path, scales=SCALES, skips=SKIPS, p
     shell = chat_vector_model(zoo, work / "ja-shell", 0.0)
     scores["ja-shell"] = evaluate.evaluate_model(shell, data["ja-test"], rouge=rouge)
 
-    best = None
-    for skip in skips:
-        for s in scales:
-            path = chat_vector_model(zoo, work / "cv-dev", s, skip)
-            dev = evaluate.evaluate_model(path, data["ja-dev"], rouge=False)
-            acc = float(dev.content.mean())
-            rec["dev"][f"{s}/{skip}"] = acc
-            log.info("seed %s: scale %.2f skip %s -> ja dev content accuracy %.3f", meta["seed"], s, skip, acc)
-            if best is None or acc > best[2]:
-                best = (s, skip, acc)
-    rec["chosen_scale"], rec["chosen_skip"] = best[0], best[1]
-    path = chat_vector_model(zoo, work / "chat-vector", best[0], best[1])
+    scale, skip, dev = choose_on_dev(zoo, data["ja-dev"], work / "cv-dev", scales=scales, skips=skips, progress=progress)
+    rec["dev"] = {k: float(sc.content.mean()) for k, sc in dev.items()}
+    rec["chosen_scale"], rec["chosen_skip"] = scale, skip
+    path = chat_vector_model(zoo, work / "chat-vector", scale, skip)
     scores["chat-vector"] = evaluate.evaluate_model(path, data["ja-test"], rouge=rouge)
-    shutil.rmtree(work / "cv-dev", ignore_errors=True)
 
     for name, sc in scores.items():
         rec["models"][name] = _summ(sc)
