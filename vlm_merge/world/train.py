@@ -184,11 +184,12 @@ def train_lm(model: LlamaForCausalLM, tok: Tokenizer, mix: dict, seed: int, step
         b = collate_chats([(ids, [i > 0 for i in range(len(ids))]) for ids, _ in seqs], pad_id=0)
         return model(**b).loss
 
-    vocab = [model.model.embed_tokens.weight, model.lm_head.weight]
-    blocks = [p for p in model.parameters() if all(p is not v for v in vocab)]
-    groups = [{"params": vocab}]
-    if block_lr_scale > 0:
-        groups.append({"params": blocks, "scale": block_lr_scale})
+    embed, head = model.model.embed_tokens.weight, model.lm_head.weight
+    blocks = [p for p in model.parameters() if p is not embed and p is not head]
+    # in the model's parameter order, so gradient clipping sums as it would over model.parameters()
+    groups = [{"params": [embed]}, {"params": blocks, "scale": block_lr_scale}, {"params": [head]}]
+    if block_lr_scale == 0:
+        del groups[1]
     for p in blocks:
         p.requires_grad_(block_lr_scale > 0)
     _loop(groups, steps, lr, batch_fn, desc, progress, losses, weight_decay=0.01)
