@@ -84,3 +84,27 @@ def test_frozen_blocks_and_frozen_vocab_stay_put(tmp_path):
         assert torch.equal(vlm[f"language_model.{key}"][:rows], en[key])
     up = "model.layers.0.mlp.up_proj.weight"
     assert not torch.equal(vlm[f"language_model.{up}"], en[up])
+
+
+def test_layer_split_fine_tunes_touch_disjoint_layers(tmp_path):
+    """`ja_train_layers=[0]` and `vlm_train_layers=[1]` (+ `vlm_train_vocab=False`): the Japanese base differs
+    from the English base only in embeddings, lm_head and layer 0; the English VLM's language model only in
+    layer 1 and the final norm (which goes with the last layer), so the two deltas touch disjoint tensors."""
+    from safetensors.torch import load_file
+
+    from vlm_merge.world.build import build_zoo
+    from vlm_merge.world.cli import SMOKE
+    from vlm_merge.world.train import WorldSettings
+
+    settings = SMOKE | {"ja_train_layers": [0], "vlm_train_layers": [1], "vlm_train_vocab": False}
+    zoo = build_zoo(tmp_path / "zoo", 5, WorldSettings(**settings), progress=False, dev_check=0)
+    en, ja = (load_file(zoo / p / "model.safetensors") for p in ("en-base", "ja-base"))
+    vlm = load_file(zoo / "en-vlm" / "model.safetensors")
+    vocab = {"model.embed_tokens.weight", "lm_head.weight"}
+    rows = en["lm_head.weight"].shape[0]  # the VLM appends <image> and <pad> rows
+    ja_changed = {k for k in en if not torch.equal(en[k], ja[k])}
+    vlm_changed = {k for k in en if not torch.equal(en[k], vlm[f"language_model.{k}"][:rows] if k in vocab
+                                                    else vlm[f"language_model.{k}"])}
+    assert vocab <= ja_changed and ja_changed - vocab and all(".layers.0." in k for k in ja_changed - vocab)
+    assert "model.norm.weight" in vlm_changed and all(".layers.1." in k for k in vlm_changed - {"model.norm.weight"})
+    assert not ja_changed & vlm_changed

@@ -123,7 +123,7 @@ def build_zoo(out: str | Path, seed: int = 0, settings: WorldSettings | None = N
     t = time.perf_counter()
     ja = copy.deepcopy(en)
     train.train_lm(ja, tok, s.ja_mix, seed * 1000 + 2, s.ja_steps, s.ja_lr, s.batch, "japanese base", progress, stage("ja-base"),
-                   s.qa_turns, s.ja_block_lr_scale)
+                   s.qa_turns, s.ja_block_lr_scale, s.ja_train_layers)
     save_llm(ja, tok, tmp / "ja-base")
     del ja
     timings["ja-base"] = time.perf_counter() - t

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import math
 import random
+import re
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
@@ -55,6 +56,9 @@ class WorldSettings:
     vlm_replay: float = 0.15  # share of each VLM batch that is text-only chat (as LLaVA mixes ShareGPT)
     vlm_replay_mix: dict | None = None  # the replayed documents' mix (None: en_mix)
     vlm_train_vocab: bool = True  # whether the VLM stage tunes embed_tokens and lm_head (else only the blocks)
+    # which decoder layers each fine-tune trains (None: all; the final norm goes with the last layer)
+    ja_train_layers: list[int] | None = None
+    vlm_train_layers: list[int] | None = None
     vlm_min_steps: int = 300
     vlm_target: float = 0.97  # stop once English dev content accuracy reaches this
     vlm_check_every: int = 150
@@ -171,10 +175,21 @@ def _loop(params, steps: int, lr: float, batch_fn: Callable[[int], torch.Tensor]
     return done
 
 
+def in_layers(name: str, layers: list[int] | None, n_layers: int) -> bool:
+    """Whether the language-model parameter `name` belongs to one of `layers` (None: all); the final norm
+    belongs to the last layer."""
+    if layers is None:
+        return True
+    m = re.search(r"layers\.(\d+)\.", name)
+    return int(m.group(1)) in layers if m else n_layers - 1 in layers
+
+
 def train_lm(model: LlamaForCausalLM, tok: Tokenizer, mix: dict, seed: int, steps: int, lr: float, batch: int,
-             desc: str, progress: bool, losses: list, turns: int = 1, block_lr_scale: float = 1.0) -> None:
+             desc: str, progress: bool, losses: list, turns: int = 1, block_lr_scale: float = 1.0,
+             train_layers: list[int] | None = None) -> None:
     """Causal-LM training on documents from `mix` (loss on every token after BOS). The transformer blocks
-    and final norm learn at `lr * block_lr_scale` (0 freezes them), embeddings and lm_head at `lr`."""
+    and final norm learn at `lr * block_lr_scale` (0 freezes them), embeddings and lm_head at `lr`; only
+    the decoder layers in `train_layers` (None: all) are trained."""
     sampler: Iterator = text.mixture_sampler(mix, seed, turns)
     eos = tok.token_to_id(text.EOS)
     model.train()
@@ -185,13 +200,16 @@ def train_lm(model: LlamaForCausalLM, tok: Tokenizer, mix: dict, seed: int, step
         return model(**b).loss
 
     embed, head = model.model.embed_tokens.weight, model.lm_head.weight
+    n_layers = model.config.num_hidden_layers
     blocks = [p for p in model.parameters() if p is not embed and p is not head]
+    trained = [p for n, p in model.named_parameters()
+               if p is not embed and p is not head and in_layers(n, train_layers, n_layers)]
     # in the model's parameter order, so gradient clipping sums as it would over model.parameters()
-    groups = [{"params": [embed]}, {"params": blocks, "scale": block_lr_scale}, {"params": [head]}]
-    if block_lr_scale == 0:
+    groups = [{"params": [embed]}, {"params": trained, "scale": block_lr_scale}, {"params": [head]}]
+    if block_lr_scale == 0 or not trained:
         del groups[1]
     for p in blocks:
-        p.requires_grad_(block_lr_scale > 0)
+        p.requires_grad_(block_lr_scale > 0 and any(p is q for q in trained))
     _loop(groups, steps, lr, batch_fn, desc, progress, losses, weight_decay=0.01)
     for p in blocks:
         p.requires_grad_(True)
@@ -310,15 +328,19 @@ def train_vlm(vlm: LlavaForConditionalGeneration, tok: Tokenizer, s: WorldSettin
 
     vlm.train()
     vocab = [lm.embed_tokens.weight, vlm.lm_head.weight]
-    lm_params = [p for p in list(lm.parameters()) + [vlm.lm_head.weight]
-                 if s.vlm_train_vocab or all(p is not v for v in vocab)]
-    for p in vocab:
-        p.requires_grad_(s.vlm_train_vocab)
+    n_layers = lm.config.num_hidden_layers
+    blocks = [(n, p) for n, p in lm.named_parameters() if p is not lm.embed_tokens.weight]
+    lm_params = [p for n, p in blocks if in_layers(n, s.vlm_train_layers, n_layers)]
+    if s.vlm_train_vocab:
+        lm_params = [lm.embed_tokens.weight] + lm_params + [vlm.lm_head.weight]
+    frozen = [p for _, p in blocks if all(p is not q for q in lm_params)]
+    for p in vocab + frozen:
+        p.requires_grad_(any(p is q for q in lm_params))
     params = [{"params": list(projector.parameters())}, {"params": lm_params, "scale": s.vlm_lm_lr_scale}]
     done = _loop(params, s.vlm_steps, s.vlm_lr, batch_fn, "english VLM", progress, losses, weight_decay=0.0,
                  check=check, check_every=s.vlm_check_every, min_steps=s.vlm_min_steps)
     vlm.eval()
-    for p in list(tower.parameters()) + vocab:
+    for p in list(tower.parameters()) + vocab + frozen:
         p.requires_grad_(True)
     return done
 
