@@ -14,8 +14,7 @@ import torch
 
 from vlm_merge.world import scenes, text, train
 
-scenes.make_qa = lambda *a, _m=scenes.make_qa, **k: short_answers.short(_m(*a, **k))
-scenes._lexicon = short_answers.lexicon
+short_answers.patch()
 from transformers import LlamaForCausalLM
 
 torch.set_num_threads(1)

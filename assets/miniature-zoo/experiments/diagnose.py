@@ -18,8 +18,7 @@ import torch
 
 from vlm_merge.world import datasets, evaluate, experiment, scenes, text
 
-scenes.make_qa = lambda *a, _make=scenes.make_qa, **k: short_answers.short(_make(*a, **k))
-scenes._lexicon = short_answers.lexicon
+short_answers.patch()
 
 
 def by_type(qtypes: list[str], correct: list[bool]) -> str:

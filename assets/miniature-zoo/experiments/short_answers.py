@@ -45,9 +45,14 @@ def lexicon(attribute: str, lang: str) -> dict[str, list[str]]:
     return forms
 
 
-def main(argv: list[str]) -> int:
+def patch() -> None:
+    """Short answers and their lexicon for this process."""
     scenes.make_qa = lambda *a, **k: short(_make_qa(*a, **k))
     scenes._lexicon = lexicon
+
+
+def main(argv: list[str]) -> int:
+    patch()
     from vlm_merge.cli import main as cli
 
     out, settings, seed = argv
