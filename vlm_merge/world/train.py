@@ -201,17 +201,16 @@ def train_lm(model: LlamaForCausalLM, tok: Tokenizer, mix: dict, seed: int, step
 
     embed, head = model.model.embed_tokens.weight, model.lm_head.weight
     n_layers = model.config.num_hidden_layers
-    blocks = [p for p in model.parameters() if p is not embed and p is not head]
-    trained = [p for n, p in model.named_parameters()
-               if p is not embed and p is not head and in_layers(n, train_layers, n_layers)]
+    blocks = [(n, p) for n, p in model.named_parameters() if p is not embed and p is not head]
+    for n, p in blocks:
+        p.requires_grad_(block_lr_scale > 0 and in_layers(n, train_layers, n_layers))
+    trained = [p for _, p in blocks if p.requires_grad]
     # in the model's parameter order, so gradient clipping sums as it would over model.parameters()
     groups = [{"params": [embed]}, {"params": trained, "scale": block_lr_scale}, {"params": [head]}]
-    if block_lr_scale == 0 or not trained:
+    if not trained:
         del groups[1]
-    for p in blocks:
-        p.requires_grad_(block_lr_scale > 0 and any(p is q for q in trained))
     _loop(groups, steps, lr, batch_fn, desc, progress, losses, weight_decay=0.01)
-    for p in blocks:
+    for _, p in blocks:
         p.requires_grad_(True)
     model.eval()
 
@@ -333,9 +332,10 @@ def train_vlm(vlm: LlavaForConditionalGeneration, tok: Tokenizer, s: WorldSettin
     lm_params = [p for n, p in blocks if in_layers(n, s.vlm_train_layers, n_layers)]
     if s.vlm_train_vocab:
         lm_params = [lm.embed_tokens.weight] + lm_params + [vlm.lm_head.weight]
-    frozen = [p for _, p in blocks if all(p is not q for q in lm_params)]
+    tuned = {id(p) for p in lm_params}
+    frozen = [p for _, p in blocks if id(p) not in tuned]
     for p in vocab + frozen:
-        p.requires_grad_(any(p is q for q in lm_params))
+        p.requires_grad_(id(p) in tuned)
     params = [{"params": list(projector.parameters())}, {"params": lm_params, "scale": s.vlm_lm_lr_scale}]
     done = _loop(params, s.vlm_steps, s.vlm_lr, batch_fn, "english VLM", progress, losses, weight_decay=0.0,
                  check=check, check_every=s.vlm_check_every, min_steps=s.vlm_min_steps)
