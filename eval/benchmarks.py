@@ -27,7 +27,7 @@ import csv
 import hashlib
 import json
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -64,6 +64,7 @@ BENCHMARKS: dict[str, BenchmarkSpec] = {
 }
 
 QUESTION_SELECTIONS = ("first-per-image", "all")
+NOT_META = frozenset({"question", "answer", "question_id", "image", "image_path", "image_url"})
 
 
 @dataclass(frozen=True)
@@ -73,6 +74,9 @@ class Question:
     question: str
     answer: str
     qa_index: int = 0  # position among the QAs of its image (0 for one-question rows)
+    # a one-question row's other scalar columns (e.g. the miniature world's attribute / value / lang, which the
+    # content-accuracy scorer reads); empty for JA-VG-VQA
+    meta: Mapping[str, str | int | float | bool] = field(default_factory=dict, compare=False)
 
 
 @dataclass
@@ -351,7 +355,8 @@ def _questions(table: _Table, schema: str, source: str) -> list[Question]:
                 raise VlmMergeError(f"{source}: row {i}: empty question or answer")
             qid = row.get("question_id")
             key = first_row_of_url.setdefault(row["image_url"], i) if row.get("image_url") else i
-            questions.append(Question(str(qid if qid not in (None, "") else i), f"{key}", str(q), str(a), 0))
+            meta = {k: v for k, v in row.items() if k not in NOT_META and isinstance(v, (str, int, float, bool))}
+            questions.append(Question(str(qid if qid not in (None, "") else i), f"{key}", str(q), str(a), 0, meta))
     if not questions:
         raise VlmMergeError(f"{source}: no questions")
     ids = [q.question_id for q in questions]

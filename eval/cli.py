@@ -63,6 +63,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         result = evaluate(
             args.model, args.bench, protocol=args.protocol, template=args.template, max_new_tokens=args.max_new_tokens,
             num_beams=args.num_beams, repetition_penalty=args.repetition_penalty, limit=args.limit,
+            metrics=[m.strip() for m in args.metrics.split(",") if m.strip()] if args.metrics else None,
             batch_size=args.batch_size, out_dir=args.out, force=args.force, data=args.data, cache_dir=args.cache_dir,
             device=args.device, dtype=args.dtype, seed=args.seed, progress=not args.quiet, model_name=args.name,
         )
@@ -90,7 +91,7 @@ def cmd_score(args: argparse.Namespace) -> int:
                 raise VlmMergeError(f"{path}: record {n}: {key!r} is {type(r[key]).__name__}, not a string")
     metrics = [m.strip() for m in args.metrics.split(",") if m.strip()]
     report = score_predictions([r["answer"] for r in records], [r["prediction"] for r in records], metrics,
-                               seed=args.seed)
+                               seed=args.seed, meta=[r.get("meta") or {} for r in records])
     out = {"file": str(path), "n": len(records), "scores": report.to_json()["aggregate"], "scorers": report.scorers,
            "bootstrap": report.bootstrap, "libraries": library_versions()}
     print(json.dumps(out, ensure_ascii=False, indent=2))
@@ -154,6 +155,8 @@ def add_eval_commands(sub) -> None:
     s.add_argument("--num-beams", type=_positive_int, help="override the protocol's number of beams (1 = greedy)")
     s.add_argument("--repetition-penalty", type=_positive_float, help="override the protocol's repetition penalty")
     s.add_argument("--limit", type=_positive_int, help="only the first N selected questions")
+    s.add_argument("--metrics", help=f"override the protocol's metrics, comma-separated: {', '.join(SCORERS)} "
+                                     "(content-accuracy: the miniature world's files)")
     s.add_argument("--seed", type=int, default=0, help="bootstrap seed (default 0)")
     s.add_argument("--out", required=True, help="run directory: predictions.jsonl, scores.json, run.json")
     s.set_defaults(func=cmd_eval)
@@ -161,7 +164,7 @@ def add_eval_commands(sub) -> None:
     s = sub.add_parser("score", help="re-score a predictions JSONL (fields answer, prediction) and print JSON")
     s.add_argument("predictions", help="JSONL with answer and prediction per line")
     s.add_argument("--metrics", default=",".join(DEFAULT_SCORERS),
-                   help=f"comma-separated: {', '.join(SCORERS)} (default all)")
+                   help=f"comma-separated: {', '.join(SCORERS)} (default: {', '.join(DEFAULT_SCORERS)})")
     s.add_argument("--seed", type=int, default=0, help="bootstrap seed (default 0)")
     s.set_defaults(func=cmd_score)
 

@@ -12,6 +12,8 @@ them, but reproducible). Sakana's scripts report the bootstrap `mid`; llm-jp-eva
   Japanese (P(ja) >= 0.5) and the prediction is not (Sakana's `strict_japanese`), plus
   `non_japanese` (1 where a prediction was blanked).
 - `exact-match` / `substring-match`: normalised prediction == / contains the normalised reference.
+- `content-accuracy`: whether the answer names the asked attribute's value (and no other value), read from
+  each question's `attribute`, `value`, `lang` columns: the miniature world's metric, for its data only.
 
 `rouge_ja.py` next to this file is the same ROUGE as a Hugging Face `evaluate` module, loaded by path:
 `evaluate.load(str(ROUGE_JA_EVALUATE_MODULE))`.
@@ -20,7 +22,7 @@ them, but reproducible). Sakana's scripts report the bootstrap `mid`; llm-jp-eva
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import ClassVar
@@ -35,6 +37,7 @@ from eval.japanese_text import (
 )
 from vlm_merge.errors import VlmMergeError
 
+Meta = Mapping[str, str | int | float | bool]
 BOOTSTRAP_RESAMPLES = 1000
 BOOTSTRAP_SEED = 0
 CONFIDENCE = 0.95
@@ -92,8 +95,9 @@ class Scorer(ABC):
     description: ClassVar[str]
 
     @abstractmethod
-    def score(self, refs: Sequence[str], preds: Sequence[str]) -> dict[str, list[float]]:
-        """Columns named by `fields`, one value per pair."""
+    def score(self, refs: Sequence[str], preds: Sequence[str], meta: Sequence[Meta] | None = None) -> dict[str, list[float]]:
+        """Columns named by `fields`, one value per pair; `meta` holds each question's other columns (see
+        `eval.benchmarks.Question.meta`) for scorers that need more than the reference text."""
 
     def aggregate(
         self, scores: dict[str, list[float]], resamples: int = BOOTSTRAP_RESAMPLES, seed: int = BOOTSTRAP_SEED
@@ -122,7 +126,7 @@ class RougeJa(Scorer):
         result = self._scorer.score(ref, pred)
         return {name: float(result[name].fmeasure) * 100 for name in ROUGE_TYPES}
 
-    def score(self, refs: Sequence[str], preds: Sequence[str]) -> dict[str, list[float]]:
+    def score(self, refs: Sequence[str], preds: Sequence[str], meta: Sequence[Meta] | None = None) -> dict[str, list[float]]:
         rows = [self.score_one(r, p) for r, p in zip(refs, preds, strict=True)]
         return {name: [row[name] for row in rows] for name in ROUGE_TYPES}
 
@@ -145,7 +149,7 @@ class StrictJapaneseRouge(Scorer):
         """Sakana's rule: the reference is Japanese and the prediction is not."""
         return self.detector.is_japanese(ref) and not self.detector.is_japanese(pred)
 
-    def score(self, refs: Sequence[str], preds: Sequence[str]) -> dict[str, list[float]]:
+    def score(self, refs: Sequence[str], preds: Sequence[str], meta: Sequence[Meta] | None = None) -> dict[str, list[float]]:
         out: dict[str, list[float]] = {name: [] for name in self.fields}
         for ref, pred in zip(refs, preds, strict=True):
             blanked = self.blank(ref, pred)
@@ -165,7 +169,7 @@ class ExactMatch(Scorer):
     fields: ClassVar[tuple[str, ...]] = ("exact_match",)
     description: ClassVar[str] = "1 if the normalised prediction equals the normalised reference"
 
-    def score(self, refs: Sequence[str], preds: Sequence[str]) -> dict[str, list[float]]:
+    def score(self, refs: Sequence[str], preds: Sequence[str], meta: Sequence[Meta] | None = None) -> dict[str, list[float]]:
         return {"exact_match": [float(normalize_japanese(p) == normalize_japanese(r)) for r, p in zip(refs, preds, strict=True)]}
 
 
@@ -174,12 +178,46 @@ class SubstringMatch(Scorer):
     fields: ClassVar[tuple[str, ...]] = ("substring_match",)
     description: ClassVar[str] = "1 if the normalised prediction contains the normalised reference"
 
-    def score(self, refs: Sequence[str], preds: Sequence[str]) -> dict[str, list[float]]:
+    def score(self, refs: Sequence[str], preds: Sequence[str], meta: Sequence[Meta] | None = None) -> dict[str, list[float]]:
         return {"substring_match": [float(normalize_japanese(r) in normalize_japanese(p)) for r, p in zip(refs, preds, strict=True)]}
 
 
-SCORERS: dict[str, type[Scorer]] = {cls.name: cls for cls in (RougeJa, StrictJapaneseRouge, ExactMatch, SubstringMatch)}
-DEFAULT_SCORERS = tuple(SCORERS)
+class ContentAccuracy(Scorer):
+    name: ClassVar[str] = "content-accuracy"
+    fields: ClassVar[tuple[str, ...]] = ("content_accuracy",)
+    description: ClassVar[str] = (
+        "1 if the answer names the asked value and no other (miniature-world rows: attribute, value, lang columns)"
+    )
+    needs: ClassVar[tuple[str, ...]] = ("attribute", "value", "lang")
+
+    def score(self, refs: Sequence[str], preds: Sequence[str], meta: Sequence[Meta] | None = None) -> dict[str, list[float]]:
+        from vlm_merge.world.scenes import content_correct
+
+        rows = list(meta) if meta is not None else [{} for _ in preds]
+        if len(rows) != len(preds):
+            raise VlmMergeError(f"content-accuracy: {len(rows)} question rows for {len(preds)} predictions")
+        out = []
+        for i, (pred, m) in enumerate(zip(preds, rows, strict=True)):
+            missing = [k for k in self.needs if k not in m]
+            if missing:
+                raise VlmMergeError(
+                    f"content-accuracy: question {i} has no {missing[0]!r} column; it scores data with "
+                    f"{', '.join(self.needs)} columns (the miniature world's files), use another metric here")
+            try:
+                out.append(float(content_correct(pred, str(m["attribute"]), str(m["value"]), str(m["lang"]))))
+            except (ValueError, KeyError) as e:
+                raise VlmMergeError(f"content-accuracy: question {i}: cannot score attribute {m['attribute']!r} "
+                                    f"in language {m['lang']!r} ({e})") from None
+        return {"content_accuracy": out}
+
+    def settings(self) -> dict[str, str]:
+        return {"rule": "vlm_merge.world.scenes.content_correct"}
+
+
+SCORERS: dict[str, type[Scorer]] = {
+    cls.name: cls for cls in (RougeJa, StrictJapaneseRouge, ExactMatch, SubstringMatch, ContentAccuracy)
+}
+DEFAULT_SCORERS = ("rouge-ja", "rouge-ja-strict", "exact-match", "substring-match")  # those any benchmark can use
 
 
 @dataclass
@@ -226,15 +264,17 @@ def score_predictions(
     scorers: Sequence[Scorer] | Sequence[str] = DEFAULT_SCORERS,
     resamples: int = BOOTSTRAP_RESAMPLES,
     seed: int = BOOTSTRAP_SEED,
+    meta: Sequence[Meta] | None = None,
 ) -> ScoreReport:
-    """Score `preds` against `refs` with every scorer; per-sample rows plus aggregates."""
+    """Score `preds` against `refs` with every scorer; per-sample rows plus aggregates. `meta`: each
+    question's other columns, for scorers that read them (content-accuracy)."""
     if len(refs) != len(preds):
         raise VlmMergeError(f"{len(refs)} references but {len(preds)} predictions")
     objs = make_scorers(scorers) if all(isinstance(s, str) for s in scorers) else list(scorers)
     columns: dict[str, list[float]] = {}
     aggregate: dict[str, Aggregate] = {}
     for scorer in objs:
-        cols = scorer.score(refs, preds)
+        cols = scorer.score(refs, preds, meta)
         columns.update(cols)
         aggregate.update(scorer.aggregate(cols, resamples, seed))
     rows = [{name: values[i] for name, values in columns.items()} for i in range(len(refs))]

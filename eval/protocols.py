@@ -15,11 +15,12 @@ a run is only compared with runs that have the same overrides.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
 
 from eval.benchmarks import QUESTION_SELECTIONS
 from eval.decoding import GenerationSettings
-from eval.metrics import DEFAULT_SCORERS
+from eval.metrics import DEFAULT_SCORERS, SCORERS
 from eval.prompts import get_template
 from vlm_merge.errors import VlmMergeError
 
@@ -41,11 +42,18 @@ class Protocol:
             raise VlmMergeError(f"protocol {self.name}: unknown question selection {self.questions!r}")
         get_template(self.template)
 
-    def with_overrides(self, template: str | None = None, **generation) -> Protocol:
-        """This protocol with another template and/or decoding settings; the changes are recorded."""
+    def with_overrides(self, template: str | None = None, metrics: Sequence[str] | None = None, **generation) -> Protocol:
+        """This protocol with another template, metrics (scorer names) and/or decoding settings; the changes
+        are recorded."""
         changes = {k: v for k, v in generation.items() if v is not None and getattr(self.generation, k) != v}
         overrides = dict(self.overrides)
         proto = self
+        if metrics is not None and tuple(metrics) != self.metrics:
+            unknown = [m for m in metrics if m not in SCORERS]
+            if unknown or not metrics:
+                raise VlmMergeError(f"unknown metric {(unknown or [''])[0]!r}: choose from {', '.join(SCORERS)}")
+            overrides["metrics"] = list(metrics)
+            proto = replace(proto, metrics=tuple(metrics))
         if template is not None and template != self.template:
             get_template(template)
             overrides["template"] = template

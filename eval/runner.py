@@ -88,6 +88,7 @@ def evaluate(
     max_new_tokens: int | None = None,
     num_beams: int | None = None,
     repetition_penalty: float | None = None,
+    metrics: Sequence[str] | None = None,
     limit: int | None = None,
     batch_size: int = 8,
     out_dir: str | Path | None = None,
@@ -104,13 +105,15 @@ def evaluate(
 ) -> EvalResult:
     """Score `model` (a live model with `processor`, or a path) on `bench` under `protocol`.
 
-    `template`, `max_new_tokens`, `num_beams`, `repetition_penalty` override the protocol (recorded).
+    `template`, `max_new_tokens`, `num_beams`, `repetition_penalty` and `metrics` (scorer names) override
+    the protocol (recorded).
     `encoded_images` (from `encode_benchmark_images`) skips the vision tower. `seed` seeds the bootstrap.
     `scorers` (from `eval.metrics.make_scorers(protocol.metrics)`) saves re-creating the tokenizer and
     language ID model when a search calls `evaluate` many times.
     """
     proto = get_protocol(protocol).with_overrides(
-        template=template, max_new_tokens=max_new_tokens, num_beams=num_beams, repetition_penalty=repetition_penalty
+        template=template, metrics=metrics, max_new_tokens=max_new_tokens, num_beams=num_beams,
+        repetition_penalty=repetition_penalty,
     )
     if isinstance(model, (str, Path)):
         model, processor = load_model(model, device=device, dtype=dtype, gpu_dtype=proto.gpu_dtype, cache_dir=cache_dir)
@@ -131,6 +134,9 @@ def evaluate(
     }
     # what predictions depend on; the question selection may grow or shrink (--limit) between resumes
     run_config = {k: metadata[k] for k in ("protocol", "prompt", "generation")}
+    # predictions do not depend on the metrics: a run re-scored with others resumes from all of them
+    run_config["protocol"] = {k: v for k, v in proto.as_dict().items() if k != "metrics"}
+    run_config["protocol"]["overrides"] = {k: v for k, v in proto.overrides.items() if k != "metrics"}
     run_config["benchmark"] = {k: metadata["benchmark"][k] for k in ("name", "source", "split", "schema", "fingerprint")}
     run_config["model"] = {k: metadata["model"][k] for k in ("name_or_path", "class", "dtype", "config_sha256")}
 
@@ -143,7 +149,8 @@ def evaluate(
 
     records = [done[q.question_id] for q in questions]
     report = score_predictions([r["answer"] for r in records], [r["prediction"] for r in records],
-                               scorers if scorers is not None else proto.metrics, seed=seed)
+                               scorers if scorers is not None else proto.metrics, seed=seed,
+                               meta=[q.meta for q in questions])
     predictions = [{**r, **{k: round(v, 6) for k, v in s.items()}} for r, s in zip(records, report.per_sample)]
     metadata.update({
         "scores": {name: agg.as_dict() for name, agg in report.aggregate.items()},
@@ -187,6 +194,7 @@ def _generate_missing(
             rows = [
                 {"question_id": chunk[i].question_id, "image_key": chunk[i].image_key, "question": chunk[i].question,
                  "answer": chunk[i].answer, "prediction": g.text, "prediction_tokens": len(g.token_ids)}
+                | ({"meta": dict(chunk[i].meta)} if chunk[i].meta else {})
                 for i, g in zip(indices, gens)
             ]
             if checkpoint is not None:

@@ -84,6 +84,28 @@ def test_exact_and_substring_match():
     assert score_predictions(["２つ"], ["2つ"], ["exact-match"]).per_sample[0]["exact_match"] == 1.0  # normalised
 
 
+def test_content_accuracy_reads_each_questions_attribute_and_value():
+    meta = [
+        {"attribute": "count", "value": "2", "lang": "ja"},
+        {"attribute": "count", "value": "2", "lang": "ja"},  # answered in English: not a Japanese answer
+        {"attribute": "color", "value": "red", "lang": "ja"},
+        {"attribute": "color", "value": "red", "lang": "ja"},  # names a second colour too
+        {"attribute": "object", "value": "blue square", "lang": "en"},
+        {"attribute": "position", "value": "0", "lang": "ja"},
+    ]
+    preds = ["二つです。", "two", "赤", "赤と青", "there is a blue square at the top left.", "左上"]
+    report = score_predictions([""] * len(preds), preds, ["content-accuracy"], meta=meta)
+    assert [r["content_accuracy"] for r in report.per_sample] == [1.0, 0.0, 1.0, 0.0, 1.0, 1.0]
+    assert report.aggregate["content_accuracy"].mean == pytest.approx(4 / 6)
+    assert "content-accuracy" not in DEFAULT_SCORERS  # only the miniature world's files carry these columns
+    with pytest.raises(VlmMergeError, match="question 0 has no 'attribute' column"):
+        score_predictions(["赤"], ["赤"], ["content-accuracy"])
+    with pytest.raises(VlmMergeError, match="question 0 has no 'lang' column"):
+        score_predictions(["赤"], ["赤"], ["content-accuracy"], meta=[{"attribute": "color", "value": "red"}])
+    with pytest.raises(VlmMergeError, match="cannot score attribute 'size'"):
+        score_predictions(["x"], ["x"], ["content-accuracy"], meta=[{"attribute": "size", "value": "1", "lang": "ja"}])
+
+
 def test_bootstrap_is_reproducible_and_brackets_the_mean():
     values = [0.0, 10.0, 20.0, 90.0, 100.0, 35.0, 50.0, 65.0]
     a, b = bootstrap_aggregate(values, seed=0), bootstrap_aggregate(values, seed=0)

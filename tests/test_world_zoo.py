@@ -67,3 +67,33 @@ def test_chat_vector_beats_the_japanese_shell_on_the_whole_test_set(tmp_path):
     d = evaluate.paired_bootstrap(cv.content, shell.content)
     assert d["diff"] == pytest.approx(bar["vs"]["ja-shell"]["diff"], abs=6e-4) and d["low"] > 0
     assert cv.content.size >= 800
+
+
+def test_eval_cli_scores_content_accuracy_on_world_files(tmp_path, capsys):
+    """`vlm-merge eval --metrics content-accuracy` on the world's test file: the run keeps each question's
+    attribute / value / lang with its prediction, its per-sample scores are the world's own rule, and
+    `vlm-merge score` re-scores the file to the same number; data without those columns is one clear error."""
+    from tests.conftest import error_line
+    from vlm_merge.cli import main
+    from vlm_merge.world import scenes
+
+    run = tmp_path / "run"
+    assert main(["eval", "--model", str(SHIPPED_ZOO / "en-vlm"), "--bench", str(SHIPPED_ZOO / "data" / "en-test.jsonl"),
+                 "--protocol", "llm-jp", "--metrics", "content-accuracy,exact-match", "--max-new-tokens", "24",
+                 "--limit", "40", "--batch-size", "20", "--device", "cpu", "--out", str(run), "--quiet"]) == 0
+    records = [json.loads(line) for line in (run / "predictions.jsonl").read_text().splitlines()]
+    assert len(records) == 40 and {"attribute", "value", "lang", "qtype"} <= set(records[0]["meta"])
+    rule = [float(scenes.content_correct(r["prediction"], r["meta"]["attribute"], r["meta"]["value"], r["meta"]["lang"]))
+            for r in records]
+    assert [r["content_accuracy"] for r in records] == rule and 0 < sum(rule) < 40
+    scores = json.loads((run / "scores.json").read_text())
+    assert set(scores["scores"]) == {"content_accuracy", "exact_match"}
+    assert scores["protocol"]["overrides"]["metrics"] == ["content-accuracy", "exact-match"]
+    capsys.readouterr()
+    assert main(["score", str(run / "predictions.jsonl"), "--metrics", "content-accuracy"]) == 0
+    assert json.loads(capsys.readouterr().out)["scores"]["content_accuracy"]["mean"] == pytest.approx(sum(rule) / 40)
+
+    bare = tmp_path / "bare.jsonl"
+    bare.write_text("".join(json.dumps({"answer": r["answer"], "prediction": r["prediction"]}) + "\n" for r in records))
+    assert main(["score", str(bare), "--metrics", "content-accuracy"]) == 2
+    assert "question 0 has no 'attribute' column" in error_line(capsys)

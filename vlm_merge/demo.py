@@ -8,7 +8,7 @@ sets of drawn scenes. `run_demo(out)`:
 2. builds Chat Vector `ja_base + scale * (vlm_llm - en_base)`, scale and skip preset chosen on ja-dev
    (content accuracy; the grid of `vlm_merge.world.experiment`);
 3. runs a short CMA-ES search over per-layer task-arithmetic weights (`vlm_merge.evolve`), fitness =
-   exact match on the first ja-dev questions, starting from the dev-chosen Chat Vector scale;
+   content accuracy on the first ja-dev questions, starting from the dev-chosen Chat Vector scale;
 4. evaluates every model and the controls on the Japanese test set (the English VLM also on the
    parallel English test set): content accuracy, exact match, Japanese ROUGE-L, paired bootstrap;
 5. writes the report directory atomically: `report.md`, `report.html`, `report.json`,
@@ -169,7 +169,7 @@ class ChatVectorChoice:
     scale: float
     skip: str
     dev: dict[str, dict]  # "scale/skip" -> {"content_accuracy", "exact_match"}
-    dev_exact: list[float]  # the chosen merge's per-question exact match on the dev questions
+    dev_content: list[float]  # the chosen merge's per-question content accuracy on the dev questions
 
 
 def choose_chat_vector(zoo: Zoo, scratch: Path, questions: int | None, progress: bool = True) -> ChatVectorChoice:
@@ -179,14 +179,15 @@ def choose_chat_vector(zoo: Zoo, scratch: Path, questions: int | None, progress:
     scale, skip, dev = choose_on_dev(zoo.root, zoo.data["ja-dev"], scratch, questions, progress=progress)
     summary = {k: {"content_accuracy": float(sc.content.mean()), "exact_match": float(sc.exact.mean())}
                for k, sc in dev.items()}
-    return ChatVectorChoice(scale, skip, summary, [float(x) for x in dev[f"{scale}/{skip}"].exact])
+    return ChatVectorChoice(scale, skip, summary, [float(x) for x in dev[f"{scale}/{skip}"].content])
 
 
 def search_config(zoo: Zoo, settings: DemoSettings, x0_weight: float) -> dict:
     """The evolve config: per-layer task-arithmetic weights on `vlm - en_base`, added to the Japanese base.
 
     One gene per decoder layer plus embeddings, norms and lm_head, weights in [0, 1.5], starting at
-    `x0_weight` everywhere; fitness = exact match of greedy answers on the first ja-dev questions.
+    `x0_weight` everywhere; fitness = content accuracy (the bar's metric, `eval.metrics.ContentAccuracy`)
+    of greedy answers on the first ja-dev questions.
     """
     from vlm_merge.world.evaluate import MAX_NEW_TOKENS
 
@@ -196,7 +197,7 @@ def search_config(zoo: Zoo, settings: DemoSettings, x0_weight: float) -> dict:
         "method": "task_arithmetic",
         "genome": {"params": {"weight": [0.0, 1.5]}, "layer_granularity": 1, "separate": ["embeddings", "norms", "lm_head"]},
         "fitness": {"benchmark": str(zoo.data["ja-dev"]), "kind": "generate", "protocol": "llm-jp",
-                    "max_new_tokens": MAX_NEW_TOKENS, "metrics": {"exact_match": 1.0},
+                    "max_new_tokens": MAX_NEW_TOKENS, "metrics": {"content_accuracy": 1.0},
                     "limit": settings.fitness_questions, "batch_size": 64},
         "cmaes": {"popsize": settings.popsize, "max_evaluations": settings.popsize * settings.generations,
                   "seed": settings.seed, "x0": {"weight": x0_weight}, "sigma0": 0.15},
@@ -405,7 +406,7 @@ def report_blocks(rec: dict) -> list[tuple]:
         ("h", 2, "3. Evolutionary search"),
         ("p", (f"CMA-ES over {s['genes']} task-arithmetic weights in [0, 1.5] ({', '.join(s['gene_names'])}), starting "
                f"at the chosen Chat Vector scale: {s['evaluations']} candidates in {s['generations']} generations, "
-               f"{s['seconds']:.0f} s. Fitness: exact match on the first {s['fitness_questions']} ja-dev questions, the "
+               f"{s['seconds']:.0f} s. Fitness: content accuracy on the first {s['fitness_questions']} ja-dev questions, the "
                f"same questions for every candidate ({s['protocol']}). Best fitness {s['best_fitness']:.3f}{versus}. The "
                "best of many candidates on the same questions is an optimistic estimate; the test set above is not. "
                "Run directory: `search/` (log, best recipe, model)."), ""),
@@ -586,7 +587,7 @@ def run_demo(out: str | Path, *, force: bool = False, zoo: str | Path | None = N
             raise VlmMergeError(f"{tmp / SEARCH_DIR}: no search candidate could be scored (see log.jsonl)")
         records = [json.loads(line) for line in (tmp / SEARCH_DIR / "log.jsonl").read_text(encoding="utf-8").splitlines() if line]
         k = res.best["questions"]  # the fitness questions (fewer than asked if ja-dev is shorter)
-        cv_fit = float(np.mean(choice.dev_exact[:k])) if len(choice.dev_exact) >= k else None
+        cv_fit = float(np.mean(choice.dev_content[:k])) if len(choice.dev_content) >= k else None
         plot_fitness(records, tmp / PLOTS_DIR / PLOTS["fitness"],
                      references={"chat-vector (dev-chosen), same questions": cv_fit} if cv_fit is not None else None)
         timings["search"] = time.perf_counter() - t
@@ -655,7 +656,7 @@ def run_demo(out: str | Path, *, force: bool = False, zoo: str | Path | None = N
             "claims": claims,
             "inspect": parts,
             "chat_vector": {"scale": choice.scale, "skip": choice.skip, "dev": choice.dev,
-                            "dev_questions": len(choice.dev_exact), "path": str(atomic.target / MODELS_DIR / "chat-vector")},
+                            "dev_questions": len(choice.dev_content), "path": str(atomic.target / MODELS_DIR / "chat-vector")},
             "search": {"generations": res.generations, "evaluations": res.evaluations, "genes": summary["genes"],
                        "gene_names": summary["gene_names"], "protocol": fitness_text(cfg),
                        "fitness_questions": k, "best_fitness": res.best["fitness"], "best_genes": res.best["genes"],
