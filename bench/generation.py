@@ -100,8 +100,8 @@ def mistral_7b_shaped(device: str, layers: int):
         PreTrainedTokenizerFast,
     )
 
+    from vlm_merge.convert import CHAT_TEMPLATES
     from vlm_merge.fixtures import (
-        CHAT_TEMPLATES,
         CLIP_IMAGE_STATS,
         IMAGE_TOKEN,
         PAD_TOKEN,

@@ -37,25 +37,29 @@ ARCHITECTURES: dict[str, tuple[str, str, str, str]] = {
     "anyres": ("LlavaNextForConditionalGeneration", "llava_next", "LlavaNextProcessor", "LlavaNextImageProcessor"),
 }
 
-# Chat templates of the conversation formats LLaVA was tuned with (llava-hf's own templates).
+# llava-hf chat templates per language-model family, written as transformers 5 saves them (chat_template.jinja):
+# what a converted checkpoint, the test fixtures and the miniature world ship.
 CHAT_TEMPLATES: dict[str, str] = {
-    "llava-1.5": (
-        "{% for message in messages %}{% if message['role'] != 'system' %}{{ message['role'].upper() + ': '}}{% endif %}"
-        "{% for item in message['content'] | selectattr('type', 'equalto', 'image') %}{{ '<image>\n' }}{% endfor %}"
-        "{% for item in message['content'] | selectattr('type', 'equalto', 'text') %}{{ item['text'] + ' '}}{% endfor %}"
-        "{% endfor %}{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}"
+    "llama": (
+        "{% for message in messages %}{% if message['role'] != 'system' %}{{ message['role'].upper() + ': ' }}"
+        "{% endif %}{% for content in message['content'] | selectattr('type', 'equalto', 'image') %}"
+        "{{ '<image>\\n' }}{% endfor %}"
+        "{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}"
+        "{{ content['text'] + ' ' }}{% endfor %}{% endfor %}"
+        "{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}"
     ),
-    "llava-mistral": (
-        "{% for message in messages %}{% if message['role'] == 'user' %}{{ '[INST] ' }}"
-        "{% for item in message['content'] | selectattr('type', 'equalto', 'image') %}{{ '<image>\n' }}{% endfor %}"
-        "{% for item in message['content'] | selectattr('type', 'equalto', 'text') %}{{ item['text'] }}{% endfor %}"
-        "{{ ' [/INST]' }}{% elif message['role'] == 'assistant' %}"
-        "{% for item in message['content'] | selectattr('type', 'equalto', 'text') %}{{ ' ' + item['text'] + '</s>' }}{% endfor %}"
-        "{% endif %}{% endfor %}"
+    "mistral": (
+        "{% for message in messages %}{% if message['role'] == 'system' %}"
+        "{{ '<<SYS>>\\n' + message['content'][0]['text'] + '\\n<</SYS>>\\n\\n' }}"
+        "{% elif message['role'] == 'user' %}{{ '[INST] ' }}"
+        "{% for content in message['content'] | selectattr('type', 'equalto', 'image') %}"
+        "{{ '<image>\\n' }}{% endfor %}"
+        "{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}"
+        "{{ content['text'] }}{% endfor %}{{ ' [/INST]' }}{% elif message['role'] == 'assistant' %}"
+        "{{ ' ' + message['content'][0]['text'] + '</s> ' }}{% endif %}{% endfor %}"
     ),
 }
 TEXT_MODEL_TYPES = {"LlavaLlamaForCausalLM": "llama", "LlavaMistralForCausalLM": "mistral"}
-TEMPLATE_FOR_TEXT_MODEL = {"llama": "llava-1.5", "mistral": "llava-mistral"}
 # Top-level fields of an original config that are LLaVA's, not the language model's.
 _LLAVA_FIELDS = re.compile(r"^(mm_|image_|tune_|freeze_|unfreeze_|use_mm_|tokenizer_model_max_length|tokenizer_padding_side)")
 
@@ -154,7 +158,7 @@ def processor_files_from_original(config: dict, vision_config: dict, clip_dir: P
         "num_additional_image_tokens": 1,
         "image_token": "<image>",
     }
-    template = CHAT_TEMPLATES[TEMPLATE_FOR_TEXT_MODEL[text_model_type(config)]]
+    template = CHAT_TEMPLATES[text_model_type(config)]
     return {
         "preprocessor_config.json": json.dumps(pre, indent=2) + "\n",
         "processor_config.json": json.dumps(proc, indent=2) + "\n",

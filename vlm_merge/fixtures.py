@@ -49,7 +49,14 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
-from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors
+from tokenizers import (
+    AddedToken,
+    Tokenizer,
+    decoders,
+    models,
+    pre_tokenizers,
+    processors,
+)
 from transformers import (
     CLIPConfig,
     CLIPModel,
@@ -64,6 +71,8 @@ from transformers import (
     PreTrainedConfig,
     PreTrainedModel,
 )
+
+from vlm_merge.convert import CHAT_TEMPLATES
 
 CLIP_REPO_ID = "openai/clip-vit-large-patch14-336"
 IMAGE_TOKEN = "<image>"
@@ -211,26 +220,6 @@ CLIP_IMAGE_STATS = {
 # llava-v1.6 pinpoints [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]] scaled from 336 to 32 px
 GRID_PINPOINTS = [[32, 64], [64, 32], [64, 64], [96, 32], [32, 96]]
 IMAGE_SEQ_LENGTH = (VISION_FIELDS["image_size"] // VISION_FIELDS["patch_size"]) ** 2  # "default" drops CLS
-CHAT_TEMPLATES = {  # llava-hf chat templates, written as transformers 5 saves them (chat_template.jinja)
-    "llama": (
-        "{% for message in messages %}{% if message['role'] != 'system' %}{{ message['role'].upper() + ': ' }}"
-        "{% endif %}{% for content in message['content'] | selectattr('type', 'equalto', 'image') %}"
-        "{{ '<image>\\n' }}{% endfor %}"
-        "{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}"
-        "{{ content['text'] + ' ' }}{% endfor %}{% endfor %}"
-        "{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}"
-    ),
-    "mistral": (
-        "{% for message in messages %}{% if message['role'] == 'system' %}"
-        "{{ '<<SYS>>\\n' + message['content'][0]['text'] + '\\n<</SYS>>\\n\\n' }}"
-        "{% elif message['role'] == 'user' %}{{ '[INST] ' }}"
-        "{% for content in message['content'] | selectattr('type', 'equalto', 'image') %}"
-        "{{ '<image>\\n' }}{% endfor %}"
-        "{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}"
-        "{{ content['text'] }}{% endfor %}{{ ' [/INST]' }}{% elif message['role'] == 'assistant' %}"
-        "{{ ' ' + message['content'][0]['text'] + '</s> ' }}{% endif %}{% endfor %}"
-    ),
-}
 # HF VLM config flavours: config class, extra config kwargs, image processor settings (llava-hf's)
 HF_VLM_FLAVOURS: dict[str, tuple[type[PreTrainedConfig], dict, dict]] = {
     "llava": (LlavaConfig, {}, {"image_processor_type": "CLIPImageProcessor"}),

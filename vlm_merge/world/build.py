@@ -25,7 +25,7 @@ from transformers import (
     LlavaForConditionalGeneration,
 )
 
-from vlm_merge.fixtures import CHAT_TEMPLATES
+from vlm_merge.convert import CHAT_TEMPLATES
 from vlm_merge.world import datasets, evaluate, scenes, text, train
 from vlm_merge.world.train import WorldSettings
 
