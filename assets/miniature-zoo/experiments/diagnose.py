@@ -3,6 +3,7 @@
     python assets/miniature-zoo/experiments/diagnose.py reading ZOO      # text bases on reading-comprehension prompts
     python assets/miniature-zoo/experiments/diagnose.py scales ZOO 0,1.0 # Chat Vector per question type on ja-dev
     python assets/miniature-zoo/experiments/diagnose.py en-shell ZOO     # English base in the VLM shell vs EN-VLM, en-test
+    python assets/miniature-zoo/experiments/diagnose.py en-vlm ZOO       # EN-VLM on ja-dev, right in either language
 
 Content accuracy per question type; `scales` also counts answers right in the other language.
 """
@@ -75,10 +76,20 @@ def en_shell(zoo: Path, n: int = 400) -> None:
         print(f"{name} on en-test[:{n}]: {by_type([r['qtype'] for r in rows], ok)}", flush=True)
 
 
+def en_vlm(zoo: Path, n: int = 300) -> None:
+    data = zoo / "data" / "ja-dev.jsonl"
+    rows = datasets.read_rows(data)[:n]
+    preds = evaluate.answer(*evaluate.load_vlm(zoo / "en-vlm"), datasets.load_images(data, rows), [r["question"] for r in rows])
+    ja = [scenes.content_correct(p, r["attribute"], r["value"], "ja") for r, p in zip(rows, preds)]
+    en = [scenes.content_correct(p, r["attribute"], r["value"], "en") for r, p in zip(rows, preds)]
+    print(f"en-vlm on ja-dev[:{n}]: ja {sum(ja) / n:.3f}, en {sum(en) / n:.3f}; per type (either language) "
+          f"{by_type([r['qtype'] for r in rows], [a or b for a, b in zip(ja, en)])}", flush=True)
+
+
 def main(argv: list[str]) -> int:
     torch.set_num_threads(1)
     command, zoo, *rest = argv
-    {"reading": reading, "scales": scales, "en-shell": en_shell}[command](Path(zoo), *rest)
+    {"reading": reading, "scales": scales, "en-shell": en_shell, "en-vlm": en_vlm}[command](Path(zoo), *rest)
     return 0
 
 

@@ -1,0 +1,90 @@
+"""Session-5 experiment (EXPERIMENTS.md, runs L1-): an English base that *understands* Japanese questions but
+answers them in English, as Llama-2 / Mistral often answer a Japanese prompt in English.
+
+New document kind "jq-en" for `en_mix` / `vlm_replay_mix`: an English scene description, questions in
+Japanese, answers in English (short answers, as `short_answers.py`). The English base then has to map a
+Japanese question onto the same answer as its English twin, so both question forms share its circuits; the
+Japanese continued pretraining only has to switch the answer language (its `ja_train_layers`), and the VLM
+stage's image skill (`vlm_train_layers`) sits on circuits that Japanese questions already use.
+
+`"factored_vision": true` pretrains the vision tower with one head per attribute (`factored_vision`).
+
+    python assets/miniature-zoo/experiments/ja_questions.py OUT '{"threads": 1, "en_mix": {"qa-en": 0.6, "jq-en": 0.3, ...}, ...}' SEED
+"""
+
+import dataclasses
+import json
+import random
+import sys
+
+import short_answers
+import torch
+
+from vlm_merge.world import scenes, text, train
+
+
+def patch() -> None:
+    """Short answers plus the "jq-en" document kind, for this process."""
+    short_answers.patch()
+    document, make_qa = text.document, scenes.make_qa
+
+    def paired_qa(scene: scenes.Scene, rng: random.Random) -> scenes.QA:
+        while True:
+            qtype = rng.choice(scenes.QTYPES)
+            cands = scenes._question_candidates(scene, qtype)
+            if cands:
+                args = scenes.choose_args(scene, qtype, cands, rng)
+                en = make_qa(scene, qtype, "en", args, rng.randrange(len(scenes.PHRASINGS[qtype]["en"])))
+                ja = make_qa(scene, qtype, "ja", args, rng.randrange(len(scenes.PHRASINGS[qtype]["ja"])))
+                return dataclasses.replace(en, question=ja.question)
+
+    def jq_document(rng: random.Random, kind: str, turns: int = 1) -> tuple[str, str]:
+        if kind != "jq-en":
+            return document(rng, kind, turns)
+        scene = scenes.sample_scene(rng)
+        qas = [paired_qa(scene, rng) for _ in range(turns)]
+        return text.prompt(scenes.describe(scene, "en"), qas[0].question) + text.turns_text(qas), qas[-1].answer
+
+    text.document = jq_document
+
+
+def factored_vision(s, seed: int, progress: bool, losses: list):
+    """`train.train_vision` with one head per attribute (colour, shape: 4 + empty each) instead of one joint
+    colour x shape head, plus the cell head: each attribute linearly readable on its own."""
+    torch.manual_seed(seed)
+    tower = train.CLIPVisionModel(train.vision_config(s))
+    colors, shapes = list(scenes.COLORS), list(scenes.SHAPES)
+    heads = [torch.nn.Linear(s.vision_hidden, n) for n in (1 + len(colors), 1 + len(shapes), scenes.GRID**2)]
+    rng = random.Random(seed)
+
+    def labels(sc: scenes.Scene) -> list[list[int]]:
+        color, shape = [0] * scenes.GRID**2, [0] * scenes.GRID**2
+        for o in sc.objects:
+            color[o.cell], shape[o.cell] = 1 + colors.index(o.color), 1 + shapes.index(o.shape)
+        return [color, shape, list(range(scenes.GRID**2))]
+
+    def batch_fn(step: int) -> torch.Tensor:
+        sc = [scenes.sample_scene(rng) for _ in range(64)]
+        h = tower(pixel_values=train.pixels([scenes.draw_scene(x) for x in sc])).last_hidden_state[:, 1:]
+        ys = torch.tensor([labels(x) for x in sc])  # (batch, 3, cells)
+        return sum(torch.nn.functional.cross_entropy(head(h).reshape(-1, head.out_features), ys[:, i].reshape(-1))
+                   for i, head in enumerate(heads))
+
+    tower.train()
+    train._loop(list(tower.parameters()) + [p for h in heads for p in h.parameters()], s.vision_steps, 3e-3, batch_fn,
+                "vision tower", progress, losses)
+    tower.eval()
+    return tower
+
+
+def main(argv: list[str]) -> int:
+    out, settings, seed = argv
+    cfg = json.loads(settings)
+    if cfg.pop("factored_vision", False):
+        train.train_vision = factored_vision
+    patch()
+    return short_answers.main([out, json.dumps(cfg), seed])
+
+
+if __name__ == "__main__":
+    raise SystemExit(main(sys.argv[1:]))
