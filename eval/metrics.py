@@ -93,6 +93,7 @@ class Scorer(ABC):
     name: ClassVar[str]
     fields: ClassVar[tuple[str, ...]]
     description: ClassVar[str]
+    needs: ClassVar[tuple[str, ...]] = ()  # question columns (meta) the scorer reads besides the reference
 
     @abstractmethod
     def score(self, refs: Sequence[str], preds: Sequence[str], meta: Sequence[Meta] | None = None) -> dict[str, list[float]]:
@@ -196,13 +197,9 @@ class ContentAccuracy(Scorer):
         rows = list(meta) if meta is not None else [{} for _ in preds]
         if len(rows) != len(preds):
             raise VlmMergeError(f"content-accuracy: {len(rows)} question rows for {len(preds)} predictions")
+        check_meta([self], rows)
         out = []
         for i, (pred, m) in enumerate(zip(preds, rows, strict=True)):
-            missing = [k for k in self.needs if k not in m]
-            if missing:
-                raise VlmMergeError(
-                    f"content-accuracy: question {i} has no {missing[0]!r} column; it scores data with "
-                    f"{', '.join(self.needs)} columns (the miniature world's files), use another metric here")
             try:
                 out.append(float(content_correct(pred, str(m["attribute"]), str(m["value"]), str(m["lang"]))))
             except (ValueError, KeyError) as e:
@@ -256,6 +253,19 @@ def make_scorers(names: Sequence[str] = DEFAULT_SCORERS) -> list[Scorer]:
         else:
             made.append(SCORERS[name]())
     return made
+
+
+def check_meta(scorers: Sequence[Scorer | str], meta: Sequence[Meta]) -> None:
+    """Raise a one-line error when a scorer needs question columns that a question lacks (before any
+    answer is generated, so a wrong metric costs nothing)."""
+    for scorer in scorers:
+        cls = SCORERS.get(scorer) if isinstance(scorer, str) else scorer
+        for i, m in enumerate(meta):
+            missing = [k for k in getattr(cls, "needs", ()) if k not in m]
+            if missing:
+                raise VlmMergeError(
+                    f"{cls.name}: question {i} has no {missing[0]!r} column; it scores data with "
+                    f"{', '.join(cls.needs)} columns (the miniature world's files), use another metric here")
 
 
 def score_predictions(

@@ -20,7 +20,7 @@ from pathlib import Path
 from eval.benchmarks import Benchmark, Question, load_benchmark
 from eval.decoding import GenerationSettings
 from eval.generation import EncodedImage, encode_images, generate
-from eval.metrics import Aggregate, Scorer, score_predictions
+from eval.metrics import Aggregate, Scorer, check_meta, score_predictions
 from eval.model_loading import describe_model, library_versions, load_model
 from eval.outputs import Checkpoint, dumps, write_atomic
 from eval.prompts import get_template, template_text
@@ -115,12 +115,13 @@ def evaluate(
         template=template, metrics=metrics, max_new_tokens=max_new_tokens, num_beams=num_beams,
         repetition_penalty=repetition_penalty,
     )
-    if isinstance(model, (str, Path)):
-        model, processor = load_model(model, device=device, dtype=dtype, gpu_dtype=proto.gpu_dtype, cache_dir=cache_dir)
-    elif processor is None:
+    if not isinstance(model, (str, Path)) and processor is None:
         raise VlmMergeError("evaluate(model, …) with a model object needs processor=")
     benchmark = bench if isinstance(bench, Benchmark) else load_benchmark(bench, data, cache_dir=cache_dir)
     questions = benchmark.select(proto.questions, limit)
+    check_meta(scorers if scorers is not None else proto.metrics, [q.meta for q in questions])  # before any work
+    if isinstance(model, (str, Path)):
+        model, processor = load_model(model, device=device, dtype=dtype, gpu_dtype=proto.gpu_dtype, cache_dir=cache_dir)
     prompt = get_template(proto.template)
     metadata = {
         "protocol": proto.as_dict(),

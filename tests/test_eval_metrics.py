@@ -12,6 +12,7 @@ from eval.metrics import (
     RougeJa,
     StrictJapaneseRouge,
     bootstrap_aggregate,
+    check_meta,
     make_scorers,
     score_predictions,
 )
@@ -102,6 +103,9 @@ def test_content_accuracy_reads_each_questions_attribute_and_value():
         score_predictions(["赤"], ["赤"], ["content-accuracy"])
     with pytest.raises(VlmMergeError, match="question 0 has no 'lang' column"):
         score_predictions(["赤"], ["赤"], ["content-accuracy"], meta=[{"attribute": "color", "value": "red"}])
+    with pytest.raises(VlmMergeError, match="question 1 has no 'value' column"):
+        check_meta(["exact-match", "content-accuracy"], [meta[0], {"attribute": "count", "lang": "ja"}])
+    check_meta(["rouge-ja", "exact-match"], [{}])  # the text metrics read no columns
     with pytest.raises(VlmMergeError, match="cannot score attribute 'size'"):
         score_predictions(["x"], ["x"], ["content-accuracy"], meta=[{"attribute": "size", "value": "1", "lang": "ja"}])
 

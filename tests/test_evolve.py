@@ -18,6 +18,7 @@ import torch
 
 from eval.fixture_datasets import draw_scene
 from eval.model_loading import load_model
+from tests.conftest import error_line
 from vlm_merge.errors import VlmMergeError
 from vlm_merge.evolve import CHECKPOINT_FILE, LOG_FILE, Genome, config_from_dict, main, run_evolve
 from vlm_merge.merge import merge
@@ -235,6 +236,13 @@ def test_config_errors_are_one_line_and_exit_2(zoo, dev, tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "invalid YAML" in err
     assert main(["--resume", str(tmp_path / "nothing-here")]) == 2
+    # a metric the data cannot feed fails before any candidate is scored
+    path.write_text(json.dumps(config(zoo, dev, fitness={"kind": "generate", "metrics": {"content_accuracy": 1.0}})))
+    capsys.readouterr()
+    assert main([str(path), "--out", str(tmp_path / "o2")]) == 2
+    err = error_line(capsys)
+    assert "fitness.metrics" in err and "has no 'attribute' column" in err
+    assert (tmp_path / "o2" / LOG_FILE).read_text() == ""  # no candidate was scored
 
 
 def test_successive_halving_logs_rungs_and_picks_best_on_every_question(zoo, dev, tmp_path):

@@ -97,3 +97,10 @@ def test_eval_cli_scores_content_accuracy_on_world_files(tmp_path, capsys):
     bare.write_text("".join(json.dumps({"answer": r["answer"], "prediction": r["prediction"]}) + "\n" for r in records))
     assert main(["score", str(bare), "--metrics", "content-accuracy"]) == 2
     assert "question 0 has no 'attribute' column" in error_line(capsys)
+    # `eval` checks before loading the model or generating anything
+    (tmp_path / "img.png").write_bytes((SHIPPED_ZOO / "data" / json.loads(
+        (SHIPPED_ZOO / "data" / "en-test.jsonl").read_text().splitlines()[0])["image"]).read_bytes())
+    (tmp_path / "plain.jsonl").write_text(json.dumps({"image": "img.png", "question": "q", "answer": "a"}) + "\n")
+    assert main(["eval", "--model", str(tmp_path / "no-model"), "--bench", str(tmp_path / "plain.jsonl"),
+                 "--metrics", "content-accuracy", "--out", str(tmp_path / "r2"), "--quiet"]) == 2
+    assert "content-accuracy: question 0 has no 'attribute' column" in error_line(capsys)

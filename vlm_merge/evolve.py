@@ -625,7 +625,7 @@ class Evaluator:
         import torch
 
         from eval.benchmarks import load_benchmark
-        from eval.metrics import SCORERS, make_scorers
+        from eval.metrics import SCORERS, check_meta, make_scorers
         from eval.model_loading import load_model
         from eval.protocols import get_protocol
         from eval.runner import encode_benchmark_images
@@ -646,17 +646,21 @@ class Evaluator:
         self.bench = load_benchmark(f.benchmark, f.data, split=f.split)
         self.pool = self.bench.select(self.protocol.questions, f.limit)
         self.by_id = {q.question_id: q for q in self.pool}
-        self.encoded = encode_benchmark_images(self.model, self.processor, self.bench, self.pool, batch_size=f.batch_size)
         if f.kind == "generate":
             column_of = {c: name for name, cls in SCORERS.items() for c in cls.fields}
             unknown = [c for c in f.metrics if c not in column_of]
             if unknown:
                 raise _err(f"fitness.metrics.{unknown[0]}", f"not a score column (known: {', '.join(column_of)})")
             self.scorers = make_scorers(list(dict.fromkeys(column_of[c] for c in f.metrics)))
+            try:
+                check_meta(self.scorers, [q.meta for q in self.pool])
+            except VlmMergeError as e:
+                raise _err("fitness.metrics", f"{f.benchmark}: {e}") from None
         else:
             if set(f.metrics) != {"loglik"}:
                 raise _err("fitness.metrics", "kind loglik has the one column 'loglik'; use metrics: {loglik: 1.0}")
             self.loglik = LogLikelihood(self.model, self.processor, self.protocol.template)
+        self.encoded = encode_benchmark_images(self.model, self.processor, self.bench, self.pool, batch_size=f.batch_size)
 
     def question_ids(self) -> list[str]:
         return [q.question_id for q in self.pool]
