@@ -20,7 +20,14 @@ from eval.fixture_datasets import draw_scene
 from eval.model_loading import load_model
 from tests.conftest import error_line
 from vlm_merge.errors import VlmMergeError
-from vlm_merge.evolve import CHECKPOINT_FILE, LOG_FILE, Genome, config_from_dict, main, run_evolve
+from vlm_merge.evolve import (
+    CHECKPOINT_FILE,
+    LOG_FILE,
+    Genome,
+    config_from_dict,
+    main,
+    run_evolve,
+)
 from vlm_merge.merge import merge
 from vlm_merge.resident import ResidentMerger
 
