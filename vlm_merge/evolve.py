@@ -909,6 +909,7 @@ def run_evolve(
 
     out = Path(out)
     saved = out / CONFIG_FILE
+    made = False  # whether this call created `out`
     if resume:
         if not saved.exists():
             raise VlmMergeError(f"{out}: no {CONFIG_FILE}; not an evolve run directory to resume")
@@ -924,6 +925,7 @@ def run_evolve(
             if not force:
                 raise VlmMergeError(f"{out}: exists and is not empty; use --resume to continue it or --force to replace it")
             shutil.rmtree(out)
+        made = not out.exists()
         out.mkdir(parents=True, exist_ok=True)
         _write_atomic(saved, cfg.to_yaml())
     if workers is not None:
@@ -957,7 +959,17 @@ def run_evolve(
                 from vlm_merge.resident import write_scaffold
 
                 write_scaffold(genome.decode(genome.x0()), scaffold)
-            pool = RayPool(cfg, scaffold, cfg.workers) if cfg.workers > 0 else LocalPool(cfg, scaffold)
+            try:
+                pool = RayPool(cfg, scaffold, cfg.workers) if cfg.workers > 0 else LocalPool(cfg, scaffold)
+            except VlmMergeError:
+                if not resume:  # nothing was scored: leave no half-made run behind, so the fixed command reruns
+                    bar.close()
+                    for p in (saved, log_path):
+                        p.unlink(missing_ok=True)
+                    shutil.rmtree(scaffold, ignore_errors=True)
+                    if made and not any(out.iterdir()):
+                        out.rmdir()
+                raise
             qpool = _pool_ids(pool, cfg)
         started = time.perf_counter()
         n_this_run = 0
