@@ -1,4 +1,4 @@
-"""Session-5 experiment (EXPERIMENTS.md, runs L1-): an English base that *understands* Japanese questions but
+"""Session-5 experiment (EXPERIMENTS.md, runs L1-R2): an English base that *understands* Japanese questions but
 answers them in English, as Llama-2 / Mistral often answer a Japanese prompt in English.
 
 New document kind "jq-en" for `en_mix` / `vlm_replay_mix`: an English scene description, questions in
@@ -7,7 +7,9 @@ Japanese question onto the same answer as its English twin, so both question for
 Japanese continued pretraining only has to switch the answer language (its `ja_train_layers`), and the VLM
 stage's image skill (`vlm_train_layers`) sits on circuits that Japanese questions already use.
 
-`"factored_vision": true` pretrains the vision tower with one head per attribute (`factored_vision`).
+`"factored_vision": true` pretrains the vision tower with one head per attribute (`factored_vision`);
+`"en_base_from": ZOO/en-base` loads an English base trained with the same settings instead of retraining it;
+`"ja_freeze_embeddings": true` keeps the input embeddings frozen in the Japanese continued pretraining.
 
     python assets/miniature-zoo/experiments/ja_questions.py OUT '{"threads": 1, "en_mix": {"qa-en": 0.6, "jq-en": 0.3, ...}, ...}' SEED
 """
@@ -77,11 +79,36 @@ def factored_vision(s, seed: int, progress: bool, losses: list):
     return tower
 
 
+def reuse_and_freeze(en_base_from: str | None, freeze_ja_embeddings: bool) -> None:
+    """Patch `train.train_lm`: the English base is loaded from `en_base_from` (a zoo's en-base trained with the
+    same settings and seed: the same weights, without the wait) and/or the Japanese continued pretraining keeps
+    the input embeddings frozen (Japanese questions reach the blocks exactly as in the English base)."""
+    train_lm = train.train_lm
+
+    def patched(model, tok, mix, seed, steps, lr, batch, desc, *args, **kwargs):
+        if desc == "english base" and en_base_from:
+            from transformers import LlamaForCausalLM
+
+            model.load_state_dict(LlamaForCausalLM.from_pretrained(en_base_from).state_dict())
+            model.eval()
+            return None
+        embed = model.model.embed_tokens.weight
+        if desc == "japanese base" and freeze_ja_embeddings:
+            embed.requires_grad_(False)
+        try:
+            return train_lm(model, tok, mix, seed, steps, lr, batch, desc, *args, **kwargs)
+        finally:
+            embed.requires_grad_(True)
+
+    train.train_lm = patched
+
+
 def main(argv: list[str]) -> int:
     out, settings, seed = argv
     cfg = json.loads(settings)
     if cfg.pop("factored_vision", False):
         train.train_vision = factored_vision
+    reuse_and_freeze(cfg.pop("en_base_from", None), cfg.pop("ja_freeze_embeddings", False))
     patch()
     return short_answers.main([out, json.dumps(cfg), seed])
 
