@@ -259,9 +259,11 @@ def check_meta(scorers: Sequence[Scorer | str], meta: Sequence[Meta]) -> None:
     """Raise a one-line error when a scorer needs question columns that a question lacks (before any
     answer is generated, so a wrong metric costs nothing)."""
     for scorer in scorers:
-        cls = SCORERS.get(scorer) if isinstance(scorer, str) else scorer
+        cls = SCORERS.get(scorer) if isinstance(scorer, str) else scorer  # an unknown name: make_scorers says so
+        if cls is None or not cls.needs:
+            continue
         for i, m in enumerate(meta):
-            missing = [k for k in getattr(cls, "needs", ()) if k not in m]
+            missing = [k for k in cls.needs if k not in m]
             if missing:
                 raise VlmMergeError(
                     f"{cls.name}: question {i} has no {missing[0]!r} column; it scores data with "

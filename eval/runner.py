@@ -136,7 +136,7 @@ def evaluate(
     # what predictions depend on; the question selection may grow or shrink (--limit) between resumes
     run_config = {k: metadata[k] for k in ("protocol", "prompt", "generation")}
     # predictions do not depend on the metrics: a run re-scored with others resumes from all of them
-    run_config["protocol"] = {k: v for k, v in proto.as_dict().items() if k != "metrics"}
+    run_config["protocol"] = {k: v for k, v in metadata["protocol"].items() if k != "metrics"}
     run_config["protocol"]["overrides"] = {k: v for k, v in proto.overrides.items() if k != "metrics"}
     run_config["benchmark"] = {k: metadata["benchmark"][k] for k in ("name", "source", "split", "schema", "fingerprint")}
     run_config["model"] = {k: metadata["model"][k] for k in ("name_or_path", "class", "dtype", "config_sha256")}
