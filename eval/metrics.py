@@ -202,7 +202,7 @@ class ContentAccuracy(Scorer):
         for i, (pred, m) in enumerate(zip(preds, rows, strict=True)):
             try:
                 out.append(float(content_correct(pred, str(m["attribute"]), str(m["value"]), str(m["lang"]))))
-            except (ValueError, KeyError) as e:
+            except ValueError as e:  # an attribute the world's lexicon does not know
                 raise VlmMergeError(f"content-accuracy: question {i}: cannot score attribute {m['attribute']!r} "
                                     f"in language {m['lang']!r} ({e})") from None
         return {"content_accuracy": out}

@@ -963,7 +963,6 @@ def run_evolve(
                 pool = RayPool(cfg, scaffold, cfg.workers) if cfg.workers > 0 else LocalPool(cfg, scaffold)
             except VlmMergeError:
                 if not resume:  # nothing was scored: leave no half-made run behind, so the fixed command reruns
-                    bar.close()
                     for p in (saved, log_path):
                         p.unlink(missing_ok=True)
                     shutil.rmtree(scaffold, ignore_errors=True)
