@@ -59,6 +59,9 @@ class WorldSettings:
     # which decoder layers each fine-tune trains (None: all; the final norm goes with the last layer)
     ja_train_layers: list[int] | None = None
     vlm_train_layers: list[int] | None = None
+    # batches of documents of similar length, and the VLM stage's text-only chats in a batch of their own:
+    # about 1.5x fewer padded tokens per step (HF's `group_by_length`; off in the shipped zoo, built without it)
+    group_by_length: bool = False
     vlm_min_steps: int = 300
     vlm_target: float = 0.97  # stop once English dev content accuracy reaches this
     vlm_check_every: int = 150
@@ -139,6 +142,23 @@ def collate_chats(chats: list[tuple[list[int], list[bool]]], pad_id: int) -> dic
     return {"input_ids": input_ids, "attention_mask": mask, "labels": labels}
 
 
+def length_grouped(seqs: Iterator[list[int]], batch: int, seed: int, pool: int = 8) -> Iterator[list[list[int]]]:
+    """Batches of `batch` sequences drawn `pool` batches at a time, sorted by length and served in a seeded
+    random order, so a batch pads to about its own length rather than to the longest document of the mix
+    (the documents' lengths vary about 3x; this roughly halves the padded tokens a step computes).
+    `pool` 1: consecutive sequences, in the order drawn."""
+    rng = random.Random(seed)
+    while True:
+        drawn = [next(seqs) for _ in range(batch * pool)]
+        if pool == 1:
+            yield drawn
+            continue
+        drawn.sort(key=len)
+        chunks = [drawn[i : i + batch] for i in range(0, len(drawn), batch)]
+        rng.shuffle(chunks)
+        yield from chunks
+
+
 def _lr_at(step: int, steps: int, lr: float, warmup: int = 50) -> float:
     if step < warmup:
         return lr * (step + 1) / warmup
@@ -186,17 +206,18 @@ def in_layers(name: str, layers: list[int] | None, n_layers: int) -> bool:
 
 def train_lm(model: LlamaForCausalLM, tok: Tokenizer, mix: dict, seed: int, steps: int, lr: float, batch: int,
              desc: str, progress: bool, losses: list, turns: int = 1, block_lr_scale: float = 1.0,
-             train_layers: list[int] | None = None) -> None:
+             train_layers: list[int] | None = None, group_by_length: bool = False) -> None:
     """Causal-LM training on documents from `mix` (loss on every token after BOS). The transformer blocks
     and final norm learn at `lr * block_lr_scale` (0 freezes them), embeddings and lm_head at `lr`; only
-    the decoder layers in `train_layers` (None: all) are trained."""
-    sampler: Iterator = text.mixture_sampler(mix, seed, turns)
+    the decoder layers in `train_layers` (None: all) are trained; `group_by_length` batches documents of
+    similar length (`length_grouped`)."""
     eos = tok.token_to_id(text.EOS)
+    docs = (encode_pair(tok, *doc, eos)[0] for doc in text.mixture_sampler(mix, seed, turns))
+    batches = length_grouped(docs, batch, seed, pool=8 if group_by_length else 1)
     model.train()
 
     def batch_fn(step: int) -> torch.Tensor:
-        seqs = [encode_pair(tok, *next(sampler), eos) for _ in range(batch)]
-        b = collate_chats([(ids, [i > 0 for i in range(len(ids))]) for ids, _ in seqs], pad_id=0)
+        b = collate_chats([(ids, [i > 0 for i in range(len(ids))]) for ids in next(batches)], pad_id=0)
         return model(**b).loss
 
     embed, head = model.model.embed_tokens.weight, model.lm_head.weight
@@ -310,20 +331,31 @@ def train_vlm(vlm: LlavaForConditionalGeneration, tok: Tokenizer, s: WorldSettin
     def batch_fn(step: int) -> torch.Tensor:
         items = [next(stream) for _ in range(s.batch - n_text)]
         chats = [encode_chat(tok, qas, image_id, n_img, eos) for _, qas in items]
+        texts = []
         for _ in range(n_text):
             ids, start = encode_pair(tok, *next(replay), eos)
-            chats.append((ids, [i >= start for i in range(len(ids))]))
-        b = collate_chats(chats, pad_id)
+            texts.append((ids, [i >= start for i in range(len(ids))]))
+        # grouped: the text-only chats, about twice as long as the image chats, pad in a batch of their own
+        parts = [chats, texts] if s.group_by_length and texts else [chats + texts]
         with torch.no_grad():
             feats = tower(pixel_values=pixels([scenes.draw_scene(sc) for sc, _ in items]),
                           output_hidden_states=True).hidden_states[-1][:, 1:]
-        embeds = lm.embed_tokens(b["input_ids"])
-        img = projector(feats).reshape(-1, embeds.shape[-1])
-        where = (b["input_ids"] == image_id)
-        embeds = embeds.masked_scatter(where.unsqueeze(-1), img.to(embeds.dtype))
-        h = lm(inputs_embeds=embeds, attention_mask=b["attention_mask"]).last_hidden_state
-        logits = vlm.lm_head(h[:, :-1])
-        return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), b["labels"][:, 1:].reshape(-1))
+        img = projector(feats).reshape(-1, lm.config.hidden_size)
+        losses, n_labels = [], 0
+        for part in parts:
+            b = collate_chats(part, pad_id)
+            embeds = lm.embed_tokens(b["input_ids"])
+            where = (b["input_ids"] == image_id)
+            if where.any():
+                embeds = embeds.masked_scatter(where.unsqueeze(-1), img.to(embeds.dtype))
+            h = lm(inputs_embeds=embeds, attention_mask=b["attention_mask"]).last_hidden_state
+            logits = vlm.lm_head(h[:, :-1])
+            labels = b["labels"][:, 1:].reshape(-1)
+            reduction = "mean" if len(parts) == 1 else "sum"
+            losses.append(torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels,
+                                                            reduction=reduction))
+            n_labels += int((labels != -100).sum())
+        return losses[0] if len(parts) == 1 else sum(losses) / n_labels
 
     vlm.train()
     vocab = [lm.embed_tokens.weight, vlm.lm_head.weight]
