@@ -1,4 +1,4 @@
-"""Session-6 experiment (EXPERIMENTS.md, runs S1-): text bases that are *base* models, not chat models.
+"""Session-6 experiment (EXPERIMENTS.md, runs S1, S2): text bases that are *base* models, not chat models.
 
 Llama-2, Mistral, Swallow and ELYZA's base models are pretrained on documents; the chat format that LLaVA-1.5
 is prompted with (``USER: ... ASSISTANT: ...</s>``) comes from Vicuna's chat tuning and LLaVA's own stage 2.
