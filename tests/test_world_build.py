@@ -129,7 +129,6 @@ def test_length_grouped_batches_serve_every_sequence_once_with_less_padding():
     assert all(max(map(len, b)) - min(map(len, b)) < 40 for b in grouped)
 
 
-
 def _padded(batches: list[list[list[int]]]) -> int:
     return sum(max(map(len, b)) * len(b) for b in batches)
 

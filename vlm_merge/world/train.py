@@ -351,11 +351,9 @@ def train_vlm(vlm: LlavaForConditionalGeneration, tok: Tokenizer, s: WorldSettin
             h = lm(inputs_embeds=embeds, attention_mask=b["attention_mask"]).last_hidden_state
             logits = vlm.lm_head(h[:, :-1])
             labels = b["labels"][:, 1:].reshape(-1)
-            reduction = "mean" if len(parts) == 1 else "sum"
-            losses.append(torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels,
-                                                            reduction=reduction))
+            losses.append(torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels, reduction="sum"))
             n_labels += int((labels != -100).sum())
-        return losses[0] if len(parts) == 1 else sum(losses) / n_labels
+        return sum(losses) / n_labels  # the mean over every answer token of the batch
 
     vlm.train()
     vocab = [lm.embed_tokens.weight, vlm.lm_head.weight]
