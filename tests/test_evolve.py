@@ -252,6 +252,32 @@ def test_config_errors_are_one_line_and_exit_2(zoo, dev, tmp_path, capsys):
     assert not (tmp_path / "o2").exists()  # no half-made run: the fixed config reruns with the same command
 
 
+def test_data_errors_fail_before_any_model_is_written_or_loaded(zoo, dev, tmp_path, capsys, monkeypatch):
+    """The fitness file and the test split are read and checked against their metrics first: a wrong path,
+    or a test metric its data cannot feed, costs no scaffold write and no source load (minutes at 7B) and no
+    search (the test split is otherwise first read after it)."""
+    import vlm_merge.resident as resident
+
+    def no_model_work(*a, **k):
+        raise AssertionError("a model was written or loaded before the data was checked")
+
+    monkeypatch.setattr(resident, "write_scaffold", no_model_work)
+    monkeypatch.setattr(resident.ResidentMerger, "open", no_model_work)
+    test_split = {"benchmark": str(dev), "metric": "content_accuracy", "chat_vector_scale": 0.5}
+    cases = [
+        (config(zoo, dev, fitness={"benchmark": str(tmp_path / "missing.jsonl")}), "missing.jsonl"),
+        (config(zoo, dev, test=test_split), "test.metric"),
+    ]
+    for i, (cfg, msg) in enumerate(cases):
+        path = tmp_path / f"cfg{i}.yaml"
+        path.write_text(json.dumps(cfg))
+        capsys.readouterr()
+        assert main([str(path), "--out", str(tmp_path / f"o{i}")]) == 2
+        err = error_line(capsys)
+        assert msg in err, err
+        assert not (tmp_path / f"o{i}").exists()
+
+
 def test_successive_halving_logs_rungs_and_picks_best_on_every_question(zoo, dev, tmp_path):
     cfg = config(zoo, dev, fitness={"limit": None, "subset": {"mode": "halving", "size": 6, "eta": 2}},
                  cmaes={"popsize": 8, "max_evaluations": 16})

@@ -384,6 +384,12 @@ def _check_config(cfg: EvolveConfig) -> None:
                 raise _err(f"genome.params.{name}", f"bound {e}") from None
         if name in cfg.genome.fixed:
             raise _err(f"genome.fixed.{name}", "is also searched in genome.params; keep one")
+    if cfg.fitness.kind == "generate":
+        unknown = [c for c in cfg.fitness.metrics if c not in score_columns()]
+        if unknown:
+            raise _err(f"fitness.metrics.{unknown[0]}", f"not a score column (known: {', '.join(score_columns())})")
+    elif set(cfg.fitness.metrics) != {"loglik"}:
+        raise _err("fitness.metrics", "kind loglik has the one column 'loglik'; use metrics: {loglik: 1.0}")
     if VLM_REF in cfg.sources.models and cfg.sources.vlm is None:
         raise _err("sources.models", "names 'vlm' but sources.vlm is not set")
     if cfg.fitness.subset.mode != "none" and cfg.fitness.subset.size < 1:
@@ -392,15 +398,59 @@ def _check_config(cfg: EvolveConfig) -> None:
         missing = [k for k in ("vlm", "base_model", "target") if getattr(cfg.sources, k) is None]
         if missing:
             raise _err("test", f"the report compares with Chat Vector and the controls: set sources.{missing[0]}")
-        from eval.metrics import SCORERS
-
-        columns = [c for cls in SCORERS.values() for c in cls.fields]
-        if cfg.test.metric not in columns:
-            raise _err("test.metric", f"{cfg.test.metric!r} is not a score column (known: {', '.join(columns)})")
+        if cfg.test.metric not in score_columns():
+            raise _err("test.metric", f"{cfg.test.metric!r} is not a score column (known: {', '.join(score_columns())})")
     if isinstance(cfg.cmaes.x0, dict):
         for k in cfg.cmaes.x0:
             if k not in cfg.genome.params:
                 raise _err(f"cmaes.x0.{k}", f"is not searched (genome.params: {', '.join(cfg.genome.params)})")
+
+
+def score_columns() -> dict[str, str]:
+    """Each score column a generated-answer fitness or test metric may name -> the scorer that writes it."""
+    from eval.metrics import SCORERS
+
+    return {c: name for name, cls in SCORERS.items() for c in cls.fields}
+
+
+def held_out_fitness(cfg: EvolveConfig) -> FitnessConfig:
+    """The `test:` split as a fitness config: generated answers under the fitness protocol, one metric."""
+    t = cfg.test
+    assert t is not None
+    return replace(cfg.fitness, benchmark=t.benchmark, data=t.data, split=t.split, limit=t.limit, kind="generate",
+                   metrics={t.metric: 1.0}, subset=SubsetConfig())
+
+
+def fitness_questions(f: FitnessConfig, where: str = "fitness.metrics"):
+    """The benchmark and question pool that `f` names, checked against its metrics: a metric the data cannot
+    feed (e.g. content accuracy on a file without attribute/value columns) is a one-line error naming `where`."""
+    from eval.benchmarks import load_benchmark
+    from eval.metrics import check_meta
+    from eval.protocols import get_protocol
+
+    bench = load_benchmark(f.benchmark, f.data, split=f.split)
+    pool = bench.select(get_protocol(f.protocol).questions, f.limit)
+    if f.kind == "generate":
+        try:
+            check_meta(scorer_names(f), [q.meta for q in pool])
+        except VlmMergeError as e:
+            raise _err(where, f"{f.benchmark}: {e}") from None
+    return bench, pool
+
+
+def scorer_names(f: FitnessConfig) -> list[str]:
+    columns = score_columns()
+    return list(dict.fromkeys(columns[c] for c in f.metrics))
+
+
+def check_data(cfg: EvolveConfig) -> list[str]:
+    """Read the fitness questions and the `test:` split's and check them against their metrics, before any
+    model is written or loaded (minutes for 7B sources), so a wrong path or metric fails at once and not after
+    the search. Returns the fitness question ids."""
+    _, pool = fitness_questions(cfg.fitness)
+    if cfg.test is not None:
+        fitness_questions(held_out_fitness(cfg), "test.metric")
+    return [q.question_id for q in pool]
 
 
 def load_config(path: str | Path) -> EvolveConfig:
@@ -624,8 +674,7 @@ class Evaluator:
         `resident=False` no sources are loaded and the model at `scaffold` itself is scored."""
         import torch
 
-        from eval.benchmarks import load_benchmark
-        from eval.metrics import SCORERS, check_meta, make_scorers
+        from eval.metrics import make_scorers
         from eval.model_loading import load_model
         from eval.protocols import get_protocol
         from eval.runner import encode_benchmark_images
@@ -643,22 +692,11 @@ class Evaluator:
         if resident:
             genome = Genome.of(config, num_layers_of(config))
             self.merger = ResidentMerger.open(genome.decode(genome.x0()), self.model)
-        self.bench = load_benchmark(f.benchmark, f.data, split=f.split)
-        self.pool = self.bench.select(self.protocol.questions, f.limit)
+        self.bench, self.pool = fitness_questions(f)
         self.by_id = {q.question_id: q for q in self.pool}
         if f.kind == "generate":
-            column_of = {c: name for name, cls in SCORERS.items() for c in cls.fields}
-            unknown = [c for c in f.metrics if c not in column_of]
-            if unknown:
-                raise _err(f"fitness.metrics.{unknown[0]}", f"not a score column (known: {', '.join(column_of)})")
-            self.scorers = make_scorers(list(dict.fromkeys(column_of[c] for c in f.metrics)))
-            try:
-                check_meta(self.scorers, [q.meta for q in self.pool])
-            except VlmMergeError as e:
-                raise _err("fitness.metrics", f"{f.benchmark}: {e}") from None
+            self.scorers = make_scorers(scorer_names(f))
         else:
-            if set(f.metrics) != {"loglik"}:
-                raise _err("fitness.metrics", "kind loglik has the one column 'loglik'; use metrics: {loglik: 1.0}")
             self.loglik = LogLikelihood(self.model, self.processor, self.protocol.template)
         self.encoded = encode_benchmark_images(self.model, self.processor, self.bench, self.pool, batch_size=f.batch_size)
 
@@ -955,11 +993,12 @@ def run_evolve(
     bar = tqdm(total=total, initial=evals, unit="cand", desc="evolve", disable=not progress, dynamic_ncols=True)
     try:
         if not finished:
-            if not scaffold.exists():
-                from vlm_merge.resident import write_scaffold
-
-                write_scaffold(genome.decode(genome.x0()), scaffold)
             try:
+                qpool = check_data(cfg)
+                if not scaffold.exists():
+                    from vlm_merge.resident import write_scaffold
+
+                    write_scaffold(genome.decode(genome.x0()), scaffold)
                 pool = RayPool(cfg, scaffold, cfg.workers) if cfg.workers > 0 else LocalPool(cfg, scaffold)
             except VlmMergeError:
                 if not resume:  # nothing was scored: leave no half-made run behind, so the fixed command reruns
@@ -969,7 +1008,6 @@ def run_evolve(
                     if made and not any(out.iterdir()):
                         out.rmdir()
                 raise
-            qpool = _pool_ids(pool, cfg)
         started = time.perf_counter()
         n_this_run = 0
         while not finished:
@@ -1021,17 +1059,6 @@ def _as_config(config) -> EvolveConfig:
     if isinstance(config, dict):
         return config_from_dict(config)
     return load_config(config)
-
-
-def _pool_ids(pool, cfg: EvolveConfig) -> list[str]:
-    from eval.benchmarks import load_benchmark
-    from eval.protocols import get_protocol
-
-    if isinstance(pool, LocalPool):
-        return pool.ev.question_ids()
-    f = cfg.fitness
-    proto = get_protocol(f.protocol)
-    return [q.question_id for q in load_benchmark(f.benchmark, f.data, split=f.split).select(proto.questions, f.limit)]
 
 
 def _run_generation(cfg, genome: Genome, pool, xs, gen_no: int, evals: int, qpool: list[str], reuse: dict, log: _Log) -> list[dict]:
@@ -1172,12 +1199,11 @@ def held_out_report(cfg: EvolveConfig, out: Path, best_recipe: Recipe, scaffold:
 
     t = cfg.test
     assert t is not None
-    test_fitness = replace(cfg.fitness, benchmark=t.benchmark, data=t.data, split=t.split, limit=t.limit, kind="generate",
-                           metrics={t.metric: 1.0}, subset=SubsetConfig())
+    test_fit = held_out_fitness(cfg)
     runs: list[tuple[str, str, EvolveConfig, Recipe | None]] = [
-        ("evolved", "the best recipe of the search", replace(cfg, fitness=test_fitness), best_recipe),
+        ("evolved", "the best recipe of the search", replace(cfg, fitness=test_fit), best_recipe),
         ("chat-vector", f"Chat Vector, scale {t.chat_vector_scale:g}: target + scale * (vlm - base_model)",
-         replace(cfg, fitness=test_fitness, method="task_arithmetic", sources=replace(cfg.sources, models=(VLM_REF,)),
+         replace(cfg, fitness=test_fit, method="task_arithmetic", sources=replace(cfg.sources, models=(VLM_REF,)),
                  genome=GenomeConfig(params={"weight": DEFAULT_BOUNDS["weight"]})), chat_vector_recipe(cfg, t.chat_vector_scale)),
         ("target-shell", "control: the target language model in the VLM shell (Chat Vector scale 0)", None, chat_vector_recipe(cfg, 0.0)),
         ("vlm", "control: the VLM as it is", None, None),
@@ -1189,7 +1215,7 @@ def held_out_report(cfg: EvolveConfig, out: Path, best_recipe: Recipe, scaffold:
             ev = None  # free the previous live model first
             gc.collect()
             ev = (Evaluator(run_cfg, scaffold) if recipe is not None
-                  else Evaluator(replace(cfg, fitness=test_fitness), cfg.sources.vlm, resident=False))
+                  else Evaluator(replace(cfg, fitness=test_fit), cfg.sources.vlm, resident=False))
         if recipe is not None:
             ev.merger.apply(recipe)
         per_question[name] = ev._generate(ev.pool).predictions
@@ -1201,7 +1227,7 @@ def held_out_report(cfg: EvolveConfig, out: Path, best_recipe: Recipe, scaffold:
         raise VlmMergeError("held-out report: the models were scored on different questions")
     rec = {
         "metric": t.metric, "questions": len(ids), "benchmark": t.benchmark, "data": t.data, "split": t.split,
-        "protocol": generation_text(test_fitness),
+        "protocol": generation_text(test_fit),
         "models": {n: {"description": d, **bootstrap_aggregate(scores[n]).as_dict()} for n, d, _, _ in runs},
         "evolved_vs": {n: paired_bootstrap(scores["evolved"], scores[n]) for n, *_ in runs if n != "evolved"},
     }
