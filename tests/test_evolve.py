@@ -256,7 +256,7 @@ def test_data_errors_fail_before_any_model_is_written_or_loaded(zoo, dev, tmp_pa
     """The fitness file and the test split are read and checked against their metrics first: a wrong path,
     or a test metric its data cannot feed, costs no scaffold write and no source load (minutes at 7B) and no
     search (the test split is otherwise first read after it)."""
-    import vlm_merge.resident as resident
+    from vlm_merge import resident
 
     def no_model_work(*a, **k):
         raise AssertionError("a model was written or loaded before the data was checked")
