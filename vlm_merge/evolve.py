@@ -700,9 +700,6 @@ class Evaluator:
             self.loglik = LogLikelihood(self.model, self.processor, self.protocol.template)
         self.encoded = encode_benchmark_images(self.model, self.processor, self.bench, self.pool, batch_size=f.batch_size)
 
-    def question_ids(self) -> list[str]:
-        return [q.question_id for q in self.pool]
-
     def score(self, recipe: Recipe | dict, question_ids: Sequence[str] | None = None) -> Scored:
         """Merge `recipe` into the live model and score it; failures score the penalty with the error."""
         from vlm_merge.resident import CandidateError
