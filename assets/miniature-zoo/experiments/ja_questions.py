@@ -1,4 +1,4 @@
-"""Session-5 experiment (EXPERIMENTS.md, runs L1-R2): an English base that *understands* Japanese questions but
+"""Session-5 and session-7 experiments (EXPERIMENTS.md, runs L1-R2 and U1-U6): an English base that *understands* Japanese questions but
 answers them in English, as Llama-2 / Mistral often answer a Japanese prompt in English.
 
 New document kind "jq-en" for `en_mix` / `vlm_replay_mix`: an English scene description, questions in
@@ -6,6 +6,9 @@ Japanese, answers in English (short answers, as `short_answers.py`). The English
 Japanese question onto the same answer as its English twin, so both question forms share its circuits; the
 Japanese continued pretraining only has to switch the answer language (its `ja_train_layers`), and the VLM
 stage's image skill (`vlm_train_layers`) sits on circuits that Japanese questions already use.
+Kind "jj-en" (session 7) is the same about a scene described in Japanese: the English base then reads
+Japanese entirely and only answers in English, and the Japanese pretraining has only the answer language
+left to learn.
 
 `"factored_vision": true` pretrains the vision tower with one head per attribute (`factored_vision`);
 `"en_base_from": ZOO/en-base` loads an English base trained with the same settings instead of retraining it;
@@ -24,9 +27,13 @@ import torch
 
 from vlm_merge.world import scenes, text, train
 
+# Japanese questions answered in English, about a scene described in English ("jq-en", session 5) or in
+# Japanese ("jj-en", session 7: an English base that reads Japanese and only answers in English)
+SCENE_LANGUAGE = {"jq-en": "en", "jj-en": "ja"}
+
 
 def patch() -> None:
-    """Short answers plus the "jq-en" document kind, for this process."""
+    """Short answers plus the "jq-en" and "jj-en" document kinds, for this process."""
     short_answers.patch()
     document, make_qa = text.document, scenes.make_qa
 
@@ -41,11 +48,12 @@ def patch() -> None:
                 return dataclasses.replace(en, question=ja.question)
 
     def jq_document(rng: random.Random, kind: str, turns: int = 1) -> tuple[str, str]:
-        if kind != "jq-en":
+        if kind not in SCENE_LANGUAGE:
             return document(rng, kind, turns)
         scene = scenes.sample_scene(rng)
         qas = [paired_qa(scene, rng) for _ in range(turns)]
-        return text.prompt(scenes.describe(scene, "en"), qas[0].question) + text.turns_text(qas), qas[-1].answer
+        context = scenes.describe(scene, SCENE_LANGUAGE[kind])
+        return text.prompt(context, qas[0].question) + text.turns_text(qas), qas[-1].answer
 
     text.document = jq_document
 
