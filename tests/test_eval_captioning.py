@@ -23,6 +23,7 @@ from eval.captioning import (
 from eval.images import open_image
 from eval.model_loading import load_model
 from eval.outputs import read_jsonl
+from tests.conftest import error_line
 from vlm_merge.cli import main
 from vlm_merge.errors import VlmMergeError
 
@@ -101,6 +102,12 @@ def test_caption_cli_and_gallery_in_a_headless_browser(zoo, photos, tmp_path, ca
     assert "src=\"data:image/jpeg;base64," in page and "http" not in page.split("<main>")[1]  # self-contained
     for c in read_jsonl(out / CAPTIONS_FILE):
         assert __import__("html").escape(c["caption"]) in page
+
+    # only unreadable files: the gallery lists them, and the command fails in one line
+    assert main(["caption", "--model", str(zoo.vlms["llava-next-hf-mistral"]), str(photos / "notes.png"),
+                 str(photos / "truncated.jpg"), "--out", str(tmp_path / "none"), "--quiet", "--device", "cpu"]) == 2
+    assert "none of the 2 images could be read" in error_line(capsys)
+    assert len(json.loads((tmp_path / "none" / SKIPPED_FILE).read_text())) == 2
 
     if not Path(CHROMIUM).exists():
         pytest.skip(f"{CHROMIUM} is not installed (Debian: apt-get install chromium); the gallery was not rendered")

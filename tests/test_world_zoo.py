@@ -104,3 +104,53 @@ def test_eval_cli_scores_content_accuracy_on_world_files(tmp_path, capsys):
     assert main(["eval", "--model", str(tmp_path / "no-model"), "--bench", str(tmp_path / "plain.jsonl"),
                  "--metrics", "content-accuracy", "--out", str(tmp_path / "r2"), "--quiet"]) == 2
     assert "content-accuracy: question 0 has no 'attribute' column" in error_line(capsys)
+
+
+def test_zoo_bar_reports_per_type_scores_and_writes_predictions(tmp_path, capsys):
+    """`vlm-merge zoo bar --zoo` on the shipped zoo (a quick look: 30 questions per split): the record's
+    per-type and overall scores agree with the per-question predictions it writes, which re-score to the
+    same numbers with the world's rule; the bar fails here (exit 1), as EXPERIMENTS.md says."""
+    from vlm_merge.cli import main
+    from vlm_merge.world import scenes
+
+    out = tmp_path / "bar"
+    assert main(["zoo", "bar", "--zoo", str(SHIPPED_ZOO), "--out", str(out), "--limit", "30", "--scales", "0.25",
+                 "--quiet"]) == 1
+    printed = capsys.readouterr().out
+    assert "content accuracy per question type" in printed and "not the bar's protocol" in printed
+    (rec,) = json.loads((out / "bar.json").read_text())
+    assert rec["limit"] == 30 and set(rec["dev"]) == {"0.25/none", "0.25/embeddings"}
+    rows = {r["question_id"]: r for r in map(json.loads, (SHIPPED_ZOO / "data" / "ja-test.jsonl").read_text().splitlines())}
+    for name in ("en-vlm", "ja-shell", "chat-vector"):
+        m = rec["models"][name]
+        preds = [json.loads(line) for line in (out / "work-0" / "predictions" / f"{name}.jsonl").read_text().splitlines()]
+        assert len(preds) == m["n"] == 30
+        rule = [scenes.content_correct(p["prediction"], rows[p["question_id"]]["attribute"],
+                                       rows[p["question_id"]]["value"], "ja") for p in preds]
+        assert [p["content"] for p in preds] == [int(x) for x in rule]
+        assert m["content_accuracy"] == pytest.approx(sum(rule) / 30)
+        per = {q: [p["content"] for p in preds if p["qtype"] == q] for q in m["by_type"]}
+        assert m["by_type"] == pytest.approx({q: sum(v) / len(v) for q, v in per.items()})
+        assert sum(map(len, per.values())) == 30 and 0 <= m["right_in_english"] <= 1
+    assert [p["prediction"] for p in map(json.loads, (out / "work-0" / "predictions" / "chat-vector.jsonl")
+                                         .read_text().splitlines())][:6] == rec["models"]["chat-vector"]["examples"]
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["bar", "--zoo", "{tmp}/nothing"], "no zoo.json there"),
+    (["bar", "--zoo", "{zoo}", "--limit", "0"], "--limit 0: must be a positive"),
+    (["build", "--smoke", "--set", "vlm_stpes=10"], "--set vlm_stpes: not a world setting"),
+    (["build", "--smoke", "--set", "vlm_steps=ten"], "--set vlm_steps=ten: the value is not JSON"),
+    (["build", "--smoke", "--set", "vlm_steps=1.5"], "--set vlm_steps=1.5: expected an integer"),
+    (["build", "--smoke", "--set", "vlm_train_layers=[0, \"x\"]"], "expected list[int] | null"),
+    (["build", "--smoke", "--set", "group_by_length"], "expected NAME=JSON"),
+])
+def test_zoo_commands_reject_bad_input_in_one_line(tmp_path, capsys, args, message):
+    """Bad `zoo` input is one line and exit 2, before anything is built or written."""
+    from tests.conftest import error_line
+    from vlm_merge.cli import main
+
+    argv = [a.format(tmp=tmp_path, zoo=SHIPPED_ZOO) for a in args]
+    assert main(["zoo", *argv, "--out", str(tmp_path / "out")]) == 2
+    assert message in error_line(capsys)
+    assert not (tmp_path / "out").exists() and not (tmp_path / "nothing").exists()

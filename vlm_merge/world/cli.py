@@ -18,13 +18,20 @@ SMOKE = {  # a few seconds per stage: proves the pipeline, trains nothing useful
 
 
 def _settings(args: argparse.Namespace):
+    from vlm_merge.errors import VlmMergeError
     from vlm_merge.world.train import WorldSettings
 
-    kw = dict(SMOKE) if getattr(args, "smoke", False) else {}
+    overrides = {}
     for item in getattr(args, "set", None) or []:
-        name, _, value = item.partition("=")
-        kw[name] = json.loads(value)
-    return WorldSettings(**kw)
+        name, eq, value = item.partition("=")
+        if not eq or not name:
+            raise VlmMergeError(f"--set {item}: expected NAME=JSON, e.g. --set vlm_steps=2400")
+        try:
+            overrides[name] = json.loads(value)
+        except json.JSONDecodeError as e:
+            raise VlmMergeError(f"--set {item}: the value is not JSON ({e.msg}); e.g. --set vlm_steps=2400, "
+                                f"--set group_by_length=true, --set 'en_mix={{\"qa-en\": 1.0}}'") from None
+    return WorldSettings.with_overrides(overrides, SMOKE if getattr(args, "smoke", False) else None)
 
 
 def cmd_zoo_build(args: argparse.Namespace) -> int:
@@ -42,24 +49,32 @@ def cmd_zoo_build(args: argparse.Namespace) -> int:
 
 
 def cmd_zoo_bar(args: argparse.Namespace) -> int:
+    from eval.outputs import dumps, write_atomic
+    from vlm_merge.errors import VlmMergeError
     from vlm_merge.world.build import build_zoo
-    from vlm_merge.world.experiment import format_record, measure_bar
+    from vlm_merge.world.experiment import SCALES, format_record, measure_bar
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    settings = _settings(args)
+    if args.zoo and not (Path(args.zoo) / "zoo.json").is_file():
+        raise VlmMergeError(f"--zoo {args.zoo}: no zoo.json there, so it is not a built zoo; build one with "
+                            "`vlm-merge zoo build --out DIR`, or leave out --zoo to build one per seed under --out")
+    if args.limit is not None and args.limit < 1:
+        raise VlmMergeError(f"--limit {args.limit}: must be a positive number of questions")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     records = []
     for seed in args.seeds:
         zoo = Path(args.zoo) if args.zoo else out / f"zoo-{seed}"
-        settings = _settings(args)
         if not (zoo / "zoo.json").exists():
             build_zoo(zoo, seed, settings, progress=not args.quiet, force=True)
-        rec = measure_bar(zoo, out / f"work-{seed}", threads=settings.threads)
+        rec = measure_bar(zoo, out / f"work-{seed}", scales=tuple(args.scales or SCALES), threads=settings.threads,
+                          limit=args.limit, progress=not args.quiet)
         print(format_record(rec), flush=True)
         records.append(rec)
         if args.zoo:
             break
-    (out / "bar.json").write_text(json.dumps(records, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
+    write_atomic(out / "bar.json", dumps(records))
     holds = all(r["bar"]["holds"] for r in records)
     print(f"bar holds in {sum(r['bar']['holds'] for r in records)}/{len(records)} seeds; record: {out / 'bar.json'}")
     return 0 if holds else 1
@@ -81,6 +96,11 @@ def add_world_commands(subparsers) -> None:
     m.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     m.add_argument("--zoo", help="measure this built zoo instead of building one per seed")
     m.add_argument("--out", required=True)
+    m.add_argument("--scales", type=float, nargs="+", metavar="S",
+                   help="Chat Vector scales tried on dev, each with and without the embedding delta "
+                        "(default: 0.25 0.5 0.75 1.0 1.25 1.5)")
+    m.add_argument("--limit", type=int, help="score only the first N questions of each split (a quick look; "
+                   "the bar is defined on the whole sets)")
     m.add_argument("--smoke", action="store_true")
     m.add_argument("--set", action="append", metavar="NAME=JSON")
     m.add_argument("--quiet", action="store_true")

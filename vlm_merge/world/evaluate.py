@@ -74,6 +74,21 @@ def score(rows: list[dict], preds: list[str], rouge: bool = True) -> Scores:
     return Scores(content, exact, rl, preds)
 
 
+def by_type(rows: list[dict], values: np.ndarray) -> dict[str, float]:
+    """Mean of per-question `values` for each question type of `rows`, in `scenes.QTYPES` order."""
+    groups: dict[str, list[float]] = {}
+    for r, v in zip(rows, values):
+        groups.setdefault(r["qtype"], []).append(float(v))
+    order = {q: i for i, q in enumerate(scenes.QTYPES)}
+    return {q: float(np.mean(groups[q])) for q in sorted(groups, key=lambda q: (order.get(q, len(order)), q))}
+
+
+def right_in_english(rows: list[dict], preds: list[str]) -> np.ndarray:
+    """Per question: the answer names the asked value in English (a Japanese question answered in English;
+    content accuracy on Japanese questions counts only Japanese answers)."""
+    return np.array([scenes.content_correct(p, r["attribute"], r["value"], "en") for r, p in zip(rows, preds)], float)
+
+
 def bootstrap_ci(x: np.ndarray, resamples: int = BOOTSTRAP, seed: int = 0) -> tuple[float, float]:
     from eval.metrics import bootstrap_aggregate
 

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from vlm_merge.world import evaluate
+from vlm_merge.world import datasets, evaluate
 
 log = logging.getLogger(__name__)
 
@@ -56,38 +56,61 @@ def choose_on_dev(zoo: Path, dev_file: Path, scratch: Path, limit: int | None = 
     return best[0], best[1], scores
 
 
-def _summ(sc: evaluate.Scores) -> dict:
-    return sc.summary()
+def _model_record(sc: evaluate.Scores, rows: list[dict], japanese: bool) -> dict:
+    """Summary, content accuracy per question type and (Japanese questions) the share right in English."""
+    rec = sc.summary()
+    rec["by_type"] = evaluate.by_type(rows, sc.content)
+    if japanese:
+        rec["right_in_english"] = float(evaluate.right_in_english(rows, sc.predictions).mean())
+    rec["examples"] = sc.predictions[:6]
+    return rec
+
+
+def _write_predictions(path: Path, rows: list[dict], sc: evaluate.Scores) -> None:
+    """One JSON line per question: what was asked, the reference, the prediction and its scores."""
+    from eval.outputs import write_atomic
+
+    lines = [json.dumps({"question_id": r["question_id"], "qtype": r["qtype"], "question": r["question"],
+                         "answer": r["answer"], "prediction": p, "content": int(c), "exact": int(e)},
+                        ensure_ascii=False) + "\n"
+             for r, p, c, e in zip(rows, sc.predictions, sc.content, sc.exact)]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_atomic(path, "".join(lines))
 
 
 def measure_bar(zoo: str | Path, work: str | Path, scales=SCALES, skips=SKIPS, progress: bool = False,
-                rouge: bool = True, threads: int = 2) -> dict:
-    """Evaluate controls and Chat Vector on `zoo`; writes merged models under `work`; returns the record."""
+                rouge: bool = True, threads: int = 2, limit: int | None = None) -> dict:
+    """Evaluate controls and Chat Vector on `zoo` (the first `limit` questions of each split; None: all);
+    writes merged models and `predictions/{model}.jsonl` under `work`; returns the record."""
     torch.set_num_threads(threads)
     zoo, work = Path(zoo), Path(work)
     work.mkdir(parents=True, exist_ok=True)
     meta = json.loads((zoo / "zoo.json").read_text())
     data = {k: zoo / v for k, v in meta["data"].items()}
+    rows = {k: datasets.read_rows(data[k])[:limit] for k in ("en-test", "ja-test")}
     t0 = time.perf_counter()
     rec: dict = {"zoo": str(zoo), "seed": meta["seed"], "models": {}, "dev": {}}
+    if limit is not None:
+        rec["limit"] = limit
     scores: dict[str, evaluate.Scores] = {}
 
     en_vlm = evaluate.load_vlm(zoo / "en-vlm")
-    scores["en-vlm@en"] = evaluate.evaluate_model(None, data["en-test"], rouge=False, model_and_processor=en_vlm)
-    scores["en-vlm"] = evaluate.evaluate_model(None, data["ja-test"], rouge=rouge, model_and_processor=en_vlm)
+    scores["en-vlm@en"] = evaluate.evaluate_model(None, data["en-test"], limit, rouge=False, model_and_processor=en_vlm)
+    scores["en-vlm"] = evaluate.evaluate_model(None, data["ja-test"], limit, rouge=rouge, model_and_processor=en_vlm)
     del en_vlm
     shell = chat_vector_model(zoo, work / "ja-shell", 0.0)
-    scores["ja-shell"] = evaluate.evaluate_model(shell, data["ja-test"], rouge=rouge)
+    scores["ja-shell"] = evaluate.evaluate_model(shell, data["ja-test"], limit, rouge=rouge)
 
-    scale, skip, dev = choose_on_dev(zoo, data["ja-dev"], work / "cv-dev", scales=scales, skips=skips, progress=progress)
+    scale, skip, dev = choose_on_dev(zoo, data["ja-dev"], work / "cv-dev", limit, scales, skips, progress)
     rec["dev"] = {k: float(sc.content.mean()) for k, sc in dev.items()}
     rec["chosen_scale"], rec["chosen_skip"] = scale, skip
     path = chat_vector_model(zoo, work / "chat-vector", scale, skip)
-    scores["chat-vector"] = evaluate.evaluate_model(path, data["ja-test"], rouge=rouge)
+    scores["chat-vector"] = evaluate.evaluate_model(path, data["ja-test"], limit, rouge=rouge)
 
     for name, sc in scores.items():
-        rec["models"][name] = _summ(sc)
-        rec["models"][name]["examples"] = sc.predictions[:6]
+        split = "en-test" if name == "en-vlm@en" else "ja-test"
+        rec["models"][name] = _model_record(sc, rows[split], japanese=split == "ja-test")
+        _write_predictions(work / "predictions" / f"{name}.jsonl", rows[split], sc)
     cv = scores["chat-vector"].content
     rec["vs"] = {c: evaluate.paired_bootstrap(cv, scores[c].content) for c in ("en-vlm", "ja-shell")}
     rec["bar"] = {
@@ -100,13 +123,24 @@ def measure_bar(zoo: str | Path, work: str | Path, scales=SCALES, skips=SKIPS, p
 
 
 def format_record(rec: dict) -> str:
+    """The record as a text table: scores with CIs, content accuracy per question type, the differences."""
     lines = [f"seed {rec['seed']} (scale {rec['chosen_scale']}, skip {rec.get('chosen_skip', 'none')} chosen on dev: "
              + ", ".join(f"{k}={v:.3f}" for k, v in rec["dev"].items()) + ")"]
-    lines.append(f"  {'model':<12} {'content':>8} {'95% CI':>15} {'exact':>6} {'rougeL':>7}")
+    if "limit" in rec:
+        lines.append(f"  first {rec['limit']} questions of each split only: a quick look, not the bar's protocol")
+    lines.append(f"  {'model':<12} {'content':>8} {'95% CI':>15} {'exact':>6} {'rougeL':>7} {'right in English':>17}")
     for name, m in rec["models"].items():
         rl = f"{m['rouge_l']:.1f}" if "rouge_l" in m else "-"
+        en = f"{m['right_in_english']:.3f}" if "right_in_english" in m else "-"
         lines.append(f"  {name:<12} {m['content_accuracy']:8.3f} [{m['content_ci'][0]:.3f},{m['content_ci'][1]:.3f}]"
-                     f" {m['exact_match']:6.3f} {rl:>7}")
+                     f" {m['exact_match']:6.3f} {rl:>7} {en:>17}")
+    types = list(dict.fromkeys(q for m in rec["models"].values() for q in m.get("by_type", {})))
+    if types:
+        lines.append("  content accuracy per question type:")
+        lines.append(f"  {'model':<12} " + " ".join(f"{q:>11}" for q in types))
+        for name, m in rec["models"].items():
+            per = m.get("by_type", {})
+            lines.append(f"  {name:<12} " + " ".join(f"{per[q]:11.3f}" if q in per else f"{'-':>11}" for q in types))
     for c, v in rec["vs"].items():
         lines.append(f"  chat-vector - {c}: {v['diff']:+.3f} [{v['low']:+.3f}, {v['high']:+.3f}]")
     lines.append(f"  bar holds: {rec['bar']['holds']} ({rec['bar']})")

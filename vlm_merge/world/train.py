@@ -8,13 +8,16 @@ Everything is deterministic for a seed: data come from `random.Random` streams, 
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import random
 import re
 import time
-from collections.abc import Callable, Iterator
+import types
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import asdict, dataclass, field
+from typing import Any, get_args, get_origin, get_type_hints
 
 import numpy as np
 import torch
@@ -75,6 +78,47 @@ class WorldSettings:
 
     def as_dict(self) -> dict:
         return asdict(self)
+
+    @classmethod
+    def with_overrides(cls, overrides: Mapping[str, Any], base: Mapping[str, Any] | None = None) -> WorldSettings:
+        """Settings from `base` (e.g. `--smoke` sizes) and `overrides` (`--set NAME=JSON`), each value checked
+        against its field's type: a wrong name or type is one `VlmMergeError` naming the setting."""
+        from vlm_merge.errors import VlmMergeError
+
+        hints = get_type_hints(cls)
+        for name, value in overrides.items():
+            if name not in hints:
+                raise VlmMergeError(f"--set {name}: not a world setting; known: {', '.join(hints)}")
+            if not _fits(value, hints[name]):
+                default = getattr(cls(), name)
+                example = f" (the default: {name}={json.dumps(default)})" if default is not None else ""
+                raise VlmMergeError(f"--set {name}={json.dumps(value)}: expected {_type_name(hints[name])}{example}")
+        return cls(**{**(base or {}), **overrides})
+
+
+def _fits(value: Any, tp: Any) -> bool:
+    """Whether a JSON value fits a WorldSettings field type (int, float, bool, dict, list[int], X | None)."""
+    if isinstance(tp, types.UnionType):
+        return any(_fits(value, t) for t in get_args(tp))
+    if tp is type(None):
+        return value is None
+    if tp is bool or isinstance(value, bool):
+        return tp is bool and isinstance(value, bool)
+    if tp is float:
+        return isinstance(value, int | float)
+    origin = get_origin(tp)
+    if origin is list:
+        (item,) = get_args(tp)
+        return isinstance(value, list) and all(_fits(v, item) for v in value)
+    if tp is dict:
+        return isinstance(value, dict) and all(isinstance(v, int | float) and not isinstance(v, bool)
+                                               for v in value.values())
+    return isinstance(value, tp)
+
+
+def _type_name(tp: Any) -> str:
+    return {int: "an integer", float: "a number", bool: "true or false", dict: "a JSON object of numbers"}.get(
+        tp, str(tp).replace("NoneType", "null").replace("None", "null"))
 
 
 def seed_all(seed: int) -> None:
