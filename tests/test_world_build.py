@@ -149,3 +149,18 @@ def test_grouped_build_trains_every_part_on_other_batches(smoke_zoo, tmp_path):
                            load_file(smoke_zoo / "en-base" / "model.safetensors")[key])
     vlm = load_file(zoo / "en-vlm" / "model.safetensors")
     assert all(torch.isfinite(v).all() for v in vlm.values())
+
+
+@pytest.mark.parametrize("in_a_row", [1, 2])
+def test_the_vlm_stage_stops_after_the_target_in_enough_checks_in_a_row(tmp_path, in_a_row):
+    """Early stopping on English dev: with a target every check reaches, the stage stops at the first check
+    (`vlm_target_checks` 1) or the second (2, the default: one noisy 150-question check is not enough)."""
+    from vlm_merge.world.build import build_zoo
+    from vlm_merge.world.cli import SMOKE
+    from vlm_merge.world.train import WorldSettings
+
+    settings = WorldSettings(**SMOKE | {"vlm_steps": 40, "vlm_target": 0.0, "vlm_target_checks": in_a_row})
+    zoo = build_zoo(tmp_path / "zoo", 2, settings, progress=False, dev_check=10)
+    meta = json.loads((zoo / "zoo.json").read_text())
+    assert [c["step"] for c in meta["vlm_checks"]] == [4, 8][:in_a_row]
+    assert meta["vlm_steps"] == 4 * in_a_row

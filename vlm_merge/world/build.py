@@ -145,12 +145,14 @@ def build_zoo(out: str | Path, seed: int = 0, settings: WorldSettings | None = N
     checks = []
 
     def check(step: int) -> bool:
+        """Score English dev; stop once the last `vlm_target_checks` checks all reached `vlm_target`."""
         preds = evaluate.answer(vlm, processor, dev_images, [r["question"] for r in dev_rows])
         acc = float(evaluate.score(dev_rows, preds, rouge=False).content.mean())
         checks.append({"step": step, "en_dev_content_accuracy": acc})
         log.info("english VLM step %d: en dev content accuracy %.3f", step, acc)
         vlm.train()
-        return acc >= s.vlm_target
+        recent = checks[-s.vlm_target_checks:]
+        return len(recent) == s.vlm_target_checks and all(c["en_dev_content_accuracy"] >= s.vlm_target for c in recent)
 
     steps = train.train_vlm(vlm, vlm_tok, s, seed * 1000 + 5, progress, stage("en-vlm"), check if dev_check else None)
     vlm.generation_config = GenerationConfig(bos_token_id=1, eos_token_id=2, pad_token_id=vlm_tok.token_to_id(text.PAD_TOKEN))

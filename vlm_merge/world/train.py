@@ -66,7 +66,8 @@ class WorldSettings:
     # about 1.5x fewer padded tokens per step (HF's `group_by_length`; off in the shipped zoo, built without it)
     group_by_length: bool = False
     vlm_min_steps: int = 300
-    vlm_target: float = 0.97  # stop once English dev content accuracy reaches this
+    vlm_target: float = 0.97  # stop once English dev content accuracy reaches this ...
+    vlm_target_checks: int = 2  # ... in this many checks in a row (one check of 150 questions is +-3 points)
     vlm_check_every: int = 150
     # the English base also reads English scenes asked about in Japanese (xqa-ja): cross-lingual questions,
     # the one change that let Chat Vector beat the Japanese shell (assets/miniature-zoo/EXPERIMENTS.md, v3)
