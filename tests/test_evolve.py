@@ -120,10 +120,16 @@ def test_resident_merge_equals_merge_written_and_loaded(zoo, tmp_path, method, p
         rm.apply({**r1, "merge_method": "ties"})
 
 
-def test_run_is_deterministic_and_its_outputs_replay(zoo, dev, tmp_path):
+def test_run_is_deterministic_and_its_outputs_replay(zoo, dev, tmp_path, monkeypatch):
+    import eval.benchmarks
+
     cfg = config(zoo, dev)
     a = run_evolve(config_from_dict(cfg), tmp_path / "a", progress=False)
+    reads = []
+    load = eval.benchmarks.load_benchmark
+    monkeypatch.setattr(eval.benchmarks, "load_benchmark", lambda *a, **k: reads.append(a[0]) or load(*a, **k))
     run_evolve(config_from_dict(cfg), tmp_path / "b", progress=False, write_model=False)
+    assert reads == [str(dev)]  # the data check's read serves the search: the fitness file is read once
     log_a = [json.loads(x) for x in (tmp_path / "a" / LOG_FILE).read_text().splitlines()]
     log_b = [json.loads(x) for x in (tmp_path / "b" / LOG_FILE).read_text().splitlines()]
     assert len(log_a) == 12 and [r["generation"] for r in log_a] == [1] * 4 + [2] * 4 + [3] * 4

@@ -129,8 +129,10 @@ def test_zoo_bar_reports_per_type_scores_and_writes_predictions(tmp_path, capsys
                                        rows[p["question_id"]]["value"], "ja") for p in preds]
         assert [p["content"] for p in preds] == [int(x) for x in rule]
         assert m["content_accuracy"] == pytest.approx(sum(rule) / 30)
-        per = {q: [p["content"] for p in preds if p["qtype"] == q] for q in m["by_type"]}
-        assert m["by_type"] == pytest.approx({q: sum(v) / len(v) for q, v in per.items()})
+        per = {q: [p["content"] for p in preds if p["qtype"] == q] for q in m["by_qtype"]}
+        assert {q: v["n"] for q, v in m["by_qtype"].items()} == {q: len(v) for q, v in per.items()}
+        assert {q: v["content_accuracy"] for q, v in m["by_qtype"].items()} == pytest.approx(
+            {q: sum(v) / len(v) for q, v in per.items()})
         assert sum(map(len, per.values())) == 30 and 0 <= m["right_in_english"] <= 1
     assert [p["prediction"] for p in map(json.loads, (out / "work-0" / "predictions" / "chat-vector.jsonl")
                                          .read_text().splitlines())][:6] == rec["models"]["chat-vector"]["examples"]

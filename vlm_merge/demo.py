@@ -245,13 +245,6 @@ def headline(vs: dict[str, dict[str, dict]], summaries: dict[str, dict]) -> str:
             f"{_pts(summaries[strongest]['content_accuracy'])}% content accuracy){tail}.")
 
 
-def by_qtype(e: Evaluated) -> dict[str, dict]:
-    out: dict[str, list[float]] = {}
-    for r, c in zip(e.rows, e.scores.content):
-        out.setdefault(r["qtype"], []).append(float(c))
-    return {k: {"content_accuracy": float(np.mean(v)), "n": len(v)} for k, v in sorted(out.items())}
-
-
 def sample_questions(results: dict[str, Evaluated], images: int) -> list[dict]:
     """The first question about each of the first `images` test images, with every model's answer."""
     first = next(iter(results.values()))
@@ -271,19 +264,6 @@ def sample_questions(results: dict[str, Evaluated], images: int) -> list[dict]:
 
 # ================================================================================================
 # Files
-
-
-def write_predictions(e: Evaluated, path: Path) -> None:
-    keep = ("question_id", "image", "question", "answer", "attribute", "value", "qtype", "lang")
-    s = e.scores
-    lines = []
-    for i, r in enumerate(e.rows):
-        rec = {k: r[k] for k in keep if k in r}
-        rec.update(prediction=s.predictions[i], content=float(s.content[i]), exact=float(s.exact[i]))
-        if s.rouge_l is not None:
-            rec["rouge_l"] = float(s.rouge_l[i])
-        lines.append(json.dumps(rec, ensure_ascii=False) + "\n")
-    path.write_text("".join(lines), encoding="utf-8")
 
 
 def _save(fig, path: Path) -> None:
@@ -617,10 +597,11 @@ def run_demo(out: str | Path, *, force: bool = False, zoo: str | Path | None = N
         t = time.perf_counter()
         summaries = {name: {**e.summary(), "test_set": e.test_set, "description": e.description,
                             "path": str(atomic.target / e.path.relative_to(tmp) if e.path.is_relative_to(tmp) else e.path),
-                            "predictions": f"{PREDICTIONS_DIR}/{name}.jsonl", "by_qtype": by_qtype(e)}
+                            "predictions": f"{PREDICTIONS_DIR}/{name}.jsonl",
+                            "by_qtype": evaluate.by_qtype(e.rows, e.scores.content)}
                      for name, e in results.items()}
         for name, e in results.items():
-            write_predictions(e, tmp / PREDICTIONS_DIR / f"{name}.jsonl")
+            (tmp / PREDICTIONS_DIR / f"{name}.jsonl").write_text(evaluate.prediction_lines(e.rows, e.scores), encoding="utf-8")
         vs = comparisons(results)
         claims = [verdict(m, c, d) for m, ds in vs.items() for c, d in ds.items()]
         claims.append(f"Ceiling check: the English VLM names the asked attribute in {_pts(summaries[SANITY]['content_accuracy'])}% "

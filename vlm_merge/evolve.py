@@ -443,14 +443,14 @@ def scorer_names(f: FitnessConfig) -> list[str]:
     return list(dict.fromkeys(columns[c] for c in f.metrics))
 
 
-def check_data(cfg: EvolveConfig) -> list[str]:
+def check_data(cfg: EvolveConfig):
     """Read the fitness questions and the `test:` split's and check them against their metrics, before any
     model is written or loaded (minutes for 7B sources), so a wrong path or metric fails at once and not after
-    the search. Returns the fitness question ids."""
-    _, pool = fitness_questions(cfg.fitness)
+    the search. Returns the fitness benchmark and question pool (`fitness_questions`)."""
+    questions = fitness_questions(cfg.fitness)
     if cfg.test is not None:
         fitness_questions(held_out_fitness(cfg), "test.metric")
-    return [q.question_id for q in pool]
+    return questions
 
 
 def load_config(path: str | Path) -> EvolveConfig:
@@ -669,9 +669,10 @@ class LogLikelihood:
 class Evaluator:
     """Resident sources + one live model + cached image features: scores recipes in-process."""
 
-    def __init__(self, config: EvolveConfig, scaffold: str | Path, *, resident: bool = True) -> None:
+    def __init__(self, config: EvolveConfig, scaffold: str | Path, *, resident: bool = True, questions=None) -> None:
         """`scaffold`: a model directory of the merge's architecture, loaded as the live model; with
-        `resident=False` no sources are loaded and the model at `scaffold` itself is scored."""
+        `resident=False` no sources are loaded and the model at `scaffold` itself is scored. `questions`:
+        the fitness benchmark and pool if already read (`check_data`), else they are read here."""
         import torch
 
         from eval.metrics import make_scorers
@@ -692,7 +693,7 @@ class Evaluator:
         if resident:
             genome = Genome.of(config, num_layers_of(config))
             self.merger = ResidentMerger.open(genome.decode(genome.x0()), self.model)
-        self.bench, self.pool = fitness_questions(f)
+        self.bench, self.pool = questions or fitness_questions(f)
         self.by_id = {q.question_id: q for q in self.pool}
         if f.kind == "generate":
             self.scorers = make_scorers(scorer_names(f))
@@ -791,8 +792,8 @@ class RayPool:
 
 
 class LocalPool:
-    def __init__(self, config: EvolveConfig, scaffold: Path) -> None:
-        self.ev = Evaluator(config, scaffold)
+    def __init__(self, config: EvolveConfig, scaffold: Path, questions=None) -> None:
+        self.ev = Evaluator(config, scaffold, questions=questions)
 
     def map(self, jobs: list[tuple[dict, list[str] | None]]) -> list[Scored]:
         return [self.ev.score(r, q) for r, q in jobs]
@@ -991,12 +992,14 @@ def run_evolve(
     try:
         if not finished:
             try:
-                qpool = check_data(cfg)
+                questions = check_data(cfg)
+                qpool = [q.question_id for q in questions[1]]
                 if not scaffold.exists():
                     from vlm_merge.resident import write_scaffold
 
                     write_scaffold(genome.decode(genome.x0()), scaffold)
-                pool = RayPool(cfg, scaffold, cfg.workers) if cfg.workers > 0 else LocalPool(cfg, scaffold)
+                pool = (RayPool(cfg, scaffold, cfg.workers) if cfg.workers > 0  # each actor reads its own
+                        else LocalPool(cfg, scaffold, questions))
             except VlmMergeError:
                 if not resume:  # nothing was scored: leave no half-made run behind, so the fixed command reruns
                     for p in (saved, log_path):

@@ -6,6 +6,7 @@ benchmark run); `content_correct` (see `scenes`) decides whether the asked attri
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -74,13 +75,30 @@ def score(rows: list[dict], preds: list[str], rouge: bool = True) -> Scores:
     return Scores(content, exact, rl, preds)
 
 
-def by_type(rows: list[dict], values: np.ndarray) -> dict[str, float]:
-    """Mean of per-question `values` for each question type of `rows`, in `scenes.QTYPES` order."""
+def by_qtype(rows: list[dict], values: np.ndarray) -> dict[str, dict]:
+    """{question type: {"content_accuracy": mean of `values`, "n": questions}} in `scenes.QTYPES` order."""
     groups: dict[str, list[float]] = {}
     for r, v in zip(rows, values):
         groups.setdefault(r["qtype"], []).append(float(v))
     order = {q: i for i, q in enumerate(scenes.QTYPES)}
-    return {q: float(np.mean(groups[q])) for q in sorted(groups, key=lambda q: (order.get(q, len(order)), q))}
+    return {q: {"content_accuracy": float(np.mean(groups[q])), "n": len(groups[q])}
+            for q in sorted(groups, key=lambda q: (order.get(q, len(order)), q))}
+
+
+PREDICTION_FIELDS = ("question_id", "image", "question", "answer", "attribute", "value", "qtype", "lang")
+
+
+def prediction_lines(rows: list[dict], sc: Scores) -> str:
+    """JSONL, one line per question: what was asked, the reference, the prediction and its scores (so the
+    predictions can be re-scored without generating again)."""
+    lines = []
+    for i, r in enumerate(rows):
+        rec = {k: r[k] for k in PREDICTION_FIELDS if k in r}
+        rec.update(prediction=sc.predictions[i], content=float(sc.content[i]), exact=float(sc.exact[i]))
+        if sc.rouge_l is not None:
+            rec["rouge_l"] = float(sc.rouge_l[i])
+        lines.append(json.dumps(rec, ensure_ascii=False) + "\n")
+    return "".join(lines)
 
 
 def right_in_english(rows: list[dict], preds: list[str]) -> np.ndarray:

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from eval.outputs import write_atomic
 from vlm_merge.world import datasets, evaluate
 
 log = logging.getLogger(__name__)
@@ -59,23 +60,11 @@ def choose_on_dev(zoo: Path, dev_file: Path, scratch: Path, limit: int | None = 
 def _model_record(sc: evaluate.Scores, rows: list[dict], japanese: bool) -> dict:
     """Summary, content accuracy per question type and (Japanese questions) the share right in English."""
     rec = sc.summary()
-    rec["by_type"] = evaluate.by_type(rows, sc.content)
+    rec["by_qtype"] = evaluate.by_qtype(rows, sc.content)
     if japanese:
         rec["right_in_english"] = float(evaluate.right_in_english(rows, sc.predictions).mean())
     rec["examples"] = sc.predictions[:6]
     return rec
-
-
-def _write_predictions(path: Path, rows: list[dict], sc: evaluate.Scores) -> None:
-    """One JSON line per question: what was asked, the reference, the prediction and its scores."""
-    from eval.outputs import write_atomic
-
-    lines = [json.dumps({"question_id": r["question_id"], "qtype": r["qtype"], "question": r["question"],
-                         "answer": r["answer"], "prediction": p, "content": int(c), "exact": int(e)},
-                        ensure_ascii=False) + "\n"
-             for r, p, c, e in zip(rows, sc.predictions, sc.content, sc.exact)]
-    path.parent.mkdir(parents=True, exist_ok=True)
-    write_atomic(path, "".join(lines))
 
 
 def measure_bar(zoo: str | Path, work: str | Path, scales=SCALES, skips=SKIPS, progress: bool = False,
@@ -84,7 +73,7 @@ def measure_bar(zoo: str | Path, work: str | Path, scales=SCALES, skips=SKIPS, p
     writes merged models and `predictions/{model}.jsonl` under `work`; returns the record."""
     torch.set_num_threads(threads)
     zoo, work = Path(zoo), Path(work)
-    work.mkdir(parents=True, exist_ok=True)
+    (work / "predictions").mkdir(parents=True, exist_ok=True)
     meta = json.loads((zoo / "zoo.json").read_text())
     data = {k: zoo / v for k, v in meta["data"].items()}
     rows = {k: datasets.read_rows(data[k])[:limit] for k in ("en-test", "ja-test")}
@@ -110,7 +99,7 @@ def measure_bar(zoo: str | Path, work: str | Path, scales=SCALES, skips=SKIPS, p
     for name, sc in scores.items():
         split = "en-test" if name == "en-vlm@en" else "ja-test"
         rec["models"][name] = _model_record(sc, rows[split], japanese=split == "ja-test")
-        _write_predictions(work / "predictions" / f"{name}.jsonl", rows[split], sc)
+        write_atomic(work / "predictions" / f"{name}.jsonl", evaluate.prediction_lines(rows[split], sc))
     cv = scores["chat-vector"].content
     rec["vs"] = {c: evaluate.paired_bootstrap(cv, scores[c].content) for c in ("en-vlm", "ja-shell")}
     rec["bar"] = {
@@ -134,13 +123,14 @@ def format_record(rec: dict) -> str:
         en = f"{m['right_in_english']:.3f}" if "right_in_english" in m else "-"
         lines.append(f"  {name:<12} {m['content_accuracy']:8.3f} [{m['content_ci'][0]:.3f},{m['content_ci'][1]:.3f}]"
                      f" {m['exact_match']:6.3f} {rl:>7} {en:>17}")
-    types = list(dict.fromkeys(q for m in rec["models"].values() for q in m.get("by_type", {})))
+    types = list(dict.fromkeys(q for m in rec["models"].values() for q in m.get("by_qtype", {})))
     if types:
         lines.append("  content accuracy per question type:")
         lines.append(f"  {'model':<12} " + " ".join(f"{q:>11}" for q in types))
         for name, m in rec["models"].items():
-            per = m.get("by_type", {})
-            lines.append(f"  {name:<12} " + " ".join(f"{per[q]:11.3f}" if q in per else f"{'-':>11}" for q in types))
+            per = m.get("by_qtype", {})
+            lines.append(f"  {name:<12} " + " ".join(f"{per[q]['content_accuracy']:11.3f}" if q in per else f"{'-':>11}"
+                                                     for q in types))
     for c, v in rec["vs"].items():
         lines.append(f"  chat-vector - {c}: {v['diff']:+.3f} [{v['low']:+.3f}, {v['high']:+.3f}]")
     lines.append(f"  bar holds: {rec['bar']['holds']} ({rec['bar']})")
