@@ -136,3 +136,17 @@ def test_errors_are_one_line_and_leave_nothing(tmp_path, capsys):
     out.mkdir()
     assert main(["demo", "--out", str(out), "--quick"]) == 2
     assert "--force" in error_line(capsys)
+
+
+def test_headline_states_the_margin_over_the_closer_control_with_its_ci():
+    """The one-sentence verdict: a merge that beats both controls is reported with its difference and CI
+    against the control it beats by the least (not as a bound it does not have); otherwise, no help."""
+    d = lambda diff, lo, hi: {"diff": diff, "low": lo, "high": hi}  # noqa: E731
+    summaries = {c: {"n": 1000, "content_accuracy": a} for c, a in zip(CONTROLS, (0.40, 0.49))}
+    vs = {"chat-vector": {CONTROLS[0]: d(0.134, 0.104, 0.163), CONTROLS[1]: d(0.040, 0.023, 0.057)},
+          "evolved": {CONTROLS[0]: d(0.02, -0.01, 0.05), CONTROLS[1]: d(0.03, 0.01, 0.05)}}
+    text = headline(vs, summaries)
+    assert text.startswith("Merging helps on these 1000 Japanese test questions: chat-vector beats both controls")
+    assert f"chat-vector by +4.0 points over {CONTROLS[1]} (95% CI [+2.3, +5.7])" in text and "evolved" not in text
+    vs["chat-vector"][CONTROLS[1]] = d(0.01, -0.005, 0.025)
+    assert headline(vs, summaries).startswith("Merging does not help on these 1000 Japanese test questions")

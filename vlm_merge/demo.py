@@ -233,10 +233,17 @@ def headline(vs: dict[str, dict[str, dict]], summaries: dict[str, dict]) -> str:
     """One sentence on whether merging helps, from the paired CIs against both controls."""
     helps = [m for m in MERGES if m in vs and all(vs[m][c]["low"] > 0 for c in CONTROLS)]
     if helps:
-        parts = [f"{m} (+{_pts(min(vs[m][c]['diff'] for c in CONTROLS))} points or more)" for m in helps]
+        parts = []
+        for m in helps:
+            c = min(CONTROLS, key=lambda c: vs[m][c]["diff"])  # the control it beats by the least
+            d = vs[m][c]
+            parts.append(f"{m} by {_pts(d['diff'], True)} points over {c} (95% CI [{_pts(d['low'], True)}, "
+                         f"{_pts(d['high'], True)}])")
         n = summaries[CONTROLS[0]]["n"]
-        return (f"Merging helps on these {n} Japanese test questions: " + " and ".join(parts) + " beat both controls "
-                "(the English VLM asked in Japanese, and the Japanese base in the VLM shell) with paired 95% CIs excluding 0.")
+        return (f"Merging helps on these {n} Japanese test questions: {' and '.join(helps)} "
+                f"{'beats' if len(helps) == 1 else 'beat'} both controls (the English VLM asked in Japanese, and the "
+                f"Japanese base in the VLM shell) with paired 95% CIs excluding 0; against the closer control, "
+                + " and ".join(parts) + ".")
     strongest = max(CONTROLS, key=lambda c: summaries[c]["content_accuracy"])
     worse = [m for m in MERGES if m in vs and vs[m][strongest]["high"] < 0]
     tail = (f"; {' and '.join(worse)} {'is' if len(worse) == 1 else 'are'} significantly worse than {strongest}" if worse else "")
