@@ -141,9 +141,12 @@ class Evaluated:
     name: str
     test_set: str
     description: str
-    rows: list[dict]
     scores: Scores
     path: Path
+
+    @property
+    def rows(self) -> list[dict]:
+        return self.scores.rows
 
     def summary(self) -> dict:
         from vlm_merge.world.evaluate import bootstrap_ci
@@ -157,11 +160,10 @@ class Evaluated:
 def evaluate_on(name: str, data_file: Path, limit: int | None, description: str, path: Path, *, loaded=None,
                 rouge: bool = True) -> Evaluated:
     """Score the model at `path` (or the already `loaded` (model, processor) of it) on the first `limit` rows."""
-    from vlm_merge.world import datasets, evaluate
+    from vlm_merge.world import evaluate
 
-    rows = datasets.read_rows(data_file)[:limit]
     scores = evaluate.evaluate_model(path, data_file, limit=limit, rouge=rouge, model_and_processor=loaded)
-    return Evaluated(name, data_file.stem, description, rows, scores, path)
+    return Evaluated(name, data_file.stem, description, scores, path)
 
 
 @dataclass(frozen=True)
@@ -608,7 +610,7 @@ def run_demo(out: str | Path, *, force: bool = False, zoo: str | Path | None = N
                             "by_qtype": evaluate.by_qtype(e.rows, e.scores.content)}
                      for name, e in results.items()}
         for name, e in results.items():
-            (tmp / PREDICTIONS_DIR / f"{name}.jsonl").write_text(evaluate.prediction_lines(e.rows, e.scores), encoding="utf-8")
+            (tmp / PREDICTIONS_DIR / f"{name}.jsonl").write_text(evaluate.prediction_lines(e.scores), encoding="utf-8")
         vs = comparisons(results)
         claims = [verdict(m, c, d) for m, ds in vs.items() for c, d in ds.items()]
         claims.append(f"Ceiling check: the English VLM names the asked attribute in {_pts(summaries[SANITY]['content_accuracy'])}% "

@@ -1208,14 +1208,15 @@ def held_out_report(cfg: EvolveConfig, out: Path, best_recipe: Recipe, scaffold:
         ("target-shell", "control: the target language model in the VLM shell (Chat Vector scale 0)", None, chat_vector_recipe(cfg, 0.0)),
         ("vlm", "control: the VLM as it is", None, None),
     ]
+    questions = fitness_questions(test_fit, "test.metric")  # read once, shared by the three Evaluators
     per_question: dict[str, list[dict]] = {}
     ev = None
     for name, _, run_cfg, recipe in runs:
         if run_cfg is not None or recipe is None:  # a new method / source structure, or the VLM itself
             ev = None  # free the previous live model first
             gc.collect()
-            ev = (Evaluator(run_cfg, scaffold) if recipe is not None
-                  else Evaluator(replace(cfg, fitness=test_fit), cfg.sources.vlm, resident=False))
+            ev = (Evaluator(run_cfg, scaffold, questions=questions) if recipe is not None
+                  else Evaluator(replace(cfg, fitness=test_fit), cfg.sources.vlm, resident=False, questions=questions))
         if recipe is not None:
             ev.merger.apply(recipe)
         per_question[name] = ev._generate(ev.pool).predictions

@@ -49,6 +49,7 @@ class Scores:
     exact: np.ndarray
     rouge_l: np.ndarray | None
     predictions: list[str]
+    rows: list[dict]  # the questions scored, in order
 
     def summary(self) -> dict:
         out = {"content_accuracy": float(self.content.mean()), "exact_match": float(self.exact.mean()),
@@ -72,7 +73,7 @@ def score(rows: list[dict], preds: list[str], rouge: bool = True) -> Scores:
             rl = np.array([scorer.score_one(r["answer"], p)["rougeL"] for r, p in zip(rows, preds)])
         except Exception:  # noqa: BLE001 - MeCab missing: report without ROUGE
             rl = None
-    return Scores(content, exact, rl, preds)
+    return Scores(content, exact, rl, preds, rows)
 
 
 def by_qtype(rows: list[dict], values: np.ndarray) -> dict[str, dict]:
@@ -88,11 +89,11 @@ def by_qtype(rows: list[dict], values: np.ndarray) -> dict[str, dict]:
 PREDICTION_FIELDS = ("question_id", "image", "question", "answer", "attribute", "value", "qtype", "lang")
 
 
-def prediction_lines(rows: list[dict], sc: Scores) -> str:
+def prediction_lines(sc: Scores) -> str:
     """JSONL, one line per question: what was asked, the reference, the prediction and its scores (so the
     predictions can be re-scored without generating again)."""
     lines = []
-    for i, r in enumerate(rows):
+    for i, r in enumerate(sc.rows):
         rec = {k: r[k] for k in PREDICTION_FIELDS if k in r}
         rec.update(prediction=sc.predictions[i], content=float(sc.content[i]), exact=float(sc.exact[i]))
         if sc.rouge_l is not None:
@@ -101,10 +102,11 @@ def prediction_lines(rows: list[dict], sc: Scores) -> str:
     return "".join(lines)
 
 
-def right_in_english(rows: list[dict], preds: list[str]) -> np.ndarray:
+def right_in_english(sc: Scores) -> np.ndarray:
     """Per question: the answer names the asked value in English (a Japanese question answered in English;
     content accuracy on Japanese questions counts only Japanese answers)."""
-    return np.array([scenes.content_correct(p, r["attribute"], r["value"], "en") for r, p in zip(rows, preds)], float)
+    return np.array([scenes.content_correct(p, r["attribute"], r["value"], "en") for r, p in zip(sc.rows, sc.predictions)],
+                    float)
 
 
 def bootstrap_ci(x: np.ndarray, resamples: int = BOOTSTRAP, seed: int = 0) -> tuple[float, float]:

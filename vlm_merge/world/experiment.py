@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from eval.outputs import write_atomic
-from vlm_merge.world import datasets, evaluate
+from vlm_merge.world import evaluate
 
 log = logging.getLogger(__name__)
 
@@ -57,12 +57,12 @@ def choose_on_dev(zoo: Path, dev_file: Path, scratch: Path, limit: int | None = 
     return best[0], best[1], scores
 
 
-def _model_record(sc: evaluate.Scores, rows: list[dict], japanese: bool) -> dict:
+def _model_record(sc: evaluate.Scores, japanese: bool) -> dict:
     """Summary, content accuracy per question type and (Japanese questions) the share right in English."""
     rec = sc.summary()
-    rec["by_qtype"] = evaluate.by_qtype(rows, sc.content)
+    rec["by_qtype"] = evaluate.by_qtype(sc.rows, sc.content)
     if japanese:
-        rec["right_in_english"] = float(evaluate.right_in_english(rows, sc.predictions).mean())
+        rec["right_in_english"] = float(evaluate.right_in_english(sc).mean())
     rec["examples"] = sc.predictions[:6]
     return rec
 
@@ -76,7 +76,6 @@ def measure_bar(zoo: str | Path, work: str | Path, scales=SCALES, skips=SKIPS, p
     (work / "predictions").mkdir(parents=True, exist_ok=True)
     meta = json.loads((zoo / "zoo.json").read_text())
     data = {k: zoo / v for k, v in meta["data"].items()}
-    rows = {k: datasets.read_rows(data[k])[:limit] for k in ("en-test", "ja-test")}
     t0 = time.perf_counter()
     rec: dict = {"zoo": str(zoo), "seed": meta["seed"], "models": {}, "dev": {}}
     if limit is not None:
@@ -97,9 +96,8 @@ def measure_bar(zoo: str | Path, work: str | Path, scales=SCALES, skips=SKIPS, p
     scores["chat-vector"] = evaluate.evaluate_model(path, data["ja-test"], limit, rouge=rouge)
 
     for name, sc in scores.items():
-        split = "en-test" if name == "en-vlm@en" else "ja-test"
-        rec["models"][name] = _model_record(sc, rows[split], japanese=split == "ja-test")
-        write_atomic(work / "predictions" / f"{name}.jsonl", evaluate.prediction_lines(rows[split], sc))
+        rec["models"][name] = _model_record(sc, japanese=name != "en-vlm@en")
+        write_atomic(work / "predictions" / f"{name}.jsonl", evaluate.prediction_lines(sc))
     cv = scores["chat-vector"].content
     rec["vs"] = {c: evaluate.paired_bootstrap(cv, scores[c].content) for c in ("en-vlm", "ja-shell")}
     rec["bar"] = {
