@@ -307,12 +307,18 @@ def test_ray_workers_score_like_one_process(zoo, dev, tmp_path):
     assert par.best["x"] == serial.best["x"]
 
 
-def test_held_out_report_compares_best_with_chat_vector_and_controls(zoo, dev, tmp_path):
+def test_held_out_report_compares_best_with_chat_vector_and_controls(zoo, dev, tmp_path, monkeypatch):
+    import eval.benchmarks
     from eval.metrics import bootstrap_aggregate, paired_bootstrap
 
     cfg = config(zoo, dev, fitness={"kind": "generate", "metrics": {"rougeL": 1.0}, "limit": 8, "max_new_tokens": 6},
                  test={"benchmark": str(dev), "metric": "rougeL", "chat_vector_scale": 0.5})
+    reads = []
+    load = eval.benchmarks.load_benchmark
+    monkeypatch.setattr(eval.benchmarks, "load_benchmark", lambda *a, **k: reads.append(a[0]) or load(*a, **k))
     res = run_evolve(config_from_dict(cfg), tmp_path / "run", progress=False, write_model=False)
+    monkeypatch.undo()
+    assert reads == [str(dev)] * 2  # the data check reads the fitness and the test split, once each, for the run
     rec = json.loads((tmp_path / "run" / "test_report.json").read_text())
     assert rec == json.loads(json.dumps(res.test)) and rec["questions"] == 24
     assert list(rec["models"]) == ["evolved", "chat-vector", "target-shell", "vlm"]

@@ -446,11 +446,10 @@ def scorer_names(f: FitnessConfig) -> list[str]:
 def check_data(cfg: EvolveConfig):
     """Read the fitness questions and the `test:` split's and check them against their metrics, before any
     model is written or loaded (minutes for 7B sources), so a wrong path or metric fails at once and not after
-    the search. Returns the fitness benchmark and question pool (`fitness_questions`)."""
+    the search. Returns the fitness benchmark and question pool (`fitness_questions`) and the `test:` split's
+    (None without one), so neither file is read again: the search and the held-out report use these."""
     questions = fitness_questions(cfg.fitness)
-    if cfg.test is not None:
-        fitness_questions(held_out_fitness(cfg), "test.metric")
-    return questions
+    return questions, fitness_questions(held_out_fitness(cfg), "test.metric") if cfg.test is not None else None
 
 
 def load_config(path: str | Path) -> EvolveConfig:
@@ -985,14 +984,14 @@ def run_evolve(
     log = _Log(log_path)
 
     scaffold = out / SCAFFOLD_DIR
-    pool = None
+    pool = test_questions = None
     popsize = es.popsize
     total = max(popsize, (cfg.cmaes.max_evaluations // popsize) * popsize)
     bar = tqdm(total=total, initial=evals, unit="cand", desc="evolve", disable=not progress, dynamic_ncols=True)
     try:
         if not finished:
             try:
-                questions = check_data(cfg)
+                questions, test_questions = check_data(cfg)
                 qpool = [q.question_id for q in questions[1]]
                 if not scaffold.exists():
                     from vlm_merge.resident import write_scaffold
@@ -1044,7 +1043,7 @@ def run_evolve(
             from vlm_merge.resident import write_scaffold
 
             write_scaffold(genome.decode(genome.x0()), scaffold)
-        test = held_out_report(cfg, out, genome.decode(best["x"]), scaffold)
+        test = held_out_report(cfg, out, genome.decode(best["x"]), scaffold, test_questions)
     shutil.rmtree(scaffold, ignore_errors=True)
     return EvolveResult(out, best, gen, evals, True, model_dir, test)
 
@@ -1187,11 +1186,12 @@ def chat_vector_recipe(cfg: EvolveConfig, scale: float) -> Recipe:
                    tokenizer_source=s.tokenizer_source, seed=cfg.recipe_seed)
 
 
-def held_out_report(cfg: EvolveConfig, out: Path, best_recipe: Recipe, scaffold: Path) -> dict:
+def held_out_report(cfg: EvolveConfig, out: Path, best_recipe: Recipe, scaffold: Path, questions=None) -> dict:
     """Score the best recipe, Chat Vector (`test.chat_vector_scale`), the target in the VLM shell (scale 0)
     and the VLM itself on the `test:` split with the fitness protocol (generated answers), and compare the
     best with each by a paired bootstrap over questions. Writes `test_report.{md,json}` and per-model
-    predictions with per-question scores (`test_predictions/<model>.jsonl`, re-scorable)."""
+    predictions with per-question scores (`test_predictions/<model>.jsonl`, re-scorable). `questions`: the
+    `test:` benchmark and pool if already read (`check_data`), else they are read here."""
     import gc
 
     from eval.metrics import bootstrap_aggregate, paired_bootstrap
@@ -1208,7 +1208,7 @@ def held_out_report(cfg: EvolveConfig, out: Path, best_recipe: Recipe, scaffold:
         ("target-shell", "control: the target language model in the VLM shell (Chat Vector scale 0)", None, chat_vector_recipe(cfg, 0.0)),
         ("vlm", "control: the VLM as it is", None, None),
     ]
-    questions = fitness_questions(test_fit, "test.metric")  # read once, shared by the three Evaluators
+    questions = questions or fitness_questions(test_fit, "test.metric")  # read once, shared by the Evaluators
     per_question: dict[str, list[dict]] = {}
     ev = None
     for name, _, run_cfg, recipe in runs:
