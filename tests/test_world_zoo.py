@@ -118,6 +118,7 @@ def test_zoo_bar_reports_per_type_scores_and_writes_predictions(tmp_path, capsys
                  "--quiet"]) == 1
     printed = capsys.readouterr().out
     assert "content accuracy per question type" in printed and "not the bar's protocol" in printed
+    assert "value most often named per question type" in printed
     (rec,) = json.loads((out / "bar.json").read_text())
     assert rec["limit"] == 30 and set(rec["dev"]) == {"0.25/none", "0.25/embeddings"}
     rows = {r["question_id"]: r for r in map(json.loads, (SHIPPED_ZOO / "data" / "ja-test.jsonl").read_text().splitlines())}
@@ -134,6 +135,12 @@ def test_zoo_bar_reports_per_type_scores_and_writes_predictions(tmp_path, capsys
         assert {q: v["content_accuracy"] for q, v in m["by_qtype"].items()} == pytest.approx(
             {q: sum(v) / len(v) for q, v in per.items()})
         assert sum(map(len, per.values())) == 30 and 0 <= m["right_in_english"] <= 1
+        for q, v in m["by_qtype"].items():  # the value answers of the type name most often, as the predictions say
+            named = [scenes.mentions(p["prediction"], rows[p["question_id"]]["attribute"], "ja")
+                     for p in preds if p["qtype"] == q]
+            single = [next(iter(x)) if len(x) == 1 else ("(none)" if not x else "(several)") for x in named]
+            assert single.count(v["top_value"]) == max(map(single.count, single))
+            assert v["top_share"] == pytest.approx(single.count(v["top_value"]) / len(single))
     assert [p["prediction"] for p in map(json.loads, (out / "work-0" / "predictions" / "chat-vector.jsonl")
                                          .read_text().splitlines())][:6] == rec["models"]["chat-vector"]["examples"]
 

@@ -86,6 +86,24 @@ def by_qtype(rows: list[dict], values: np.ndarray) -> dict[str, dict]:
             for q in sorted(groups, key=lambda q: (order.get(q, len(order)), q))}
 
 
+def top_values(rows: list[dict], predictions: list[str]) -> dict[str, dict]:
+    """{question type: {"value": the value answers name most often, "share": its share of the type's
+    questions}}. The value named is read as content accuracy reads it (`scenes.mentions`, in the question's
+    language; "(none)" or "(several)" when an answer names no value or more than one). A share near 1 on a type
+    whose true values vary means the model gives one answer (e.g. the answer prior 一つ to every count question)
+    rather than reading the image; ties go to the value seen first."""
+    groups: dict[str, list[str]] = {}
+    for r, p in zip(rows, predictions):
+        named = scenes.mentions(p, r["attribute"], r["lang"])
+        value = next(iter(named)) if len(named) == 1 else ("(none)" if not named else "(several)")
+        groups.setdefault(r["qtype"], []).append(value)
+    out = {}
+    for q, values in groups.items():
+        top = max(dict.fromkeys(values), key=values.count)
+        out[q] = {"value": top, "share": values.count(top) / len(values)}
+    return out
+
+
 PREDICTION_FIELDS = ("question_id", "image", "question", "answer", "attribute", "value", "qtype", "lang")
 
 

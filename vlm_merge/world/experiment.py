@@ -58,9 +58,12 @@ def choose_on_dev(zoo: Path, dev_file: Path, scratch: Path, limit: int | None = 
 
 
 def _model_record(sc: evaluate.Scores, japanese: bool) -> dict:
-    """Summary, content accuracy per question type and (Japanese questions) the share right in English."""
+    """Summary, content accuracy and the value most often named per question type, and (Japanese questions)
+    the share right in English."""
     rec = sc.summary()
     rec["by_qtype"] = evaluate.by_qtype(sc.rows, sc.content)
+    for q, top in evaluate.top_values(sc.rows, sc.predictions).items():
+        rec["by_qtype"][q]["top_value"], rec["by_qtype"][q]["top_share"] = top["value"], top["share"]
     if japanese:
         rec["right_in_english"] = float(evaluate.right_in_english(sc).mean())
     rec["examples"] = sc.predictions[:6]
@@ -129,6 +132,13 @@ def format_record(rec: dict) -> str:
             per = m.get("by_qtype", {})
             lines.append(f"  {name:<12} " + " ".join(f"{per[q]['content_accuracy']:11.3f}" if q in per else f"{'-':>11}"
                                                      for q in types))
+        lines.append("  value most often named per question type (its share; near 1: one answer to every question):")
+        lines.append(f"  {'model':<12} " + " ".join(f"{q:>13}" for q in types))
+        for name, m in rec["models"].items():
+            per = m.get("by_qtype", {})
+            tops = [f"{per[q]['top_value'][:6]} ({per[q]['top_share']:.2f})" if "top_value" in per.get(q, {}) else "-"
+                    for q in types]
+            lines.append(f"  {name:<12} " + " ".join(f"{t:>13}" for t in tops))
     for c, v in rec["vs"].items():
         lines.append(f"  chat-vector - {c}: {v['diff']:+.3f} [{v['low']:+.3f}, {v['high']:+.3f}]")
     lines.append(f"  bar holds: {rec['bar']['holds']} ({rec['bar']})")
