@@ -76,11 +76,17 @@ def score(rows: list[dict], preds: list[str], rouge: bool = True) -> Scores:
     return Scores(content, exact, rl, preds, rows)
 
 
+def _by_type(rows: list[dict], items: list) -> dict[str, list]:
+    """{question type: the items of its rows, in row order}."""
+    groups: dict[str, list] = {}
+    for r, x in zip(rows, items):
+        groups.setdefault(r["qtype"], []).append(x)
+    return groups
+
+
 def by_qtype(rows: list[dict], values: np.ndarray) -> dict[str, dict]:
     """{question type: {"content_accuracy": mean of `values`, "n": questions}} in `scenes.QTYPES` order."""
-    groups: dict[str, list[float]] = {}
-    for r, v in zip(rows, values):
-        groups.setdefault(r["qtype"], []).append(float(v))
+    groups = _by_type(rows, [float(v) for v in values])
     order = {q: i for i, q in enumerate(scenes.QTYPES)}
     return {q: {"content_accuracy": float(np.mean(groups[q])), "n": len(groups[q])}
             for q in sorted(groups, key=lambda q: (order.get(q, len(order)), q))}
@@ -92,13 +98,10 @@ def top_values(rows: list[dict], predictions: list[str]) -> dict[str, dict]:
     language; "(none)" or "(several)" when an answer names no value or more than one). A share near 1 on a type
     whose true values vary means the model gives one answer (e.g. the answer prior 一つ to every count question)
     rather than reading the image; ties go to the value seen first."""
-    groups: dict[str, list[str]] = {}
-    for r, p in zip(rows, predictions):
-        named = scenes.mentions(p, r["attribute"], r["lang"])
-        value = next(iter(named)) if len(named) == 1 else ("(none)" if not named else "(several)")
-        groups.setdefault(r["qtype"], []).append(value)
+    named = [scenes.mentions(p, r["attribute"], r["lang"]) for r, p in zip(rows, predictions)]
+    single = [next(iter(n)) if len(n) == 1 else "(several)" if n else "(none)" for n in named]
     out = {}
-    for q, values in groups.items():
+    for q, values in _by_type(rows, single).items():
         top = max(dict.fromkeys(values), key=values.count)
         out[q] = {"value": top, "share": values.count(top) / len(values)}
     return out

@@ -73,10 +73,8 @@ def align_rows(model, tok) -> int:
     return n
 
 
-def main(argv: list[str]) -> int:
-    out, settings, seed = argv
-    cfg = json.loads(settings)
-    p, align = cfg.pop("cs_p", 0.0), cfg.pop("align_init", False)
+def add_code_switched_kinds(p: float) -> None:
+    """Patch `text.document` with the "cs-<kind>" kinds: `<kind>` with words swapped at probability `p`."""
     document = text.document
 
     def cs_document(rng: random.Random, kind: str, turns: int = 1) -> tuple[str, str]:
@@ -86,6 +84,13 @@ def main(argv: list[str]) -> int:
         return code_switch(prompt, rng, p), code_switch(answer, rng, p)
 
     text.document = cs_document
+
+
+def main(argv: list[str]) -> int:
+    out, settings, seed = argv
+    cfg = json.loads(settings)
+    p, align = cfg.pop("cs_p", 0.0), cfg.pop("align_init", False)
+    add_code_switched_kinds(p)
     if align:
         train_lm = train.train_lm
 

@@ -22,7 +22,6 @@ options and short answers).
 
 import dataclasses
 import json
-import random
 import sys
 
 import question_types
@@ -89,15 +88,7 @@ def main(argv: list[str]) -> int:
         digit_counts()
     p = cfg.pop("cs_p", 0.0)
     if p:
-        document = text.document
-
-        def cs_document(rng: random.Random, kind: str, turns: int = 1) -> tuple[str, str]:
-            if not kind.startswith("cs-"):
-                return document(rng, kind, turns)
-            prompt, answer = document(rng, kind[3:], turns)
-            return shared_words.code_switch(prompt, rng, p), shared_words.code_switch(answer, rng, p)
-
-        text.document = cs_document
+        shared_words.add_code_switched_kinds(p)
     return question_types.main([out, json.dumps(cfg), seed])
 
 
