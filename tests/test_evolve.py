@@ -120,14 +120,21 @@ def test_resident_merge_equals_merge_written_and_loaded(zoo, tmp_path, method, p
         rm.apply({**r1, "merge_method": "ties"})
 
 
-def test_run_is_deterministic_and_its_outputs_replay(zoo, dev, tmp_path, monkeypatch):
+@pytest.fixture
+def benchmark_reads(monkeypatch):
+    """The data paths `eval.benchmarks.load_benchmark` is called with from now on, in call order."""
     import eval.benchmarks
 
-    cfg = config(zoo, dev)
-    a = run_evolve(config_from_dict(cfg), tmp_path / "a", progress=False)
     reads = []
     load = eval.benchmarks.load_benchmark
     monkeypatch.setattr(eval.benchmarks, "load_benchmark", lambda *a, **k: reads.append(a[0]) or load(*a, **k))
+    return reads
+
+
+def test_run_is_deterministic_and_its_outputs_replay(zoo, dev, tmp_path, request):
+    cfg = config(zoo, dev)
+    a = run_evolve(config_from_dict(cfg), tmp_path / "a", progress=False)
+    reads = request.getfixturevalue("benchmark_reads")
     run_evolve(config_from_dict(cfg), tmp_path / "b", progress=False, write_model=False)
     assert reads == [str(dev)]  # the data check's read serves the search: the fitness file is read once
     log_a = [json.loads(x) for x in (tmp_path / "a" / LOG_FILE).read_text().splitlines()]
@@ -307,18 +314,13 @@ def test_ray_workers_score_like_one_process(zoo, dev, tmp_path):
     assert par.best["x"] == serial.best["x"]
 
 
-def test_held_out_report_compares_best_with_chat_vector_and_controls(zoo, dev, tmp_path, monkeypatch):
-    import eval.benchmarks
+def test_held_out_report_compares_best_with_chat_vector_and_controls(zoo, dev, tmp_path, benchmark_reads):
     from eval.metrics import bootstrap_aggregate, paired_bootstrap
 
     cfg = config(zoo, dev, fitness={"kind": "generate", "metrics": {"rougeL": 1.0}, "limit": 8, "max_new_tokens": 6},
                  test={"benchmark": str(dev), "metric": "rougeL", "chat_vector_scale": 0.5})
-    reads = []
-    load = eval.benchmarks.load_benchmark
-    monkeypatch.setattr(eval.benchmarks, "load_benchmark", lambda *a, **k: reads.append(a[0]) or load(*a, **k))
     res = run_evolve(config_from_dict(cfg), tmp_path / "run", progress=False, write_model=False)
-    monkeypatch.undo()
-    assert reads == [str(dev)] * 2  # the data check reads the fitness and the test split, once each, for the run
+    assert benchmark_reads == [str(dev)] * 2  # the data check reads the fitness and the test split, once each, for the run
     rec = json.loads((tmp_path / "run" / "test_report.json").read_text())
     assert rec == json.loads(json.dumps(res.test)) and rec["questions"] == 24
     assert list(rec["models"]) == ["evolved", "chat-vector", "target-shell", "vlm"]

@@ -125,20 +125,20 @@ def format_record(rec: dict) -> str:
         lines.append(f"  {name:<12} {m['content_accuracy']:8.3f} [{m['content_ci'][0]:.3f},{m['content_ci'][1]:.3f}]"
                      f" {m['exact_match']:6.3f} {rl:>7} {en:>17}")
     types = list(dict.fromkeys(q for m in rec["models"].values() for q in m.get("by_qtype", {})))
-    if types:
-        lines.append("  content accuracy per question type:")
-        lines.append(f"  {'model':<12} " + " ".join(f"{q:>11}" for q in types))
+
+    def per_type(title: str, width: int, field: str, cell) -> None:
+        """A table, model x question type, of `cell(by_qtype[q])` where `field` was recorded (else "-")."""
+        lines.append(f"  {title}:")
+        lines.append(f"  {'model':<12} " + " ".join(f"{q:>{width}}" for q in types))
         for name, m in rec["models"].items():
             per = m.get("by_qtype", {})
-            lines.append(f"  {name:<12} " + " ".join(f"{per[q]['content_accuracy']:11.3f}" if q in per else f"{'-':>11}"
+            lines.append(f"  {name:<12} " + " ".join(f"{cell(per[q]) if field in per.get(q, {}) else '-':>{width}}"
                                                      for q in types))
-        lines.append("  value most often named per question type (its share; near 1: one answer to every question):")
-        lines.append(f"  {'model':<12} " + " ".join(f"{q:>13}" for q in types))
-        for name, m in rec["models"].items():
-            per = m.get("by_qtype", {})
-            tops = [f"{per[q]['top_value'][:6]} ({per[q]['top_share']:.2f})" if "top_value" in per.get(q, {}) else "-"
-                    for q in types]
-            lines.append(f"  {name:<12} " + " ".join(f"{t:>13}" for t in tops))
+
+    if types:
+        per_type("content accuracy per question type", 11, "content_accuracy", lambda t: f"{t['content_accuracy']:.3f}")
+        per_type("value most often named per question type (its share; near 1: one answer to every question)", 13,
+                 "top_value", lambda t: f"{t['top_value'][:6]} ({t['top_share']:.2f})")
     for c, v in rec["vs"].items():
         lines.append(f"  chat-vector - {c}: {v['diff']:+.3f} [{v['low']:+.3f}, {v['high']:+.3f}]")
     lines.append(f"  bar holds: {rec['bar']['holds']} ({rec['bar']})")
