@@ -151,6 +151,27 @@ def test_grouped_build_trains_every_part_on_other_batches(smoke_zoo, tmp_path):
     assert all(torch.isfinite(v).all() for v in vlm.values())
 
 
+def test_a_phrasebook_words_every_stream_of_the_build(tmp_path):
+    """Short answers, digit counts, the aligned Japanese order and a question-type list reach the VQA files, the
+    tokenizer and zoo.json (the text corpora and the VLM stage draw from the same `Phrasebook`)."""
+    from vlm_merge.world import datasets
+    from vlm_merge.world.build import build_zoo
+    from vlm_merge.world.cli import SMOKE
+    from vlm_merge.world.train import WorldSettings
+
+    book = {"qtypes": ["count_color", "color_of"], "answers": "short", "count_digits": True, "ja_order": "aligned"}
+    zoo = build_zoo(tmp_path / "zoo", 4, WorldSettings.with_overrides(book, SMOKE), progress=False, dev_check=0)
+    meta = json.loads((zoo / "zoo.json").read_text())
+    assert {k: meta["settings"][k] for k in book} == book
+    rows = datasets.read_rows(zoo / "data" / "ja-test.jsonl")
+    assert {r["qtype"] for r in rows} == {"count_color", "color_of"}
+    counts = [r for r in rows if r["qtype"] == "count_color"]
+    assert all(r["answer"] == f"{r['value']}個" and r["question"].startswith(("いくつの", "数えてください", "何個の"))
+               for r in counts)
+    tok = json.loads((zoo / "en-base" / "tokenizer.json").read_text())
+    assert "個" in tok["model"]["vocab"]
+
+
 @pytest.mark.parametrize("in_a_row", [1, 2])
 def test_the_vlm_stage_stops_after_the_target_in_enough_checks_in_a_row(tmp_path, in_a_row):
     """Early stopping on English dev: with a target every check reaches, the stage stops at the first check

@@ -24,8 +24,17 @@ def test_scene_drawing_is_deterministic_and_sized():
         assert (np.abs(cell.astype(int) - scenes.BACKGROUND).sum(-1) > 60).sum() > 20
 
 
+BOOKS = {
+    "shipped": scenes.Phrasebook(),
+    "short-digits-aligned": scenes.Phrasebook(answers="short", count_digits=True, ja_order="aligned"),
+    "sentence-digits": scenes.Phrasebook(count_digits=True),
+    "short": scenes.Phrasebook(answers="short"),
+}
+
+
+@pytest.mark.parametrize("book", BOOKS.values(), ids=BOOKS)
 @pytest.mark.parametrize("qtype", scenes.QTYPES)
-def test_every_answer_is_content_correct_in_both_languages(qtype):
+def test_every_answer_is_content_correct_in_both_languages(qtype, book):
     rng = random.Random(qtype)
     n = 0
     while n < 30:
@@ -36,8 +45,11 @@ def test_every_answer_is_content_correct_in_both_languages(qtype):
         args = rng.choice(cands)
         for p in range(3):
             for lang in scenes.LANGS:
-                qa = scenes.make_qa(sc, qtype, lang, args, p)
+                qa = book.make_qa(sc, qtype, lang, args, p)
                 assert scenes.content_correct(qa.answer, qa.attribute, qa.value, lang), qa
+                other = "ja" if lang == "en" else "en"
+                if qa.attribute in ("count", "color"):  # the other language's words do not count
+                    assert not scenes.content_correct(qa.answer, qa.attribute, qa.value, other), qa
         n += 1
 
 
@@ -59,11 +71,44 @@ def test_phrasings_differ_per_language():
     for qtype, langs in scenes.PHRASINGS.items():
         for lang, forms in langs.items():
             assert len(set(forms)) >= 3, (qtype, lang)
+        aligned = scenes.PHRASINGS_JA_ALIGNED[qtype]  # phrasing i translates English phrasing i
+        assert len(aligned) == len(langs["en"]) and not set(aligned) & set(langs["ja"]), qtype
+
+
+def test_phrasebooks_word_the_same_question_differently():
+    sc = scenes.Scene([scenes.Obj("red", "circle", 0), scenes.Obj("red", "star", 4), scenes.Obj("blue", "star", 8)])
+    ask = {"color": "red"}
+    answers = {name: (b.make_qa(sc, "count_color", "en", ask, 0), b.make_qa(sc, "count_color", "ja", ask, 0))
+               for name, b in BOOKS.items()}
+    assert [a.answer for a in answers["shipped"]] == ["there are two red things.", "赤いものは二つあります。"]
+    assert [a.answer for a in answers["short"]] == ["two", "二つ"]
+    assert [a.answer for a in answers["sentence-digits"]] == ["there are 2 red things.", "赤いものは2個あります。"]
+    en, ja = answers["short-digits-aligned"]
+    assert (en.answer, ja.answer, ja.question) == ("2", "2個", "いくつの赤いものがありますか？")
+    assert answers["shipped"][1].question == "赤いものはいくつありますか？"
+    assert BOOKS["shipped"].describe(sc, "ja") == "左上に赤い丸、真ん中に赤い星、右下に青い星があります。"
+    assert BOOKS["short-digits-aligned"].describe(sc, "ja") == "赤い丸が左上に、赤い星が真ん中に、青い星が右下にあります。"
+    zero = BOOKS["short-digits-aligned"].make_qa(sc, "count_color", "ja", {"color": "green"}, 0)
+    assert zero.answer == "0個" and scenes.content_correct(zero.answer, "count", "0", "ja")
+    # only the asked types are sampled, in QTYPES order whatever order they are given in
+    book = scenes.Phrasebook(qtypes=("more", "color_of"))
+    assert book.qtypes == ("color_of", "more")
+    rng = random.Random(0)
+    assert {book.sample_qa(sc, rng, "en").qtype for _ in range(50)} == {"color_of", "more"}
+
+
+@pytest.mark.parametrize("bad", [{"qtypes": ("count", "more")}, {"qtypes": ()}, {"answers": "long"},
+                                 {"ja_order": "sov"}])
+def test_phrasebook_rejects_unknown_values(bad):
+    from vlm_merge.errors import VlmMergeError
+
+    with pytest.raises(VlmMergeError, match=next(iter(bad))):
+        scenes.Phrasebook(**bad)
 
 
 def test_vqa_files_schema_parallel_and_disjoint(tmp_path, monkeypatch):
     monkeypatch.setattr(datasets, "SPLITS", {"dev": (30, 1), "test": (60, 2)})
-    files = datasets.write_datasets(tmp_path, seed=5)
+    files = datasets.write_datasets(tmp_path, seed=5, book=scenes.Phrasebook())
     rows = {k: datasets.read_rows(v) for k, v in files.items()}
     assert len(rows["ja-test"]) == 60 and len(rows["ja-dev"]) == 30
     for r_en, r_ja in zip(rows["en-test"], rows["ja-test"]):
@@ -81,7 +126,7 @@ def test_vqa_files_schema_parallel_and_disjoint(tmp_path, monkeypatch):
 
 
 def test_tokenizer_cuts_japanese_into_words_and_round_trips():
-    tok = text.build_tokenizer(0)
+    tok = text.build_tokenizer(0, scenes.Phrasebook())
     s = text.prompt("左上に赤い丸があります。", "赤いものはいくつありますか？") + " 赤いものは一つあります。"
     enc = tok.encode(s)
     assert "<unk>" not in enc.tokens and {"赤い", "もの", "いくつ", "一つ"} <= set(enc.tokens)

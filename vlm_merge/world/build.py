@@ -107,23 +107,24 @@ def build_zoo(out: str | Path, seed: int = 0, settings: WorldSettings | None = N
         return losses[name]
 
     t = time.perf_counter()
-    tok = text.build_tokenizer(seed)
+    book = s.phrasebook()
+    tok = text.build_tokenizer(seed, book)
     vlm_tok = text.vlm_tokenizer(tok)
-    files = datasets.write_datasets(tmp / "data", seed)
+    files = datasets.write_datasets(tmp / "data", seed, book)
     timings["data+tokenizer"] = time.perf_counter() - t
 
     t = time.perf_counter()
     torch.manual_seed(seed)
     en = LlamaForCausalLM(train.lm_config(s, tok.get_vocab_size()))
     train.train_lm(en, tok, s.en_mix, seed * 1000 + 1, s.en_steps, s.en_lr, s.batch, "english base", progress, stage("en-base"),
-                   s.qa_turns, group_by_length=s.group_by_length)
+                   s.qa_turns, group_by_length=s.group_by_length, book=book)
     save_llm(en, tok, tmp / "en-base")
     timings["en-base"] = time.perf_counter() - t
 
     t = time.perf_counter()
     ja = copy.deepcopy(en)
     train.train_lm(ja, tok, s.ja_mix, seed * 1000 + 2, s.ja_steps, s.ja_lr, s.batch, "japanese base", progress, stage("ja-base"),
-                   s.qa_turns, s.ja_block_lr_scale, s.ja_train_layers, s.group_by_length)
+                   s.qa_turns, s.ja_block_lr_scale, s.ja_train_layers, s.group_by_length, book=book)
     save_llm(ja, tok, tmp / "ja-base")
     del ja
     timings["ja-base"] = time.perf_counter() - t

@@ -23,8 +23,9 @@ def _signature(scene: scenes.Scene) -> tuple:
     return tuple((o.cell, o.color, o.shape) for o in scene.objects)
 
 
-def build_split(rng: random.Random, n_questions: int, per_image: int, exclude: set) -> list[tuple[scenes.Scene, list]]:
-    """[(scene, [(qtype, args, phrasing), ...])] with `n_questions` in all, question types balanced."""
+def build_split(rng: random.Random, n_questions: int, per_image: int, exclude: set,
+                qtypes: tuple[str, ...]) -> list[tuple[scenes.Scene, list]]:
+    """[(scene, [(qtype, args, phrasing), ...])] with `n_questions` in all, the `qtypes` balanced."""
     out, total, t = [], 0, 0
     while total < n_questions:
         sc = scenes.sample_scene(rng)
@@ -34,8 +35,8 @@ def build_split(rng: random.Random, n_questions: int, per_image: int, exclude: s
         exclude.add(sig)
         qs, used = [], set()
         for _ in range(per_image):
-            for _try in range(len(scenes.QTYPES)):
-                qtype = scenes.QTYPES[t % len(scenes.QTYPES)]
+            for _try in range(len(qtypes)):
+                qtype = qtypes[t % len(qtypes)]
                 t += 1
                 cands = scenes._question_candidates(sc, qtype)
                 if cands and qtype not in used:
@@ -48,22 +49,23 @@ def build_split(rng: random.Random, n_questions: int, per_image: int, exclude: s
     return out
 
 
-def write_datasets(out_dir: str | Path, seed: int) -> dict[str, Path]:
-    """Write images/ and {lang}-{split}.jsonl under `out_dir`; returns file paths by '{lang}-{split}'."""
+def write_datasets(out_dir: str | Path, seed: int, book: scenes.Phrasebook) -> dict[str, Path]:
+    """Write images/ and {lang}-{split}.jsonl under `out_dir`, worded by `book`; returns file paths by
+    '{lang}-{split}'."""
     out = Path(out_dir)
     (out / "images").mkdir(parents=True, exist_ok=True)
     seen: set = set()
     files: dict[str, Path] = {}
     for split, (n, per_image) in SPLITS.items():
         rng = random.Random(f"world-{seed}-{split}")
-        items = build_split(rng, n, per_image, seen)
+        items = build_split(rng, n, per_image, seen, book.qtypes)
         rows: dict[str, list[dict]] = {lang: [] for lang in scenes.LANGS}
         for i, (sc, qs) in enumerate(items):
             name = f"images/{split}-{i:04d}.png"
             scenes.draw_scene(sc).save(out / name, optimize=True)
             for j, (qtype, args, phrasing) in enumerate(qs):
                 for lang in scenes.LANGS:
-                    qa = scenes.make_qa(sc, qtype, lang, args, phrasing)
+                    qa = book.make_qa(sc, qtype, lang, args, phrasing)
                     rows[lang].append({
                         "question_id": f"{split}-{i:04d}-{j}", "image": name, "question": qa.question,
                         "answer": qa.answer, "attribute": qa.attribute, "value": qa.value, "qtype": qtype, "lang": lang,

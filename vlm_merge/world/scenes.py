@@ -14,8 +14,12 @@ one object (counting a colour, counting a colour+shape, comparing two counts, fi
 | where | the position of the only red circle | position |
 | more | which of two shapes / colours is more numerous | shape / color |
 
-Every question records its `attribute` and language-independent `value`; `content_correct` checks that a
-prediction names exactly that value (and no other value of that attribute) in the question's language.
+How a world words its scenes, questions and answers is a `Phrasebook`: which question types it asks,
+sentence answers ("there are two red things.") or short ones ("two", as VQAv2 and JA-VG-VQA answer), counts as
+number words or digits ("2" / "2個"), and the Japanese word order (natural, or the content words in the English
+order). Every question records its `attribute` and language-independent `value`; `content_correct` checks that
+a prediction names exactly that value (and no other value of that attribute) in the question's language, in
+any of the phrasebooks' forms.
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ from __future__ import annotations
 import math
 import random
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from PIL import Image, ImageDraw
 
@@ -124,24 +128,35 @@ def en_pos(cell: int) -> str:
     return EN_POS_PREP.get(cell, f"at the {POSITIONS[cell][0]}")
 
 
-def en_count_sentence(n: int, color: str | None, shape: str | None) -> str:
+def count_word(n: int, lang: str, digits: bool = False) -> str:
+    """'two' / '二つ', or with `digits` '2' / '2個'."""
+    if digits:
+        return f"{n}個" if lang == "ja" else str(n)
+    return JA_NUMBERS[n] if lang == "ja" else EN_NUMBERS[n]
+
+
+def en_count_sentence(n: int, color: str | None, shape: str | None, digits: bool = False) -> str:
     things = en_obj(color, shape, n)
     if n == 0:
         return f"there are no {things}."
-    return f"there {'is' if n == 1 else 'are'} {EN_NUMBERS[n]} {things}."
+    return f"there {'is' if n == 1 else 'are'} {count_word(n, 'en', digits)} {things}."
 
 
-def ja_count_sentence(n: int, color: str | None, shape: str | None) -> str:
+def ja_count_sentence(n: int, color: str | None, shape: str | None, digits: bool = False) -> str:
     things = ja_obj(color, shape)
-    return f"{things}はありません。" if n == 0 else f"{things}は{JA_NUMBERS[n]}あります。"
+    return f"{things}はありません。" if n == 0 else f"{things}は{count_word(n, 'ja', digits)}あります。"
 
 
-def describe(scene: Scene, lang: str) -> str:
-    """A text description of the scene listing every object with its position (the text world's scenes)."""
+def describe(scene: Scene, lang: str, ja_order: str = "natural") -> str:
+    """A text description of the scene listing every object with its position (the text world's scenes).
+    Japanese puts each place first (左上に赤い丸、…があります。), or with `ja_order="aligned"` each object first,
+    in the English order (赤い丸が左上に、…あります。)."""
     if lang == "en":
         parts = [f"a {en_obj(o.color, o.shape)} {en_pos(o.cell)}" for o in scene.objects]
         body = parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
         return f"there is {body}."
+    if ja_order == "aligned":
+        return "、".join(f"{ja_obj(o.color, o.shape)}が{POSITIONS[o.cell][1]}に" for o in scene.objects) + "あります。"
     parts = [f"{POSITIONS[o.cell][1]}に{ja_obj(o.color, o.shape)}" for o in scene.objects]
     return "、".join(parts) + "があります。"
 
@@ -186,6 +201,22 @@ PHRASINGS: dict[str, dict[str, list[str]]] = {
     },
 }
 
+# The Japanese phrasings with the content words in the English order, in forms a Japanese speaker uses (a
+# postposed topic: 何色ですか、丸は？); phrasing i translates the English phrasing i.
+PHRASINGS_JA_ALIGNED: dict[str, list[str]] = {
+    "count_color": ["いくつの{cj}ものがありますか？", "いくつの{cj}ものが見えますか？", "数えてください、{cj}ものを。",
+                    "何個の{cj}ものがありますか？"],
+    "count_shape": ["いくつの{sj}がありますか？", "いくつの{sj}が見えますか？", "数えてください、{sj}を。", "何個の{sj}がありますか？"],
+    "count_both": ["いくつの{cj}{sj}がありますか？", "いくつの{cj}{sj}が見えますか？", "数えてください、{cj}{sj}を。"],
+    "color_of": ["何色ですか、{sj}は？", "どんな色ですか、{sj}は？", "教えてください、{sj}の色を。"],
+    "shape_of": ["どんな形ですか、{cj}ものは？", "何の形ですか、{cj}ものは？", "何ですか、{cj}ものは？"],
+    "what_at": ["何がありますか、{pj}には？", "何が見えますか、{pj}に？", "教えてください、何があるか、{pj}に。"],
+    "where": ["どこにありますか、{cj}{sj}は？", "どこに見えますか、{cj}{sj}は？", "どこですか、{cj}{sj}の場所は？"],
+    "more": ["多いのはどちらですか、{aj}と{bj}？", "どちらが多いですか、{aj}と{bj}？", "多く見えるのはどちらですか、{aj}と{bj}？"],
+}
+ANSWER_FORMS = ("sentence", "short")
+JA_ORDERS = ("natural", "aligned")
+
 
 @dataclass(frozen=True)
 class QA:
@@ -225,10 +256,9 @@ def _question_candidates(scene: Scene, qtype: str) -> list[dict]:
     return out
 
 
-def make_qa(scene: Scene, qtype: str, lang: str, args: dict, phrasing: int) -> QA:
+def _sentence_qa(scene: Scene, qtype: str, lang: str, args: dict, t: str, digits: bool) -> QA:
+    """The question from template `t` and its full-sentence answer."""
     ja = lang == "ja"
-    templates = PHRASINGS[qtype][lang]
-    t = templates[phrasing % len(templates)]
     c, s = args.get("color"), args.get("shape")
     fill = {
         "c": COLORS[c][1] if c else "", "cj": COLORS[c][2] if c else "",
@@ -236,7 +266,7 @@ def make_qa(scene: Scene, qtype: str, lang: str, args: dict, phrasing: int) -> Q
     }
     if qtype.startswith("count_"):
         n = scene.count(c, s)
-        answer = ja_count_sentence(n, c, s) if ja else en_count_sentence(n, c, s)
+        answer = ja_count_sentence(n, c, s, digits) if ja else en_count_sentence(n, c, s, digits)
         return QA(qtype, lang, t.format(**fill), answer, "count", str(n))
     if qtype == "color_of":
         obj = next(o for o in scene.objects if o.shape == s)
@@ -275,6 +305,87 @@ def make_qa(scene: Scene, qtype: str, lang: str, args: dict, phrasing: int) -> Q
     raise ValueError(qtype)
 
 
+def short_answer(qa: QA, digits: bool = False) -> str:
+    """The asked value's word(s), as VQAv2 / JA-VG-VQA answer: "two" / "二つ" ("2" / "2個" with `digits`), "red" /
+    "赤", "top left" / "左上", "a red circle" / "赤い丸", "nothing" / "何もありません", zero "none" / "ありません"."""
+    ja, v, attribute = qa.lang == "ja", qa.value, qa.attribute
+    if attribute == "count":
+        n = int(v)
+        if digits:
+            return count_word(n, qa.lang, digits=True)
+        return ("ありません" if ja else "none") if n == 0 else count_word(n, qa.lang)
+    if attribute == "color" and qa.qtype == "more":
+        return ja_obj(v, None) if ja else en_obj(v, None, 2)
+    if attribute == "color":
+        return COLORS[v][3] if ja else COLORS[v][1]
+    if attribute == "shape":
+        return SHAPES[v][2] if ja else SHAPES[v][1 if qa.qtype == "more" else 0]
+    if attribute == "object" and v == "nothing":
+        return "何もありません" if ja else "nothing"
+    if attribute == "object":
+        color, shape = v.split()
+        return ja_obj(color, shape) if ja else f"a {en_obj(color, shape)}"
+    return POSITIONS[int(v)][1 if ja else 0]  # position
+
+
+@dataclass(frozen=True)
+class Phrasebook:
+    """How a world words its scenes, questions and answers (the defaults: the shipped world's).
+
+    qtypes: the question types asked, in every stream (text corpora, VLM stage, dev/test splits), kept in
+      `QTYPES` order; the scenes and descriptions are the same whichever types are asked.
+    answers: "sentence" ("there are two red things." / "赤いものは二つあります。") or "short" (`short_answer`).
+    count_digits: counts as digits ("2" / "2個"), so a count's first answer token is the same in both languages.
+    ja_order: "natural" (赤いものはいくつありますか？) or "aligned": the Japanese phrasings and descriptions put
+      their content words in the English order (`PHRASINGS_JA_ALIGNED`, `describe`).
+    """
+
+    qtypes: tuple[str, ...] = QTYPES
+    answers: str = "sentence"
+    count_digits: bool = False
+    ja_order: str = "natural"
+
+    def __post_init__(self) -> None:
+        from vlm_merge.errors import VlmMergeError
+
+        unknown = [q for q in self.qtypes if q not in QTYPES]
+        if unknown or not self.qtypes:
+            raise VlmMergeError(f"qtypes={list(self.qtypes)}: expected a non-empty list of {', '.join(QTYPES)}")
+        object.__setattr__(self, "qtypes", tuple(q for q in QTYPES if q in self.qtypes))
+        for name, allowed in (("answers", ANSWER_FORMS), ("ja_order", JA_ORDERS)):
+            if getattr(self, name) not in allowed:
+                raise VlmMergeError(f"{name}={getattr(self, name)!r}: expected one of {', '.join(allowed)}")
+
+    def phrasings(self, qtype: str, lang: str) -> list[str]:
+        if lang == "ja" and self.ja_order == "aligned":
+            return PHRASINGS_JA_ALIGNED[qtype]
+        return PHRASINGS[qtype][lang]
+
+    def describe(self, scene: Scene, lang: str) -> str:
+        return describe(scene, lang, self.ja_order)
+
+    def make_qa(self, scene: Scene, qtype: str, lang: str, args: dict, phrasing: int) -> QA:
+        """The question about `args` in phrasing number `phrasing` (modulo the type's phrasings) and its answer."""
+        templates = self.phrasings(qtype, lang)
+        qa = _sentence_qa(scene, qtype, lang, args, templates[phrasing % len(templates)], self.count_digits)
+        if self.answers == "short":
+            return replace(qa, answer=short_answer(qa, self.count_digits))
+        return qa
+
+    def sample_qa(self, scene: Scene, rng: random.Random, lang: str) -> QA:
+        """One random question about `scene` (a type with candidates, then a candidate and a phrasing)."""
+        while True:
+            qtype = rng.choice(self.qtypes)
+            cands = _question_candidates(scene, qtype)
+            if cands:
+                args = choose_args(scene, qtype, cands, rng)
+                return self.make_qa(scene, qtype, lang, args, rng.randrange(len(self.phrasings(qtype, lang))))
+
+    def japanese_words(self) -> set[str]:
+        """Japanese words this phrasebook writes beyond the shared lexicon (the counter 個 of digit counts)."""
+        return {"個"} if self.count_digits else set()
+
+
 def _is_empty_answer(scene: Scene, qtype: str, args: dict) -> bool:
     if qtype.startswith("count_"):
         return scene.count(args.get("color"), args.get("shape")) == 0
@@ -292,24 +403,14 @@ def choose_args(scene: Scene, qtype: str, cands: list[dict], rng: random.Random)
     return rng.choice(empty or cands)
 
 
-def sample_qa(scene: Scene, rng: random.Random, lang: str, qtypes: tuple[str, ...] = QTYPES) -> QA:
-    """One random question about `scene` (a type with candidates, then a candidate and a phrasing)."""
-    while True:
-        qtype = rng.choice(qtypes)
-        cands = _question_candidates(scene, qtype)
-        if cands:
-            args = choose_args(scene, qtype, cands, rng)
-            return make_qa(scene, qtype, lang, args, rng.randrange(len(PHRASINGS[qtype][lang])))
-
-
 # ---------------------------------------------------------------- content scoring
 def _lexicon(attribute: str, lang: str) -> dict[str, list[str]]:
     """value -> surface forms naming it in `lang`."""
     ja = lang == "ja"
-    if attribute == "count":
-        if ja:
-            return {str(n): [w] for n, w in enumerate(JA_NUMBERS)} | {"0": ["ありません", "ゼロ"]}
-        return {str(n): [w] for n, w in enumerate(EN_NUMBERS)}
+    if attribute == "count":  # number words and digits (every phrasebook's forms)
+        forms = {str(n): [count_word(n, lang), count_word(n, lang, digits=True)] for n in range(MAX_OBJECTS + 1)}
+        forms["0"] += ["ありません"] if ja else ["none"]
+        return forms
     if attribute == "color":
         return {k: [v[3]] if ja else [v[1]] for k, v in COLORS.items()}
     if attribute == "shape":

@@ -37,18 +37,18 @@ def prompt(context: str, question: str) -> str:
 TRANSLATE = {"en": "translate into japanese.", "ja": "英語に翻訳してください。"}  # asked after the text
 
 
-def _parallel(scene: scenes.Scene, rng: random.Random) -> tuple[str, str]:
+def _parallel(scene: scenes.Scene, rng: random.Random, book: scenes.Phrasebook) -> tuple[str, str]:
     """An (English, Japanese) pair about `scene`: its description or one QA answer."""
     if rng.random() < 0.4:
-        return scenes.describe(scene, "en"), scenes.describe(scene, "ja")
-    qtype = rng.choice(scenes.QTYPES)
+        return book.describe(scene, "en"), book.describe(scene, "ja")
+    qtype = rng.choice(book.qtypes)
     cands = scenes._question_candidates(scene, qtype)
     while not cands:
-        qtype = rng.choice(scenes.QTYPES)
+        qtype = rng.choice(book.qtypes)
         cands = scenes._question_candidates(scene, qtype)
     args = rng.choice(cands)
     p = rng.randrange(3)
-    en, ja = scenes.make_qa(scene, qtype, "en", args, p), scenes.make_qa(scene, qtype, "ja", args, p)
+    en, ja = book.make_qa(scene, qtype, "en", args, p), book.make_qa(scene, qtype, "ja", args, p)
     return (en.answer, ja.answer) if rng.random() < 0.5 else (en.question, ja.question)
 
 
@@ -58,8 +58,8 @@ def turns_text(qas: list[scenes.QA]) -> str:
     return "".join(f" {qa.answer}{EOS} USER: {nxt.question} ASSISTANT:" for qa, nxt in zip(qas, qas[1:]))
 
 
-def document(rng: random.Random, kind: str, turns: int = 1) -> tuple[str, str]:
-    """One training document as (prompt, answer); a plain text has an empty prompt.
+def document(rng: random.Random, kind: str, book: scenes.Phrasebook, turns: int = 1) -> tuple[str, str]:
+    """One training document as (prompt, answer), worded by `book`; a plain text has an empty prompt.
 
     kind: "qa-en" / "qa-ja" (scene reading comprehension, `turns` questions about one scene in a multi-turn
     chat), "xqa-en" / "xqa-ja" (the same with the scene described in the other language: the answer
@@ -70,35 +70,35 @@ def document(rng: random.Random, kind: str, turns: int = 1) -> tuple[str, str]:
     if kind.startswith(("qa-", "xqa-")):
         lang = kind.split("-")[1]
         context = lang if kind.startswith("qa-") else ("ja" if lang == "en" else "en")
-        qas = [scenes.sample_qa(scene, rng, lang) for _ in range(turns)]
-        return prompt(scenes.describe(scene, context), qas[0].question) + turns_text(qas), qas[-1].answer
+        qas = [book.sample_qa(scene, rng, lang) for _ in range(turns)]
+        return prompt(book.describe(scene, context), qas[0].question) + turns_text(qas), qas[-1].answer
     if kind.startswith("text-"):
-        return "", scenes.describe(scene, kind[5:])
-    en, ja = _parallel(scene, rng)
+        return "", book.describe(scene, kind[5:])
+    en, ja = _parallel(scene, rng, book)
     if rng.random() < 0.5:
         return prompt(en, TRANSLATE["en"]), ja
     return prompt(ja, TRANSLATE["ja"]), en
 
 
-def mixture_sampler(mix: dict[str, float], seed: int, turns: int = 1):
+def mixture_sampler(mix: dict[str, float], seed: int, book: scenes.Phrasebook, turns: int = 1):
     """An endless iterator of documents drawn from `mix` (kind -> weight), QA chats of `turns` turns."""
     rng = random.Random(seed)
     kinds, weights = list(mix), list(mix.values())
     while True:
-        yield document(rng, rng.choices(kinds, weights)[0], turns)
+        yield document(rng, rng.choices(kinds, weights)[0], book, turns)
 
 
-def tokenizer_corpus(seed: int, n: int = 6000) -> list[str]:
+def tokenizer_corpus(seed: int, book: scenes.Phrasebook, n: int = 6000) -> list[str]:
     rng = random.Random(seed)
     kinds = ["qa-en", "qa-ja", "text-en", "text-ja", "para"]
     texts = []
     for i in range(n):
-        p, a = document(rng, kinds[i % len(kinds)])
+        p, a = document(rng, kinds[i % len(kinds)], book)
         texts.append(f"{p} {a}".strip())
-    # every phrasing in both languages, so no question form is split oddly
-    for qtype, langs in scenes.PHRASINGS.items():
-        for lang, forms in langs.items():
-            texts += forms * 3
+    # every phrasing of every question type in both languages, so no question form is split oddly
+    for qtype in scenes.PHRASINGS:
+        for lang in scenes.LANGS:
+            texts += book.phrasings(qtype, lang) * 3
     return texts
 
 
@@ -109,29 +109,29 @@ JA_FUNCTION_WORDS = (
 )
 
 
-def japanese_words() -> list[str]:
+def japanese_words(book: scenes.Phrasebook) -> list[str]:
     """The Japanese lexicon the pre-tokenizer isolates (longest first), so Japanese is cut into words as
     English is by spaces: colours, shapes, positions, numbers and function words."""
-    words = set(JA_FUNCTION_WORDS) | set(scenes.JA_NUMBERS)
+    words = set(JA_FUNCTION_WORDS) | set(scenes.JA_NUMBERS) | book.japanese_words()
     words |= {w for v in scenes.COLORS.values() for w in v[2:]}
     words |= {v[2] for v in scenes.SHAPES.values()} | {v[1] for v in scenes.POSITIONS.values()}
     return sorted(words, key=lambda w: (-len(w), w))
 
 
-def build_tokenizer(seed: int, vocab_size: int = TOKENIZER_VOCAB) -> Tokenizer:
+def build_tokenizer(seed: int, book: scenes.Phrasebook, vocab_size: int = TOKENIZER_VOCAB) -> Tokenizer:
     """A BPE tokenizer over both languages (Metaspace words; Japanese has no spaces, so BPE splits it)."""
     tok = Tokenizer(models.BPE(unk_token=UNK))
     tok.pre_tokenizer = pre_tokenizers.Sequence([
         pre_tokenizers.Split("\n", "isolated"),
         pre_tokenizers.Punctuation("isolated"),
-        pre_tokenizers.Split(Regex("|".join(re.escape(w) for w in japanese_words())), "isolated"),
+        pre_tokenizers.Split(Regex("|".join(re.escape(w) for w in japanese_words(book))), "isolated"),
         pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first", split=True),
     ])
     tok.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="first", split=True)
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size, special_tokens=[UNK, BOS, EOS], show_progress=False, min_frequency=2
     )
-    tok.train_from_iterator(tokenizer_corpus(seed), trainer=trainer)
+    tok.train_from_iterator(tokenizer_corpus(seed, book), trainer=trainer)
     from tokenizers import processors
 
     tok.post_processor = processors.TemplateProcessing(single=f"{BOS} $A", pair=f"{BOS} $A {BOS} $B",

@@ -75,10 +75,21 @@ class WorldSettings:
                                                   "qa-ja": 0.05, "text-ja": 0.05, "para": 0.15})
     ja_mix: dict = field(default_factory=lambda: {"qa-ja": 0.55, "xqa-ja": 0.12, "text-ja": 0.12, "qa-en": 0.1,
                                                   "xqa-en": 0.03, "text-en": 0.03, "para": 0.05})
+    # how the world words its scenes, questions and answers (`scenes.Phrasebook`): the question types asked
+    # (None: all), "sentence" or "short" answers, counts as digits, the Japanese word order
+    qtypes: list[str] | None = None
+    answers: str = "sentence"
+    count_digits: bool = False
+    ja_order: str = "natural"
     threads: int = 2
 
     def as_dict(self) -> dict:
         return asdict(self)
+
+    def phrasebook(self) -> scenes.Phrasebook:
+        """The `scenes.Phrasebook` of these settings (a bad value raises `VlmMergeError` naming it)."""
+        qtypes = scenes.QTYPES if self.qtypes is None else tuple(self.qtypes)
+        return scenes.Phrasebook(qtypes, self.answers, self.count_digits, self.ja_order)
 
     @classmethod
     def with_overrides(cls, overrides: Mapping[str, Any], base: Mapping[str, Any] | None = None) -> WorldSettings:
@@ -94,7 +105,12 @@ class WorldSettings:
                 default = getattr(cls(), name)
                 example = f" (the default: {name}={json.dumps(default)})" if default is not None else ""
                 raise VlmMergeError(f"--set {name}={json.dumps(value)}: expected {_type_name(hints[name])}{example}")
-        return cls(**{**(base or {}), **overrides})
+        settings = cls(**{**(base or {}), **overrides})
+        try:
+            settings.phrasebook()
+        except VlmMergeError as e:
+            raise VlmMergeError(f"--set {e}") from None
+        return settings
 
 
 def _fits(value: Any, tp: Any) -> bool:
@@ -118,7 +134,8 @@ def _fits(value: Any, tp: Any) -> bool:
 
 
 def _type_name(tp: Any) -> str:
-    return {int: "an integer", float: "a number", bool: "true or false", dict: "a JSON object of numbers"}.get(
+    return {int: "an integer", float: "a number", bool: "true or false", str: "a string",
+            dict: "a JSON object of numbers"}.get(
         tp, str(tp).replace("NoneType", "null").replace("None", "null"))
 
 
@@ -251,13 +268,13 @@ def in_layers(name: str, layers: list[int] | None, n_layers: int) -> bool:
 
 def train_lm(model: LlamaForCausalLM, tok: Tokenizer, mix: dict, seed: int, steps: int, lr: float, batch: int,
              desc: str, progress: bool, losses: list, turns: int = 1, block_lr_scale: float = 1.0,
-             train_layers: list[int] | None = None, group_by_length: bool = False) -> None:
-    """Causal-LM training on documents from `mix` (loss on every token after BOS). The transformer blocks
+             train_layers: list[int] | None = None, group_by_length: bool = False, *, book: scenes.Phrasebook) -> None:
+    """Causal-LM training on documents from `mix`, worded by `book` (loss on every token after BOS). The transformer blocks
     and final norm learn at `lr * block_lr_scale` (0 freezes them), embeddings and lm_head at `lr`; only
     the decoder layers in `train_layers` (None: all) are trained; `group_by_length` batches documents of
     similar length (`length_grouped`)."""
     eos = tok.token_to_id(text.EOS)
-    docs = (encode_pair(tok, *doc, eos)[0] for doc in text.mixture_sampler(mix, seed, turns))
+    docs = (encode_pair(tok, *doc, eos)[0] for doc in text.mixture_sampler(mix, seed, book, turns))
     batches = length_grouped(docs, batch, seed, pool=8 if group_by_length else 1)
     model.train()
 
@@ -332,12 +349,13 @@ def vlm_prompt(question: str) -> str:
     return text.prompt(text.IMAGE_TOKEN, question)
 
 
-def vqa_stream(seed: int, lang: str = "en", turns: int = 1) -> Iterator[tuple[scenes.Scene, list[scenes.QA]]]:
+def vqa_stream(seed: int, book: scenes.Phrasebook, lang: str = "en",
+               turns: int = 1) -> Iterator[tuple[scenes.Scene, list[scenes.QA]]]:
     """Endless (scene, `turns` questions about it)."""
     rng = random.Random(seed)
     while True:
         sc = scenes.sample_scene(rng)
-        yield sc, [scenes.sample_qa(sc, rng, lang) for _ in range(turns)]
+        yield sc, [book.sample_qa(sc, rng, lang) for _ in range(turns)]
 
 
 def encode_chat(tok: Tokenizer, qas: list[scenes.QA], image_id: int, n_img: int, eos_id: int) -> tuple[list[int], list[bool]]:
@@ -365,8 +383,9 @@ def train_vlm(vlm: LlavaForConditionalGeneration, tok: Tokenizer, s: WorldSettin
     n_img = scenes.GRID * scenes.GRID
     image_id, eos = tok.token_to_id(text.IMAGE_TOKEN), tok.token_to_id(text.EOS)
     pad_id = tok.token_to_id(text.PAD_TOKEN)
-    stream = vqa_stream(seed, turns=s.vlm_turns)
-    replay = text.mixture_sampler(s.vlm_replay_mix or s.en_mix, seed + 7, s.qa_turns)
+    book = s.phrasebook()
+    stream = vqa_stream(seed, book, turns=s.vlm_turns)
+    replay = text.mixture_sampler(s.vlm_replay_mix or s.en_mix, seed + 7, book, s.qa_turns)
     n_text = int(round(s.batch * s.vlm_replay))
     tower, projector, lm = vlm.model.vision_tower, vlm.model.multi_modal_projector, vlm.model.language_model
     for p in tower.parameters():

@@ -14,7 +14,7 @@ import torch
 
 from vlm_merge.world import scenes, text, train
 
-short_answers.patch()
+book = short_answers.phrasebook({})
 from transformers import LlamaForCausalLM
 
 torch.set_num_threads(1)
@@ -22,12 +22,12 @@ W, steps = float(sys.argv[1]), int(sys.argv[2])
 hidden = int(sys.argv[3]) if len(sys.argv) > 3 else 128
 layers = int(sys.argv[4]) if len(sys.argv) > 4 else 4
 s = train.WorldSettings(hidden=hidden, intermediate=3 * hidden, layers=layers)
-tok = text.build_tokenizer(0)
+tok = text.build_tokenizer(0, book)
 eos = tok.token_to_id(text.EOS)
 A = tok.encode("ASSISTANT:", add_special_tokens=False).ids
 torch.manual_seed(0)
 m = LlamaForCausalLM(train.lm_config(s, tok.get_vocab_size()))
-sampler = text.mixture_sampler({"qa-en": 0.8, "text-en": 0.2}, 1, 4)
+sampler = text.mixture_sampler({"qa-en": 0.8, "text-en": 0.2}, 1, book, 4)
 
 def answer_mask(ids):
     out, inside = [], False
@@ -60,8 +60,8 @@ print("train s", round(time.time() - t), losses[-1])
 m.eval()
 rng = random.Random(5); ok = collections.defaultdict(list)
 for i in range(300):
-    sc = scenes.sample_scene(rng); qa = scenes.sample_qa(sc, rng, "en")
-    ids = torch.tensor([tok.encode(text.prompt(scenes.describe(sc, "en"), qa.question)).ids])
+    sc = scenes.sample_scene(rng); qa = book.sample_qa(sc, rng, "en")
+    ids = torch.tensor([tok.encode(text.prompt(book.describe(sc, "en"), qa.question)).ids])
     out = m.generate(ids, max_new_tokens=6, do_sample=False, eos_token_id=2, pad_token_id=2)
     ans = tok.decode(out[0, ids.shape[1]:].tolist(), skip_special_tokens=True)
     ok[qa.qtype].append(scenes.content_correct(ans, qa.attribute, qa.value, "en"))

@@ -26,35 +26,35 @@ from vlm_merge.world import scenes, text
 _chat_document = text.document
 
 
-def page_document(rng: random.Random, kind: str, turns: int = 1) -> tuple[str, str]:
+def page_document(rng: random.Random, kind: str, book: scenes.Phrasebook, turns: int = 1) -> tuple[str, str]:
     """One document in page form (see the module docstring); ``chat-{kind}`` is `kind` in the chat format."""
     if kind.startswith("chat-"):
-        return _chat_document(rng, kind.removeprefix("chat-"), turns)
+        return _chat_document(rng, kind.removeprefix("chat-"), book, turns)
     scene = scenes.sample_scene(rng)
     if kind.startswith(("qa-", "xqa-")):
         lang = kind.split("-")[1]
         context = lang if kind.startswith("qa-") else ("ja" if lang == "en" else "en")
-        qas = [scenes.sample_qa(scene, rng, lang) for _ in range(turns)]
-        page = scenes.describe(scene, context)
+        qas = [book.sample_qa(scene, rng, lang) for _ in range(turns)]
+        page = book.describe(scene, context)
         page += "".join(f"\nQ: {qa.question}\nA: {qa.answer}" for qa in qas[:-1])
         return f"{page}\nQ: {qas[-1].question}\nA:", qas[-1].answer
     if kind.startswith("text-"):
-        return "", scenes.describe(scene, kind[5:])
-    en, ja = text._parallel(scene, rng)
+        return "", book.describe(scene, kind[5:])
+    en, ja = text._parallel(scene, rng, book)
     return "", f"{en}\n{ja}" if rng.random() < 0.5 else f"{ja}\n{en}"
 
 
-def tokenizer_corpus(seed: int, n: int = 6000) -> list[str]:
+def tokenizer_corpus(seed: int, book: scenes.Phrasebook, n: int = 6000) -> list[str]:
     """The shipped corpus's kinds in both forms, plus every phrasing."""
     rng = random.Random(seed)
     kinds = ["qa-en", "qa-ja", "text-en", "text-ja", "para", "chat-qa-en", "chat-qa-ja"]
     texts = []
     for i in range(n):
-        p, a = page_document(rng, kinds[i % len(kinds)])
+        p, a = page_document(rng, kinds[i % len(kinds)], book)
         texts.append(f"{p} {a}".strip())
-    for langs in scenes.PHRASINGS.values():
-        for forms in langs.values():
-            texts += forms * 3
+    for qtype in scenes.PHRASINGS:
+        for lang in scenes.LANGS:
+            texts += book.phrasings(qtype, lang) * 3
     return texts
 
 

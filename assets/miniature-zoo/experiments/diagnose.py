@@ -19,8 +19,6 @@ import torch
 
 from vlm_merge.world import datasets, evaluate, experiment, scenes, text
 
-short_answers.patch()
-
 
 def by_type(qtypes: list[str], correct: list[bool]) -> str:
     groups = collections.defaultdict(list)
@@ -33,14 +31,15 @@ def by_type(qtypes: list[str], correct: list[bool]) -> str:
 def reading(zoo: Path, n: int = 200) -> None:
     from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
 
+    book = short_answers.phrasebook(json.loads((zoo / "zoo.json").read_text())["settings"])
     for part, lang in (("en-base", "en"), ("ja-base", "ja"), ("ja-base", "en"), ("en-base", "ja")):
         model = LlamaForCausalLM.from_pretrained(zoo / part).eval()
         tok = PreTrainedTokenizerFast.from_pretrained(zoo / part)
         rng, qtypes, ok = random.Random(5), [], []
         for _ in range(n):
             scene = scenes.sample_scene(rng)
-            qa = scenes.sample_qa(scene, rng, lang)
-            ids = tok(text.prompt(scenes.describe(scene, lang), qa.question), return_tensors="pt").input_ids
+            qa = book.sample_qa(scene, rng, lang)
+            ids = tok(text.prompt(book.describe(scene, lang), qa.question), return_tensors="pt").input_ids
             out = model.generate(ids, max_new_tokens=8, do_sample=False, eos_token_id=2, pad_token_id=2)
             answer = tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
             qtypes.append(qa.qtype)

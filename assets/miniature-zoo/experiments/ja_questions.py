@@ -33,26 +33,25 @@ SCENE_LANGUAGE = {"jq-en": "en", "jj-en": "ja"}
 
 
 def patch() -> None:
-    """Short answers plus the "jq-en" and "jj-en" document kinds, for this process."""
-    short_answers.patch()
-    document, make_qa = text.document, scenes.make_qa
+    """The "jq-en" and "jj-en" document kinds, for this process."""
+    document = text.document
 
-    def paired_qa(scene: scenes.Scene, rng: random.Random) -> scenes.QA:
+    def paired_qa(scene: scenes.Scene, rng: random.Random, book: scenes.Phrasebook) -> scenes.QA:
         while True:
-            qtype = rng.choice(scenes.QTYPES)
+            qtype = rng.choice(book.qtypes)
             cands = scenes._question_candidates(scene, qtype)
             if cands:
                 args = scenes.choose_args(scene, qtype, cands, rng)
-                en = make_qa(scene, qtype, "en", args, rng.randrange(len(scenes.PHRASINGS[qtype]["en"])))
-                ja = make_qa(scene, qtype, "ja", args, rng.randrange(len(scenes.PHRASINGS[qtype]["ja"])))
+                en = book.make_qa(scene, qtype, "en", args, rng.randrange(len(book.phrasings(qtype, "en"))))
+                ja = book.make_qa(scene, qtype, "ja", args, rng.randrange(len(book.phrasings(qtype, "ja"))))
                 return dataclasses.replace(en, question=ja.question)
 
-    def jq_document(rng: random.Random, kind: str, turns: int = 1) -> tuple[str, str]:
+    def jq_document(rng: random.Random, kind: str, book: scenes.Phrasebook, turns: int = 1) -> tuple[str, str]:
         if kind not in SCENE_LANGUAGE:
-            return document(rng, kind, turns)
+            return document(rng, kind, book, turns)
         scene = scenes.sample_scene(rng)
-        qas = [paired_qa(scene, rng) for _ in range(turns)]
-        context = scenes.describe(scene, SCENE_LANGUAGE[kind])
+        qas = [paired_qa(scene, rng, book) for _ in range(turns)]
+        context = book.describe(scene, SCENE_LANGUAGE[kind])
         return text.prompt(context, qas[0].question) + text.turns_text(qas), qas[-1].answer
 
     text.document = jq_document

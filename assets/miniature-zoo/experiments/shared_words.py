@@ -77,10 +77,10 @@ def add_code_switched_kinds(p: float) -> None:
     """Patch `text.document` with the "cs-<kind>" kinds: `<kind>` with words swapped at probability `p`."""
     document = text.document
 
-    def cs_document(rng: random.Random, kind: str, turns: int = 1) -> tuple[str, str]:
+    def cs_document(rng: random.Random, kind: str, book: scenes.Phrasebook, turns: int = 1) -> tuple[str, str]:
         if not kind.startswith("cs-"):
-            return document(rng, kind, turns)
-        prompt, answer = document(rng, kind[3:], turns)
+            return document(rng, kind, book, turns)
+        prompt, answer = document(rng, kind[3:], book, turns)
         return code_switch(prompt, rng, p), code_switch(answer, rng, p)
 
     text.document = cs_document
