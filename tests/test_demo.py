@@ -7,6 +7,7 @@ import base64
 import io
 import json
 import re
+from collections import Counter
 from html.parser import HTMLParser
 from pathlib import Path
 
@@ -112,6 +113,11 @@ def test_gallery_and_pages_reference_existing_images(report, rec):
     gallery = _parse(report / "gallery" / "gallery.html")
     assert len(gallery.imgs) == rec["gallery"]["images"] == QUICK.gallery_images
     captions = [json.loads(x) for x in (report / "gallery" / "captions.jsonl").read_text(encoding="utf-8").splitlines()]
+    # the prompt is the count question the test set asks most often (the zoo's own wording)
+    counts = Counter(r["question"] for r in datasets.read_rows(SHIPPED_ZOO / "data" / "ja-test.jsonl")[: QUICK.test_questions]
+                     if r["qtype"].startswith("count_"))
+    assert counts[rec["gallery"]["prompt"]] == max(counts.values())
+    assert f"prompt: {rec['gallery']['prompt']}" in (report / "gallery" / "gallery.html").read_text(encoding="utf-8")
     for img, cap in zip(gallery.imgs, captions):
         assert Path(img["alt"]).is_file() and img["alt"] == cap["image"]  # the captioned test image
         head, _, b64 = img["src"].partition(",")

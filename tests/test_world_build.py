@@ -133,16 +133,18 @@ def _padded(batches: list[list[list[int]]]) -> int:
     return sum(max(map(len, b)) * len(b) for b in batches)
 
 
-def test_grouped_build_trains_every_part_on_other_batches(smoke_zoo, tmp_path):
-    """A smoke build with `group_by_length` (the VLM's text-only replay in a batch of its own) writes every
-    part; its English base differs from the ungrouped build of the same seed, so the batching took effect."""
+def test_an_ungrouped_build_trains_every_part_on_other_batches(smoke_zoo, tmp_path):
+    """A smoke build without `group_by_length` (the default: the VLM's text-only replay in a batch of its own)
+    writes every part; its English base differs from the grouped build of the same seed, so the batching takes
+    effect."""
     from safetensors.torch import load_file
 
     from vlm_merge.world.build import build_zoo
     from vlm_merge.world.cli import SMOKE
     from vlm_merge.world.train import WorldSettings
 
-    settings = WorldSettings(**SMOKE | {"group_by_length": True, "vlm_replay": 0.25})
+    assert WorldSettings().group_by_length  # the smoke zoo's batches are grouped; this build's are not
+    settings = WorldSettings(**SMOKE | {"group_by_length": False, "vlm_replay": 0.25})
     zoo = build_zoo(tmp_path / "zoo", 3, settings, progress=False, dev_check=0)
     key = "model.layers.0.mlp.up_proj.weight"
     assert not torch.equal(load_file(zoo / "en-base" / "model.safetensors")[key],
@@ -154,22 +156,32 @@ def test_grouped_build_trains_every_part_on_other_batches(smoke_zoo, tmp_path):
 def test_a_phrasebook_words_every_stream_of_the_build(tmp_path):
     """Short answers, digit counts, the aligned Japanese order and a question-type list reach the VQA files, the
     tokenizer and zoo.json (the text corpora and the VLM stage draw from the same `Phrasebook`)."""
-    from vlm_merge.world import datasets
+    from tokenizers import Tokenizer
+
+    from vlm_merge.world import datasets, scenes
     from vlm_merge.world.build import build_zoo
     from vlm_merge.world.cli import SMOKE
     from vlm_merge.world.train import WorldSettings
 
-    book = {"qtypes": ["count_color", "color_of"], "answers": "short", "count_digits": True, "ja_order": "aligned"}
-    zoo = build_zoo(tmp_path / "zoo", 4, WorldSettings.with_overrides(book, SMOKE), progress=False, dev_check=0)
-    meta = json.loads((zoo / "zoo.json").read_text())
-    assert {k: meta["settings"][k] for k in book} == book
-    rows = datasets.read_rows(zoo / "data" / "ja-test.jsonl")
-    assert {r["qtype"] for r in rows} == {"count_color", "color_of"}
-    counts = [r for r in rows if r["qtype"] == "count_color"]
-    assert all(r["answer"] == f"{r['value']}個" and r["question"].startswith(("いくつの", "数えてください", "何個の"))
-               for r in counts)
-    tok = json.loads((zoo / "en-base" / "tokenizer.json").read_text())
-    assert "個" in tok["model"]["vocab"]
+    defaults = WorldSettings()
+    for book in ({"qtypes": ["count_color", "where"], "answers": "sentence", "count_digits": True, "ja_order": "natural"},
+                 {"qtypes": ["count_color", "color_of"], "answers": "short", "count_digits": False, "ja_order": "aligned"}):
+        assert any(getattr(defaults, k) != v for k, v in book.items())
+        zoo = build_zoo(tmp_path / book["answers"], 4, WorldSettings.with_overrides(book, SMOKE), progress=False,
+                        dev_check=0)
+        meta = json.loads((zoo / "zoo.json").read_text())
+        assert {k: meta["settings"][k] for k in book} == book
+        rows = datasets.read_rows(zoo / "data" / "ja-test.jsonl")
+        assert {r["qtype"] for r in rows} == set(book["qtypes"])
+        counts = [r for r in rows if r["qtype"] == "count_color"]
+        if book["answers"] == "sentence":  # 赤いものは2個あります。 / 赤いものはありません。
+            assert all(r["answer"].endswith(f"は{r['value']}個あります。" if r["value"] != "0" else "はありません。")
+                       and not r["question"].startswith("いくつの") for r in counts)
+        else:  # 二つ, asked いくつの赤いものがありますか？
+            assert all(r["answer"] in scenes.JA_NUMBERS + ["ありません"] and r["question"].startswith(
+                ("いくつの", "数えてください", "何個の")) for r in counts)
+        tok = Tokenizer.from_file(str(zoo / "en-base" / "tokenizer.json"))  # trained on this wording: no <unk>
+        assert not any("<unk>" in tok.encode(f"{r['question']} {r['answer']}").tokens for r in rows)
 
 
 @pytest.mark.parametrize("in_a_row", [1, 2])

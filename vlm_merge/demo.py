@@ -26,6 +26,7 @@ import json
 import re
 import shutil
 import time
+from collections import Counter
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -48,8 +49,15 @@ CONTROLS = ("en-vlm", "ja-shell")
 MERGES = ("chat-vector", "evolved")
 ZOO_PARTS = ("en-base", "ja-base", "en-vlm")
 ZOO_SPLITS = ("ja-dev", "ja-test", "en-test")
-# The gallery asks one of the world's own Japanese question forms: its models learned questions, not free captions.
-GALLERY_PROMPT = "真ん中には何がありますか？"
+
+
+def gallery_prompt(rows: list[dict]) -> str:
+    """The gallery's one prompt: the Japanese test question asked most often, a count if the zoo asks counts. The
+    world's models learned questions, not free captions, so it is one of the zoo's own question forms, in whatever
+    wording (`scenes.Phrasebook`) the zoo was built with."""
+    asked = Counter(r["question"] for r in rows if r.get("qtype", "").startswith("count_")) or Counter(
+        r["question"] for r in rows)
+    return min(asked, key=lambda q: (-asked[q], q))
 
 
 @dataclass(frozen=True)
@@ -627,7 +635,8 @@ def run_demo(out: str | Path, *, force: bool = False, zoo: str | Path | None = N
         samples = sample_questions({x: results[x] for x in ja_names}, settings.gallery_images)
         for x in samples:
             shutil.copyfile(ja.parent / x["source"], tmp / x["image"])
-        caption([ja.parent / x["source"] for x in samples], paths[best], prompt=GALLERY_PROMPT,
+        prompt = gallery_prompt(results["ja-shell"].rows)
+        caption([ja.parent / x["source"] for x in samples], paths[best], prompt=prompt,
                 settings=GenerationSettings(max_new_tokens=evaluate.MAX_NEW_TOKENS), out_dir=tmp / GALLERY_DIR,
                 model_name=best, progress=progress)
 
@@ -654,7 +663,7 @@ def run_demo(out: str | Path, *, force: bool = False, zoo: str | Path | None = N
             "models": summaries,
             "comparisons": vs,
             "best_model": best,
-            "gallery": {"file": f"{GALLERY_DIR}/gallery.html", "model": best, "prompt": GALLERY_PROMPT,
+            "gallery": {"file": f"{GALLERY_DIR}/gallery.html", "model": best, "prompt": prompt,
                         "images": len(samples)},
             "samples": samples,
             "plots": {k2: f"{PLOTS_DIR}/{v}" for k2, v in PLOTS.items()},

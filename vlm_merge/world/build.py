@@ -86,6 +86,7 @@ def build_zoo(out: str | Path, seed: int = 0, settings: WorldSettings | None = N
               force: bool = False, dev_check: int = 150) -> Path:
     """Train and write the zoo of `seed` into `out` (see the module docstring). Returns `out`."""
     s = settings or WorldSettings()
+    s.check()
     out = Path(out)
     if out.exists():
         if not force and any(out.iterdir()):

@@ -14,6 +14,7 @@ from pathlib import Path
 SMOKE = {  # a few seconds per stage: proves the pipeline, trains nothing useful
     "hidden": 32, "layers": 2, "heads": 2, "intermediate": 64, "vision_hidden": 32, "batch": 8,
     "en_steps": 8, "ja_steps": 4, "vision_steps": 4, "vlm_steps": 8, "vlm_min_steps": 4, "vlm_check_every": 4,
+    "ja_train_layers": [1], "vlm_train_layers": [0],  # the shipped split (VLM below, Japanese above) in 2 layers
 }
 
 
