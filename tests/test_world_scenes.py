@@ -25,7 +25,7 @@ def test_scene_drawing_is_deterministic_and_sized():
 
 
 BOOKS = {
-    "shipped": scenes.Phrasebook(),
+    "original": scenes.Phrasebook(),
     "short-digits-aligned": scenes.Phrasebook(answers="short", count_digits=True, ja_order="aligned"),
     "sentence-digits": scenes.Phrasebook(count_digits=True),
     "short": scenes.Phrasebook(answers="short"),
@@ -80,13 +80,13 @@ def test_phrasebooks_word_the_same_question_differently():
     ask = {"color": "red"}
     answers = {name: (b.make_qa(sc, "count_color", "en", ask, 0), b.make_qa(sc, "count_color", "ja", ask, 0))
                for name, b in BOOKS.items()}
-    assert [a.answer for a in answers["shipped"]] == ["there are two red things.", "赤いものは二つあります。"]
+    assert [a.answer for a in answers["original"]] == ["there are two red things.", "赤いものは二つあります。"]
     assert [a.answer for a in answers["short"]] == ["two", "二つ"]
     assert [a.answer for a in answers["sentence-digits"]] == ["there are 2 red things.", "赤いものは2個あります。"]
     en, ja = answers["short-digits-aligned"]
     assert (en.answer, ja.answer, ja.question) == ("2", "2個", "いくつの赤いものがありますか？")
-    assert answers["shipped"][1].question == "赤いものはいくつありますか？"
-    assert BOOKS["shipped"].describe(sc, "ja") == "左上に赤い丸、真ん中に赤い星、右下に青い星があります。"
+    assert answers["original"][1].question == "赤いものはいくつありますか？"
+    assert BOOKS["original"].describe(sc, "ja") == "左上に赤い丸、真ん中に赤い星、右下に青い星があります。"
     assert BOOKS["short-digits-aligned"].describe(sc, "ja") == "赤い丸が左上に、赤い星が真ん中に、青い星が右下にあります。"
     zero = BOOKS["short-digits-aligned"].make_qa(sc, "count_color", "ja", {"color": "green"}, 0)
     assert zero.answer == "0個" and scenes.content_correct(zero.answer, "count", "0", "ja")

@@ -330,7 +330,8 @@ def short_answer(qa: QA, digits: bool = False) -> str:
 
 @dataclass(frozen=True)
 class Phrasebook:
-    """How a world words its scenes, questions and answers (the defaults: the shipped world's).
+    """How a world words its scenes, questions and answers. The defaults are the world's first wording (every
+    type, sentence answers, number words, the natural Japanese order); a zoo's is `WorldSettings.phrasebook()`.
 
     qtypes: the question types asked, in every stream (text corpora, VLM stage, dev/test splits), kept in
       `QTYPES` order; the scenes and descriptions are the same whichever types are asked.
