@@ -36,7 +36,7 @@ N_PATCH_CLASSES = 1 + len(scenes.COLORS) * len(scenes.SHAPES)
 
 @dataclass
 class WorldSettings:
-    """Sizes, steps, learning rates, corpora and wording of one zoo build (defaults: the shipped zoo, run Z2 of
+    """Sizes, steps, learning rates, corpora and wording of one zoo build (defaults: the shipped zoo, run Z3 of
     assets/miniature-zoo/EXPERIMENTS.md, which also gives the overrides that rebuild v3, shipped until session 10)."""
 
     hidden: int = 128
@@ -53,10 +53,11 @@ class WorldSettings:
     ja_block_lr_scale: float = 1.0  # the Japanese continued pretraining's block learning rate, relative to ja_lr
     vision_steps: int = 200
     vlm_steps: int = 3200
-    # a slow projector (1e-4) and a language model at 1e-3: the VLM's own layers, not the projector, learn to read
-    # the image tokens, so that skill is in the VLM's delta (EXPERIMENTS.md, session 10)
-    vlm_lr: float = 1e-4  # projector; the language model gets vlm_lr * vlm_lm_lr_scale
-    vlm_lm_lr_scale: float = 10.0
+    # a projector that barely moves from its random start (1e-6) and a language model at 1e-3: the VLM's own
+    # layers, not the projector, learn to read the image tokens, so that skill is in the VLM's delta and the
+    # Japanese base in the VLM shell cannot read the image without it (EXPERIMENTS.md, session 10)
+    vlm_lr: float = 1e-6  # projector; the language model gets vlm_lr * vlm_lm_lr_scale
+    vlm_lm_lr_scale: float = 1000.0
     qa_turns: int = 4  # questions per scene in the text models' reading-comprehension chats
     vlm_turns: int = 3  # questions per image in a VLM training chat (LLaVA's multi-turn conversations)
     vlm_replay: float = 0.15  # share of each VLM batch that is text-only chat (as LLaVA mixes ShareGPT)
