@@ -95,11 +95,13 @@ def tokenizer_corpus(seed: int, book: scenes.Phrasebook, n: int = 6000) -> list[
     for i in range(n):
         p, a = document(rng, kinds[i % len(kinds)], book)
         texts.append(f"{p} {a}".strip())
-    # every phrasing of every question type in both languages, so no question form is split oddly
-    for qtype in scenes.PHRASINGS:
-        for lang in scenes.LANGS:
-            texts += book.phrasings(qtype, lang) * 3
-    return texts
+    return texts + phrasing_texts(book)
+
+
+def phrasing_texts(book: scenes.Phrasebook) -> list[str]:
+    """Every phrasing of every question type in both languages, three times: added to a tokenizer corpus so
+    that no question form is split oddly."""
+    return [t for qtype in scenes.PHRASINGS for lang in scenes.LANGS for t in book.phrasings(qtype, lang) * 3]
 
 
 JA_FUNCTION_WORDS = (

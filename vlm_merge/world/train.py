@@ -288,10 +288,10 @@ def in_layers(name: str, layers: list[int] | None, n_layers: int) -> bool:
 def train_lm(model: LlamaForCausalLM, tok: Tokenizer, mix: dict, seed: int, steps: int, lr: float, batch: int,
              desc: str, progress: bool, losses: list, turns: int = 1, block_lr_scale: float = 1.0,
              train_layers: list[int] | None = None, group_by_length: bool = False, *, book: scenes.Phrasebook) -> None:
-    """Causal-LM training on documents from `mix`, worded by `book` (loss on every token after BOS). The transformer blocks
-    and final norm learn at `lr * block_lr_scale` (0 freezes them), embeddings and lm_head at `lr`; only
-    the decoder layers in `train_layers` (None: all) are trained; `group_by_length` batches documents of
-    similar length (`length_grouped`)."""
+    """Causal-LM training on documents from `mix`, worded by `book` (loss on every token after BOS). The
+    transformer blocks and final norm learn at `lr * block_lr_scale` (0 freezes them), embeddings and lm_head at
+    `lr`; only the decoder layers in `train_layers` (None: all) are trained; `group_by_length` batches documents
+    of similar length (`length_grouped`)."""
     eos = tok.token_to_id(text.EOS)
     docs = (encode_pair(tok, *doc, eos)[0] for doc in text.mixture_sampler(mix, seed, book, turns))
     batches = length_grouped(docs, batch, seed, pool=8 if group_by_length else 1)

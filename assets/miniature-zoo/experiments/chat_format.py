@@ -52,10 +52,7 @@ def tokenizer_corpus(seed: int, book: scenes.Phrasebook, n: int = 6000) -> list[
     for i in range(n):
         p, a = page_document(rng, kinds[i % len(kinds)], book)
         texts.append(f"{p} {a}".strip())
-    for qtype in scenes.PHRASINGS:
-        for lang in scenes.LANGS:
-            texts += book.phrasings(qtype, lang) * 3
-    return texts
+    return texts + text.phrasing_texts(book)
 
 
 def patch() -> None:

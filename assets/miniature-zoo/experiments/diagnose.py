@@ -31,7 +31,7 @@ def by_type(qtypes: list[str], correct: list[bool]) -> str:
 def reading(zoo: Path, n: int = 200) -> None:
     from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
 
-    book = short_answers.phrasebook(json.loads((zoo / "zoo.json").read_text())["settings"])
+    book = short_answers.recorded_settings(json.loads((zoo / "zoo.json").read_text())["settings"]).phrasebook()
     for part, lang in (("en-base", "en"), ("ja-base", "ja"), ("ja-base", "en"), ("en-base", "ja")):
         model = LlamaForCausalLM.from_pretrained(zoo / part).eval()
         tok = PreTrainedTokenizerFast.from_pretrained(zoo / part)

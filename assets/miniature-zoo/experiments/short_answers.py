@@ -12,15 +12,22 @@ and are the world setting `answers` since session 10 (`scenes.Phrasebook`), so t
 import json
 import sys
 
-from vlm_merge.world import scenes, train
+from vlm_merge.world import train
 
-SHORT = {"answers": "short"}
+# The settings these scripts ran on before session 10: the world's defaults of that time (v3) plus short answers.
+# Session 10 changed the defaults (run Z3), so the scripts start from these and a run's JSON overrides them, and a
+# zoo.json written before session 10 (which records no wording) is read with them.
+BEFORE_SESSION_10 = {
+    "en_steps": 700, "vlm_steps": 1500, "group_by_length": False, "vlm_lr": 0.001, "vlm_lm_lr_scale": 0.5,
+    "vlm_train_vocab": True, "ja_train_layers": None, "vlm_train_layers": None,
+    "en_mix": {"qa-en": 0.5, "xqa-en": 0.05, "xqa-ja": 0.1, "text-en": 0.1, "qa-ja": 0.05, "text-ja": 0.05, "para": 0.15},
+    "qtypes": None, "answers": "short", "count_digits": False, "ja_order": "natural",
+}
 
 
-def phrasebook(settings: dict) -> scenes.Phrasebook:
-    """The phrasebook of a zoo's recorded settings, short answers unless they say otherwise (zoos built by these
-    scripts before session 10 record no `answers`)."""
-    return train.WorldSettings(**(SHORT | settings)).phrasebook()
+def recorded_settings(settings: dict) -> train.WorldSettings:
+    """The settings of a zoo built by these scripts, from its zoo.json `settings`."""
+    return train.WorldSettings(**(BEFORE_SESSION_10 | settings))
 
 
 def main(argv: list[str]) -> int:
@@ -28,7 +35,7 @@ def main(argv: list[str]) -> int:
 
     out, settings, seed = argv
     args = ["zoo", "bar", "--seeds", seed, "--out", out, "--quiet"]
-    for k, v in (SHORT | json.loads(settings)).items():
+    for k, v in (BEFORE_SESSION_10 | json.loads(settings)).items():
         args += ["--set", f"{k}={json.dumps(v)}"]
     return cli(args)
 

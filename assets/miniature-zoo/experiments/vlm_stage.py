@@ -29,7 +29,7 @@ def main(argv: list[str]) -> int:
     ja_questions.patch()
     torch.set_num_threads(1)
     meta = json.loads((zoo / "zoo.json").read_text())
-    s = train.WorldSettings(**(short_answers.SHORT | meta["settings"] | {"vlm_steps": steps, "vlm_min_steps": 0, "vlm_check_every": every} | extra))
+    s = short_answers.recorded_settings(meta["settings"] | {"vlm_steps": steps, "vlm_min_steps": 0, "vlm_check_every": every} | extra)
     seed = meta["seed"]
     tok = Tokenizer.from_file(str(zoo / "en-base" / "tokenizer.json"))
     vlm_tok = text.vlm_tokenizer(tok)
