@@ -172,11 +172,11 @@ def _top_set(flat: torch.Tensor, k: int, *, prefer_low_index: bool) -> _TopSet:
     if k >= n:
         return _TopSet(-math.inf)
     nbins = 1 << 15
-    hist = torch.zeros(nbins, dtype=torch.int64)
+    hist = torch.zeros(nbins, dtype=torch.int64, device=flat.device)
     for _, a in _abs_chunks(flat):
         hist += torch.bincount(a.view(torch.int32) >> 16, minlength=nbins)
     from_top = hist.flip(0).cumsum(0)
-    j = int(torch.searchsorted(from_top, torch.tensor(k, dtype=torch.int64)))
+    j = int(torch.searchsorted(from_top, torch.tensor(k, dtype=torch.int64, device=flat.device)))
     bucket = nbins - 1 - j
     above = int(from_top[j - 1]) if j else 0
     cand = torch.cat([a[(a.view(torch.int32) >> 16) == bucket] for _, a in _abs_chunks(flat)])
@@ -241,8 +241,11 @@ def _magnitude_outliers_(d: torch.Tensor, density: float, gamma: float) -> None:
 
 
 def bernoulli_mask(p: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-    """Bernoulli(p) draws as float32 0/1: u < p with u ~ U[0, 1) from `gen`, in flat order."""
-    return torch.rand(p.shape, generator=gen, dtype=torch.float32).lt_(p)
+    """Bernoulli(p) draws as float32 0/1: u < p with u ~ U[0, 1) from `gen`, in flat order.
+
+    `gen` is a CPU generator: u is drawn on the CPU for tensors on any device, so the masks are the
+    same wherever the merge runs."""
+    return torch.rand(p.shape, generator=gen, dtype=torch.float32).to(p.device).lt_(p)
 
 
 def _bernoulli_(d: torch.Tensor, density: float, dare_rescale: bool, gen: torch.Generator) -> None:
@@ -255,7 +258,7 @@ def _bernoulli_(d: torch.Tensor, density: float, dare_rescale: bool, gen: torch.
         chunk = flat[s : s + CHUNK]
         mask = u[: chunk.numel()]
         torch.rand(mask.shape, generator=gen, out=mask).lt_(density)
-        chunk.mul_(mask)
+        chunk.mul_(mask.to(chunk.device))
         if dare_rescale:
             chunk.div_(density)
 
@@ -270,10 +273,10 @@ def della_keep_probs(rows: torch.Tensor, density: float, epsilon: float) -> torc
     """
     C = rows.shape[-1]
     if C == 1:
-        return torch.full(rows.shape, density, dtype=torch.float32)
+        return torch.full(rows.shape, density, dtype=torch.float32, device=rows.device)
     order = rows.abs().argsort(dim=-1, stable=True)
     ranks = torch.empty_like(order)
-    ranks.scatter_(-1, order, torch.arange(C).expand_as(order))
+    ranks.scatter_(-1, order, torch.arange(C, device=rows.device).expand_as(order))
     del order
     probs = ranks.to(torch.float32).div_(C - 1)
     return probs.mul_(2).mul_(epsilon).add_(density - epsilon)
@@ -309,7 +312,7 @@ def _l1_norm(flat: torch.Tensor) -> torch.Tensor:
     `x.abs().sum()` exactly), float32 chunk sums added in double beyond."""
     if flat.numel() <= CHUNK:
         return flat.abs().sum()
-    return torch.tensor(sum(float(a.sum()) for _, a in _abs_chunks(flat)), dtype=torch.float32)
+    return torch.tensor(sum(float(a.sum()) for _, a in _abs_chunks(flat)), dtype=torch.float32, device=flat.device)
 
 
 def _sparsify_(
@@ -700,7 +703,7 @@ def model_stock(
     else:
         rows = [d.view(1, -1) for d in deltas]
     norms = [torch.linalg.vector_norm(r, dim=1) for r in rows]
-    cos_sum = torch.zeros(rows[0].shape[0], dtype=torch.float32)
+    cos_sum = torch.zeros(rows[0].shape[0], dtype=torch.float32, device=base.device)
     pairs = 0
     for i in range(n):
         for j in range(i + 1, n):
@@ -736,7 +739,7 @@ def linear(models: Sequence[torch.Tensor], weights: Sequence[float], *, normaliz
         raise ValueError(f"{len(models)} models but {len(weights)} weights")
     if not models:
         raise ValueError("models: linear needs at least 1 model")
-    out = torch.zeros(models[0].shape, dtype=torch.float32)
+    out = torch.zeros(models[0].shape, dtype=torch.float32, device=models[0].device)
     for m, w in zip(models, weights):
         out.add_(m, alpha=w)
     if normalize:
@@ -764,7 +767,8 @@ def slerp(v0: torch.Tensor, v1: torch.Tensor, t: float) -> torch.Tensor:
     if v0.shape != v1.shape:
         raise ValueError(f"slerp: shapes {tuple(v0.shape)} and {tuple(v1.shape)} differ")
     a, b = v0.reshape(-1), v1.reshape(-1)
-    tt = torch.tensor(t, dtype=torch.float32)
+    dev = v0.device
+    tt = torch.tensor(t, dtype=torch.float32, device=dev)
     n = a.numel()
 
     def chunks():
@@ -772,17 +776,17 @@ def slerp(v0: torch.Tensor, v1: torch.Tensor, t: float) -> torch.Tensor:
             yield s, a[s : s + CHUNK].to(torch.float32), b[s : s + CHUNK].to(torch.float32)
 
     if n == 0:
-        return torch.zeros(v0.shape, dtype=torch.float32)
+        return torch.zeros(v0.shape, dtype=torch.float32, device=dev)
     na_parts, nb_parts = [], []
     for _, x, y in chunks():
         na_parts.append(torch.linalg.vector_norm(x))
         nb_parts.append(torch.linalg.vector_norm(y))
     na = torch.linalg.vector_norm(torch.stack(na_parts))
     nb = torch.linalg.vector_norm(torch.stack(nb_parts))
-    one = torch.ones((), dtype=torch.float32)
+    one = torch.ones((), dtype=torch.float32, device=dev)
     na = torch.where(na > SLERP_EPS, na, one)
     nb = torch.where(nb > SLERP_EPS, nb, one)
-    dot = torch.zeros((), dtype=torch.float32)
+    dot = torch.zeros((), dtype=torch.float32, device=dev)
     for _, x, y in chunks():
         dot += ((x / na) * (y / nb)).sum()
     dot = dot.clamp(-1, 1)
@@ -793,7 +797,7 @@ def slerp(v0: torch.Tensor, v1: torch.Tensor, t: float) -> torch.Tensor:
         sin_theta = torch.sin(theta)
         ca = torch.sin((1 - tt) * theta) / sin_theta
         cb = torch.sin(tt * theta) / sin_theta
-    out = torch.empty(n, dtype=torch.float32)
+    out = torch.empty(n, dtype=torch.float32, device=dev)
     for s, x, y in chunks():
         out[s : s + CHUNK] = ca * x + cb * y
     return out.view(v0.shape)
