@@ -2,7 +2,14 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
+
+# The fused GPU kernel (vlm_merge.fused) is tested on the CPU by Triton's interpreter, which must be
+# chosen before anything imports triton (torch and transformers may). Nothing runs the kernel unless
+# asked to (`ResidentMerger.open(..., fused=True)`); on the CPU the default stays tensor by tensor.
+os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from vlm_merge.fixtures import FixtureZoo, build_fixture_zoo
 

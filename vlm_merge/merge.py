@@ -65,7 +65,11 @@ def model_entries(recipe: Recipe, method: Method) -> list[int]:
     return base_pos[:1] + [i for i in idx if i not in base_pos[:1]]
 
 
-def resolve_tensor_params(recipe: Recipe, method: Method, entries: list[int], canon: str, num_layers: int) -> TensorParams:
+def resolve_tensor_params(
+    recipe: Recipe, method: Method, entries: list[int], canon: str, num_layers: int, memo: dict | None = None,
+) -> TensorParams:  # fmt: skip
+    """The parameters `canon` is merged with. `memo` (a dict kept for one recipe) reuses the validated
+    result for tensors whose raw values repeat (every tensor of a layer, in a per-layer recipe)."""
     layer = layer_index(canon)
     per_model = []
     for i in entries:
@@ -74,11 +78,19 @@ def resolve_tensor_params(recipe: Recipe, method: Method, entries: list[int], ca
     shared = {k: resolve_setting(v, canon, layer, num_layers, f"parameters.{k}") for k, v in recipe.parameters.items()}
     per_model = [{k: v for k, v in pm.items() if v is not None} for pm in per_model]
     shared = {k: v for k, v in shared.items() if v is not None}
+    key = None
+    if memo is not None:
+        key = (tuple(tuple(pm.items()) for pm in per_model), tuple(shared.items()))
+        if key in memo:
+            return memo[key]
     try:
         resolved_models, resolved_shared = method.resolve(per_model, shared)
     except ValueError as e:
         raise VlmMergeError(f"recipe parameters for {canon}: {e}") from None
-    return TensorParams(tuple(resolved_models), resolved_shared)
+    params = TensorParams(tuple(resolved_models), resolved_shared)
+    if memo is not None:
+        memo[key] = params
+    return params
 
 
 def tensor_fn(rp: RecipePlan, canon: str, seed: int):

@@ -261,7 +261,7 @@ def resolve_setting(setting: Setting, name: str, layer: int | None, num_layers: 
     """The value of a parameter setting for the tensor `name` (canonical key) in `layer`."""
     if isinstance(setting, (bool, int, float, str)):
         return setting
-    if all(isinstance(v, (bool, int, float, str)) for v in setting):
+    if not isinstance(setting[0], dict):  # validated lists are all numbers or all conditions
         if len(setting) > num_layers:
             raise _field_error(where, f"has {len(setting)} per-layer values but the model has {num_layers} layers")
         if len(setting) == num_layers and layer is not None:

@@ -13,6 +13,11 @@ output dtype. The live model then holds the weights `vlm-merge merge` would writ
 (bit for bit, when the model is loaded in the output dtype). The vision tower and projector are never
 touched, so image features computed once stay valid for every candidate.
 
+On a CUDA device, `task_arithmetic` candidates (the Chat Vector form and per-layer weights) run as one
+fused kernel over all tensors (`vlm_merge.fused`): the sources are packed into one flat buffer per
+role and the live parameters become views of one flat output buffer. Other methods, and recipes whose
+inputs do not fit that layout, run tensor by tensor with torch on the device.
+
 A candidate recipe must have the structure of the opening recipe (method, sources, vocabulary
 source, dtype); only parameter values may differ.
 """
@@ -27,7 +32,16 @@ import torch
 
 from vlm_merge.engine import Copy, Merge, chunked, gather_vocab
 from vlm_merge.errors import VlmMergeError
-from vlm_merge.merge import RecipePlan, TensorParams, as_recipe, model_entries, resolve_tensor_params, tensor_fn, plan_recipe
+from vlm_merge.fused import PARAMS_PLAIN, FusedTaskArithmetic, triton_available
+from vlm_merge.merge import (
+    RecipePlan,
+    TensorParams,
+    as_recipe,
+    model_entries,
+    plan_recipe,
+    resolve_tensor_params,
+    tensor_fn,
+)
 from vlm_merge.recipe import Recipe, check_layer_lists
 
 
@@ -72,8 +86,12 @@ def live_parameter(model, canonical: str) -> torch.nn.Parameter:
 class ResidentMerger:
     """Sources of one recipe held on a device, writing merged language models into `model` in place."""
 
-    def __init__(self, rp: RecipePlan, original: Recipe, model, device: torch.device, bound: list[_Bound], num_layers: int) -> None:
+    def __init__(
+        self, rp: RecipePlan, original: Recipe, model, device: torch.device, bound: list[_Bound], num_layers: int,
+        fused: FusedTaskArithmetic | None = None,
+    ) -> None:  # fmt: skip
         self._rp = rp
+        self.fused = fused
         self.model = model
         self.device = device
         self.tensors = bound
@@ -86,9 +104,13 @@ class ResidentMerger:
     @classmethod
     def open(
         cls, recipe: Recipe | dict | str, model, *, device: str | torch.device | None = None,
-        vision_tower: str | None = None, cache_dir: str | None = None,
+        vision_tower: str | None = None, cache_dir: str | None = None, fused: bool | None = None,
     ) -> ResidentMerger:
-        """Plan `recipe` and load its language-model sources onto `device` (default: the model's)."""
+        """Plan `recipe` and load its language-model sources onto `device` (default: the model's).
+
+        `fused`: run task arithmetic as one kernel (`vlm_merge.fused`); None = on CUDA where it can,
+        False = never (tensor by tensor), True = required (VlmMergeError where it cannot; on the CPU only
+        under Triton's interpreter, for tests)."""
         recipe = as_recipe(recipe)
         dev = torch.device(device) if device is not None else next(model.parameters()).device
         rp = plan_recipe(recipe, vision_tower=vision_tower, cache_dir=cache_dir)
@@ -119,7 +141,21 @@ class ResidentMerger:
             num_layers = rp.sources.reference.anatomy.num_layers
         finally:
             rp.sources.close()
-        return cls(rp, recipe, model, dev, bound, num_layers)
+        packed = None
+        wanted = fused if fused is not None else dev.type == "cuda"
+        out_dtypes = {b.dtype for b in bound}
+        if wanted and rp.method.name == "task_arithmetic" and len(out_dtypes) == 1 and triton_available(dev):
+            packed = FusedTaskArithmetic.pack(
+                [b.key for b in bound], [b.param for b in bound], [b.inputs for b in bound],
+                rp.base_role, rp.model_roles, rp.anchor_role, out_dtypes.pop(),
+            )  # fmt: skip
+        if fused and packed is None:
+            raise VlmMergeError(
+                f"resident merge on {dev}: the fused kernel needs task_arithmetic on a CUDA device with Triton (or "
+                "Triton's interpreter, TRITON_INTERPRET=1) and sources of one dtype per model; pass fused=None to fall "
+                "back to tensor-by-tensor merging"
+            )
+        return cls(rp, recipe, model, dev, bound, num_layers, packed)
 
     @property
     def recipe(self) -> Recipe:
@@ -146,8 +182,9 @@ class ResidentMerger:
                     check_layer_lists(v, self.num_layers, f"models[{i}].parameters.{k}")
             for k, v in recipe.parameters.items():
                 check_layer_lists(v, self.num_layers, f"parameters.{k}")
+            memo: dict = {}
             return {
-                b.canonical: resolve_tensor_params(recipe, self._rp.method, self._entries, b.canonical, self.num_layers)
+                b.canonical: resolve_tensor_params(recipe, self._rp.method, self._entries, b.canonical, self.num_layers, memo)
                 for b in self.tensors
             }
         except VlmMergeError as e:
@@ -160,6 +197,15 @@ class ResidentMerger:
         started = time.perf_counter()
         recipe = as_recipe(recipe)
         params = self.resolve(recipe)
+        if self.fused is not None:
+            weights = self.fused_weights(params)
+            if weights is not None:
+                self.fused.launch(weights)
+                bad = self.fused.first_bad()  # synchronises
+                if bad is not None:
+                    raise CandidateError(f"{bad}: merge produced NaN/inf values")
+                written = sum(b.param.numel() * b.param.element_size() for b in self.tensors)
+                return ApplyStats(time.perf_counter() - started, len(self.tensors), written)
         rp = replace(self._rp, params=params)
         written = 0
         for b in self.tensors:
@@ -181,6 +227,25 @@ class ResidentMerger:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         return ApplyStats(time.perf_counter() - started, len(self.tensors), written)
+
+    def fused_weights(self, params: dict[str, TensorParams]) -> torch.Tensor | None:
+        """[tensors, models] weights for the fused kernel, or None if some tensor is not plain task
+        arithmetic (`normalize` or `lambda` set): the candidate then runs tensor by tensor."""
+        rows = []
+        for b in self.tensors:
+            p = params[b.canonical]  # validated, defaults filled
+            if any(p.shared.get(k, v) != v for k, v in PARAMS_PLAIN.items()):
+                return None
+            rows.append([float(pm["weight"]) for pm in p.per_model])
+        return torch.tensor(rows, dtype=torch.float32)
+
+    def reference(self, recipe: Recipe | dict, canonical: str) -> torch.Tensor:
+        """One tensor of `recipe` merged on the CPU by the engine's function from the resident sources
+        (float32 arithmetic, rounded to the output dtype): what `apply` must have written (for checks)."""
+        recipe = as_recipe(recipe)
+        b = next(x for x in self.tensors if x.canonical == canonical)
+        rp = replace(self._rp, params=self.resolve(recipe))
+        return tensor_fn(rp, canonical, recipe.seed)({r: t.cpu() for r, t in b.inputs.items()}).to(b.dtype)
 
     def _buffer(self, b: _Bound) -> torch.Tensor:
         key = (tuple(b.param.shape), b.dtype)
