@@ -13,6 +13,25 @@ medians reported:
 
 Correctness: after each round the resident model's state dict must equal the reloaded one bit for
 bit. Results: ``bench/results/evolve.json`` and ``.md``.
+
+``python -m bench.evolve --device cuda`` (GPU, a LLaVA-1.6-Mistral-7B-shaped model, random bf16 weights;
+`--layers 32`): the per-candidate in-place merge against the bound set by reading the sources' bytes
+from GPU memory once. Sources (written once as ordinary checkpoints, under /dev/shm when it has room):
+the VLM as transformers saves it, an English base = its language model + noise (std 0.002), a
+Japanese base = the English base + noise; the live model is the VLM itself on the GPU. Recipe: the
+Chat Vector form of task_arithmetic (anchor = Japanese base) with one random weight per layer plus
+one for the embeddings, `--rounds` candidates after a warm-up (Triton compile), medians reported:
+
+- ``fused``: `ResidentMerger.apply` with the fused kernel (`vlm_merge.fused`), wall time of the whole
+  call (parameter resolution in Python + one launch + the NaN/inf check) and the kernel alone (CUDA
+  events).
+- ``tensor-by-tensor``: the same `apply` with the fused path off (torch ops per tensor on the GPU).
+- ``bound``: reading every packed source byte once: the faster of a Triton read-and-sum kernel with
+  the fused kernel's access pattern and `torch.sum`, best of 10.
+
+Correctness: the fused result must equal the tensor-by-tensor one bit for bit over the whole language
+model, and sampled tensors must equal the CPU engine's float32 `methods.task_arithmetic` rounded to
+bf16. Results: ``bench/results/evolve-cuda.json`` and ``.md``.
 """
 
 from __future__ import annotations
@@ -22,6 +41,7 @@ import json
 import random
 import shutil
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -53,7 +73,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rounds", type=int, default=15)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--device", default="cpu", help="cpu (tiny fixture zoo, resident vs on-disk) or cuda (7B-shaped, fused vs bound)")
+    ap.add_argument("--layers", type=int, default=32, help="decoder layers of the 7B-shaped model (--device cuda)")
     args = ap.parse_args(argv)
+    if args.device.startswith("cuda"):
+        from bench.evolve_cuda import run_cuda
+
+        return run_cuda(args, RESULTS, "python -m bench.evolve " + " ".join(sys.argv[1:] if argv is None else argv))
     torch.set_num_threads(args.threads)
     work = Path(tempfile.mkdtemp(prefix="bench-evolve-"))
     try:
@@ -93,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
             "resident_s_median": res_med, "on_disk_s_median": disk_med, "ratio": disk_med / res_med,
             "resident_sources_load_s_once": load_s, "resident_source_bytes": rm.source_bytes,
             "bit_identical": True, "machine": MachineFacts.collect().as_dict(),
-            "command": "python -m bench.evolve " + " ".join(argv or []),
+            "command": "python -m bench.evolve " + " ".join(sys.argv[1:] if argv is None else argv),
         }
         RESULTS.mkdir(exist_ok=True)
         (RESULTS / "evolve.json").write_text(json.dumps(result, indent=2, default=str) + "\n")
