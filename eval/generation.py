@@ -57,9 +57,12 @@ def _supports_encoded_images(model) -> bool:
 def _image_encoder(model):
     encoder = getattr(model.base_model, "get_image_features", None) or getattr(model, "get_image_features", None)
     if encoder is None or not _supports_encoded_images(model):
+        import transformers
+
         raise VlmMergeError(
-            f"{type(model).__name__} cannot take pre-encoded images (no get_image_features / mm_encoder_outputs); "
-            "pass PIL images instead"
+            f"{type(model).__name__} cannot take pre-encoded images (no get_image_features / mm_encoder_outputs in "
+            f"transformers {transformers.__version__}; image-text models have it from transformers 5.18): upgrade "
+            "transformers or pass PIL images instead"
         )
     return encoder
 

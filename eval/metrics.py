@@ -243,7 +243,7 @@ def make_scorers(names: Sequence[str] = DEFAULT_SCORERS) -> list[Scorer]:
     unknown = [n for n in names if n not in SCORERS]
     if unknown:
         raise VlmMergeError(f"unknown metric {unknown[0]!r}: choose from {', '.join(SCORERS)}")
-    rouge = RougeJa()
+    rouge = RougeJa() if {RougeJa.name, StrictJapaneseRouge.name} & set(names) else None  # MeCab only when used
     made: list[Scorer] = []
     for name in names:
         if name == RougeJa.name:
