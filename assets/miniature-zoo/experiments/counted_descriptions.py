@@ -1,4 +1,4 @@
-"""Session-11 experiment (EXPERIMENTS.md, "Session 11", runs C1-C3): scene descriptions that state the counts.
+"""Session-11 experiment (EXPERIMENTS.md, "Session 11", runs C1 and C2): scene descriptions that state the counts.
 
 `diagnose.py reading` on the shipped zoo: the text bases answer count questions about a described scene at the
 answer prior (English base 0.46-0.73 per count type, about the share of "1"), while they read colours and shapes.
