@@ -100,3 +100,35 @@ def test_fused_kernel_only_where_asked_and_possible(zoo, tmp_path, interpret):
     ties = {**r0, "merge_method": "ties", "models": [{"model": "vlm", "parameters": {"weight": 1.0, "density": 0.5}}]}
     with pytest.raises(VlmMergeError, match="the fused kernel needs task_arithmetic"):
         ResidentMerger.open(ties, live, fused=True)
+
+
+def test_sources_the_flat_buffers_cannot_hold_fall_back_to_tensor_by_tensor(zoo, tmp_path, interpret, monkeypatch):
+    from vlm_merge import resident
+    from vlm_merge.fused import FusedTaskArithmetic
+
+    def bf16_buffers(keys, params, base_role, model_roles, anchor_role, dtypes, round_to):  # float32 sources
+        return real(keys, params, base_role, model_roles, anchor_role, dict.fromkeys(dtypes, torch.bfloat16), round_to)
+
+    real = FusedTaskArithmetic.allocate
+    z = sources(zoo)
+    r0 = {"merge_method": "task_arithmetic", **z, "models": [{"model": "vlm", "parameters": {"weight": 1.0}}]}
+    write_scaffold(r0, tmp_path / "scaffold")
+    live, _ = load_model(tmp_path / "scaffold", device="cpu")
+    ref, _ = load_model(tmp_path / "scaffold", device="cpu")
+    loads = []
+
+    def load_sources(plan, merges, dev, packed):
+        loads.append(packed is not None)
+        return real_load(plan, merges, dev, packed)
+
+    real_load = resident._load_sources
+    monkeypatch.setattr(resident.FusedTaskArithmetic, "allocate", staticmethod(bf16_buffers))
+    monkeypatch.setattr(resident, "_load_sources", load_sources)
+    with pytest.raises(VlmMergeError, match="the fused kernel needs"):
+        ResidentMerger.open(r0, live, fused=True)
+    assert loads == [True, False]  # tried the flat buffers, then loaded tensor by tensor
+    rm = ResidentMerger.open(r0, live, fused=False)  # the live model (its parameters re-pointed) still merges right
+    plain = ResidentMerger.open(r0, ref, fused=False)
+    rm.apply(r0)
+    plain.apply(r0)
+    assert rm.fused is None and same_state(rm, plain) == []

@@ -3,9 +3,10 @@
 On a GPU a resident merge is bound by memory traffic: a candidate must read every source tensor once
 and write the merged language model once. Evaluated tensor by tensor with torch ops, task arithmetic
 makes float32 copies and temporaries of every input (about five times those bytes) and launches a
-handful of kernels per tensor. `FusedTaskArithmetic` instead packs the sources of every merged tensor
-into one flat buffer per role (the bound inputs become views into it), turns the live model's
-parameters into views of one flat output buffer, and runs one Triton kernel over all of it. Per element,
+handful of kernels per tensor. `FusedTaskArithmetic` instead turns the live model's parameters into
+views of one flat output buffer, gives every source role one flat buffer that `ResidentMerger.open`
+reads the checkpoints straight into (`slot`: a tensor's place in it, which the resident inputs are
+views of), and runs one Triton kernel over all of it. Per element,
 in float32 and in the operation order of `methods.task_arithmetic`:
 
     one model:   out = a                      if w == 0
@@ -28,7 +29,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -99,13 +100,6 @@ class Segment:
     numel: int
 
 
-def _dominant(tensors: Sequence[torch.Tensor]) -> torch.dtype:
-    by_dtype: dict[torch.dtype, int] = {}
-    for t in tensors:
-        by_dtype[t.dtype] = by_dtype.get(t.dtype, 0) + t.numel()
-    return max(by_dtype, key=by_dtype.__getitem__)
-
-
 def _layout(numels: Sequence[int]) -> tuple[list[int], int]:
     starts, pos = [], 0
     for n in numels:
@@ -118,82 +112,79 @@ class FusedTaskArithmetic:
     """The packed sources and output of a resident task-arithmetic merge, and its one-launch apply."""
 
     def __init__(
-        self, segments: list[Segment], out: torch.Tensor, base: torch.Tensor, anchor: torch.Tensor | None,
-        models: torch.Tensor, seg_of_block: torch.Tensor, rounding: int,
+        self, segments: list[Segment], out: torch.Tensor, shapes: list[torch.Size], roles: tuple[str, list[str], str | None],
+        dtypes: Mapping[str, torch.dtype], seg_of_block: torch.Tensor, rounding: int,
     ) -> None:  # fmt: skip
-        self.rounding = rounding  # 0: float32 (none), 1: bfloat16, 2: float16
-        self.segments = segments
-        self.out, self.base, self.anchor, self.models = out, base, anchor, models
+        self.segments, self.out, self._shapes = segments, out, shapes
+        self.base_role, self.model_roles, self.anchor_role = roles
+        self._dtypes = dict(dtypes)
+        self.base: torch.Tensor | None = None  # role buffers, taken on first use (`slot`)
+        self.models: torch.Tensor | None = None
+        self.anchor: torch.Tensor | None = None
         self.seg_of_block = seg_of_block
-        self.k = models.shape[0]
+        self.rounding = rounding  # 0: float32 (none), 1: bfloat16, 2: float16
+        self.k = len(self.model_roles)
         self.bad = torch.zeros(seg_of_block.numel(), dtype=torch.int8, device=out.device)
         self.weights = torch.zeros(len(segments) * self.k, dtype=torch.float32, device=out.device)
         self._fn = _kernel()
 
     @classmethod
-    def pack(
-        cls, keys: Sequence[str], params: Sequence[torch.nn.Parameter], inputs: Sequence[dict[str, torch.Tensor]],
-        base_role: str, model_roles: Sequence[str], anchor_role: str | None, round_to: torch.dtype,
+    def allocate(
+        cls, keys: Sequence[str], params: Sequence[torch.nn.Parameter], base_role: str, model_roles: Sequence[str],
+        anchor_role: str | None, dtypes: Mapping[str, torch.dtype], round_to: torch.dtype,
     ) -> FusedTaskArithmetic | None:  # fmt: skip
-        """Pack the tensors in place: every `inputs[i][role]` and `params[i]` becomes a view into a flat
-        buffer. Results are rounded to `round_to` (the recipe's output dtype) and stored in the
-        parameters' dtype. None (nothing changed) when they do not fit one layout: roles of mixed dtypes
-        or devices, parameters shared between keys, or dtypes other than float32, float16, bfloat16."""
+        """The flat layout of `params` (one segment each, in order): the parameters become views of one
+        flat output buffer at once (their old storage is released before any source buffer is taken);
+        the sources' buffers (`dtypes`: role -> dtype, one for all models) are taken on first `slot`.
+        Results are rounded to `round_to` (the recipe's output dtype) and stored in the parameters' dtype.
+        None (nothing changed) when they do not fit one layout: parameters of mixed devices or dtypes or
+        shared between keys, models of mixed dtypes, or dtypes other than float32, float16, bfloat16."""
         floats = (torch.float32, torch.bfloat16, torch.float16)  # index = the kernel's ROUND
-        if not keys or round_to not in floats:
+        if not keys or not model_roles or base_role in model_roles or round_to not in floats:
             return None
-        roles = [base_role, *model_roles] + ([anchor_role] if anchor_role is not None else [])
         device, out_dtype = params[0].device, params[0].dtype
         if out_dtype not in floats or len({id(p) for p in params}) != len(params):
             return None
-        if not model_roles or base_role in model_roles:
+        if any(p.device != device or p.dtype != out_dtype for p in params) or len({dtypes[r] for r in model_roles}) != 1:
             return None
-        for p, inp in zip(params, inputs):
-            if p.device != device or p.dtype != out_dtype or any(inp[r].device != device or inp[r].shape != p.shape for r in roles):
-                return None
-        # One dtype per role (the one most of its bytes have; all models share one): a tensor of another
-        # dtype (vocabulary rows gathered in float32) is packed only if that dtype holds it exactly.
-        dtypes = {r: _dominant([inp[r] for inp in inputs]) for r in roles}
-        for r in model_roles:
-            dtypes[r] = _dominant([inp[m] for inp in inputs for m in model_roles])
-        for inp in inputs:
-            for r in roles:
-                t = inp[r]
-                if t.dtype != dtypes[r] and not torch.equal(t.to(dtypes[r]).to(t.dtype), t):
-                    return None
+        if any(d not in floats for d in dtypes.values()):
+            return None
         numels = [p.numel() for p in params]
         starts, total = _layout(numels)
-
-        def fill(buf: torch.Tensor, role: str) -> None:
-            for i, (s, n) in enumerate(zip(starts, numels)):
-                src = inputs[i][role]
-                buf[s : s + n].copy_(src.reshape(-1))
-                inputs[i][role] = buf[s : s + n].view(src.shape)  # the original is freed when unreferenced
-            if device.type == "cuda":
-                torch.cuda.empty_cache()  # hand the per-tensor blocks back before the next flat buffer
-
-        models = torch.zeros((len(model_roles), total), dtype=dtypes[model_roles[0]], device=device)
-        for j, r in enumerate(model_roles):
-            fill(models[j], r)
-        base = torch.zeros(total, dtype=dtypes[base_role], device=device)
-        fill(base, base_role)
-        anchor = None
-        if anchor_role is not None and anchor_role in model_roles:
-            anchor = models[list(model_roles).index(anchor_role)]
-        elif anchor_role is not None and anchor_role != base_role:
-            anchor = torch.zeros(total, dtype=dtypes[anchor_role], device=device)
-            fill(anchor, anchor_role)
         out = torch.zeros(total, dtype=out_dtype, device=device)
         with torch.no_grad():
             for p, s, n in zip(params, starts, numels):
                 view = out[s : s + n].view(p.shape)
                 view.copy_(p.data)
                 p.data = view
+        if device.type == "cuda":
+            torch.cuda.empty_cache()  # the parameters' old storage
         seg_of_block = torch.empty(total // BLOCK, dtype=torch.int32)
         for i, (s, n) in enumerate(zip(starts, numels)):
             seg_of_block[s // BLOCK : (s + n + BLOCK - 1) // BLOCK] = i
         segments = [Segment(k, s, n) for k, s, n in zip(keys, starts, numels)]
-        return cls(segments, out, base, anchor, models, seg_of_block.to(device), floats.index(round_to))
+        roles = (base_role, list(model_roles), anchor_role if anchor_role != base_role else None)
+        return cls(segments, out, [p.shape for p in params], roles, dtypes, seg_of_block.to(device), floats.index(round_to))
+
+    def slot(self, i: int, role: str) -> torch.Tensor:
+        """Tensor `i`'s place in `role`'s flat buffer (shaped like its parameter), to fill and to read."""
+        total, device = self.out.numel(), self.out.device
+        if role in self.model_roles:
+            if self.models is None:
+                self.models = torch.zeros((self.k, total), dtype=self._dtypes[self.model_roles[0]], device=device)
+            buf = self.models[self.model_roles.index(role)]
+        elif role == self.base_role:
+            if self.base is None:
+                self.base = torch.zeros(total, dtype=self._dtypes[role], device=device)
+            buf = self.base
+        elif role == self.anchor_role:
+            if self.anchor is None:
+                self.anchor = torch.zeros(total, dtype=self._dtypes[role], device=device)
+            buf = self.anchor
+        else:
+            raise KeyError(role)
+        seg = self.segments[i]
+        return buf[seg.start : seg.start + seg.numel].view(self._shapes[i])
 
     @property
     def source_bytes(self) -> int:
@@ -203,11 +194,16 @@ class FusedTaskArithmetic:
     def launch(self, weights: torch.Tensor) -> None:
         """Run the kernel with `weights` (float32, [segments, models], on the CPU); no synchronisation."""
         self.weights.copy_(weights.reshape(-1), non_blocking=False)
-        anchor = self.anchor if self.anchor is not None else self.base
+        anchor = None  # an anchor that is also a model (or the base) is read from that buffer
+        if self.anchor_role in self.model_roles:
+            anchor = self.models[self.model_roles.index(self.anchor_role)]
+        elif self.anchor_role is not None:
+            anchor = self.anchor
         grid = (self.seg_of_block.numel(),)
         self._fn[grid](
-            self.out, self.base, anchor, self.models, self.weights, self.seg_of_block, self.bad, self.models.stride(0),
-            K=self.k, HAS_ANCHOR=self.anchor is not None, ROUND=self.rounding, BLOCK=BLOCK,
+            self.out, self.base, anchor if anchor is not None else self.base, self.models, self.weights,
+            self.seg_of_block, self.bad, self.models.stride(0),
+            K=self.k, HAS_ANCHOR=anchor is not None, ROUND=self.rounding, BLOCK=BLOCK,
             num_warps=8, enable_fp_fusion=False,
         )  # fmt: skip
 

@@ -14,9 +14,10 @@ output dtype. The live model then holds the weights `vlm-merge merge` would writ
 touched, so image features computed once stay valid for every candidate.
 
 On a CUDA device, `task_arithmetic` candidates (the Chat Vector form and per-layer weights) run as one
-fused kernel over all tensors (`vlm_merge.fused`): the sources are packed into one flat buffer per
-role and the live parameters become views of one flat output buffer. Other methods, and recipes whose
-inputs do not fit that layout, run tensor by tensor with torch on the device.
+fused kernel over all tensors (`vlm_merge.fused`): the live parameters become views of one flat output
+buffer, then the sources are read straight into one flat buffer per role (so the sources take their own
+bytes on the device and nothing more). Other methods, and recipes whose sources do not fit that layout
+(a role stored in mixed dtypes), run tensor by tensor with torch on the device.
 
 A candidate recipe must have the structure of the opening recipe (method, sources, vocabulary
 source, dtype); only parameter values may differ.
@@ -83,6 +84,60 @@ def live_parameter(model, canonical: str) -> torch.nn.Parameter:
     raise VlmMergeError(f"{canonical}: the live model ({type(model).__name__}) has no such language-model parameter")
 
 
+def _needs_gather(op: Merge, plan, rows: Mapping[str, int]) -> bool:
+    """Whether a tensor's vocabulary rows must be aligned to the output's (`rows`: role -> row count)."""
+    vocab = plan.vocab
+    return bool(op.vocab and vocab is not None and (not vocab.is_identity or any(n != vocab.out_rows for n in rows.values())))
+
+
+class _NotPackable(Exception):
+    pass
+
+
+def _allocate_direct(rp: RecipePlan, merges: list[tuple]) -> FusedTaskArithmetic | None:
+    """The fused kernel's flat buffers, for sources read straight into them (one stored dtype per role,
+    every output of one dtype), from the checkpoints' metadata alone; the live parameters become views of
+    the flat output at once, so their old storage is released before the sources' buffers are taken.
+    None: load and merge tensor by tensor."""
+    plan = rp.backbone.plan
+    dtypes: dict[str, torch.dtype] = {}
+    for t, _, op in merges:
+        infos = {role: plan.sources[role].info(key) for role, key in op.inputs.items()}
+        gathered = _needs_gather(op, plan, {r: i.shape[0] if i.shape else 0 for r, i in infos.items()})
+        for role, info in infos.items():
+            if dtypes.setdefault(role, info.dtype) != info.dtype or (not gathered and tuple(info.shape) != tuple(t.shape)):
+                return None
+    if len({t.dtype for t, _, _ in merges}) != 1:
+        return None
+    return FusedTaskArithmetic.allocate(
+        [t.key for t, _, _ in merges], [p for _, p, _ in merges], rp.base_role, rp.model_roles, rp.anchor_role,
+        dtypes, merges[0][0].dtype,
+    )  # fmt: skip
+
+
+def _load_sources(plan, merges: list[tuple], dev: torch.device, packed: FusedTaskArithmetic | None) -> list[_Bound]:
+    """Every merged tensor's inputs on `dev`, vocabulary rows aligned as the engine aligns them: into
+    `packed`'s flat buffers when given (_NotPackable if a gathered tensor's values do not fit their
+    dtype), else one device tensor each."""
+    bound: list[_Bound] = []
+    for i, (t, param, op) in enumerate(merges):
+        tensors = {role: plan.sources[role].get(key) for role, key in op.inputs.items()}
+        if _needs_gather(op, plan, {r: x.shape[0] for r, x in tensors.items()}):
+            tensors = gather_vocab(op, tensors, plan.vocab, plan.sources)
+        if packed is None:
+            inputs = {r: x.to(dev).contiguous() for r, x in tensors.items()}
+        else:
+            inputs = {}
+            for role, x in tensors.items():
+                slot = packed.slot(i, role)
+                if x.dtype != slot.dtype and not torch.equal(x.to(slot.dtype).to(x.dtype), x):
+                    raise _NotPackable(t.key)
+                slot.copy_(x.view(slot.shape))
+                inputs[role] = slot
+        bound.append(_Bound(t.key, t.canonical, param, t.dtype, inputs, op.elementwise))
+    return bound
+
+
 class ResidentMerger:
     """Sources of one recipe held on a device, writing merged language models into `model` in place."""
 
@@ -114,9 +169,11 @@ class ResidentMerger:
         recipe = as_recipe(recipe)
         dev = torch.device(device) if device is not None else next(model.parameters()).device
         rp = plan_recipe(recipe, vision_tower=vision_tower, cache_dir=cache_dir)
+        wanted = (fused if fused is not None else dev.type == "cuda") and rp.method.name == "task_arithmetic"
+        packed = None
         try:
             plan = rp.backbone.plan
-            bound: list[_Bound] = []
+            merges: list[tuple] = []
             for t in plan.tensors:
                 if t.canonical is None:
                     continue  # vision tower, projector, image_newline: never merged
@@ -132,23 +189,17 @@ class ResidentMerger:
                         param.copy_(plan.sources[op.role].get(op.key).to(t.dtype))
                     continue
                 assert isinstance(op, Merge)
-                tensors = {role: plan.sources[role].get(key) for role, key in op.inputs.items()}
-                vocab = plan.vocab
-                if op.vocab and vocab is not None and (not vocab.is_identity or any(x.shape[0] != vocab.out_rows for x in tensors.values())):
-                    tensors = gather_vocab(op, tensors, vocab, plan.sources)
-                inputs = {r: x.to(dev).contiguous() for r, x in tensors.items()}
-                bound.append(_Bound(t.key, t.canonical, param, t.dtype, inputs, op.elementwise))
+                merges.append((t, param, op))
+            if wanted and triton_available(dev):
+                packed = _allocate_direct(rp, merges)
+            try:
+                bound = _load_sources(plan, merges, dev, packed)
+            except _NotPackable:  # a gathered vocabulary tensor the flat buffer's dtype cannot hold
+                packed = None
+                bound = _load_sources(plan, merges, dev, None)
             num_layers = rp.sources.reference.anatomy.num_layers
         finally:
             rp.sources.close()
-        packed = None
-        wanted = fused if fused is not None else dev.type == "cuda"
-        out_dtypes = {b.dtype for b in bound}
-        if wanted and rp.method.name == "task_arithmetic" and len(out_dtypes) == 1 and triton_available(dev):
-            packed = FusedTaskArithmetic.pack(
-                [b.key for b in bound], [b.param for b in bound], [b.inputs for b in bound],
-                rp.base_role, rp.model_roles, rp.anchor_role, out_dtypes.pop(),
-            )  # fmt: skip
         if fused and packed is None:
             raise VlmMergeError(
                 f"resident merge on {dev}: the fused kernel needs task_arithmetic on a CUDA device with Triton (or "
