@@ -86,10 +86,11 @@ def factored_vision(s, seed: int, progress: bool, losses: list):
     return tower
 
 
-def reuse_and_freeze(en_base_from: str | None, freeze_ja_embeddings: bool) -> None:
+def reuse_and_freeze(en_base_from: str | None, freeze_ja_embeddings: bool, freeze_ja_head: bool = False) -> None:
     """Patch `train.train_lm`: the English base is loaded from `en_base_from` (a zoo's en-base trained with the
     same settings and seed: the same weights, without the wait) and/or the Japanese continued pretraining keeps
-    the input embeddings frozen (Japanese questions reach the blocks exactly as in the English base)."""
+    the input embeddings frozen (Japanese questions reach the blocks exactly as in the English base) and/or the
+    output embeddings (lm_head: the English base's readout of the residual stream, session 11's C3/C4)."""
     train_lm = train.train_lm
 
     def patched(model, tok, mix, seed, steps, lr, batch, desc, *args, **kwargs):
@@ -99,13 +100,16 @@ def reuse_and_freeze(en_base_from: str | None, freeze_ja_embeddings: bool) -> No
             model.load_state_dict(LlamaForCausalLM.from_pretrained(en_base_from).state_dict())
             model.eval()
             return None
-        embed = model.model.embed_tokens.weight
+        embed, head = model.model.embed_tokens.weight, model.lm_head.weight
         if desc == "japanese base" and freeze_ja_embeddings:
             embed.requires_grad_(False)
+        if desc == "japanese base" and freeze_ja_head:
+            head.requires_grad_(False)
         try:
             return train_lm(model, tok, mix, seed, steps, lr, batch, desc, *args, **kwargs)
         finally:
             embed.requires_grad_(True)
+            head.requires_grad_(True)
 
     train.train_lm = patched
 
@@ -115,7 +119,7 @@ def main(argv: list[str]) -> int:
     cfg = json.loads(settings)
     if cfg.pop("factored_vision", False):
         train.train_vision = factored_vision
-    reuse_and_freeze(cfg.pop("en_base_from", None), cfg.pop("ja_freeze_embeddings", False))
+    reuse_and_freeze(cfg.pop("en_base_from", None), cfg.pop("ja_freeze_embeddings", False), cfg.pop("ja_freeze_head", False))
     patch()
     return short_answers.main([out, json.dumps(cfg), seed])
 
