@@ -165,7 +165,7 @@ def run_cuda(args: argparse.Namespace, results: Path, command: str) -> int:
         differing = int((fz.out != fused_out).sum())
         rm.fused = fz
         del fused_out
-        bound = read_bound([x for x in (fz.base, fz.anchor, fz.models) if x is not None], BLOCK)
+        bound = read_bound(fz.source_buffers, BLOCK)
         bound_s = min(bound.values())
         src = fz.source_bytes
         med_wall, med_kernel, med_eager = statistics.median(fused_wall), statistics.median(kernel), statistics.median(eager)

@@ -116,14 +116,20 @@ class FusedTaskArithmetic:
         dtypes: Mapping[str, torch.dtype], seg_of_block: torch.Tensor, rounding: int,
     ) -> None:  # fmt: skip
         self.segments, self.out, self._shapes = segments, out, shapes
-        self.base_role, self.model_roles, self.anchor_role = roles
-        self._dtypes = dict(dtypes)
-        self.base: torch.Tensor | None = None  # role buffers, taken on first use (`slot`)
-        self.models: torch.Tensor | None = None
-        self.anchor: torch.Tensor | None = None
+        base_role, model_roles, anchor_role = roles
+        self.k = len(model_roles)
+        total, device = out.numel(), out.device
+        self.models = torch.zeros((self.k, total), dtype=dtypes[model_roles[0]], device=device)
+        self.base = torch.zeros(total, dtype=dtypes[base_role], device=device)
+        self._buffers = {r: self.models[j] for j, r in enumerate(model_roles)} | {base_role: self.base}
+        self.anchor: torch.Tensor | None = None  # None: the anchor is the base
+        self._own_anchor = anchor_role is not None and anchor_role not in model_roles
+        if self._own_anchor:
+            self.anchor = self._buffers[anchor_role] = torch.zeros(total, dtype=dtypes[anchor_role], device=device)
+        elif anchor_role is not None:
+            self.anchor = self._buffers[anchor_role]  # an anchor that is also a model is read from its row
         self.seg_of_block = seg_of_block
         self.rounding = rounding  # 0: float32 (none), 1: bfloat16, 2: float16
-        self.k = len(self.model_roles)
         self.bad = torch.zeros(seg_of_block.numel(), dtype=torch.int8, device=out.device)
         self.weights = torch.zeros(len(segments) * self.k, dtype=torch.float32, device=out.device)
         self._fn = _kernel()
@@ -135,7 +141,7 @@ class FusedTaskArithmetic:
     ) -> FusedTaskArithmetic | None:  # fmt: skip
         """The flat layout of `params` (one segment each, in order): the parameters become views of one
         flat output buffer at once (their old storage is released before any source buffer is taken);
-        the sources' buffers (`dtypes`: role -> dtype, one for all models) are taken on first `slot`.
+        then the sources' flat buffers are taken (`dtypes`: role -> dtype, one for all models; `slot`).
         Results are rounded to `round_to` (the recipe's output dtype) and stored in the parameters' dtype.
         None (nothing changed) when they do not fit one layout: parameters of mixed devices or dtypes or
         shared between keys, models of mixed dtypes, or dtypes other than float32, float16, bfloat16."""
@@ -168,42 +174,27 @@ class FusedTaskArithmetic:
 
     def slot(self, i: int, role: str) -> torch.Tensor:
         """Tensor `i`'s place in `role`'s flat buffer (shaped like its parameter), to fill and to read."""
-        total, device = self.out.numel(), self.out.device
-        if role in self.model_roles:
-            if self.models is None:
-                self.models = torch.zeros((self.k, total), dtype=self._dtypes[self.model_roles[0]], device=device)
-            buf = self.models[self.model_roles.index(role)]
-        elif role == self.base_role:
-            if self.base is None:
-                self.base = torch.zeros(total, dtype=self._dtypes[role], device=device)
-            buf = self.base
-        elif role == self.anchor_role:
-            if self.anchor is None:
-                self.anchor = torch.zeros(total, dtype=self._dtypes[role], device=device)
-            buf = self.anchor
-        else:
-            raise KeyError(role)
         seg = self.segments[i]
-        return buf[seg.start : seg.start + seg.numel].view(self._shapes[i])
+        return self._buffers[role][seg.start : seg.start + seg.numel].view(self._shapes[i])
+
+    @property
+    def source_buffers(self) -> list[torch.Tensor]:
+        """The flat source buffers, each once (an anchor that is a model lives in the models' buffer)."""
+        return [self.base, self.models] + ([self.anchor] if self._own_anchor else [])
 
     @property
     def source_bytes(self) -> int:
         """Bytes of the packed sources (padding included): what one apply reads."""
-        return sum(t.numel() * t.element_size() for t in (self.base, self.anchor, self.models) if t is not None)
+        return sum(t.numel() * t.element_size() for t in self.source_buffers)
 
     def launch(self, weights: torch.Tensor) -> None:
         """Run the kernel with `weights` (float32, [segments, models], on the CPU); no synchronisation."""
         self.weights.copy_(weights.reshape(-1), non_blocking=False)
-        anchor = None  # an anchor that is also a model (or the base) is read from that buffer
-        if self.anchor_role in self.model_roles:
-            anchor = self.models[self.model_roles.index(self.anchor_role)]
-        elif self.anchor_role is not None:
-            anchor = self.anchor
         grid = (self.seg_of_block.numel(),)
         self._fn[grid](
-            self.out, self.base, anchor if anchor is not None else self.base, self.models, self.weights,
+            self.out, self.base, self.anchor if self.anchor is not None else self.base, self.models, self.weights,
             self.seg_of_block, self.bad, self.models.stride(0),
-            K=self.k, HAS_ANCHOR=anchor is not None, ROUND=self.rounding, BLOCK=BLOCK,
+            K=self.k, HAS_ANCHOR=self.anchor is not None, ROUND=self.rounding, BLOCK=BLOCK,
             num_warps=8, enable_fp_fusion=False,
         )  # fmt: skip
 
