@@ -110,6 +110,24 @@ def test_layer_split_fine_tunes_touch_disjoint_layers(tmp_path):
     assert not ja_changed & vlm_changed
 
 
+def test_vlm_train_modules_restricts_the_vlm_delta_to_the_named_parameters(tmp_path):
+    """`vlm_train_modules=["self_attn"]` with `vlm_train_layers=[0]`: the English VLM's language model differs from
+    the English base only in layer 0's attention projections (not its MLP, norms or the vocabulary)."""
+    from safetensors.torch import load_file
+
+    from vlm_merge.world.build import build_zoo
+    from vlm_merge.world.cli import SMOKE
+    from vlm_merge.world.train import WorldSettings
+
+    settings = SMOKE | {"vlm_train_layers": [0], "vlm_train_modules": ["self_attn"], "vlm_train_vocab": False}
+    zoo = build_zoo(tmp_path / "zoo", 6, WorldSettings(**settings), progress=False, dev_check=0)
+    en = load_file(zoo / "en-base" / "model.safetensors")
+    vlm = load_file(zoo / "en-vlm" / "model.safetensors")
+    rows = en["lm_head.weight"].shape[0]
+    changed = {k for k in en if not torch.equal(en[k], vlm[f"language_model.{k}"][:rows])}
+    assert changed and all(k.startswith("model.layers.0.self_attn.") for k in changed), sorted(changed)
+
+
 def test_length_grouped_batches_serve_every_sequence_once_with_less_padding():
     """`group_by_length`: each pool of drawn sequences is served whole, every batch spans a narrow band of
     lengths, and the batches pad fewer tokens than consecutive ones; pool 1 keeps the drawn order."""

@@ -4,6 +4,7 @@
     python assets/miniature-zoo/experiments/diagnose.py scales ZOO 0,1.0 # Chat Vector per question type on ja-dev
     python assets/miniature-zoo/experiments/diagnose.py en-shell ZOO     # English base in the VLM shell vs EN-VLM, en-test
     python assets/miniature-zoo/experiments/diagnose.py en-vlm ZOO       # EN-VLM on ja-dev, right in either language
+    python assets/miniature-zoo/experiments/diagnose.py counts ZOO       # first-answer-token digit odds, ja-test counts
 
 Content accuracy per question type; `scales` also counts answers right in the other language.
 """
@@ -85,10 +86,44 @@ def en_vlm(zoo: Path, n: int = 300) -> None:
           f"{by_type([r['qtype'] for r in rows], [a or b for a, b in zip(ja, en)])}", flush=True)
 
 
+def counts(zoo: Path, n: int = 500) -> None:
+    """Session 12: on the first `n` Japanese test count questions, the log-probabilities of the first answer
+    token over the digits 0-4 (the count's token in both languages), for the EN-VLM and Chat Vector at scales 0
+    (the shell), 0.75 and 1.0: greedy accuracy, accuracy once each model's mean log-odds per digit (its prior) is
+    subtracted, and the mean probability of the right digit per true count."""
+    import tempfile
+
+    import numpy as np
+
+    from eval.prompts import build_prompt
+
+    data = zoo / "data" / "ja-test.jsonl"
+    rows = [r for r in datasets.read_rows(data) if r["attribute"] == "count"][:n]
+    images = datasets.load_images(data, rows)
+    y = np.array([int(r["value"]) for r in rows])
+    scratch = Path(tempfile.mkdtemp())
+    models = {"en-vlm": zoo / "en-vlm"} | {f"cv {s}": experiment.chat_vector_model(zoo, scratch / str(s), s)
+                                            for s in (0.0, 0.75, 1.0)}
+    for name, path in models.items():
+        model, processor = evaluate.load_vlm(path)
+        digits = processor.tokenizer.convert_tokens_to_ids([f"\u2581{d}" for d in range(5)])
+        lp = []
+        with torch.no_grad():
+            for r, image in zip(rows, images):
+                x = processor(images=[image.convert("RGB")], text=[build_prompt(processor, r["question"])],
+                              return_tensors="pt")
+                lp.append(torch.log_softmax(model(**x).logits[0, -1], -1)[digits].numpy())
+        lp = np.array(lp)
+        per = {d: round(float(np.exp(lp[y == d, d]).mean()), 3) for d in range(5) if (y == d).any()}
+        print(f"{name}: accuracy {(lp.argmax(1) == y).mean():.3f}, prior-corrected "
+              f"{((lp - lp.mean(0)).argmax(1) == y).mean():.3f}, P(right digit) per count {per}", flush=True)
+    print(f"counts 0-4: {np.bincount(y, minlength=5).tolist()}")
+
+
 def main(argv: list[str]) -> int:
     torch.set_num_threads(1)
     command, zoo, *rest = argv
-    {"reading": reading, "scales": scales, "en-shell": en_shell, "en-vlm": en_vlm}[command](Path(zoo), *rest)
+    {"reading": reading, "scales": scales, "en-shell": en_shell, "en-vlm": en_vlm, "counts": counts}[command](Path(zoo), *rest)
     return 0
 
 

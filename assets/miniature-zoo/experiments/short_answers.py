@@ -21,7 +21,7 @@ BEFORE_SESSION_10 = {
     "en_steps": 700, "vlm_steps": 1500, "group_by_length": False, "vlm_lr": 0.001, "vlm_lm_lr_scale": 0.5,
     "vlm_train_vocab": True, "ja_train_layers": None, "vlm_train_layers": None,
     "en_mix": {"qa-en": 0.5, "xqa-en": 0.05, "xqa-ja": 0.1, "text-en": 0.1, "qa-ja": 0.05, "text-ja": 0.05, "para": 0.15},
-    "qtypes": None, "answers": "short", "count_digits": False, "ja_order": "natural",
+    "qtypes": None, "vlm_replay_mix": None, "answers": "short", "count_digits": False, "ja_order": "natural",
 }
 
 
