@@ -155,6 +155,8 @@ def test_zoo_bar_reports_per_type_scores_and_writes_predictions(tmp_path, capsys
     (["build", "--smoke", "--set", "group_by_length"], "expected NAME=JSON"),
     (["build", "--smoke", "--set", "answers=\"long\""], "--set answers='long': expected one of sentence, short"),
     (["build", "--smoke", "--set", "qtypes=[\"count\"]"], "--set qtypes=['count']: expected a non-empty list of"),
+    (["build", "--smoke", "--set", "vlm_train_modules=[\"ffn\"]"],
+     "--set vlm_train_modules=['ffn']: ffn names no parameter of a decoder layer"),
     (["build", "--smoke", "--set", "vlm_train_layers=[0, 2]"],
      "--set vlm_train_layers=[0, 2]: the language model has layers 0-1 (layers=2); no layer 2"),
 ])

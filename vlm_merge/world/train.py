@@ -34,6 +34,11 @@ CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 N_PATCH_CLASSES = 1 + len(scenes.COLORS) * len(scenes.SHAPES)
 
 
+# the parameters of one Llama decoder layer (`model.layers.N.<name>.weight`), which `vlm_train_modules` selects from
+LAYER_PARAMETERS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",
+                    "mlp.up_proj", "mlp.down_proj", "input_layernorm", "post_attention_layernorm")
+
+
 @dataclass
 class WorldSettings:
     """Sizes, steps, learning rates, corpora and wording of one zoo build (defaults: the shipped zoo, run R1 of
@@ -115,6 +120,11 @@ class WorldSettings:
             if bad:
                 raise VlmMergeError(f"{name}={getattr(self, name)}: the language model has layers 0-{self.layers - 1} "
                                     f"(layers={self.layers}); no layer {bad[0]}")
+        unmatched = [m for m in self.vlm_train_modules or [] if not any(m in p for p in LAYER_PARAMETERS)]
+        if unmatched or self.vlm_train_modules == []:
+            raise VlmMergeError(f"vlm_train_modules={self.vlm_train_modules}: {unmatched[0] if unmatched else '[]'} "
+                                f"names no parameter of a decoder layer ({', '.join(LAYER_PARAMETERS)}); use parts of "
+                                "those names, or null for all")
 
     @classmethod
     def with_overrides(cls, overrides: Mapping[str, Any], base: Mapping[str, Any] | None = None) -> WorldSettings:
