@@ -101,22 +101,22 @@ def counts(zoo: Path, n: int = 500) -> None:
     rows = [r for r in datasets.read_rows(data) if r["attribute"] == "count"][:n]
     images = datasets.load_images(data, rows)
     y = np.array([int(r["value"]) for r in rows])
-    scratch = Path(tempfile.mkdtemp())
-    models = {"en-vlm": zoo / "en-vlm"} | {f"cv {s}": experiment.chat_vector_model(zoo, scratch / str(s), s)
-                                            for s in (0.0, 0.75, 1.0)}
-    for name, path in models.items():
-        model, processor = evaluate.load_vlm(path)
-        digits = processor.tokenizer.convert_tokens_to_ids([f"\u2581{d}" for d in range(5)])
-        lp = []
-        with torch.no_grad():
-            for r, image in zip(rows, images):
-                x = processor(images=[image.convert("RGB")], text=[build_prompt(processor, r["question"])],
-                              return_tensors="pt")
-                lp.append(torch.log_softmax(model(**x).logits[0, -1], -1)[digits].numpy())
-        lp = np.array(lp)
-        per = {d: round(float(np.exp(lp[y == d, d]).mean()), 3) for d in range(5) if (y == d).any()}
-        print(f"{name}: accuracy {(lp.argmax(1) == y).mean():.3f}, prior-corrected "
-              f"{((lp - lp.mean(0)).argmax(1) == y).mean():.3f}, P(right digit) per count {per}", flush=True)
+    with tempfile.TemporaryDirectory() as scratch:  # the merged models, removed afterwards
+        models = {"en-vlm": zoo / "en-vlm"} | {f"cv {s}": experiment.chat_vector_model(zoo, Path(scratch) / str(s), s)
+                                                for s in (0.0, 0.75, 1.0)}
+        for name, path in models.items():
+            model, processor = evaluate.load_vlm(path)
+            digits = processor.tokenizer.convert_tokens_to_ids([f"\u2581{d}" for d in range(5)])
+            lp = []
+            with torch.no_grad():
+                for r, image in zip(rows, images):
+                    x = processor(images=[image.convert("RGB")], text=[build_prompt(processor, r["question"])],
+                                  return_tensors="pt")
+                    lp.append(torch.log_softmax(model(**x).logits[0, -1], -1)[digits].numpy())
+            lp = np.array(lp)
+            per = {d: round(float(np.exp(lp[y == d, d]).mean()), 3) for d in range(5) if (y == d).any()}
+            print(f"{name}: accuracy {(lp.argmax(1) == y).mean():.3f}, prior-corrected "
+                  f"{((lp - lp.mean(0)).argmax(1) == y).mean():.3f}, P(right digit) per count {per}", flush=True)
     print(f"counts 0-4: {np.bincount(y, minlength=5).tolist()}")
 
 
