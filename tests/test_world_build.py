@@ -215,3 +215,22 @@ def test_the_vlm_stage_stops_after_the_target_in_enough_checks_in_a_row(tmp_path
     meta = json.loads((zoo / "zoo.json").read_text())
     assert [c["step"] for c in meta["vlm_checks"]] == [4, 8][:in_a_row]
     assert meta["vlm_steps"] == 4 * in_a_row
+
+
+def test_vision_tower_is_the_same_on_one_and_two_threads():
+    """A zoo does not depend on the thread count (EXPERIMENTS.md, session 14): the vision tower's training, whose
+    sums do depend on it, always runs on one thread, and the caller's thread count is restored."""
+    from dataclasses import replace
+
+    from vlm_merge.world import train
+
+    s = replace(train.WorldSettings(), vision_steps=20)
+    was, towers = torch.get_num_threads(), []
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            towers.append(train.train_vision(s, 3, False, []).state_dict())
+            assert torch.get_num_threads() == n
+    finally:
+        torch.set_num_threads(was)
+    assert all(torch.equal(towers[0][k], towers[1][k]) for k in towers[0])

@@ -107,7 +107,8 @@ def measure_bar(zoo: str | Path, work: str | Path, scales=SCALES, skips=SKIPS, p
         "en_vlm_en_ok": rec["models"]["en-vlm@en"]["content_accuracy"] >= 0.95,
         "beats_controls": all(v["diff"] >= BAR_POINTS and v["low"] > 0 for v in rec["vs"].values()),
     }
-    rec["bar"]["holds"] = rec["bar"]["en_vlm_en_ok"] and rec["bar"]["beats_controls"]
+    # a quick look (`limit`) is not the bar's protocol (all test questions), so it never says the bar holds
+    rec["bar"]["holds"] = rec["bar"]["en_vlm_en_ok"] and rec["bar"]["beats_controls"] and limit is None
     rec["seconds"] = round(time.perf_counter() - t0, 1)
     return rec
 
@@ -117,7 +118,8 @@ def format_record(rec: dict) -> str:
     lines = [f"seed {rec['seed']} (scale {rec['chosen_scale']}, skip {rec.get('chosen_skip', 'none')} chosen on dev: "
              + ", ".join(f"{k}={v:.3f}" for k, v in rec["dev"].items()) + ")"]
     if "limit" in rec:
-        lines.append(f"  first {rec['limit']} questions of each split only: a quick look, not the bar's protocol")
+        lines.append(f"  first {rec['limit']} questions of each split only: a quick look, not the bar's protocol "
+                     "(the bar never holds on it)")
     lines.append(f"  {'model':<12} {'content':>8} {'95% CI':>15} {'exact':>6} {'rougeL':>7} {'right in English':>17}")
     for name, m in rec["models"].items():
         rl = f"{m['rouge_l']:.1f}" if "rouge_l" in m else "-"
