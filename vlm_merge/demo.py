@@ -499,18 +499,6 @@ def render_html(blocks: list[tuple]) -> str:
 
 
 @contextmanager
-def _torch_threads(n: int | None):
-    """torch's intra-op thread count set to `n` (None: unchanged) inside the block, restored after it."""
-    was = torch.get_num_threads()
-    if n is not None:
-        torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(was)
-
-
-@contextmanager
 def _no_loading_bars():
     """transformers' per-load "Loading weights" bar off while the demo runs (its own bars stay), then restored."""
     from transformers.utils import logging as hf_logging
@@ -550,11 +538,12 @@ def run_demo(out: str | Path, *, force: bool = False, zoo: str | Path | None = N
     from vlm_merge.evolve import protocol_text as fitness_text
     from vlm_merge.world import evaluate
     from vlm_merge.world.experiment import chat_vector_model
+    from vlm_merge.world.train import torch_threads
 
     z = open_zoo(zoo)
     atomic = AtomicDir(out, force)
     t_start, timings = time.perf_counter(), {}
-    with atomic as tmp, _no_loading_bars(), _torch_threads(settings.threads):
+    with atomic as tmp, _no_loading_bars(), torch_threads(settings.threads):
         for d in (PREDICTIONS_DIR, PLOTS_DIR, MODELS_DIR, IMAGES_DIR):
             (tmp / d).mkdir()
 

@@ -17,6 +17,7 @@ import re
 import time
 import types
 from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from typing import Any, get_args, get_origin, get_type_hints
 
@@ -176,6 +177,18 @@ def _type_name(tp: Any) -> str:
     return {int: "an integer", float: "a number", bool: "true or false", str: "a string",
             dict: "a JSON object of numbers"}.get(
         tp, str(tp).replace("NoneType", "null").replace("None", "null"))
+
+
+@contextmanager
+def torch_threads(n: int | None) -> Iterator[None]:
+    """torch's intra-op thread count set to `n` (None: unchanged) inside the block, restored after it."""
+    was = torch.get_num_threads()
+    if n is not None:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(was)
 
 
 def seed_all(seed: int) -> None:
@@ -351,12 +364,8 @@ def train_vision(s: WorldSettings, seed: int, progress: bool, losses: list) -> C
     It trains on one CPU thread whatever `s.threads` says: this stage's floating-point sums depend on the thread
     count and the language-model stages' do not, so a zoo comes out the same on 1 or 2 threads (EXPERIMENTS.md,
     session 14). The stage takes a few seconds."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with torch_threads(1):
         return _train_vision(s, seed, progress, losses)
-    finally:
-        torch.set_num_threads(threads)
 
 
 def _train_vision(s: WorldSettings, seed: int, progress: bool, losses: list) -> CLIPVisionModel:
