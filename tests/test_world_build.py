@@ -225,12 +225,9 @@ def test_vision_tower_is_the_same_on_one_and_two_threads():
     from vlm_merge.world import train
 
     s = replace(train.WorldSettings(), vision_steps=20)
-    was, towers = torch.get_num_threads(), []
-    try:
-        for n in (1, 2):
-            torch.set_num_threads(n)
+    towers = []
+    for n in (1, 2):
+        with train.torch_threads(n):
             towers.append(train.train_vision(s, 3, False, []).state_dict())
             assert torch.get_num_threads() == n
-    finally:
-        torch.set_num_threads(was)
     assert all(torch.equal(towers[0][k], towers[1][k]) for k in towers[0])
