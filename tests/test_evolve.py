@@ -90,6 +90,26 @@ def test_genome_decodes_to_a_recipe_with_one_value_per_gene(zoo, dev):
     assert [x.name for x in g2.genes] == ["weight[vlm]@layers0-1"] and g2.decode([0.5]).models[0].parameters == {"weight": 0.75}
 
 
+
+def test_projection_split_gives_each_projection_and_layer_norm_its_own_gene(zoo, dev):
+    cfg = config_from_dict(config(zoo, dev, genome={"params": {"weight": [0.0, 1.0]}, "split_modules": "projections", "separate": []}))
+    assert config_from_dict(config(zoo, dev, genome={"split_modules": True})).genome.split_modules == "attention_mlp"
+    g = Genome.of(cfg, num_layers=2)
+    assert len(g) == 2 * 9 and g.genes[0].name == "weight[vlm]@layers0/q" and g.genes[-1].name == "weight[vlm]@layers1/mlp_norm"
+    x = [i / (len(g) - 1) for i in range(len(g))]
+    values, params = g.values(x), _resolved(zoo, g.decode(x))
+    w = lambda canon: params[canon].per_model[0]["weight"]  # noqa: E731
+    for layer in (0, 1):
+        for gene, canon in (("q", "self_attn.q_proj"), ("k", "self_attn.k_proj"), ("v", "self_attn.v_proj"), ("o", "self_attn.o_proj"),
+                            ("gate", "mlp.gate_proj"), ("up", "mlp.up_proj"), ("down", "mlp.down_proj"),
+                            ("attention_norm", "input_layernorm"), ("mlp_norm", "post_attention_layernorm")):
+            assert w(f"model.layers.{layer}.{canon}.weight") == pytest.approx(values[f"weight[vlm]@layers{layer}/{gene}"])
+    assert len({w(f"model.layers.1.{c}.weight") for c in ("self_attn.q_proj", "self_attn.k_proj", "mlp.down_proj")}) == 3
+    # tensors outside the layers follow the first gene of the first group (the rule of per-layer lists)
+    assert w("model.embed_tokens.weight") == pytest.approx(values["weight[vlm]@layers0/q"])
+    with pytest.raises(VlmMergeError, match="split_modules: 'heads' is not one of none, attention_mlp, projections"):
+        config_from_dict(config(zoo, dev, genome={"split_modules": "heads"}))
+
 def _resolved(zoo, recipe):
     from vlm_merge.merge import plan_recipe
 

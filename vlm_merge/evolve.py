@@ -12,8 +12,11 @@ to the parameter's bounds: value = low + x * (high - low). Bounds come from `gen
 to an ordinary `Recipe`:
   - layers are cut into groups of `layer_granularity` consecutive layers; a parameter becomes a list of
     one value per layer (the recipe's exact per-layer form), all layers of a group sharing the gene;
-  - `split_modules: true`: separate genes for attention (`self_attn`, `input_layernorm`) and MLP
-    (`mlp`, `post_attention_layernorm`) of each group, as `filter_regex` conditions;
+  - `split_modules` (`MODULE_SPLITS`): `attention_mlp` (or `true`) gives separate genes for attention
+    (`self_attn`, `input_layernorm`) and MLP (`mlp`, `post_attention_layernorm`) of each group;
+    `projections` one gene per projection (q, k, v, o, gate, up, down) and per layer norm (attention_norm,
+    mlp_norm) of each group; they become `filter_regex` conditions (a `separate: [norms]` gene, listed
+    first, takes the layer norms over);
   - `separate: [embeddings, norms, lm_head]`: own genes for `embed_tokens`, every RMSNorm weight
     (`norm.weight$`), `lm_head`; tensors without their own gene follow the recipe rule for tensors
     outside the layers (position 0 of a per-layer list: the first group's gene);
@@ -91,7 +94,13 @@ SCAFFOLD_DIR = ".scaffold"
 SEPARATE_GROUPS = ("embeddings", "norms", "lm_head")
 SUBSET_MODES = ("none", "random", "halving")
 FITNESS_KINDS = ("generate", "loglik")
-MODULE_FILTERS = {"attention": r"self_attn|input_layernorm", "mlp": r"mlp|post_attention_layernorm"}
+# `genome.split_modules`: the module genes of a layer group and the `filter_regex` each one's tensors match
+MODULE_SPLITS: dict[str, dict[str, str]] = {
+    "none": {},
+    "attention_mlp": {"attention": r"self_attn|input_layernorm", "mlp": r"mlp|post_attention_layernorm"},
+    "projections": {"q": r"q_proj", "k": r"k_proj", "v": r"v_proj", "o": r"o_proj", "gate": r"gate_proj", "up": r"up_proj",
+                    "down": r"down_proj", "attention_norm": r"input_layernorm", "mlp_norm": r"post_attention_layernorm"},
+}
 SEPARATE_FILTERS = {"embeddings": {"filter": "embed_tokens"}, "norms": {"filter_regex": r"norm\.weight$"}, "lm_head": {"filter": "lm_head"}}
 DEFAULT_BOUNDS = {"weight": (0.0, 1.5), "density": (0.1, 1.0), "t": (0.0, 1.0), "gamma": (0.0, 0.1), "epsilon": (0.0, 0.1), "lambda": (0.5, 1.5)}
 
@@ -118,7 +127,7 @@ class GenomeConfig:
     params: dict[str, tuple[float, float]] = field(default_factory=lambda: {"weight": DEFAULT_BOUNDS["weight"]})
     fixed: dict[str, Any] = field(default_factory=dict)
     layer_granularity: int = 1
-    split_modules: bool = False
+    split_modules: str = "none"  # a key of MODULE_SPLITS (the YAML also takes true: attention_mlp, false: none)
     separate: tuple[str, ...] = ()
 
 
@@ -287,12 +296,17 @@ def config_from_dict(data: Any, base_dir: str | Path | None = None) -> EvolveCon
             out[str(k)] = (lo, hi)
         return out
 
+    def split_modules(x, w):
+        if isinstance(x, bool):
+            return "attention_mlp" if x else "none"
+        return _str(x, w, tuple(MODULE_SPLITS), False)
+
     def genome(v, w):
         return _build(GenomeConfig, v, w, {
             "params": bounds,
             "fixed": lambda x, ww: dict(x) if isinstance(x, dict) else (_ for _ in ()).throw(_err(ww, "expected a mapping")),
             "layer_granularity": lambda x, ww: _num(x, ww, integer=True, low=1),
-            "split_modules": lambda x, ww: x if isinstance(x, bool) else (_ for _ in ()).throw(_err(ww, f"expected true/false, got {x!r}")),
+            "split_modules": split_modules,
             "separate": lambda x, ww: tuple(_str(s, ww, SEPARATE_GROUPS, False) for s in (x or [])),
         })
 
@@ -494,7 +508,7 @@ class Genome:
         method = METHODS[config.method]
         g = config.genome
         n_groups = math.ceil(num_layers / g.layer_granularity)
-        modules: tuple[str | None, ...] = ("attention", "mlp") if g.split_modules else (None,)
+        modules: tuple[str | None, ...] = tuple(MODULE_SPLITS[g.split_modules]) or (None,)
         entries = model_entries(_recipe_skeleton(config), method)
         labels = [_label(config.sources.models[i]) for i in entries]
         genes = []
@@ -530,12 +544,13 @@ class Genome:
     def _setting(self, genes: list[tuple[Gene, float]]) -> Any:
         gran = self.config.genome.layer_granularity
         by = {(g.group, g.module): g.decode(v) for g, v in genes}
-        mods = ("attention", "mlp") if self.config.genome.split_modules else (None,)
+        filters = MODULE_SPLITS[self.config.genome.split_modules]
+        mods = tuple(filters) or (None,)
         per_layer = {m: [by[(f"layers:{i // gran}", m)] for i in range(self.num_layers)] for m in mods}
         conds = [{**SEPARATE_FILTERS[s], "value": by[(s, None)]} for s in self.config.genome.separate]
-        if self.config.genome.split_modules:
-            conds += [{"filter_regex": MODULE_FILTERS[m], "value": per_layer[m]} for m in mods]
-            conds.append({"value": per_layer["attention"]})
+        if filters:
+            conds += [{"filter_regex": filters[m], "value": per_layer[m]} for m in mods]
+            conds.append({"value": per_layer[mods[0]]})
         else:
             lst = per_layer[None]
             conds.append({"value": lst[0] if len(set(lst)) == 1 and math.ceil(self.num_layers / gran) == 1 else lst})
