@@ -97,7 +97,10 @@ def test_layer_split_fine_tunes_touch_disjoint_layers(tmp_path):
     from vlm_merge.world.train import WorldSettings
 
     settings = SMOKE | {"ja_train_layers": [0], "vlm_train_layers": [1], "vlm_train_vocab": False}
+    before = torch.get_num_threads()
+    settings["threads"] = before + 1
     zoo = build_zoo(tmp_path / "zoo", 5, WorldSettings(**settings), progress=False, dev_check=0)
+    assert torch.get_num_threads() == before  # the build's thread count is restored
     en, ja = (load_file(zoo / p / "model.safetensors") for p in ("en-base", "ja-base"))
     vlm = load_file(zoo / "en-vlm" / "model.safetensors")
     vocab = {"model.embed_tokens.weight", "lm_head.weight"}

@@ -97,77 +97,77 @@ def build_zoo(out: str | Path, seed: int = 0, settings: WorldSettings | None = N
     tmp = out.with_name(f".{out.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    torch.set_num_threads(s.threads)
-    t0 = time.perf_counter()
-    timings, losses = {}, {}
-    train.seed_all(seed)
+    with train.torch_threads(s.threads):  # restored afterwards
+        t0 = time.perf_counter()
+        timings, losses = {}, {}
+        train.seed_all(seed)
 
-    def stage(name):
-        losses[name] = []
-        log.info("stage %s", name)
-        return losses[name]
+        def stage(name):
+            losses[name] = []
+            log.info("stage %s", name)
+            return losses[name]
 
-    t = time.perf_counter()
-    book = s.phrasebook()
-    tok = text.build_tokenizer(seed, book)
-    vlm_tok = text.vlm_tokenizer(tok)
-    files = datasets.write_datasets(tmp / "data", seed, book)
-    timings["data+tokenizer"] = time.perf_counter() - t
+        t = time.perf_counter()
+        book = s.phrasebook()
+        tok = text.build_tokenizer(seed, book)
+        vlm_tok = text.vlm_tokenizer(tok)
+        files = datasets.write_datasets(tmp / "data", seed, book)
+        timings["data+tokenizer"] = time.perf_counter() - t
 
-    t = time.perf_counter()
-    torch.manual_seed(seed)
-    en = LlamaForCausalLM(train.lm_config(s, tok.get_vocab_size()))
-    train.train_lm(en, tok, s.en_mix, seed * 1000 + 1, s.en_steps, s.en_lr, s.batch, "english base", progress, stage("en-base"),
-                   s.qa_turns, group_by_length=s.group_by_length, book=book)
-    save_llm(en, tok, tmp / "en-base")
-    timings["en-base"] = time.perf_counter() - t
+        t = time.perf_counter()
+        torch.manual_seed(seed)
+        en = LlamaForCausalLM(train.lm_config(s, tok.get_vocab_size()))
+        train.train_lm(en, tok, s.en_mix, seed * 1000 + 1, s.en_steps, s.en_lr, s.batch, "english base", progress, stage("en-base"),
+                       s.qa_turns, group_by_length=s.group_by_length, book=book)
+        save_llm(en, tok, tmp / "en-base")
+        timings["en-base"] = time.perf_counter() - t
 
-    t = time.perf_counter()
-    ja = copy.deepcopy(en)
-    train.train_lm(ja, tok, s.ja_mix, seed * 1000 + 2, s.ja_steps, s.ja_lr, s.batch, "japanese base", progress, stage("ja-base"),
-                   s.qa_turns, s.ja_block_lr_scale, s.ja_train_layers, s.group_by_length, book=book)
-    save_llm(ja, tok, tmp / "ja-base")
-    del ja
-    timings["ja-base"] = time.perf_counter() - t
+        t = time.perf_counter()
+        ja = copy.deepcopy(en)
+        train.train_lm(ja, tok, s.ja_mix, seed * 1000 + 2, s.ja_steps, s.ja_lr, s.batch, "japanese base", progress, stage("ja-base"),
+                       s.qa_turns, s.ja_block_lr_scale, s.ja_train_layers, s.group_by_length, book=book)
+        save_llm(ja, tok, tmp / "ja-base")
+        del ja
+        timings["ja-base"] = time.perf_counter() - t
 
-    t = time.perf_counter()
-    tower = train.train_vision(s, seed * 1000 + 3, progress, stage("vision"))
-    timings["vision"] = time.perf_counter() - t
+        t = time.perf_counter()
+        tower = train.train_vision(s, seed * 1000 + 3, progress, stage("vision"))
+        timings["vision"] = time.perf_counter() - t
 
-    t = time.perf_counter()
-    vlm = build_vlm(en, tower, vlm_tok, s, seed * 1000 + 4)
-    vlm_dir = tmp / "en-vlm"
-    vlm_dir.mkdir()
-    write_processor_files(vlm_dir, vlm_tok)
-    from transformers import AutoProcessor
+        t = time.perf_counter()
+        vlm = build_vlm(en, tower, vlm_tok, s, seed * 1000 + 4)
+        vlm_dir = tmp / "en-vlm"
+        vlm_dir.mkdir()
+        write_processor_files(vlm_dir, vlm_tok)
+        from transformers import AutoProcessor
 
-    processor = AutoProcessor.from_pretrained(str(vlm_dir))
-    dev_rows = datasets.read_rows(files["en-dev"])[:dev_check]
-    dev_images = datasets.load_images(files["en-dev"], dev_rows)
-    checks = []
+        processor = AutoProcessor.from_pretrained(str(vlm_dir))
+        dev_rows = datasets.read_rows(files["en-dev"])[:dev_check]
+        dev_images = datasets.load_images(files["en-dev"], dev_rows)
+        checks = []
 
-    def check(step: int) -> bool:
-        """Score English dev; stop once the last `vlm_target_checks` checks all reached `vlm_target`."""
-        preds = evaluate.answer(vlm, processor, dev_images, [r["question"] for r in dev_rows])
-        acc = float(evaluate.score(dev_rows, preds, rouge=False).content.mean())
-        checks.append({"step": step, "en_dev_content_accuracy": acc})
-        log.info("english VLM step %d: en dev content accuracy %.3f", step, acc)
-        vlm.train()
-        recent = checks[-s.vlm_target_checks:]
-        return len(recent) == s.vlm_target_checks and all(c["en_dev_content_accuracy"] >= s.vlm_target for c in recent)
+        def check(step: int) -> bool:
+            """Score English dev; stop once the last `vlm_target_checks` checks all reached `vlm_target`."""
+            preds = evaluate.answer(vlm, processor, dev_images, [r["question"] for r in dev_rows])
+            acc = float(evaluate.score(dev_rows, preds, rouge=False).content.mean())
+            checks.append({"step": step, "en_dev_content_accuracy": acc})
+            log.info("english VLM step %d: en dev content accuracy %.3f", step, acc)
+            vlm.train()
+            recent = checks[-s.vlm_target_checks:]
+            return len(recent) == s.vlm_target_checks and all(c["en_dev_content_accuracy"] >= s.vlm_target for c in recent)
 
-    steps = train.train_vlm(vlm, vlm_tok, s, seed * 1000 + 5, progress, stage("en-vlm"), check if dev_check else None)
-    vlm.generation_config = GenerationConfig(bos_token_id=1, eos_token_id=2, pad_token_id=vlm_tok.token_to_id(text.PAD_TOKEN))
-    vlm.save_pretrained(vlm_dir)
-    timings["en-vlm"] = time.perf_counter() - t
-    timings["total"] = time.perf_counter() - t0
+        steps = train.train_vlm(vlm, vlm_tok, s, seed * 1000 + 5, progress, stage("en-vlm"), check if dev_check else None)
+        vlm.generation_config = GenerationConfig(bos_token_id=1, eos_token_id=2, pad_token_id=vlm_tok.token_to_id(text.PAD_TOKEN))
+        vlm.save_pretrained(vlm_dir)
+        timings["en-vlm"] = time.perf_counter() - t
+        timings["total"] = time.perf_counter() - t0
 
-    _write_json(tmp / "train_log.json", losses)
-    _write_json(tmp / "zoo.json", {
-        "format": "vlm-merge miniature world", "seed": seed, "settings": s.as_dict(), "parts": list(PARTS),
-        "data": {k: str(v.relative_to(tmp)) for k, v in files.items()}, "vlm_steps": steps,
-        "vlm_checks": checks, "timings_s": {k: round(v, 1) for k, v in timings.items()},
-        "torch_threads": s.threads,
-    })
-    tmp.rename(out)
-    return out
+        _write_json(tmp / "train_log.json", losses)
+        _write_json(tmp / "zoo.json", {
+            "format": "vlm-merge miniature world", "seed": seed, "settings": s.as_dict(), "parts": list(PARTS),
+            "data": {k: str(v.relative_to(tmp)) for k, v in files.items()}, "vlm_steps": steps,
+            "vlm_checks": checks, "timings_s": {k: round(v, 1) for k, v in timings.items()},
+            "torch_threads": s.threads,
+        })
+        tmp.rename(out)
+        return out

@@ -36,12 +36,9 @@ def _settings(args: argparse.Namespace):
 
 
 def cmd_zoo_build(args: argparse.Namespace) -> int:
-    import torch
-
     from vlm_merge.world.build import build_zoo
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    torch.set_num_threads(2)
     t = time.perf_counter()
     out = build_zoo(args.out, args.seed, _settings(args), progress=not args.quiet, force=args.force,
                     dev_check=20 if args.smoke else 150)

@@ -16,10 +16,9 @@ import shutil
 import time
 from pathlib import Path
 
-import torch
-
 from eval.outputs import write_atomic
 from vlm_merge.world import evaluate
+from vlm_merge.world.train import torch_threads
 
 log = logging.getLogger(__name__)
 
@@ -74,43 +73,43 @@ def measure_bar(zoo: str | Path, work: str | Path, scales=SCALES, skips=SKIPS, p
                 rouge: bool = True, threads: int = 2, limit: int | None = None) -> dict:
     """Evaluate controls and Chat Vector on `zoo` (the first `limit` questions of each split; None: all);
     writes merged models and `predictions/{model}.jsonl` under `work`; returns the record."""
-    torch.set_num_threads(threads)
-    zoo, work = Path(zoo), Path(work)
-    (work / "predictions").mkdir(parents=True, exist_ok=True)
-    meta = json.loads((zoo / "zoo.json").read_text())
-    data = {k: zoo / v for k, v in meta["data"].items()}
-    t0 = time.perf_counter()
-    rec: dict = {"zoo": str(zoo), "seed": meta["seed"], "models": {}, "dev": {}}
-    if limit is not None:
-        rec["limit"] = limit
-    scores: dict[str, evaluate.Scores] = {}
+    with torch_threads(threads):  # restored afterwards
+        zoo, work = Path(zoo), Path(work)
+        (work / "predictions").mkdir(parents=True, exist_ok=True)
+        meta = json.loads((zoo / "zoo.json").read_text())
+        data = {k: zoo / v for k, v in meta["data"].items()}
+        t0 = time.perf_counter()
+        rec: dict = {"zoo": str(zoo), "seed": meta["seed"], "models": {}, "dev": {}}
+        if limit is not None:
+            rec["limit"] = limit
+        scores: dict[str, evaluate.Scores] = {}
 
-    en_vlm = evaluate.load_vlm(zoo / "en-vlm")
-    scores["en-vlm@en"] = evaluate.evaluate_model(None, data["en-test"], limit, rouge=False, model_and_processor=en_vlm)
-    scores["en-vlm"] = evaluate.evaluate_model(None, data["ja-test"], limit, rouge=rouge, model_and_processor=en_vlm)
-    del en_vlm
-    shell = chat_vector_model(zoo, work / "ja-shell", 0.0)
-    scores["ja-shell"] = evaluate.evaluate_model(shell, data["ja-test"], limit, rouge=rouge)
+        en_vlm = evaluate.load_vlm(zoo / "en-vlm")
+        scores["en-vlm@en"] = evaluate.evaluate_model(None, data["en-test"], limit, rouge=False, model_and_processor=en_vlm)
+        scores["en-vlm"] = evaluate.evaluate_model(None, data["ja-test"], limit, rouge=rouge, model_and_processor=en_vlm)
+        del en_vlm
+        shell = chat_vector_model(zoo, work / "ja-shell", 0.0)
+        scores["ja-shell"] = evaluate.evaluate_model(shell, data["ja-test"], limit, rouge=rouge)
 
-    scale, skip, dev = choose_on_dev(zoo, data["ja-dev"], work / "cv-dev", limit, scales, skips, progress)
-    rec["dev"] = {k: float(sc.content.mean()) for k, sc in dev.items()}
-    rec["chosen_scale"], rec["chosen_skip"] = scale, skip
-    path = chat_vector_model(zoo, work / "chat-vector", scale, skip)
-    scores["chat-vector"] = evaluate.evaluate_model(path, data["ja-test"], limit, rouge=rouge)
+        scale, skip, dev = choose_on_dev(zoo, data["ja-dev"], work / "cv-dev", limit, scales, skips, progress)
+        rec["dev"] = {k: float(sc.content.mean()) for k, sc in dev.items()}
+        rec["chosen_scale"], rec["chosen_skip"] = scale, skip
+        path = chat_vector_model(zoo, work / "chat-vector", scale, skip)
+        scores["chat-vector"] = evaluate.evaluate_model(path, data["ja-test"], limit, rouge=rouge)
 
-    for name, sc in scores.items():
-        rec["models"][name] = _model_record(sc, japanese=name != "en-vlm@en")
-        write_atomic(work / "predictions" / f"{name}.jsonl", evaluate.prediction_lines(sc))
-    cv = scores["chat-vector"].content
-    rec["vs"] = {c: evaluate.paired_bootstrap(cv, scores[c].content) for c in ("en-vlm", "ja-shell")}
-    rec["bar"] = {
-        "en_vlm_en_ok": rec["models"]["en-vlm@en"]["content_accuracy"] >= 0.95,
-        "beats_controls": all(v["diff"] >= BAR_POINTS and v["low"] > 0 for v in rec["vs"].values()),
-    }
-    # a quick look (`limit`) is not the bar's protocol (all test questions), so it never says the bar holds
-    rec["bar"]["holds"] = rec["bar"]["en_vlm_en_ok"] and rec["bar"]["beats_controls"] and limit is None
-    rec["seconds"] = round(time.perf_counter() - t0, 1)
-    return rec
+        for name, sc in scores.items():
+            rec["models"][name] = _model_record(sc, japanese=name != "en-vlm@en")
+            write_atomic(work / "predictions" / f"{name}.jsonl", evaluate.prediction_lines(sc))
+        cv = scores["chat-vector"].content
+        rec["vs"] = {c: evaluate.paired_bootstrap(cv, scores[c].content) for c in ("en-vlm", "ja-shell")}
+        rec["bar"] = {
+            "en_vlm_en_ok": rec["models"]["en-vlm@en"]["content_accuracy"] >= 0.95,
+            "beats_controls": all(v["diff"] >= BAR_POINTS and v["low"] > 0 for v in rec["vs"].values()),
+        }
+        # a quick look (`limit`) is not the bar's protocol (all test questions), so it never says the bar holds
+        rec["bar"]["holds"] = rec["bar"]["en_vlm_en_ok"] and rec["bar"]["beats_controls"] and limit is None
+        rec["seconds"] = round(time.perf_counter() - t0, 1)
+        return rec
 
 
 def format_record(rec: dict) -> str:
