@@ -90,7 +90,6 @@ def test_genome_decodes_to_a_recipe_with_one_value_per_gene(zoo, dev):
     assert [x.name for x in g2.genes] == ["weight[vlm]@layers0-1"] and g2.decode([0.5]).models[0].parameters == {"weight": 0.75}
 
 
-
 def test_projection_split_gives_each_projection_and_layer_norm_its_own_gene(zoo, dev):
     cfg = config_from_dict(config(zoo, dev, genome={"params": {"weight": [0.0, 1.0]}, "split_modules": "projections", "separate": []}))
     assert config_from_dict(config(zoo, dev, genome={"split_modules": True})).genome.split_modules == "attention_mlp"
@@ -109,6 +108,7 @@ def test_projection_split_gives_each_projection_and_layer_norm_its_own_gene(zoo,
     assert w("model.embed_tokens.weight") == pytest.approx(values["weight[vlm]@layers0/q"])
     with pytest.raises(VlmMergeError, match="split_modules: 'heads' is not one of none, attention_mlp, projections"):
         config_from_dict(config(zoo, dev, genome={"split_modules": "heads"}))
+
 
 def _resolved(zoo, recipe):
     from vlm_merge.merge import plan_recipe
