@@ -9,9 +9,9 @@ Two probes on a zoo built by `vlm-merge zoo build`, each scoring recipes in-proc
         "<gene suffix>": v, "<model>@<gene suffix>": v}}}} over the genome `split_modules: attention_mlp` with
         `separate: [embeddings, norms, lm_head]` (gene suffixes such as "layers1/mlp" or "lm_head").
 
-    python headroom.py search ZOO FITNESS.jsonl EVALS SEED
+    python headroom.py search ZOO FITNESS.jsonl EVALS SEED [projections|modules]
         CMA-ES (popsize 8, sigma0 0.15 of the bounds, x0 = Chat Vector's 0.5) over Chat Vector's weight in [0, 1.5]
-        per projection and layer norm of the layers the English VLM tuned (0 and 1); prints the best candidate's and
+        per projection and layer norm (or per attention / MLP: `modules`) of the layers the English VLM tuned (0, 1); prints the best candidate's and
         CMA-ES's final mean's scores on the fitness file, ja-dev and ja-test. With FITNESS = ZOO/data/ja-test.jsonl
         the search selects on the test questions: an optimistic ceiling of the family, never a result.
 """
@@ -29,7 +29,9 @@ from vlm_merge.recipe import ModelEntry
 from vlm_merge.resident import write_scaffold
 
 BOUNDS = {"weight": [0.0, 3.0], "density": [0.01, 1.0], "gamma": [0.0, 0.1], "epsilon": [0.0, 0.1], "t": [0.0, 1.0]}
-PARTS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "input_layernorm", "post_attention_layernorm"]
+PARTS = {"projections": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "input_layernorm",
+                         "post_attention_layernorm"],
+         "modules": ["self_attn|input_layernorm", "mlp|post_attention_layernorm"]}
 TUNED_LAYERS, HIGH = (0, 1), 1.5
 
 
@@ -72,7 +74,8 @@ def grid(zoo: Path, spec_path: Path, out: Path) -> None:
     out.write_text(json.dumps(rows, indent=1) + "\n")
 
 
-def search(zoo: Path, fitness: Path, evals: int, seed: int) -> None:
+def search(zoo: Path, fitness: Path, evals: int, seed: int, split: str = "projections") -> None:
+    parts = PARTS[split]
     files = {"fitness": fitness, "dev": zoo / "data/ja-dev.jsonl", "test": zoo / "data/ja-test.jsonl"}
     cfg = config(zoo, fitness)
     evs = evaluators(zoo, cfg, files)
@@ -81,10 +84,10 @@ def search(zoo: Path, fitness: Path, evals: int, seed: int) -> None:
     def recipe(x):
         w = np.asarray(x) * HIGH
         conds = [{"filter_regex": p, "value": [float(w[j * len(TUNED_LAYERS) + i]) for i in range(len(TUNED_LAYERS))] + [0.5, 0.5]}
-                 for j, p in enumerate(PARTS)]
+                 for j, p in enumerate(parts)]
         return replace(cv, models=(ModelEntry(cv.models[0].model, {"weight": conds + [{"value": 0.5}]}),))
 
-    x0 = [0.5 / HIGH] * (len(PARTS) * len(TUNED_LAYERS))
+    x0 = [0.5 / HIGH] * (len(parts) * len(TUNED_LAYERS))
     es = cma.CMAEvolutionStrategy(x0, 0.15, {"bounds": [0, 1], "popsize": 8, "seed": seed + 1, "verbose": -9})
     best, n = (-1.0, x0), 0
     while n + 8 <= evals:
@@ -95,7 +98,7 @@ def search(zoo: Path, fitness: Path, evals: int, seed: int) -> None:
         best = max([best] + [(f, list(map(float, x))) for f, x in zip(fs, xs)], key=lambda b: b[0])
         print(n, round(best[0], 4), flush=True)
     report = {name: {k: ev.score(recipe(x)).fitness for k, ev in evs.items()} for name, x in (("best", best[1]), ("mean", es.mean), ("chat_vector_0.5", x0))}
-    report["weights"] = {f"{p}@layer{i}": round(best[1][j * len(TUNED_LAYERS) + i] * HIGH, 2) for j, p in enumerate(PARTS) for i in range(len(TUNED_LAYERS))}
+    report["weights"] = {f"{p}@layer{i}": round(best[1][j * len(TUNED_LAYERS) + i] * HIGH, 2) for j, p in enumerate(parts) for i in range(len(TUNED_LAYERS))}
     print(json.dumps(report))
 
 
@@ -103,4 +106,4 @@ if __name__ == "__main__":
     if sys.argv[1] == "grid":
         grid(Path(sys.argv[2]), Path(sys.argv[3]), Path(sys.argv[4]))
     else:
-        search(Path(sys.argv[2]), Path(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5]))
+        search(Path(sys.argv[2]), Path(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5]), *sys.argv[6:7])
