@@ -89,7 +89,8 @@ def test_frozen_blocks_and_frozen_vocab_stay_put(tmp_path):
 def test_layer_split_fine_tunes_touch_disjoint_layers(tmp_path):
     """`ja_train_layers=[0]` and `vlm_train_layers=[1]` (+ `vlm_train_vocab=False`): the Japanese base differs
     from the English base only in embeddings, lm_head and layer 0; the English VLM's language model only in
-    layer 1 and the final norm (which goes with the last layer), so the two deltas touch disjoint tensors."""
+    layer 1 and the final norm (which goes with the last layer), so the two deltas touch disjoint tensors. The build
+    restores the caller's torch thread count."""
     from safetensors.torch import load_file
 
     from vlm_merge.world.build import build_zoo

@@ -130,6 +130,11 @@ class GenomeConfig:
     split_modules: str = "none"  # a key of MODULE_SPLITS (the YAML also takes true: attention_mlp, false: none)
     separate: tuple[str, ...] = ()
 
+    @property
+    def modules(self) -> tuple[str | None, ...]:
+        """The module genes of each layer group (`MODULE_SPLITS`), or (None,): one gene for the whole group."""
+        return tuple(MODULE_SPLITS[self.split_modules]) or (None,)
+
 
 @dataclass(frozen=True)
 class SubsetConfig:
@@ -508,7 +513,6 @@ class Genome:
         method = METHODS[config.method]
         g = config.genome
         n_groups = math.ceil(num_layers / g.layer_granularity)
-        modules: tuple[str | None, ...] = tuple(MODULE_SPLITS[g.split_modules]) or (None,)
         entries = model_entries(_recipe_skeleton(config), method)
         labels = [_label(config.sources.models[i]) for i in entries]
         genes = []
@@ -518,7 +522,7 @@ class Genome:
                 for grp in range(n_groups):
                     first, last = grp * g.layer_granularity, min(num_layers, (grp + 1) * g.layer_granularity) - 1
                     span = f"layers{first}" if first == last else f"layers{first}-{last}"
-                    for mod in modules:
+                    for mod in g.modules:
                         genes.append(Gene(f"{name}{tag}@{span}" + (f"/{mod}" if mod else ""), name, model, f"layers:{grp}", mod, lo, hi))
                 for sep in g.separate:
                     genes.append(Gene(f"{name}{tag}@{sep}", name, model, sep, None, lo, hi))
@@ -545,7 +549,7 @@ class Genome:
         gran = self.config.genome.layer_granularity
         by = {(g.group, g.module): g.decode(v) for g, v in genes}
         filters = MODULE_SPLITS[self.config.genome.split_modules]
-        mods = tuple(filters) or (None,)
+        mods = self.config.genome.modules
         per_layer = {m: [by[(f"layers:{i // gran}", m)] for i in range(self.num_layers)] for m in mods}
         conds = [{**SEPARATE_FILTERS[s], "value": by[(s, None)]} for s in self.config.genome.separate]
         if filters:
