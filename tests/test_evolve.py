@@ -182,6 +182,61 @@ def test_run_is_deterministic_and_its_outputs_replay(zoo, dev, tmp_path, request
     assert ev.score(best_recipe).fitness == a.best["fitness"]
 
 
+def _vlm_with_frozen_layer(zoo, out: Path, layer: int) -> Path:
+    """The llava-hf-llama fixture with its language model's layer `layer` set to the English base's (as if its
+    fine-tune had frozen that layer)."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(zoo.vlms["llava-hf-llama"], out)
+    en = load_file(zoo.llms["en-llama"] / "model.safetensors")
+    prefix = f"language_model.model.layers.{layer}."
+    for shard in out.glob("*.safetensors"):
+        state = load_file(shard)
+        hit = {k: en["model." + k.removeprefix("language_model.model.")].to(v.dtype) for k, v in state.items() if k.startswith(prefix)}
+        if hit:
+            save_file({**state, **hit}, shard, metadata={"format": "pt"})
+    return out
+
+
+def test_inert_genes_are_held_out_of_the_search_and_the_run_resumes_with_them_held(zoo, dev, tmp_path):
+    vlm = _vlm_with_frozen_layer(zoo, tmp_path / "vlm", layer=1)
+    # a projection split under a `norms` gene: the layer-norm genes set no tensor; layer 1 has no delta
+    cfg = config(zoo, dev, sources={"vlm": str(vlm)},
+                 genome={"params": {"weight": [0.0, 1.5]}, "split_modules": "projections", "separate": ["norms", "embeddings"]},
+                 cmaes={"popsize": 4, "max_evaluations": 8, "seed": 3})
+    from vlm_merge.threads import torch_threads
+
+    with torch_threads(2):  # the run's evaluators use `threads: 1`; the caller's count comes back
+        res = run_evolve(config_from_dict(cfg), tmp_path / "run", progress=False, write_model=False)
+        assert torch.get_num_threads() == 2
+    proj = ("q", "k", "v", "o", "gate", "up", "down")
+    no_tensor = {f"weight[vlm]@layers{i}/{n}" for i in (0, 1) for n in ("attention_norm", "mlp_norm")}
+    frozen = {f"weight[vlm]@layers1/{n}" for n in proj}
+    assert set(res.held_genes) == no_tensor | frozen
+    assert all(res.held_genes[g] == "sets no tensor" for g in no_tensor)
+    assert all(res.held_genes[g].startswith("sets only tensors where every model equals the base") for g in frozen)
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    searched = [f"weight[vlm]@layers0/{n}" for n in proj] + ["weight[vlm]@norms", "weight[vlm]@embeddings"]
+    assert summary["gene_names"] == searched and summary["genes"] == len(res.best["x"]) == 9
+    assert set(summary["held_genes"]) == set(res.held_genes) and summary["held_genes"]["weight[vlm]@layers1/q"]["value"] == 0.75
+    assert json.loads((tmp_path / "run" / CHECKPOINT_FILE).read_text())["held_genes"] == res.held_genes
+    log = [json.loads(x) for x in (tmp_path / "run" / LOG_FILE).read_text().splitlines()]
+    assert all(len(r["x"]) == 9 and len(r["genes"]) == 9 + len(res.held_genes) for r in log)
+    # the held genes keep their x0 value in every recipe; the searched ones vary
+    recipes = [Genome.of(config_from_dict(cfg), 2).without(res.held_genes).decode(r["x"]) for r in log]
+    layer1 = {_resolved(zoo, r)["model.layers.1.self_attn.q_proj.weight"].per_model[0]["weight"] for r in recipes[:2]}
+    layer0 = {_resolved(zoo, r)["model.layers.0.self_attn.q_proj.weight"].per_model[0]["weight"] for r in recipes[:2]}
+    assert layer1 == {0.75} and len(layer0) == 2
+    # a finished run resumed from its checkpoint holds the same genes (no sources are read)
+    again = run_evolve(None, tmp_path / "run", resume=True, progress=False, write_model=False)
+    assert again.held_genes == res.held_genes and again.best["x"] == res.best["x"]
+    # drop_inert: false searches every gene
+    off = run_evolve(config_from_dict({**cfg, "genome": {**cfg["genome"], "drop_inert": False}}), tmp_path / "off", progress=False, write_model=False)
+    assert off.held_genes == {} and len(off.best["x"]) == 9 + len(res.held_genes)
+
+
 def test_failing_candidates_are_penalised_logged_and_the_run_goes_on(zoo, dev, tmp_path):
     # DELLA needs density - epsilon and density + epsilon in (0, 1): part of this box is invalid
     cfg = config(zoo, dev, method="della", genome={"params": {"weight": [0.5, 1.5], "density": [0.05, 0.95], "epsilon": [0.0, 0.45]},

@@ -384,6 +384,23 @@ def test_anchor_replaces_the_base_as_start():
         assert close(anchored - plain, torch.full_like(base, 1.5), rel=1e-5), name
 
 
+def test_delta_only_methods_give_the_anchor_where_every_model_equals_the_base():
+    """The promise `inert_genes` relies on: no parameter value moves such a tensor off the anchor (or the base)."""
+    base, _ = rand_inputs((6, 4), seed=7)
+    anchor = base + torch.linspace(-1.0, 1.0, 24).view(6, 4)
+    flagged = [n for n, m in METHODS.items() if m.delta_only]
+    assert set(flagged) == set(TASK_VECTOR_METHODS + ["model_stock"])
+    for name in flagged:
+        m = METHODS[name]
+        for w, dens in ((0.3, 0.2), (1.4, 0.8)):
+            mp = [{k: v for k, v in {"weight": w, "density": dens, "gamma": 0.05, "epsilon": 0.15}.items()
+                   if any(q.name == k for q in m.params)}] * 2
+            models = [base.clone(), base.clone()]
+            assert torch.equal(m.merge(base, models, mp, {}, seed=2), base), (name, w)
+            assert torch.equal(m.merge(base, models, mp, {}, anchor=anchor, seed=2), anchor), (name, w)
+    assert not METHODS["linear"].delta_only and not METHODS["slerp"].delta_only
+
+
 def test_task_arithmetic_registry_is_the_chat_vector_function_bit_for_bit():
     g = torch.Generator().manual_seed(0)
     en, vlm, ja = (torch.randn(5, 3, generator=g).bfloat16() for _ in range(3))

@@ -226,12 +226,13 @@ def test_vision_tower_is_the_same_on_one_and_two_threads():
     sums do depend on it, always runs on one thread, and the caller's thread count is restored."""
     from dataclasses import replace
 
+    from vlm_merge.threads import torch_threads
     from vlm_merge.world import train
 
     s = replace(train.WorldSettings(), vision_steps=20)
     towers = []
     for n in (1, 2):
-        with train.torch_threads(n):
+        with torch_threads(n):
             towers.append(train.train_vision(s, 3, False, []).state_dict())
             assert torch.get_num_threads() == n
     assert all(torch.equal(towers[0][k], towers[1][k]) for k in towers[0])

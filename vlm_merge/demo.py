@@ -196,8 +196,9 @@ def search_config(zoo: Zoo, settings: DemoSettings, x0_weight: float) -> dict:
     """The evolve config: per-layer task-arithmetic weights on `vlm - en_base`, added to the Japanese base.
 
     One gene per decoder layer plus embeddings, norms and lm_head, weights in [0, 1.5], starting at
-    `x0_weight` everywhere; fitness = content accuracy (the bar's metric, `eval.metrics.ContentAccuracy`)
-    of greedy answers on the first ja-dev questions.
+    `x0_weight` everywhere (the genes of tensors the English VLM did not tune stay there: `drop_inert`);
+    fitness = content accuracy (the bar's metric, `eval.metrics.ContentAccuracy`) of greedy answers on the
+    first ja-dev questions.
     """
     from vlm_merge.world.evaluate import MAX_NEW_TOKENS
 
@@ -373,6 +374,8 @@ def report_blocks(rec: dict) -> list[tuple]:
     qtype_rows = [[q, str(max(rec["models"][n]["by_qtype"].get(q, {}).get("n", 0) for n in ja)),
                    *[_pts(rec["models"][n]["by_qtype"][q]["content_accuracy"]) if q in rec["models"][n]["by_qtype"] else "-"
                      for n in ja]] for q in qtypes]
+    held = (f"; {', '.join(s['held_genes'])} held at x0 (no source differs from the English base in the tensors they set)"
+            if s.get("held_genes") else "")
     versus = ("" if s["chat_vector_fitness"] is None
               else f" (the chosen Chat Vector scores {s['chat_vector_fitness']:.3f} on the same questions)")
     header = (f"Zoo `{rec['zoo']['path']}` (seed {rec['zoo']['seed']}); written in {rec['timings_s']['total']:.0f} s."
@@ -402,7 +405,7 @@ def report_blocks(rec: dict) -> list[tuple]:
          [[k, _pts(v["content_accuracy"]), _pts(v["exact_match"])] for k, v in cv["dev"].items()]),
         ("h", 2, "3. Evolutionary search"),
         ("p", (f"CMA-ES over {s['genes']} task-arithmetic weights in [0, 1.5] ({', '.join(s['gene_names'])}), starting "
-               f"at the chosen Chat Vector scale: {s['evaluations']} candidates in {s['generations']} generations, "
+               f"at the chosen Chat Vector scale{held}: {s['evaluations']} candidates in {s['generations']} generations, "
                f"{s['seconds']:.0f} s. Fitness: content accuracy on the first {s['fitness_questions']} ja-dev questions, the "
                f"same questions for every candidate ({s['protocol']}). Best fitness {s['best_fitness']:.3f}{versus}. The "
                "best of many candidates on the same questions is an optimistic estimate; the test set above is not. "
@@ -536,9 +539,9 @@ def run_demo(out: str | Path, *, force: bool = False, zoo: str | Path | None = N
         run_evolve,
     )
     from vlm_merge.evolve import protocol_text as fitness_text
+    from vlm_merge.threads import torch_threads
     from vlm_merge.world import evaluate
     from vlm_merge.world.experiment import chat_vector_model
-    from vlm_merge.world.train import torch_threads
 
     z = open_zoo(zoo)
     atomic = AtomicDir(out, force)
@@ -646,7 +649,7 @@ def run_demo(out: str | Path, *, force: bool = False, zoo: str | Path | None = N
             "chat_vector": {"scale": choice.scale, "skip": choice.skip, "dev": choice.dev,
                             "dev_questions": len(choice.dev_content), "path": str(atomic.target / MODELS_DIR / "chat-vector")},
             "search": {"generations": res.generations, "evaluations": res.evaluations, "genes": summary["genes"],
-                       "gene_names": summary["gene_names"], "protocol": fitness_text(cfg),
+                       "gene_names": summary["gene_names"], "held_genes": sorted(summary["held_genes"]), "protocol": fitness_text(cfg),
                        "fitness_questions": k, "best_fitness": res.best["fitness"], "best_genes": res.best["genes"],
                        "chat_vector_fitness": cv_fit, "seconds": timings["search"], "dir": SEARCH_DIR},
             "models": summaries,

@@ -27,6 +27,7 @@ from vlm_merge.checkpoint import (
     PlannedTensor,
 )
 from vlm_merge.errors import VlmMergeError
+from vlm_merge.threads import torch_threads
 from vlm_merge.vocab import VocabPlan, fill_vocab_rows
 
 # Elementwise merges run over 64K-element slices (256 KiB in float32): small enough to stay in cache
@@ -217,32 +218,30 @@ def execute(
     scratch = Scratch()
     pending: list[Future | None] = [None, None]  # the write in flight from each output slot
     pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vlm-merge-writer")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(max(1, threads - 1))  # leave a core to the writer thread
-    try:
-        for i, t in enumerate(plan.tensors):
-            slot = i % 2
-            if pending[slot] is not None:
-                pending[slot].result()
-            if isinstance(t.op, Copy):
-                nbytes = PlannedTensor(t.key, t.shape, t.dtype).nbytes
-                value = plan.sources[t.op.role].read_into(t.op.key, scratch.buffer(f"\0out{slot}", nbytes))
-            else:
-                value = compute(t, plan, scratch, slot)
-            pending[slot] = pool.submit(writer.write, t.key, value)
-            bar.update(PlannedTensor(t.key, t.shape, t.dtype).nbytes)
-        for f in pending:
-            if f is not None:
-                f.result()
-        writer.close()
-    except BaseException as e:
-        pool.shutdown(wait=True, cancel_futures=True)
-        writer.abort()
-        if isinstance(e, OSError):
-            hint = "free disk space or choose another output path" if e.errno == errno.ENOSPC else "check the output path"
-            raise VlmMergeError(f"{directory.parent}: writing the merged model failed ({e.strerror or e}); {hint}") from None
-        raise
-    finally:
-        pool.shutdown(wait=True)
-        torch.set_num_threads(threads)
-        bar.close()
+    with torch_threads(max(1, torch.get_num_threads() - 1)):  # leave a core to the writer thread
+        try:
+            for i, t in enumerate(plan.tensors):
+                slot = i % 2
+                if pending[slot] is not None:
+                    pending[slot].result()
+                if isinstance(t.op, Copy):
+                    nbytes = PlannedTensor(t.key, t.shape, t.dtype).nbytes
+                    value = plan.sources[t.op.role].read_into(t.op.key, scratch.buffer(f"\0out{slot}", nbytes))
+                else:
+                    value = compute(t, plan, scratch, slot)
+                pending[slot] = pool.submit(writer.write, t.key, value)
+                bar.update(PlannedTensor(t.key, t.shape, t.dtype).nbytes)
+            for f in pending:
+                if f is not None:
+                    f.result()
+            writer.close()
+        except BaseException as e:
+            pool.shutdown(wait=True, cancel_futures=True)
+            writer.abort()
+            if isinstance(e, OSError):
+                hint = "free disk space or choose another output path" if e.errno == errno.ENOSPC else "check the output path"
+                raise VlmMergeError(f"{directory.parent}: writing the merged model failed ({e.strerror or e}); {hint}") from None
+            raise
+        finally:
+            pool.shutdown(wait=True)
+            bar.close()

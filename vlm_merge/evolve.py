@@ -21,7 +21,12 @@ to an ordinary `Recipe`:
     (`norm.weight$`), `lm_head`; tensors without their own gene follow the recipe rule for tensors
     outside the layers (position 0 of a per-layer list: the first group's gene);
   - per-model parameters (weight, density, ...) get genes per model entering the method; shared
-    ones (slerp's `t`, `lambda`) one set; `genome.fixed` values are written as recipe parameters.
+    ones (slerp's `t`, `lambda`) one set; `genome.fixed` values are written as recipe parameters;
+  - `drop_inert: true` (the default) leaves out of the search the genes that cannot change the merge
+    (`inert_genes`): those that set no tensor (e.g. a projection split's layer-norm genes under a
+    `separate: [norms]` gene), and, for a `delta_only` method, those that set only tensors where every
+    model equals the base (layers no fine-tune touched). They stay in the recipe at their x0 values;
+    `summary.json` lists them under `held_genes` and the checkpoint keeps their names for `--resume`.
 
 Search. CMA-ES (`cma`) in ask/tell form: `popsize`, `sigma0` (in gene units, i.e. fractions of the
 bounds), `x0` (a gene value in [0, 1] for all genes, or real parameter values by name), budget
@@ -129,6 +134,7 @@ class GenomeConfig:
     layer_granularity: int = 1
     split_modules: str = "none"  # a key of MODULE_SPLITS (the YAML also takes true: attention_mlp, false: none)
     separate: tuple[str, ...] = ()
+    drop_inert: bool = True  # leave genes that cannot change the merge out of the search (`inert_genes`)
 
     @property
     def modules(self) -> tuple[str | None, ...]:
@@ -257,6 +263,12 @@ def _str(v: Any, where: str, choices: Sequence[str] | None = None, allow_none: b
     return v
 
 
+def _bool(v: Any, where: str) -> bool:
+    if not isinstance(v, bool):
+        raise _err(where, f"expected true or false, got {v!r}")
+    return v
+
+
 def _rebase(ref: str | None, base: Path | None) -> str | None:
     if ref is None or ref == VLM_REF or base is None:
         return ref
@@ -313,6 +325,7 @@ def config_from_dict(data: Any, base_dir: str | Path | None = None) -> EvolveCon
             "layer_granularity": lambda x, ww: _num(x, ww, integer=True, low=1),
             "split_modules": split_modules,
             "separate": lambda x, ww: tuple(_str(s, ww, SEPARATE_GROUPS, False) for s in (x or [])),
+            "drop_inert": _bool,
         })
 
     def subset(v, w):
@@ -503,7 +516,15 @@ class Genome:
 
     config: EvolveConfig
     num_layers: int
-    genes: tuple[Gene, ...]
+    genes: tuple[Gene, ...]  # the searched genes: one CMA-ES coordinate each
+    held: tuple[tuple[Gene, float], ...] = ()  # genes left out of the search (`without`), at their x0 values
+
+    def without(self, names: Sequence[str]) -> Genome:
+        """This genome with the genes `names` held at their x0 values instead of searched."""
+        drop = set(names)
+        x0 = dict(zip(self.genes, self.x0()))
+        return replace(self, genes=tuple(g for g in self.genes if g.name not in drop),
+                       held=self.held + tuple((g, x0[g]) for g in self.genes if g.name in drop))
 
     @classmethod
     def of(cls, config: EvolveConfig, num_layers: int) -> Genome:
@@ -538,8 +559,12 @@ class Genome:
         return [float(x0)] * len(self.genes)
 
     def values(self, x: Sequence[float]) -> dict[str, float]:
+        """Every gene's parameter value under `x` (the searched genes' values), held genes included."""
+        return {g.name: g.decode(v) for g, v in self._pairs(x)}
+
+    def _pairs(self, x: Sequence[float]) -> list[tuple[Gene, float]]:
         self._check(x)
-        return {g.name: g.decode(v) for g, v in zip(self.genes, x)}
+        return [*zip(self.genes, (float(v) for v in x)), *self.held]
 
     def _check(self, x: Sequence[float]) -> None:
         if len(x) != len(self.genes):
@@ -562,10 +587,9 @@ class Genome:
 
     def decode(self, x: Sequence[float]) -> Recipe:
         """The recipe of genome `x` (gene values in [0, 1])."""
-        self._check(x)
         cfg = self.config
         skel = _recipe_skeleton(cfg)
-        pairs = list(zip(self.genes, (float(v) for v in x)))
+        pairs = self._pairs(x)
         models = []
         for i, m in enumerate(skel.models):
             params = dict(m.parameters)
@@ -580,6 +604,35 @@ class Genome:
             if mine:
                 shared[name] = self._setting(mine)
         return replace(skel, models=tuple(models), parameters=shared)
+
+
+def inert_genes(genome: Genome, merger) -> dict[str, str]:
+    """The searched genes of `genome` that cannot change the merge of `merger` (a `ResidentMerger` opened on its
+    recipe), each with why. A gene sets the tensors whose resolved parameters change when it alone moves from
+    its x0 value to the far bound; it is inert if it sets none, or only tensors no parameter can change
+    (`ResidentMerger.inert`). A gene whose move makes the recipe invalid is kept."""
+    from vlm_merge.resident import CandidateError
+
+    x0 = genome.x0()
+    fixed = merger.inert()
+    try:
+        ref = merger.resolve(genome.decode(x0))
+    except CandidateError:
+        return {}
+    out = {}
+    for i, g in enumerate(genome.genes):
+        x = list(x0)
+        x[i] = 1.0 if x0[i] < 0.5 else 0.0
+        try:
+            moved = merger.resolve(genome.decode(x))
+        except CandidateError:
+            continue
+        sets = {k for k, v in moved.items() if v != ref[k]}
+        if not sets:
+            out[g.name] = "sets no tensor"
+        elif sets <= fixed:
+            out[g.name] = f"sets only tensors where every model equals the base ({len(sets)})"
+    return out
 
 
 def _label(ref: str) -> str:
@@ -699,7 +752,7 @@ class Evaluator:
         from eval.runner import encode_benchmark_images
         from vlm_merge.resident import ResidentMerger
 
-        if config.threads is not None:
+        if config.threads is not None:  # for the whole process (a Ray actor's is its own); `run_evolve` restores it
             torch.set_num_threads(config.threads)
         self.config = config
         f = config.fitness
@@ -743,6 +796,10 @@ class Evaluator:
             return Scored(f.penalty, {}, t1 - t0, time.perf_counter() - t1, len(qs), f"evaluation: {type(e).__name__}: {first}")
         return Scored(float(value), scores, t1 - t0, time.perf_counter() - t1, len(qs))
 
+    def inert_genes(self) -> dict[str, str]:
+        """`inert_genes` of this run's full genome on the resident sources."""
+        return inert_genes(Genome.of(self.config, self.merger.num_layers), self.merger)
+
     def _scores(self, qs) -> dict[str, float]:
         f = self.config.fitness
         if f.kind == "loglik":
@@ -776,6 +833,9 @@ def _ray_actor_class():
         def score(self, recipe: dict, question_ids):
             return self.ev.score(recipe, question_ids)
 
+        def inert_genes(self):
+            return self.ev.inert_genes()
+
     return EvaluatorActor
 
 
@@ -795,6 +855,9 @@ class RayPool:
         actor = _ray_actor_class().options(num_gpus=1 if gpu else 0, num_cpus=0 if gpu else 1)
         self.actors = [actor.remote(config.to_dict(), None, str(scaffold)) for _ in range(n)]
 
+    def inert_genes(self) -> dict[str, str]:
+        return self.ray.get(self.actors[0].inert_genes.remote())
+
     def map(self, jobs: list[tuple[dict, list[str] | None]]) -> list[Scored]:
         futures = [self.actors[i % len(self.actors)].score.remote(r, q) for i, (r, q) in enumerate(jobs)]
         try:
@@ -812,6 +875,9 @@ class RayPool:
 class LocalPool:
     def __init__(self, config: EvolveConfig, scaffold: Path, questions=None) -> None:
         self.ev = Evaluator(config, scaffold, questions=questions)
+
+    def inert_genes(self) -> dict[str, str]:
+        return self.ev.inert_genes()
 
     def map(self, jobs: list[tuple[dict, list[str] | None]]) -> list[Scored]:
         return [self.ev.score(r, q) for r, q in jobs]
@@ -849,6 +915,7 @@ class EvolveResult:
     finished: bool
     model: Path | None = None
     test: dict | None = None  # the held-out report (`test:` in the config)
+    held_genes: dict[str, str] = field(default_factory=dict)  # genes left out of the search: why (`inert_genes`)
 
 
 def _write_atomic(path: Path, data: str | bytes) -> None:
@@ -958,7 +1025,15 @@ def run_evolve(
 
     `config` is an `EvolveConfig`, a mapping, or a YAML path; with `resume=True` it may be None-like
     (`out/config.yaml` is used) and if given must equal the saved one. `workers` overrides the config.
+    The run's evaluators set torch's thread count to `threads:`; the caller's count is restored afterwards.
     """
+    from vlm_merge.threads import torch_threads
+
+    with torch_threads(None):
+        return _run_evolve(config, out, resume, force, progress, workers, write_model)
+
+
+def _run_evolve(config, out, resume: bool, force: bool, progress: bool, workers: int | None, write_model: bool) -> EvolveResult:
     from tqdm.auto import tqdm
 
     out = Path(out)
@@ -991,11 +1066,13 @@ def run_evolve(
     records = _read_log(log_path)
     if state is not None:
         es = pickle.loads(state["cma"])
+        held = state.get("held_genes", {})
+        genome = genome.without(held)
         kept, leftover = records[: state["log_lines"]], records[state["log_lines"] :]
         gen, evals = state["generation"], state["evaluations"]
         finished = state["finished"]
     else:
-        es = _cma(cfg, genome.x0())
+        es, held = None, {}  # CMA-ES starts once the sources show which genes are inert
         kept, leftover, gen, evals, finished = [], records, 0, 0, False
     _write_atomic(log_path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in kept))
     reuse = {(r["generation"], r["index"]): r for r in leftover if r.get("generation") == gen + 1}
@@ -1003,10 +1080,7 @@ def run_evolve(
     log = _Log(log_path)
 
     scaffold = out / SCAFFOLD_DIR
-    pool = test_questions = None
-    popsize = es.popsize
-    total = max(popsize, (cfg.cmaes.max_evaluations // popsize) * popsize)
-    bar = tqdm(total=total, initial=evals, unit="cand", desc="evolve", disable=not progress, dynamic_ncols=True)
+    pool = test_questions = bar = None
     try:
         if not finished:
             try:
@@ -1018,6 +1092,13 @@ def run_evolve(
                     write_scaffold(genome.decode(genome.x0()), scaffold)
                 pool = (RayPool(cfg, scaffold, cfg.workers) if cfg.workers > 0  # each actor reads its own
                         else LocalPool(cfg, scaffold, questions))
+                if es is None:
+                    held = pool.inert_genes() if cfg.genome.drop_inert else {}
+                    genome = genome.without(held)
+                    if not genome.genes:
+                        raise VlmMergeError(f"evolve config genome: all {len(held)} genes are inert (every model equals the base "
+                                            "in every tensor they set); nothing to search: check sources.models and base_model")
+                    es = _cma(cfg, genome.x0())
             except VlmMergeError:
                 if not resume:  # nothing was scored: leave no half-made run behind, so the fixed command reruns
                     for p in (saved, log_path):
@@ -1026,13 +1107,19 @@ def run_evolve(
                     if made and not any(out.iterdir()):
                         out.rmdir()
                 raise
+        popsize = es.popsize
+        total = max(popsize, (cfg.cmaes.max_evaluations // popsize) * popsize)
+        bar = tqdm(total=total, initial=evals, unit="cand", desc="evolve", disable=not progress, dynamic_ncols=True)
+        if held and progress and not gen:
+            bar.write(f"evolve: {len(genome)} genes searched, {len(held)} held at x0 (they cannot change the merge; "
+                      "summary.json lists them)")
         started = time.perf_counter()
         n_this_run = 0
         while not finished:
             if evals + popsize > total or es.stop():
                 finished = True
                 stop = "budget" if evals + popsize > total else "cma: " + ", ".join(f"{k}={v}" for k, v in es.stop().items())
-                _checkpoint(ckpt_path, es, gen, evals, records, True, cfg, stop)
+                _checkpoint(ckpt_path, es, gen, evals, records, True, cfg, held, stop)
                 break
             gen_no = gen + 1
             xs = [[float(v) for v in x] for x in es.ask()]
@@ -1041,21 +1128,23 @@ def run_evolve(
             records += recs
             gen, evals = gen_no, evals + len(recs)
             n_this_run += sum(1 for r in recs if not r.get("reused"))
-            _checkpoint(ckpt_path, es, gen, evals, records, False, cfg)
+            _checkpoint(ckpt_path, es, gen, evals, records, False, cfg, held)
             bar.update(len(recs))
             per = (time.perf_counter() - started) / n_this_run if n_this_run else None
             bar.set_postfix_str(_progress_text(gen, evals, total, _best(records), per))
     except KeyboardInterrupt:
-        bar.close()
+        if bar is not None:
+            bar.close()
         raise EvolveInterrupted(f"interrupted in generation {gen + 1}; checkpoint after generation {gen} in {out}; "
                                 f"continue with `vlm-merge evolve --resume {out}`") from None
     finally:
-        bar.close()
+        if bar is not None:
+            bar.close()
         if pool is not None:
             pool.close()
     best = _best(records)
     stop = json.loads(ckpt_path.read_text()).get("stop") if ckpt_path.exists() else None
-    model_dir = _finish(cfg, genome, out, records, best, gen, evals, write_model, stop)
+    model_dir = _finish(cfg, genome, out, records, best, gen, evals, write_model, stop, held)
     test = None
     if cfg.test is not None and best is not None:
         if not scaffold.exists():
@@ -1064,7 +1153,7 @@ def run_evolve(
             write_scaffold(genome.decode(genome.x0()), scaffold)
         test = held_out_report(cfg, out, genome.decode(best["x"]), scaffold, test_questions)
     shutil.rmtree(scaffold, ignore_errors=True)
-    return EvolveResult(out, best, gen, evals, True, model_dir, test)
+    return EvolveResult(out, best, gen, evals, True, model_dir, test, held)
 
 
 class EvolveInterrupted(VlmMergeError):
@@ -1143,11 +1232,13 @@ def _ordered(r: dict) -> dict:
     return {**head, **{k: v for k, v in r.items() if k not in head and k != "reused"}}
 
 
-def _checkpoint(path: Path, es, gen: int, evals: int, records: list[dict], finished: bool, cfg: EvolveConfig, stop: str | None = None) -> None:
+def _checkpoint(path: Path, es, gen: int, evals: int, records: list[dict], finished: bool, cfg: EvolveConfig,
+                held: Mapping[str, str], stop: str | None = None) -> None:
     blob = es.pickle_dumps()
     state = {
         "version": 1, "config_sha256": cfg.sha256(), "generation": gen, "evaluations": evals, "log_lines": len(records),
-        "finished": finished, "stop": stop, "best": _best(records), "cma_sha256": hashlib.sha256(blob).hexdigest(),
+        "finished": finished, "stop": stop, "best": _best(records), "held_genes": dict(held),
+        "cma_sha256": hashlib.sha256(blob).hexdigest(),
         "cma_pickle_base64": base64.b64encode(blob).decode("ascii"),
         "rng": {"cma_randn": "numpy PCG64 inside the CMA state", "subsets": f"numpy default_rng([{cfg.cmaes.seed}, generation])"},
     }
@@ -1168,11 +1259,13 @@ def _load_checkpoint(path: Path, cfg: EvolveConfig) -> dict:
     return state
 
 
-def _finish(cfg: EvolveConfig, genome: Genome, out: Path, records: list[dict], best: dict | None, gen: int, evals: int, write_model: bool, stop: str | None) -> Path | None:
+def _finish(cfg: EvolveConfig, genome: Genome, out: Path, records: list[dict], best: dict | None, gen: int, evals: int,
+            write_model: bool, stop: str | None, held: Mapping[str, str]) -> Path | None:
     import vlm_merge
 
     summary = {
         "generations": gen, "evaluations": evals, "genes": len(genome), "gene_names": [g.name for g in genome.genes],
+        "held_genes": {g.name: {"value": g.decode(v), "why": held.get(g.name, "")} for g, v in genome.held},
         "protocol": protocol_text(cfg), "stopped_by": stop, "failed": sum(1 for r in records if r["error"]),
         "merge_s_mean": float(np.mean([r["merge_s"] for r in records])) if records else None,
         "eval_s_mean": float(np.mean([r["eval_s"] for r in records])) if records else None,
@@ -1328,7 +1421,9 @@ def cmd_evolve(args) -> int:
         print(f"vlm-merge: {e}", file=sys.stderr)
         return 130
     b = res.best
-    print(f"{res.evaluations} candidates in {res.generations} generations; "
+    print(f"{res.evaluations} candidates in {res.generations} generations"
+          + (f" over {len(res.best['x'])} genes ({len(res.held_genes)} inert genes held, see summary.json)" if b and res.held_genes else "")
+          + "; "
           + (f"best fitness {b['fitness']:.6g} (evaluation {b['evaluation']}); " if b else "no candidate succeeded; ")
           + f"outputs in {res.out}")
     return 0

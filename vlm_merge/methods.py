@@ -896,6 +896,9 @@ class Method:
     `max_models` count the non-base models. `random`: `merge` needs a seed. `elementwise`: `fn` may
     be applied to any slice of its inputs independently (the engine may chunk it).
     `supports_anchor`: `merge(anchor=...)` starts the output from the anchor instead of the base.
+    `delta_only`: the output is the anchor (or the base) plus a function of the task vectors m_i - b that is
+    zero when they all are, so a tensor where every model equals the base comes out as the anchor whatever
+    the parameters (an evolutionary search leaves genes that set only such tensors out).
     `model_checks`: cross-parameter checks run on each model's resolved parameters.
     """
 
@@ -911,6 +914,7 @@ class Method:
     unpack_models: bool = False  # fn(*models, ...) instead of fn(models, ...)
     model_checks: tuple[ModelCheck, ...] = ()
     doc: str = ""
+    delta_only: bool = False
 
     def param(self, name: str) -> Param:
         for p in self.params:
@@ -1099,7 +1103,7 @@ def _gta(name, fn, *, extra=(), normalize=False, random=False, sparse=True, chec
     params += (_INT8,)
     return Method(
         name=name, fn=fn, params=params, needs_base=True, min_models=1, max_models=None, random=random,
-        elementwise=not sparse, supports_anchor=True, model_checks=tuple(checks), doc=doc,
+        elementwise=not sparse, supports_anchor=True, model_checks=tuple(checks), doc=doc, delta_only=True,
     )  # fmt: skip
 
 
@@ -1130,7 +1134,7 @@ METHODS: dict[str, Method] = {
             name="model_stock", fn=model_stock,
             params=(Param("filter_wise", False, kind="bool", arg="filter_wise", doc="One angle per row (last dim)."),),
             needs_base=True, min_models=2, max_models=None, random=False, elementwise=False,
-            supports_anchor=True, doc=model_stock.__doc__,
+            supports_anchor=True, doc=model_stock.__doc__, delta_only=True,
         ),
     )
 }  # fmt: skip

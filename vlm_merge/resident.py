@@ -213,6 +213,16 @@ class ResidentMerger:
         """The resolved opening recipe (absolute sources)."""
         return self._rp.recipe
 
+    def inert(self) -> frozenset[str]:
+        """Canonical keys of the merged tensors no parameter value can change: for a `delta_only` method, those
+        where every model's tensor equals the base's (e.g. layers a fine-tune froze). Empty for other methods."""
+        rp = self._rp
+        if not rp.method.delta_only or rp.base_role is None:
+            return frozenset()
+        return frozenset(b.canonical for b in self.tensors
+                         if rp.base_role in b.inputs and all(m in b.inputs and torch.equal(b.inputs[m], b.inputs[rp.base_role])
+                                                             for m in rp.model_roles))
+
     @property
     def source_bytes(self) -> int:
         """Bytes of the resident source tensors (what one merge must read at least once)."""

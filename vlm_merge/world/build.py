@@ -26,6 +26,7 @@ from transformers import (
 )
 
 from vlm_merge.convert import CHAT_TEMPLATES
+from vlm_merge.threads import torch_threads
 from vlm_merge.world import datasets, evaluate, scenes, text, train
 from vlm_merge.world.train import WorldSettings
 
@@ -97,7 +98,7 @@ def build_zoo(out: str | Path, seed: int = 0, settings: WorldSettings | None = N
     tmp = out.with_name(f".{out.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    with train.torch_threads(s.threads):  # restored afterwards
+    with torch_threads(s.threads):  # restored afterwards
         t0 = time.perf_counter()
         timings, losses = {}, {}
         train.seed_all(seed)

@@ -17,8 +17,8 @@ import time
 from pathlib import Path
 
 from eval.outputs import write_atomic
+from vlm_merge.threads import torch_threads
 from vlm_merge.world import evaluate
-from vlm_merge.world.train import torch_threads
 
 log = logging.getLogger(__name__)
 

@@ -17,7 +17,6 @@ import re
 import time
 import types
 from collections.abc import Callable, Iterator, Mapping
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from typing import Any, get_args, get_origin, get_type_hints
 
@@ -27,6 +26,7 @@ from tokenizers import Tokenizer
 from tqdm.auto import tqdm
 from transformers import CLIPVisionConfig, CLIPVisionModel, LlamaConfig, LlamaForCausalLM, LlavaConfig, LlavaForConditionalGeneration
 
+from vlm_merge.threads import torch_threads
 from vlm_merge.world import scenes, text
 
 log = logging.getLogger(__name__)
@@ -177,18 +177,6 @@ def _type_name(tp: Any) -> str:
     return {int: "an integer", float: "a number", bool: "true or false", str: "a string",
             dict: "a JSON object of numbers"}.get(
         tp, str(tp).replace("NoneType", "null").replace("None", "null"))
-
-
-@contextmanager
-def torch_threads(n: int | None) -> Iterator[None]:
-    """torch's intra-op thread count set to `n` (None: unchanged) inside the block, restored after it."""
-    was = torch.get_num_threads()
-    if n is not None:
-        torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(was)
 
 
 def seed_all(seed: int) -> None:
