@@ -7,24 +7,19 @@ RegMean-style into d_img = d G_img (G_img + G_txt + eps I)^-1 and d_txt = d - d_
 set to ja_base + a d_img + b d_txt (norms stay at Chat Vector 0.5) and scored on ja-dev and ja-test.
 Needs ZOO/dev3 (`dev2.py ZOO 3000 ZOO/dev3`) and a scaffold of the merge (e.g. ZOO/.headroom-scaffold, written by
 `headroom.py`): `python delta_split.py ZOO SCAFFOLD`."""
-import json, sys
-from dataclasses import replace
+import json
+import sys
 from pathlib import Path
+
 import torch
-from safetensors import safe_open
 from transformers.modeling_outputs import BaseModelOutputWithPooling
-from vlm_merge.evolve import Evaluator, chat_vector_recipe, config_from_dict
+
 from eval.prompts import build_prompt, image_token
+from headroom import probe
 
 zoo, scaf = Path(sys.argv[1]), Path(sys.argv[2])
-torch.set_num_threads(1)
-cfg = config_from_dict({"sources": {"vlm": "en-vlm", "base_model": "en-base", "target": "ja-base", "models": ["vlm"]},
-    "fitness": {"benchmark": "data/ja-dev.jsonl", "protocol": "llm-jp", "max_new_tokens": 24, "metrics": {"content_accuracy": 1.0}, "batch_size": 64}, "threads": 1}, zoo)
 files = {"dev": zoo / "data/ja-dev.jsonl", "test": zoo / "data/ja-test.jsonl", "dev3": zoo / "dev3/ja-dev2.jsonl"}
-evs = {k: Evaluator(replace(cfg, fitness=replace(cfg.fitness, benchmark=str(f))), scaf) for k, f in files.items()}
-cv = chat_vector_recipe(cfg, 0.5)
-for ev in evs.values():
-    ev.merger.apply(cv)
+cfg, evs, (vlm, en, ja) = probe(zoo, scaf, files)
 
 ev = evs["dev3"]
 model, proc = ev.model, ev.processor
@@ -62,12 +57,6 @@ with torch.inference_mode():
         model(input_ids=ids, attention_mask=mask, mm_encoder_outputs={"image": BaseModelOutputWithPooling(pooler_output=feats)})
 for h in hs: h.remove()
 
-def load(path, prefix):
-    f = safe_open(str(path / "model.safetensors"), "pt")
-    return {k[len(prefix):]: f.get_tensor(k) for k in f.keys() if k.startswith(prefix)}
-vlm = load(zoo / "en-vlm", "language_model.model.")
-en = load(zoo / "en-base", "model.")
-ja = load(zoo / "ja-base", "model.")
 split = {}
 for k in mods:
     d = (vlm[k + ".weight"] - en[k + ".weight"]).float()

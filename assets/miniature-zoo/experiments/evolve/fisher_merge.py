@@ -17,19 +17,13 @@ from dataclasses import replace
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from eval.prompts import build_prompt, image_token
+from headroom import lm_tensors
 from vlm_merge.evolve import Evaluator, chat_vector_recipe, config_from_dict
 
 GRID = [(lam, s) for lam in (0.01, 0.1, 1, 10, 100, 1000) for s in (1.0, 1.5)]
-
-
-def load(path: Path, prefix: str) -> dict[str, torch.Tensor]:
-    """Language-model tensors of a checkpoint, keyed as the decoder names them (`layers.0.mlp.up_proj.weight`)."""
-    with safe_open(str(path / "model.safetensors"), "pt") as f:
-        return {k.removeprefix(prefix): f.get_tensor(k) for k in f.keys() if k.startswith(prefix)}
 
 
 def set_layers(model, state: dict[str, torch.Tensor], keys) -> None:
@@ -82,8 +76,7 @@ def main(zoo: Path, scaffold: Path, n: int) -> None:
         c = cfg_en if name.startswith("en") else cfg
         evs[name] = Evaluator(replace(c, fitness=replace(c.fitness, benchmark=str(zoo / f))), scaffold)
         evs[name].merger.apply(chat_vector_recipe(c, 1.0 if name.startswith("en") else 0.0))
-    vlm = load(zoo / "en-vlm", "language_model.model.")
-    en, ja = load(zoo / "en-base", "model."), load(zoo / "ja-base", "model.")
+    vlm, en, ja = lm_tensors(zoo)
     keys = [k for k in vlm if k.startswith(("layers.0.", "layers.1.")) and not torch.equal(vlm[k], en[k])]
     cache = zoo / "fisher.pt"
     if cache.exists():

@@ -5,25 +5,16 @@ Chat Vector 0.5 everywhere, except one head's slice of the delta (its rows of q/
 to weight 0 or 1; each of the 16 variants is scored on ja-dev (300) and ja-test (1000), content accuracy, the llm-jp
 protocol. Needs a scaffold of the merge (e.g. ZOO/.headroom-scaffold, written by `headroom.py`):
 `python head_weights.py ZOO SCAFFOLD`."""
-import json, sys
-from dataclasses import replace
+import json
+import sys
 from pathlib import Path
+
 import torch
-from safetensors import safe_open
-from vlm_merge.evolve import Evaluator, chat_vector_recipe, config_from_dict
+
+from headroom import probe
 
 zoo, scaf = Path(sys.argv[1]), Path(sys.argv[2])
-torch.set_num_threads(1)
-cfg = config_from_dict({"sources": {"vlm": "en-vlm", "base_model": "en-base", "target": "ja-base", "models": ["vlm"]},
-    "fitness": {"benchmark": "data/ja-dev.jsonl", "protocol": "llm-jp", "max_new_tokens": 24, "metrics": {"content_accuracy": 1.0}, "batch_size": 64}, "threads": 1}, zoo)
-files = {"dev": zoo / "data/ja-dev.jsonl", "test": zoo / "data/ja-test.jsonl"}
-evs = {k: Evaluator(replace(cfg, fitness=replace(cfg.fitness, benchmark=str(f))), scaf) for k, f in files.items()}
-for ev in evs.values():
-    ev.merger.apply(chat_vector_recipe(cfg, 0.5))
-def load(path, prefix):
-    f = safe_open(str(path / "model.safetensors"), "pt")
-    return {k[len(prefix):]: f.get_tensor(k) for k in f.keys() if k.startswith(prefix)}
-vlm = load(zoo / "en-vlm", "language_model.model."); en = load(zoo / "en-base", "model."); ja = load(zoo / "ja-base", "model.")
+cfg, evs, (vlm, en, ja) = probe(zoo, scaf, {"dev": zoo / "data/ja-dev.jsonl", "test": zoo / "data/ja-test.jsonl"})
 H, HD = 4, 32
 def apply(w):  # w[(layer, head)] -> weight; everything else 0.5
     for ev in evs.values():

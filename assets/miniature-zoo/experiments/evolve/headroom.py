@@ -53,6 +53,31 @@ def evaluators(zoo: Path, cfg, files: dict[str, Path]) -> dict[str, Evaluator]:
     return {k: Evaluator(replace(cfg, fitness=replace(cfg.fitness, benchmark=str(f))), scaffold) for k, f in files.items()}
 
 
+def lm_tensors(zoo: Path) -> tuple[dict, dict, dict]:
+    """The English VLM's, English base's and Japanese base's language-model tensors, keyed as the decoder names them
+    (`layers.0.mlp.up_proj.weight`)."""
+    from safetensors import safe_open
+
+    def load(path: Path, prefix: str) -> dict:
+        with safe_open(str(path / "model.safetensors"), "pt") as f:
+            return {k.removeprefix(prefix): f.get_tensor(k) for k in f.keys() if k.startswith(prefix)}
+
+    return load(zoo / "en-vlm", "language_model.model."), load(zoo / "en-base", "model."), load(zoo / "ja-base", "model.")
+
+
+def probe(zoo: Path, scaffold: Path, files: dict[str, Path]):
+    """The probes' start (`svd_split.py`, `head_weights.py`, `delta_split.py`): one thread, the config of `config`,
+    an Evaluator per file with Chat Vector 0.5 merged into its live model (at `scaffold`), and `lm_tensors`."""
+    import torch
+
+    torch.set_num_threads(1)
+    cfg = config(zoo, zoo / "data/ja-dev.jsonl")
+    evs = {k: Evaluator(replace(cfg, fitness=replace(cfg.fitness, benchmark=str(f))), scaffold) for k, f in files.items()}
+    for ev in evs.values():
+        ev.merger.apply(chat_vector_recipe(cfg, 0.5))
+    return cfg, evs, lm_tensors(zoo)
+
+
 def grid(zoo: Path, spec_path: Path, out: Path) -> None:
     files = {"dev": zoo / "data/ja-dev.jsonl", "test": zoo / "data/ja-test.jsonl"}
     rows, key, evs = [], None, {}

@@ -5,30 +5,18 @@ Each linear of layers 0-1 gets ja_base + a * top_k(d) + b * (d - top_k(d)), d = 
 truncation (norms and everything else at Chat Vector 0.5); every (k, a, b) of the grid is scored on ja-dev (300) and
 ja-test (1000), content accuracy, the llm-jp protocol. Needs a scaffold of the merge (e.g. ZOO/.headroom-scaffold,
 written by `headroom.py`): `python svd_split.py ZOO SCAFFOLD`."""
-import json, sys
-from dataclasses import replace
+import json
+import sys
 from pathlib import Path
+
 import torch
-from safetensors import safe_open
-from vlm_merge.evolve import Evaluator, chat_vector_recipe, config_from_dict
+
+from headroom import probe
 
 zoo, scaf = Path(sys.argv[1]), Path(sys.argv[2])
-torch.set_num_threads(1)
-cfg = config_from_dict({"sources": {"vlm": "en-vlm", "base_model": "en-base", "target": "ja-base", "models": ["vlm"]},
-    "fitness": {"benchmark": "data/ja-dev.jsonl", "protocol": "llm-jp", "max_new_tokens": 24, "metrics": {"content_accuracy": 1.0}, "batch_size": 64}, "threads": 1}, zoo)
-files = {"dev": zoo / "data/ja-dev.jsonl", "test": zoo / "data/ja-test.jsonl"}
-evs = {k: Evaluator(replace(cfg, fitness=replace(cfg.fitness, benchmark=str(f))), scaf) for k, f in files.items()}
-cv = chat_vector_recipe(cfg, 0.5)
-for ev in evs.values():
-    ev.merger.apply(cv)
+cfg, evs, (vlm, en, ja) = probe(zoo, scaf, {"dev": zoo / "data/ja-dev.jsonl", "test": zoo / "data/ja-test.jsonl"})
 LIN = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"]
 keys = [f"layers.{l}.{n}" for l in (0, 1) for n in LIN]
-def load(path, prefix):
-    f = safe_open(str(path / "model.safetensors"), "pt")
-    return {k[len(prefix):]: f.get_tensor(k) for k in f.keys() if k.startswith(prefix)}
-vlm = load(zoo / "en-vlm", "language_model.model.")
-en = load(zoo / "en-base", "model.")
-ja = load(zoo / "ja-base", "model.")
 svd = {}
 for k in keys:
     d = (vlm[k + ".weight"] - en[k + ".weight"]).double()
