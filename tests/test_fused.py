@@ -115,20 +115,24 @@ def test_sources_the_flat_buffers_cannot_hold_fall_back_to_tensor_by_tensor(zoo,
     write_scaffold(r0, tmp_path / "scaffold")
     live, _ = load_model(tmp_path / "scaffold", device="cpu")
     ref, _ = load_model(tmp_path / "scaffold", device="cpu")
-    loads = []
+    loads, loaded = [], []
 
     def load_sources(plan, merges, dev, packed):
         loads.append(packed is not None)
-        return real_load(plan, merges, dev, packed)
+        out = real_load(plan, merges, dev, packed)
+        loaded.append(out)
+        return out
 
     real_load = resident._load_sources
     monkeypatch.setattr(resident.FusedTaskArithmetic, "allocate", staticmethod(bf16_buffers))
     monkeypatch.setattr(resident, "_load_sources", load_sources)
     with pytest.raises(VlmMergeError, match="the fused kernel needs"):
         ResidentMerger.open(r0, live, fused=True)
-    assert loads == [True, False]  # tried the flat buffers, then loaded tensor by tensor
+    assert loads == [True]  # the sources are read once: into the flat buffers, what they cannot hold beside them
     rm = ResidentMerger.open(r0, live, fused=False)  # the live model (its parameters re-pointed) still merges right
     plain = ResidentMerger.open(r0, ref, fused=False)
     rm.apply(r0)
     plain.apply(r0)
     assert rm.fused is None and same_state(rm, plain) == []
+    bound, fits = loaded[0]  # what the flat buffers could not hold was read beside them, with the same values
+    assert not fits and all(torch.equal(b.inputs[r], p.inputs[r]) for b, p in zip(bound, plain.tensors) for r in p.inputs)

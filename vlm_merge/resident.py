@@ -90,10 +90,6 @@ def _needs_gather(op: Merge, plan, rows: Mapping[str, int]) -> bool:
     return bool(op.vocab and vocab is not None and (not vocab.is_identity or any(n != vocab.out_rows for n in rows.values())))
 
 
-class _NotPackable(Exception):
-    pass
-
-
 def _allocate_direct(rp: RecipePlan, merges: list[tuple]) -> FusedTaskArithmetic | None:
     """The fused kernel's flat buffers, for sources read straight into them (one stored dtype per role,
     every output of one dtype), from the checkpoints' metadata alone; the live parameters become views of
@@ -115,27 +111,23 @@ def _allocate_direct(rp: RecipePlan, merges: list[tuple]) -> FusedTaskArithmetic
     )  # fmt: skip
 
 
-def _load_sources(plan, merges: list[tuple], dev: torch.device, packed: FusedTaskArithmetic | None) -> list[_Bound]:
-    """Every merged tensor's inputs on `dev`, vocabulary rows aligned as the engine aligns them: into
-    `packed`'s flat buffers when given (_NotPackable if a gathered tensor's values do not fit their
-    dtype), else one device tensor each."""
+def _load_sources(plan, merges: list[tuple], dev: torch.device, packed: FusedTaskArithmetic | None) -> tuple[list[_Bound], bool]:
+    """Every merged tensor's inputs on `dev`, vocabulary rows aligned as the engine aligns them, each read once:
+    into `packed`'s flat buffers when given, else one device tensor each. A gathered tensor whose values its flat
+    buffer's dtype cannot hold gets its own device tensors instead; the second value is then False (the fused kernel
+    cannot run; the others stay in the buffers and are merged tensor by tensor like it)."""
     bound: list[_Bound] = []
+    fits = True
     for i, (t, param, op) in enumerate(merges):
         tensors = {role: plan.sources[role].get(key) for role, key in op.inputs.items()}
         if _needs_gather(op, plan, {r: x.shape[0] for r, x in tensors.items()}):
             tensors = gather_vocab(op, tensors, plan.vocab, plan.sources)
-        if packed is None:
-            inputs = {r: x.to(dev).contiguous() for r, x in tensors.items()}
-        else:
-            inputs = {}
-            for role, x in tensors.items():
-                slot = packed.slot(i, role)
-                if x.dtype != slot.dtype and not torch.equal(x.to(slot.dtype).to(x.dtype), x):
-                    raise _NotPackable(t.key)
-                slot.copy_(x.view(slot.shape))
-                inputs[role] = slot
+        slots = {role: packed.slot(i, role) for role in tensors} if packed is not None else {}
+        if slots and any(x.dtype != slots[r].dtype and not torch.equal(x.to(slots[r].dtype).to(x.dtype), x) for r, x in tensors.items()):
+            fits, slots = False, {}
+        inputs = {r: slots[r].copy_(x.view(slots[r].shape)) if slots else x.to(dev).contiguous() for r, x in tensors.items()}
         bound.append(_Bound(t.key, t.canonical, param, t.dtype, inputs, op.elementwise))
-    return bound
+    return bound, fits
 
 
 class ResidentMerger:
@@ -192,11 +184,9 @@ class ResidentMerger:
                 merges.append((t, param, op))
             if wanted and triton_available(dev):
                 packed = _allocate_direct(rp, merges)
-            try:
-                bound = _load_sources(plan, merges, dev, packed)
-            except _NotPackable:  # a gathered vocabulary tensor the flat buffer's dtype cannot hold
+            bound, fits = _load_sources(plan, merges, dev, packed)
+            if not fits:  # a gathered vocabulary tensor the flat buffers' dtype cannot hold: tensor by tensor
                 packed = None
-                bound = _load_sources(plan, merges, dev, None)
             num_layers = rp.sources.reference.anatomy.num_layers
         finally:
             rp.sources.close()
