@@ -380,3 +380,11 @@ def iter_progress(items: list[str], label: str) -> Iterator[str]:
     from tqdm import tqdm
 
     yield from tqdm(items, desc=label, unit="tensor", leave=False, mininterval=1.0)
+
+
+def write_results(results_dir: Path, name: str, data: dict, markdown: str) -> None:
+    """A benchmark's record: `name`.json (`data`) and `name`.md (`markdown`, also printed) under `results_dir`."""
+    results_dir.mkdir(exist_ok=True)
+    (results_dir / f"{name}.json").write_text(json.dumps(data, indent=2, default=str) + "\n")
+    (results_dir / f"{name}.md").write_text(markdown)
+    print(markdown)

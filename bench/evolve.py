@@ -37,7 +37,6 @@ bf16. Results: ``bench/results/evolve-cuda.json`` and ``.md``.
 from __future__ import annotations
 
 import argparse
-import json
 import random
 import shutil
 import statistics
@@ -48,7 +47,7 @@ from pathlib import Path
 
 import torch
 
-from bench.common import MachineFacts
+from bench.common import MachineFacts, write_results
 from eval.model_loading import load_model
 from vlm_merge.fixtures import build_fixture_zoo
 from vlm_merge.merge import merge
@@ -121,14 +120,11 @@ def main(argv: list[str] | None = None) -> int:
             "bit_identical": True, "machine": MachineFacts.collect().as_dict(),
             "command": "python -m bench.evolve " + " ".join(sys.argv[1:] if argv is None else argv),
         }
-        RESULTS.mkdir(exist_ok=True)
-        (RESULTS / "evolve.json").write_text(json.dumps(result, indent=2, default=str) + "\n")
         md = (f"# Evolve: per-candidate merge + load\n\n{result['what']}, {args.rounds} rounds, medians.\n\n"
               f"| contender | seconds per candidate |\n|---|---|\n| resident (in place) | {res_med * 1e3:.2f} ms |\n"
               f"| on-disk (merge to dir + load_model) | {disk_med * 1e3:.1f} ms |\n\n"
               f"**ratio: {disk_med / res_med:.0f}x** (resident models bit-identical to the reloaded ones in every round)\n")
-        (RESULTS / "evolve.md").write_text(md)
-        print(md)
+        write_results(RESULTS, "evolve", result, md)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return 0

@@ -15,7 +15,6 @@ Results: ``bench/results/inert_genes.json`` and ``.md``.
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import statistics
 import sys
@@ -26,7 +25,7 @@ from pathlib import Path
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from bench.common import MachineFacts
+from bench.common import MachineFacts, write_results
 from vlm_merge.evolve import Genome, config_from_dict, inert_genes
 from vlm_merge.resident import ResidentMerger
 
@@ -88,14 +87,11 @@ def main(argv: list[str] | None = None) -> int:
             "machine": MachineFacts.collect().as_dict(),
             "command": "python -m bench.inert_genes " + " ".join(sys.argv[1:] if argv is None else argv),
         }
-        RESULTS.mkdir(exist_ok=True)
-        (RESULTS / "inert_genes.json").write_text(json.dumps(result, indent=2, default=str) + "\n")
         md = (f"# Finding the inert genes\n\n{result['what']} ({len(held)} inert), {args.rounds} rounds, medians.\n\n"
               f"| step | seconds |\n|---|---|\n| inert_genes (once per run) | {find_med:.3f} s |\n"
               f"| one candidate merge (resident, in place) | {apply_med * 1e3:.1f} ms |\n\n"
               f"**ratio: {find_med / apply_med:.0f}** candidate merges\n")
-        (RESULTS / "inert_genes.md").write_text(md)
-        print(md)
+        write_results(RESULTS, "inert_genes", result, md)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return 0
