@@ -320,6 +320,7 @@ def test_config_errors_are_one_line_and_exit_2(zoo, dev, tmp_path, capsys):
         ({"method": "nope"}, "is not one of"),
         ({"fitness": {"subset": {"mode": "halving"}}}, "needs a size"),
         ({"cmaes": {"popsiz": 4}}, "unknown key"),
+        ({"genome": {"drop_inert": "yes"}}, r"genome.drop_inert: expected true or false, got 'yes'"),
     ]
     for over, msg in bad:
         with pytest.raises(VlmMergeError, match=msg) as e:
