@@ -34,6 +34,22 @@ def test_smoke_build_writes_every_part(smoke_zoo):
         assert (smoke_zoo / meta["data"][k]).exists()
 
 
+def test_the_settings_zoo_json_records_rebuild_the_same_zoo(smoke_zoo, tmp_path):
+    """zoo.json keeps each mix in its own key order, the order `text.mixture_sampler` draws in: the recorded settings
+    rebuild the zoo byte for byte, and the same mixes with their keys sorted (as zoo.json stored them before session
+    17) train another English base."""
+    from vlm_merge.world.build import PARTS, build_zoo
+    from vlm_merge.world.train import WorldSettings
+
+    recorded = json.loads((smoke_zoo / "zoo.json").read_text())["settings"]
+    assert list(recorded["en_mix"]) == list(WorldSettings().en_mix) != sorted(WorldSettings().en_mix)
+    again = build_zoo(tmp_path / "again", 3, WorldSettings(**recorded), progress=False)
+    for part in PARTS:
+        assert (again / part / "model.safetensors").read_bytes() == (smoke_zoo / part / "model.safetensors").read_bytes(), part
+    mixes = {k: dict(sorted(v.items())) for k, v in recorded.items() if k.endswith("_mix") and v}
+    other = build_zoo(tmp_path / "sorted", 3, WorldSettings(**recorded | mixes), progress=False, dev_check=0)
+    assert (other / "en-base" / "model.safetensors").read_bytes() != (smoke_zoo / "en-base" / "model.safetensors").read_bytes()
+
 def test_smoke_zoo_loads_and_merges(smoke_zoo, tmp_path):
     from transformers import AutoProcessor, LlamaForCausalLM, LlavaForConditionalGeneration
 

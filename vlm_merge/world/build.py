@@ -36,8 +36,8 @@ CHAT_TEMPLATE = CHAT_TEMPLATES["llama"]  # llava-hf's llava-1.5 template, as tra
 PARTS = ("en-base", "ja-base", "en-vlm")
 
 
-def _write_json(path: Path, data) -> None:
-    path.write_text(json.dumps(data, indent=2, ensure_ascii=False, sort_keys=True) + "\n", encoding="utf-8")
+def _write_json(path: Path, data, sort_keys: bool = True) -> None:
+    path.write_text(json.dumps(data, indent=2, ensure_ascii=False, sort_keys=sort_keys) + "\n", encoding="utf-8")
 
 
 def save_llm(model: LlamaForCausalLM, tok, out: Path) -> None:
@@ -124,11 +124,7 @@ def build_zoo(out: str | Path, seed: int = 0, settings: WorldSettings | None = N
         timings["en-base"] = time.perf_counter() - t
 
         t = time.perf_counter()
-        ja = copy.deepcopy(en)
-        train.train_lm(ja, tok, s.ja_mix, seed * 1000 + 2, s.ja_steps, s.ja_lr, s.batch, "japanese base", progress, stage("ja-base"),
-                       s.qa_turns, s.ja_block_lr_scale, s.ja_train_layers, s.group_by_length, book=book)
-        save_llm(ja, tok, tmp / "ja-base")
-        del ja
+        save_llm(train_ja_base(en, tok, s, seed, progress, stage("ja-base")), tok, tmp / "ja-base")
         timings["ja-base"] = time.perf_counter() - t
 
         t = time.perf_counter()
@@ -136,39 +132,58 @@ def build_zoo(out: str | Path, seed: int = 0, settings: WorldSettings | None = N
         timings["vision"] = time.perf_counter() - t
 
         t = time.perf_counter()
-        vlm = build_vlm(en, tower, vlm_tok, s, seed * 1000 + 4)
-        vlm_dir = tmp / "en-vlm"
-        vlm_dir.mkdir()
-        write_processor_files(vlm_dir, vlm_tok)
-        from transformers import AutoProcessor
-
-        processor = AutoProcessor.from_pretrained(str(vlm_dir))
-        dev_rows = datasets.read_rows(files["en-dev"])[:dev_check]
-        dev_images = datasets.load_images(files["en-dev"], dev_rows)
-        checks = []
-
-        def check(step: int) -> bool:
-            """Score English dev; stop once the last `vlm_target_checks` checks all reached `vlm_target`."""
-            preds = evaluate.answer(vlm, processor, dev_images, [r["question"] for r in dev_rows])
-            acc = float(evaluate.score(dev_rows, preds, rouge=False).content.mean())
-            checks.append({"step": step, "en_dev_content_accuracy": acc})
-            log.info("english VLM step %d: en dev content accuracy %.3f", step, acc)
-            vlm.train()
-            recent = checks[-s.vlm_target_checks:]
-            return len(recent) == s.vlm_target_checks and all(c["en_dev_content_accuracy"] >= s.vlm_target for c in recent)
-
-        steps = train.train_vlm(vlm, vlm_tok, s, seed * 1000 + 5, progress, stage("en-vlm"), check if dev_check else None)
-        vlm.generation_config = GenerationConfig(bos_token_id=1, eos_token_id=2, pad_token_id=vlm_tok.token_to_id(text.PAD_TOKEN))
-        vlm.save_pretrained(vlm_dir)
+        steps, checks = train_en_vlm(en, tower, vlm_tok, s, seed, files["en-dev"], tmp / "en-vlm", progress, stage("en-vlm"),
+                                     dev_check)
         timings["en-vlm"] = time.perf_counter() - t
         timings["total"] = time.perf_counter() - t0
 
         _write_json(tmp / "train_log.json", losses)
-        _write_json(tmp / "zoo.json", {
+        meta = {
             "format": "vlm-merge miniature world", "seed": seed, "settings": s.as_dict(), "parts": list(PARTS),
             "data": {k: str(v.relative_to(tmp)) for k, v in files.items()}, "vlm_steps": steps,
             "vlm_checks": checks, "timings_s": {k: round(v, 1) for k, v in timings.items()},
             "torch_threads": s.threads,
-        })
+        }
+        # the settings keep their own order: a mix is drawn from in its keys' order (`text.mixture_sampler`), so the
+        # settings zoo.json records rebuild the same zoo only in that order
+        _write_json(tmp / "zoo.json", dict(sorted(meta.items())), sort_keys=False)
         tmp.rename(out)
         return out
+
+
+def train_ja_base(en: LlamaForCausalLM, tok, s: WorldSettings, seed: int, progress: bool, losses: list) -> LlamaForCausalLM:
+    """The Japanese continued pretraining of `build_zoo`: a copy of `en` trained on `s.ja_mix` (`en` is unchanged)."""
+    ja = copy.deepcopy(en)
+    train.train_lm(ja, tok, s.ja_mix, seed * 1000 + 2, s.ja_steps, s.ja_lr, s.batch, "japanese base", progress, losses,
+                   s.qa_turns, s.ja_block_lr_scale, s.ja_train_layers, s.group_by_length, book=s.phrasebook())
+    return ja
+
+def train_en_vlm(en: LlamaForCausalLM, tower, vlm_tok, s: WorldSettings, seed: int, en_dev: Path, out: Path,
+                 progress: bool, losses: list, dev_check: int = 150) -> tuple[int, list[dict]]:
+    """The VLM stage of `build_zoo`: `build_vlm` on `en` and `tower`, tuned on English VQA with the early stop on the
+    first `dev_check` questions of `en_dev` (0: no checks), saved with its processor files into `out`.
+    Returns (steps trained, the dev checks)."""
+    from transformers import AutoProcessor
+
+    vlm = build_vlm(en, tower, vlm_tok, s, seed * 1000 + 4)
+    out.mkdir()
+    write_processor_files(out, vlm_tok)
+    processor = AutoProcessor.from_pretrained(str(out))
+    dev_rows = datasets.read_rows(en_dev)[:dev_check]
+    dev_images = datasets.load_images(en_dev, dev_rows)
+    checks = []
+
+    def check(step: int) -> bool:
+        """Score English dev; stop once the last `vlm_target_checks` checks all reached `vlm_target`."""
+        preds = evaluate.answer(vlm, processor, dev_images, [r["question"] for r in dev_rows])
+        acc = float(evaluate.score(dev_rows, preds, rouge=False).content.mean())
+        checks.append({"step": step, "en_dev_content_accuracy": acc})
+        log.info("english VLM step %d: en dev content accuracy %.3f", step, acc)
+        vlm.train()
+        recent = checks[-s.vlm_target_checks:]
+        return len(recent) == s.vlm_target_checks and all(c["en_dev_content_accuracy"] >= s.vlm_target for c in recent)
+
+    steps = train.train_vlm(vlm, vlm_tok, s, seed * 1000 + 5, progress, losses, check if dev_check else None)
+    vlm.generation_config = GenerationConfig(bos_token_id=1, eos_token_id=2, pad_token_id=vlm_tok.token_to_id(text.PAD_TOKEN))
+    vlm.save_pretrained(out)
+    return steps, checks

@@ -81,7 +81,8 @@ def document(rng: random.Random, kind: str, book: scenes.Phrasebook, turns: int 
 
 
 def mixture_sampler(mix: dict[str, float], seed: int, book: scenes.Phrasebook, turns: int = 1):
-    """An endless iterator of documents drawn from `mix` (kind -> weight), QA chats of `turns` turns."""
+    """An endless iterator of documents drawn from `mix` (kind -> weight), QA chats of `turns` turns. The kinds are
+    drawn in `mix`'s key order: the same weights in another order draw other documents."""
     rng = random.Random(seed)
     kinds, weights = list(mix), list(mix.values())
     while True:
