@@ -50,6 +50,7 @@ def test_the_settings_zoo_json_records_rebuild_the_same_zoo(smoke_zoo, tmp_path)
     other = build_zoo(tmp_path / "sorted", 3, WorldSettings(**recorded | mixes), progress=False, dev_check=0)
     assert (other / "en-base" / "model.safetensors").read_bytes() != (smoke_zoo / "en-base" / "model.safetensors").read_bytes()
 
+
 def test_smoke_zoo_loads_and_merges(smoke_zoo, tmp_path):
     from transformers import AutoProcessor, LlamaForCausalLM, LlavaForConditionalGeneration
 

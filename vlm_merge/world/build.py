@@ -158,6 +158,7 @@ def train_ja_base(en: LlamaForCausalLM, tok, s: WorldSettings, seed: int, progre
                    s.qa_turns, s.ja_block_lr_scale, s.ja_train_layers, s.group_by_length, book=s.phrasebook())
     return ja
 
+
 def train_en_vlm(en: LlamaForCausalLM, tower, vlm_tok, s: WorldSettings, seed: int, en_dev: Path, out: Path,
                  progress: bool, losses: list, dev_check: int = 150) -> tuple[int, list[dict]]:
     """The VLM stage of `build_zoo`: `build_vlm` on `en` and `tower`, tuned on English VQA with the early stop on the
