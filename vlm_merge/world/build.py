@@ -40,6 +40,11 @@ def _write_json(path: Path, data, sort_keys: bool = True) -> None:
     path.write_text(json.dumps(data, indent=2, ensure_ascii=False, sort_keys=sort_keys) + "\n", encoding="utf-8")
 
 
+def write_zoo_json(zoo: Path, meta: dict) -> None:
+    """`zoo`/zoo.json: its top-level keys sorted, the settings in their own order. A mix is drawn from in its keys'
+    order (`text.mixture_sampler`), so the settings zoo.json records rebuild the same zoo only in that order."""
+    _write_json(zoo / "zoo.json", dict(sorted(meta.items())), sort_keys=False)
+
 def save_llm(model: LlamaForCausalLM, tok, out: Path) -> None:
     model.generation_config = GenerationConfig(bos_token_id=1, eos_token_id=2)
     model.save_pretrained(out)
@@ -144,9 +149,7 @@ def build_zoo(out: str | Path, seed: int = 0, settings: WorldSettings | None = N
             "vlm_checks": checks, "timings_s": {k: round(v, 1) for k, v in timings.items()},
             "torch_threads": s.threads,
         }
-        # the settings keep their own order: a mix is drawn from in its keys' order (`text.mixture_sampler`), so the
-        # settings zoo.json records rebuild the same zoo only in that order
-        _write_json(tmp / "zoo.json", dict(sorted(meta.items())), sort_keys=False)
+        write_zoo_json(tmp, meta)
         tmp.rename(out)
         return out
 

@@ -52,7 +52,7 @@ def main(zoo: Path, out: Path, stage: str, overrides: dict) -> None:
             meta |= {"vlm_steps": steps, "vlm_checks": checks}
     meta |= {"settings": s.as_dict(), "restaged": {"from": str(zoo.resolve()), "stage": stage, "overrides": overrides,
                                                    "seconds": round(time.perf_counter() - t0, 1)}}
-    (out / "zoo.json").write_text(json.dumps(dict(sorted(meta.items())), indent=2, ensure_ascii=False) + "\n")
+    build.write_zoo_json(out, meta)
 
 
 if __name__ == "__main__":

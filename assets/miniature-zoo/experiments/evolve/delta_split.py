@@ -12,21 +12,17 @@ import sys
 from pathlib import Path
 
 import torch
-from transformers.modeling_outputs import BaseModelOutputWithPooling
-
-from eval.prompts import build_prompt, image_token
-from headroom import probe
+from eval.prompts import image_token
+from headroom import image_inputs, probe, prompt_ids
 
 zoo, scaf = Path(sys.argv[1]), Path(sys.argv[2])
 files = {"dev": zoo / "data/ja-dev.jsonl", "test": zoo / "data/ja-test.jsonl", "dev3": zoo / "dev3/ja-dev2.jsonl"}
 cfg, evs, (vlm, en, ja) = probe(zoo, scaf, files)
 
 ev = evs["dev3"]
-model, proc = ev.model, ev.processor
+model = ev.model
 lm = model.model.language_model
-tok = proc.tokenizer
-token = image_token(proc)
-img_id = tok.convert_tokens_to_ids(token)
+img_id = ev.processor.tokenizer.convert_tokens_to_ids(image_token(ev.processor))
 LIN = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"]
 mods = {f"layers.{l}.{n}": lm.layers[l].get_submodule(n) for l in (0, 1) for n in LIN}
 G = {k: {"img": 0, "txt": 0} for k in mods}
@@ -45,16 +41,14 @@ with torch.inference_mode():
         batch = qs[s:s + 64]
         rows, feats = [], []
         for q in batch:
-            img = ev.encoded[q.image_key]
-            p = build_prompt(proc, q.question, ev.protocol.template).replace(token, token * img.n_tokens, 1)
-            rows.append(tok(p).input_ids); feats.append(img.features)
+            rows.append(prompt_ids(ev, q)); feats.append(ev.encoded[q.image_key].features)
         w = max(map(len, rows))
         ids = torch.zeros((len(rows), w), dtype=torch.long); mask = torch.zeros_like(ids)
         for i, r in enumerate(rows):
             ids[i, :len(r)] = torch.tensor(r); mask[i, :len(r)] = 1
         state["img"] = ids == img_id
         state["txt"] = (mask == 1) & ~state["img"]
-        model(input_ids=ids, attention_mask=mask, mm_encoder_outputs={"image": BaseModelOutputWithPooling(pooler_output=feats)})
+        model(input_ids=ids, attention_mask=mask, **image_inputs(feats))
 for h in hs: h.remove()
 
 split = {}

@@ -17,10 +17,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import torch
-from transformers.modeling_outputs import BaseModelOutputWithPooling
-
-from eval.prompts import build_prompt, image_token
-from headroom import lm_tensors
+from headroom import image_inputs, lm_tensors, prompt_ids
 from vlm_merge.evolve import Evaluator, chat_vector_recipe, config_from_dict
 
 GRID = [(lam, s) for lam in (0.01, 0.1, 1, 10, 100, 1000) for s in (1.0, 1.5)]
@@ -35,8 +32,7 @@ def set_layers(model, state: dict[str, torch.Tensor], keys) -> None:
 
 def fisher(ev: Evaluator, questions, keys) -> dict[str, torch.Tensor]:
     """Mean over `questions` of the squared gradient of log p(answer + EOS | prompt), per parameter of `keys`."""
-    model, proc = ev.model, ev.processor
-    tok, token = proc.tokenizer, image_token(proc)
+    model, tok = ev.model, ev.processor.tokenizer
     eos = model.generation_config.eos_token_id
     eos = eos[0] if isinstance(eos, list) else eos
     params = {k: model.model.language_model.get_parameter(k) for k in keys}
@@ -46,11 +42,9 @@ def fisher(ev: Evaluator, questions, keys) -> dict[str, torch.Tensor]:
         p.requires_grad_(True)
     total = {k: torch.zeros_like(p) for k, p in params.items()}
     for q in questions:
-        img = ev.encoded[q.image_key]
-        prompt = build_prompt(proc, q.question, ev.protocol.template).replace(token, token * img.n_tokens, 1)
-        p_ids, a_ids = tok(prompt).input_ids, tok(q.answer, add_special_tokens=False).input_ids + [eos]
+        p_ids, a_ids = prompt_ids(ev, q), tok(q.answer, add_special_tokens=False).input_ids + [eos]
         ids = torch.tensor([p_ids + a_ids])
-        logits = model(input_ids=ids, mm_encoder_outputs={"image": BaseModelOutputWithPooling(pooler_output=[img.features])}).logits
+        logits = model(input_ids=ids, **image_inputs([ev.encoded[q.image_key].features])).logits
         logp = torch.log_softmax(logits[0, len(p_ids) - 1 : -1].float(), -1).gather(-1, ids[0, len(p_ids) :].unsqueeze(-1)).sum()
         model.zero_grad(set_to_none=True)
         (-logp).backward()

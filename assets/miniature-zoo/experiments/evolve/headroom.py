@@ -65,6 +65,22 @@ def lm_tensors(zoo: Path) -> tuple[dict, dict, dict]:
     return load(zoo / "en-vlm", "language_model.model."), load(zoo / "en-base", "model."), load(zoo / "ja-base", "model.")
 
 
+def prompt_ids(ev: Evaluator, q) -> list[int]:
+    """Token ids of question `q`'s prompt as `ev` scores it, its image token expanded to the image's tokens
+    (`ev.encoded`); the probes' forward passes (`delta_split.py`, `fisher_merge.py`, `shift_projection.py`)."""
+    from eval.prompts import build_prompt, image_token
+
+    token = image_token(ev.processor)
+    prompt = build_prompt(ev.processor, q.question, ev.protocol.template)
+    return ev.processor.tokenizer(prompt.replace(token, token * ev.encoded[q.image_key].n_tokens, 1)).input_ids
+
+
+def image_inputs(features: list) -> dict:
+    """The keyword argument that hands cached image features (one tensor per image) to the live model's forward."""
+    from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+    return {"mm_encoder_outputs": {"image": BaseModelOutputWithPooling(pooler_output=features)}}
+
 def probe(zoo: Path, scaffold: Path, files: dict[str, Path]):
     """The probes' start (`svd_split.py`, `head_weights.py`, `delta_split.py`): one thread, the config of `config`,
     an Evaluator per file with Chat Vector 0.5 merged into its live model (at `scaffold`), and `lm_tensors`."""

@@ -15,10 +15,8 @@ from dataclasses import replace
 from pathlib import Path
 
 import torch
-from transformers.modeling_outputs import BaseModelOutputWithPooling
-
-from eval.prompts import build_prompt, image_token
-from headroom import probe
+from eval.prompts import image_token
+from headroom import image_inputs, probe, prompt_ids
 from vlm_merge.evolve import Evaluator, chat_vector_recipe
 
 WRITERS = ("self_attn.o_proj", "mlp.down_proj")
@@ -28,17 +26,12 @@ LIN = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_
 
 def interface(ev: Evaluator, questions, layer: int = 2) -> torch.Tensor:
     """Hidden states after decoder layer `layer - 1` at the text positions after the image, stacked over `questions`."""
-    model, proc = ev.model, ev.processor
-    tok, token = proc.tokenizer, image_token(proc)
+    img_id = ev.processor.tokenizer.convert_tokens_to_ids(image_token(ev.processor))
     out = []
     with torch.no_grad():
         for q in questions:
-            img = ev.encoded[q.image_key]
-            prompt = build_prompt(proc, q.question, ev.protocol.template).replace(token, token * img.n_tokens, 1)
-            ids = torch.tensor([tok(prompt).input_ids])
-            hs = model(input_ids=ids, output_hidden_states=True,
-                       mm_encoder_outputs={"image": BaseModelOutputWithPooling(pooler_output=[img.features])}).hidden_states
-            img_id = tok.convert_tokens_to_ids(token)
+            ids = torch.tensor([prompt_ids(ev, q)])
+            hs = ev.model(input_ids=ids, output_hidden_states=True, **image_inputs([ev.encoded[q.image_key].features])).hidden_states
             last_img = int((ids[0] == img_id).nonzero().max())
             out.append(hs[layer][0, last_img + 1 :].float())
     return torch.cat(out)
