@@ -98,6 +98,14 @@ def test_numbers_are_the_predictions_rescored(report, rec):
     assert np.isfinite(rec["search"]["best_fitness"]) and rec["search"]["evaluations"] == QUICK.popsize * QUICK.generations
 
 
+def test_the_report_says_which_genes_the_search_held_and_why(report, rec):
+    """The shipped zoo's VLM delta is in layers 0-1 only, so the layer 2-3 genes are held, each with its reason."""
+    held, md = rec["search"]["held_genes"], (report / "report.md").read_text(encoding="utf-8")
+    assert held and set(held).isdisjoint(rec["search"]["gene_names"])
+    assert all(why.startswith("sets only tensors where every model equals the base (") for why in held.values())
+    assert f"{', '.join(held)} held at x0 (sets only tensors where every model equals the base)" in md
+
+
 def test_plots_are_valid_pngs(report, rec):
     for rel in rec["plots"].values():
         data = (report / rel).read_bytes()

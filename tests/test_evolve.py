@@ -182,26 +182,30 @@ def test_run_is_deterministic_and_its_outputs_replay(zoo, dev, tmp_path, request
     assert ev.score(best_recipe).fitness == a.best["fitness"]
 
 
-def _vlm_with_frozen_layer(zoo, out: Path, layer: int) -> Path:
-    """The llava-hf-llama fixture with its language model's layer `layer` set to the English base's (as if its
-    fine-tune had frozen that layer)."""
+def _vlm_with_frozen(zoo, out: Path, prefixes: tuple[str, ...]) -> Path:
+    """The llava-hf-llama fixture with the language-model tensors under `prefixes` (e.g. "model.layers.1.") set to
+    the English base's (as if its fine-tune had frozen them); embedding rows the VLM added keep their values."""
     import shutil
 
     from safetensors.torch import load_file, save_file
 
     shutil.copytree(zoo.vlms["llava-hf-llama"], out)
     en = load_file(zoo.llms["en-llama"] / "model.safetensors")
-    prefix = f"language_model.model.layers.{layer}."
     for shard in out.glob("*.safetensors"):
         state = load_file(shard)
-        hit = {k: en["model." + k.removeprefix("language_model.model.")].to(v.dtype) for k, v in state.items() if k.startswith(prefix)}
+        hit = {}
+        for k, v in state.items():
+            name = k.removeprefix("language_model.")
+            if k.startswith("language_model.") and name.startswith(prefixes):
+                hit[k] = v.clone()
+                hit[k][: en[name].shape[0]] = en[name].to(v.dtype)
         if hit:
             save_file({**state, **hit}, shard, metadata={"format": "pt"})
     return out
 
 
 def test_inert_genes_are_held_out_of_the_search_and_the_run_resumes_with_them_held(zoo, dev, tmp_path):
-    vlm = _vlm_with_frozen_layer(zoo, tmp_path / "vlm", layer=1)
+    vlm = _vlm_with_frozen(zoo, tmp_path / "vlm", ("model.layers.1.",))
     # a projection split under a `norms` gene: the layer-norm genes set no tensor; layer 1 has no delta
     cfg = config(zoo, dev, sources={"vlm": str(vlm)},
                  genome={"params": {"weight": [0.0, 1.5]}, "split_modules": "projections", "separate": ["norms", "embeddings"]},
@@ -235,6 +239,19 @@ def test_inert_genes_are_held_out_of_the_search_and_the_run_resumes_with_them_he
     # drop_inert: false searches every gene
     off = run_evolve(config_from_dict({**cfg, "genome": {**cfg["genome"], "drop_inert": False}}), tmp_path / "off", progress=False, write_model=False)
     assert off.held_genes == {} and len(off.best["x"]) == 9 + len(res.held_genes)
+
+
+def test_a_genome_with_every_gene_inert_is_one_error_and_leaves_no_run_behind(zoo, dev, tmp_path):
+    vlm = _vlm_with_frozen(zoo, tmp_path / "vlm", ("model.", "lm_head."))  # the VLM's language model is the base
+    cfg = config(zoo, dev, sources={"vlm": str(vlm)}, genome={"params": {"weight": [0.0, 1.5]}, "separate": ["norms", "embeddings"]})
+    with pytest.raises(VlmMergeError, match=r"^evolve config genome: all 4 genes are inert .* check sources.models and base_model$"):
+        run_evolve(config_from_dict(cfg), tmp_path / "run", progress=False, write_model=False)
+    assert not (tmp_path / "run").exists()
+    # with drop_inert: false the same genome is searched (and every candidate is the target plus nothing)
+    res = run_evolve(config_from_dict({**cfg, "genome": {**cfg["genome"], "drop_inert": False}, "cmaes": {"popsize": 4, "max_evaluations": 4, "seed": 3}}),
+                     tmp_path / "off", progress=False, write_model=False)
+    log = [json.loads(x) for x in (tmp_path / "off" / LOG_FILE).read_text().splitlines()]
+    assert res.held_genes == {} and len(res.best["x"]) == 4 and len(log) == 4 and len({r["fitness"] for r in log}) == 1
 
 
 def test_failing_candidates_are_penalised_logged_and_the_run_goes_on(zoo, dev, tmp_path):

@@ -366,6 +366,14 @@ def protocol_text(rec: dict) -> str:
             f"questions. Zoo seed {rec['zoo']['seed']}, search seed {rec['settings']['seed']}.")
 
 
+def _by_reason(held: dict[str, str]) -> dict[str, list[str]]:
+    """Held genes grouped by why they are held (`evolve.inert_genes`'s reasons, without their tensor counts)."""
+    out: dict[str, list[str]] = {}
+    for gene, why in held.items():
+        out.setdefault(why.split(" (")[0], []).append(gene)
+    return out
+
+
 def report_blocks(rec: dict) -> list[tuple]:
     """The report's content, from report.json's record."""
     cv, s, g = rec["chat_vector"], rec["search"], rec["gallery"]
@@ -374,8 +382,7 @@ def report_blocks(rec: dict) -> list[tuple]:
     qtype_rows = [[q, str(max(rec["models"][n]["by_qtype"].get(q, {}).get("n", 0) for n in ja)),
                    *[_pts(rec["models"][n]["by_qtype"][q]["content_accuracy"]) if q in rec["models"][n]["by_qtype"] else "-"
                      for n in ja]] for q in qtypes]
-    held = (f"; {', '.join(s['held_genes'])} held at x0 (no source differs from the English base in the tensors they set)"
-            if s.get("held_genes") else "")
+    held = "".join(f"; {', '.join(genes)} held at x0 ({why})" for why, genes in _by_reason(s.get("held_genes", {})).items())
     versus = ("" if s["chat_vector_fitness"] is None
               else f" (the chosen Chat Vector scores {s['chat_vector_fitness']:.3f} on the same questions)")
     header = (f"Zoo `{rec['zoo']['path']}` (seed {rec['zoo']['seed']}); written in {rec['timings_s']['total']:.0f} s."
@@ -649,7 +656,8 @@ def run_demo(out: str | Path, *, force: bool = False, zoo: str | Path | None = N
             "chat_vector": {"scale": choice.scale, "skip": choice.skip, "dev": choice.dev,
                             "dev_questions": len(choice.dev_content), "path": str(atomic.target / MODELS_DIR / "chat-vector")},
             "search": {"generations": res.generations, "evaluations": res.evaluations, "genes": summary["genes"],
-                       "gene_names": summary["gene_names"], "held_genes": sorted(summary["held_genes"]), "protocol": fitness_text(cfg),
+                       "gene_names": summary["gene_names"], "protocol": fitness_text(cfg),
+                       "held_genes": {g: h["why"] for g, h in sorted(summary["held_genes"].items())},
                        "fitness_questions": k, "best_fitness": res.best["fitness"], "best_genes": res.best["genes"],
                        "chat_vector_fitness": cv_fit, "seconds": timings["search"], "dir": SEARCH_DIR},
             "models": summaries,

@@ -631,7 +631,7 @@ def inert_genes(genome: Genome, merger) -> dict[str, str]:
         if not sets:
             out[g.name] = "sets no tensor"
         elif sets <= fixed:
-            out[g.name] = f"sets only tensors where every model equals the base ({len(sets)})"
+            out[g.name] = f"sets only tensors where every model equals the base ({len(sets)} tensor{'s' * (len(sets) > 1)})"
     return out
 
 
