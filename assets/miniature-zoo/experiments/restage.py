@@ -6,8 +6,9 @@ on that zoo's other parts in a fraction of a build's time.
 STAGE is `en-vlm` (the VLM stage, on ZOO's English base: `build.train_en_vlm`) or `ja-base` (the Japanese continued
 pretraining of ZOO's English base: `build.train_ja_base`); neither depends on the other. OUT gets links to ZOO's other
 parts (en-base, ja-base or en-vlm, data, and dev3 if there) and the stage retrained with ZOO's settings plus the
-overrides and ZOO's seed, as `build_zoo` trains it; zoo.json records the new settings. `vlm-merge zoo bar --zoo OUT
---out DIR` then measures it. With no overrides the retrained stage is ZOO's, byte for byte (checked for ja-base on
+overrides and ZOO's seed, as `build_zoo` trains it; zoo.json records the new settings and, under `restaged`, the
+stage's seconds and the source zoo's stage times (no `timings_s`: they were not this zoo's). `vlm-merge zoo bar --zoo
+OUT --out DIR` then measures it. With no overrides the retrained stage is ZOO's, byte for byte (checked for ja-base on
 E8 seed 1). A zoo.json written before session 17 holds its mixes with sorted keys, and a mix is drawn from in its
 keys' order (`text.mixture_sampler`): pass a mix that differs from the defaults again as an override.
 """
@@ -50,8 +51,10 @@ def main(zoo: Path, out: Path, stage: str, overrides: dict) -> None:
             steps, checks = build.train_en_vlm(en, tower, text.vlm_tokenizer(tok), s, seed, zoo / meta["data"]["en-dev"],
                                                out / "en-vlm", True, [])
             meta |= {"vlm_steps": steps, "vlm_checks": checks}
+    # the stage times of the build this zoo came from are not this zoo's: kept under `restaged`, beside the stage's own
     meta |= {"settings": s.as_dict(), "restaged": {"from": str(zoo.resolve()), "stage": stage, "overrides": overrides,
-                                                   "seconds": round(time.perf_counter() - t0, 1)}}
+                                                   "seconds": round(time.perf_counter() - t0, 1),
+                                                   "source_timings_s": meta.pop("timings_s", None)}}
     build.write_zoo_json(out, meta)
 
 
