@@ -45,6 +45,7 @@ def write_zoo_json(zoo: Path, meta: dict) -> None:
     order (`text.mixture_sampler`), so the settings zoo.json records rebuild the same zoo only in that order."""
     _write_json(zoo / "zoo.json", dict(sorted(meta.items())), sort_keys=False)
 
+
 def save_llm(model: LlamaForCausalLM, tok, out: Path) -> None:
     model.generation_config = GenerationConfig(bos_token_id=1, eos_token_id=2)
     model.save_pretrained(out)
@@ -133,7 +134,7 @@ def build_zoo(out: str | Path, seed: int = 0, settings: WorldSettings | None = N
         timings["ja-base"] = time.perf_counter() - t
 
         t = time.perf_counter()
-        tower = train.train_vision(s, seed * 1000 + 3, progress, stage("vision"))
+        tower = train_tower(s, seed, progress, stage("vision"))
         timings["vision"] = time.perf_counter() - t
 
         t = time.perf_counter()
@@ -160,6 +161,11 @@ def train_ja_base(en: LlamaForCausalLM, tok, s: WorldSettings, seed: int, progre
     train.train_lm(ja, tok, s.ja_mix, seed * 1000 + 2, s.ja_steps, s.ja_lr, s.batch, "japanese base", progress, losses,
                    s.qa_turns, s.ja_block_lr_scale, s.ja_train_layers, s.group_by_length, book=s.phrasebook())
     return ja
+
+
+def train_tower(s: WorldSettings, seed: int, progress: bool, losses: list):
+    """The vision tower of `build_zoo` (`train.train_vision` with the build's seed for that stage)."""
+    return train.train_vision(s, seed * 1000 + 3, progress, losses)
 
 
 def train_en_vlm(en: LlamaForCausalLM, tower, vlm_tok, s: WorldSettings, seed: int, en_dev: Path, out: Path,

@@ -47,7 +47,7 @@ def main(zoo: Path, out: Path, stage: str, overrides: dict) -> None:
         if stage == "ja-base":
             build.save_llm(build.train_ja_base(en, tok, s, seed, True, []), tok, out / "ja-base")
         else:
-            tower = train.train_vision(s, seed * 1000 + 3, False, [])
+            tower = build.train_tower(s, seed, False, [])
             steps, checks = build.train_en_vlm(en, tower, text.vlm_tokenizer(tok), s, seed, zoo / meta["data"]["en-dev"],
                                                out / "en-vlm", True, [])
             meta |= {"vlm_steps": steps, "vlm_checks": checks}

@@ -81,6 +81,7 @@ def image_inputs(features: list) -> dict:
 
     return {"mm_encoder_outputs": {"image": BaseModelOutputWithPooling(pooler_output=features)}}
 
+
 def probe(zoo: Path, scaffold: Path, files: dict[str, Path]):
     """The probes' start (`svd_split.py`, `head_weights.py`, `delta_split.py`): one thread, the config of `config`,
     an Evaluator per file with Chat Vector 0.5 merged into its live model (at `scaffold`), and `lm_tensors`."""
