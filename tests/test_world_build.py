@@ -253,3 +253,38 @@ def test_vision_tower_is_the_same_on_one_and_two_threads():
             towers.append(train.train_vision(s, 3, False, []).state_dict())
             assert torch.get_num_threads() == n
     assert all(torch.equal(towers[0][k], towers[1][k]) for k in towers[0])
+
+
+@pytest.mark.parametrize("answer_logits", [False, True])
+def test_the_vlm_stage_loss_is_llavas_own_loss_on_right_padded_batches(smoke_zoo, answer_logits):
+    """`train.answer_loss`, as written and with `answer_logits` (no padding mask, logits at the answer tokens only):
+    on a right-padded batch of image chats of different lengths and a batch of text-only chats it equals
+    transformers' LLaVA forward with the attention mask and labels (the mean over every answer token of both)."""
+    from tokenizers import Tokenizer
+    from transformers import LlavaForConditionalGeneration
+
+    from vlm_merge.world import scenes, text, train
+    from vlm_merge.world.train import WorldSettings
+
+    vlm = LlavaForConditionalGeneration.from_pretrained(smoke_zoo / "en-vlm").eval()
+    tok = Tokenizer.from_file(str(smoke_zoo / "en-vlm" / "tokenizer.json"))
+    book = WorldSettings(**json.loads((smoke_zoo / "zoo.json").read_text())["settings"]).phrasebook()
+    image_id, eos, pad = (tok.token_to_id(t) for t in (text.IMAGE_TOKEN, text.EOS, text.PAD_TOKEN))
+    stream = train.vqa_stream(5, book, turns=3)
+    items = [next(stream) for _ in range(3)]
+    items[1] = (items[1][0], items[1][1][:1])  # one turn: a shorter chat, padded on the right
+    chats = train.collate_chats([train.encode_chat(tok, qas, image_id, scenes.GRID**2, eos) for _, qas in items], pad)
+    assert (chats["attention_mask"] == 0).any()
+    docs = text.mixture_sampler({"qa-en": 1.0}, 1, book, 2)
+    replay = [train.encode_pair(tok, *next(docs), eos) for _ in range(2)]
+    texts = train.collate_chats([(ids, [i >= start for i in range(len(ids))]) for ids, start in replay], pad)
+    px = train.pixels([scenes.draw_scene(sc) for sc, _ in items])
+    with torch.no_grad():
+        feats = vlm.model.vision_tower(pixel_values=px, output_hidden_states=True).hidden_states[-1][:, 1:]
+        image = vlm.model.multi_modal_projector(feats).reshape(-1, vlm.config.text_config.hidden_size)
+        ours = train.answer_loss(vlm, [chats, texts], image, image_id, answer_logits)
+        theirs = [vlm(**chats, pixel_values=px).loss, vlm(**texts).loss]
+    counts = [int((b["labels"][:, 1:] != -100).sum()) for b in (chats, texts)]
+    expected = (theirs[0] * counts[0] + theirs[1] * counts[1]) / sum(counts)
+    assert float(ours) == pytest.approx(float(expected), rel=1e-5)
+    assert abs(float(theirs[0]) - float(theirs[1])) > 1e-3  # the two batches' losses differ: the weighting is tested
