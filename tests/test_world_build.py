@@ -255,11 +255,10 @@ def test_vision_tower_is_the_same_on_one_and_two_threads():
     assert all(torch.equal(towers[0][k], towers[1][k]) for k in towers[0])
 
 
-@pytest.mark.parametrize("answer_logits", [False, True])
-def test_the_vlm_stage_loss_is_llavas_own_loss_on_right_padded_batches(smoke_zoo, answer_logits):
-    """`train.answer_loss`, as written and with `answer_logits` (no padding mask, logits at the answer tokens only):
-    on a right-padded batch of image chats of different lengths and a batch of text-only chats it equals
-    transformers' LLaVA forward with the attention mask and labels (the mean over every answer token of both)."""
+def test_the_vlm_stage_loss_is_llavas_own_loss_on_right_padded_batches(smoke_zoo):
+    """`train.answer_loss` on a right-padded batch of image chats of different lengths and a batch of text-only
+    chats equals transformers' LLaVA forward with the attention mask and labels (the mean over every answer token of
+    both batches): the VLM stage trains LLaVA's own objective."""
     from tokenizers import Tokenizer
     from transformers import LlavaForConditionalGeneration
 
@@ -282,7 +281,7 @@ def test_the_vlm_stage_loss_is_llavas_own_loss_on_right_padded_batches(smoke_zoo
     with torch.no_grad():
         feats = vlm.model.vision_tower(pixel_values=px, output_hidden_states=True).hidden_states[-1][:, 1:]
         image = vlm.model.multi_modal_projector(feats).reshape(-1, vlm.config.text_config.hidden_size)
-        ours = train.answer_loss(vlm, [chats, texts], image, image_id, answer_logits)
+        ours = train.answer_loss(vlm, [chats, texts], image, image_id)
         theirs = [vlm(**chats, pixel_values=px).loss, vlm(**texts).loss]
     counts = [int((b["labels"][:, 1:] != -100).sum()) for b in (chats, texts)]
     expected = (theirs[0] * counts[0] + theirs[1] * counts[1]) / sum(counts)

@@ -76,9 +76,6 @@ class WorldSettings:
     # base's upper layers, so Chat Vector stays constructive up to scale 0.5-0.75 (EXPERIMENTS.md, sessions 12-13)
     vlm_replay_mix: dict | None = field(default_factory=lambda: {"qa-en": 0.65, "xqa-en": 0.15, "text-en": 0.15,
                                                                  "qa-ja": 0.05})
-    # the VLM stage's loss from logits at the answer tokens only, without a padding mask (`answer_loss`): the same
-    # loss up to float rounding, about 8% less time per step, other bits (EXPERIMENTS.md, session 19)
-    vlm_answer_logits: bool = False
     vlm_train_vocab: bool = False  # whether the VLM stage tunes embed_tokens and lm_head (else only the blocks)
     # which decoder layers each fine-tune trains (None: all; the final norm goes with the last layer): the VLM
     # stage the first two (reading the image), the Japanese continued pretraining the last two and the vocabulary
@@ -426,12 +423,11 @@ def encode_chat(tok: Tokenizer, qas: list[scenes.QA], image_id: int, n_img: int,
 
 
 def answer_loss(vlm: LlavaForConditionalGeneration, batches: list[dict[str, torch.Tensor]], image_features: torch.Tensor,
-                image_id: int, answer_logits: bool = False) -> torch.Tensor:
+                image_id: int) -> torch.Tensor:
     """The mean next-token cross-entropy over every answer token of right-padded `batches` (`collate_chats`), whose
     image placeholders take the rows of `image_features` in order: the loss of LLaVA's forward with the attention
-    mask and labels. `answer_logits` computes it with less work (about 8% less time per VLM training step), equal up
-    to float rounding but not bit for bit: no padding mask (attention is causal and every pad comes after the real
-    tokens, so no real token sees one) and logits at the answer positions only (about a tenth of the tokens)."""
+    mask and labels. (Logits at the answer tokens only would save about 8% of a step, but their sums then depend on
+    the thread count: EXPERIMENTS.md, session 19.)"""
     lm = vlm.model.language_model
     sums, n_labels = [], 0
     for b in batches:
@@ -439,15 +435,10 @@ def answer_loss(vlm: LlavaForConditionalGeneration, batches: list[dict[str, torc
         where = (b["input_ids"] == image_id)
         if where.any():
             embeds = embeds.masked_scatter(where.unsqueeze(-1), image_features.to(embeds.dtype))
-        labels = b["labels"][:, 1:]
-        if answer_logits:
-            h = lm(inputs_embeds=embeds).last_hidden_state
-            answer = labels != -100
-            sums.append(torch.nn.functional.cross_entropy(vlm.lm_head(h[:, :-1][answer]), labels[answer], reduction="sum"))
-        else:
-            h = lm(inputs_embeds=embeds, attention_mask=b["attention_mask"]).last_hidden_state
-            logits = vlm.lm_head(h[:, :-1])
-            sums.append(torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), reduction="sum"))
+        h = lm(inputs_embeds=embeds, attention_mask=b["attention_mask"]).last_hidden_state
+        logits = vlm.lm_head(h[:, :-1])
+        labels = b["labels"][:, 1:].reshape(-1)
+        sums.append(torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels, reduction="sum"))
         n_labels += int((labels != -100).sum())
     return sum(sums) / n_labels
 
@@ -484,7 +475,7 @@ def train_vlm(vlm: LlavaForConditionalGeneration, tok: Tokenizer, s: WorldSettin
             feats = tower(pixel_values=pixels([scenes.draw_scene(sc) for sc, _ in items]),
                           output_hidden_states=True).hidden_states[-1][:, 1:]
         img = projector(feats).reshape(-1, lm.config.hidden_size)
-        return answer_loss(vlm, [collate_chats(part, pad_id) for part in parts], img, image_id, s.vlm_answer_logits)
+        return answer_loss(vlm, [collate_chats(part, pad_id) for part in parts], img, image_id)
 
     vlm.train()
     vocab = [lm.embed_tokens.weight, vlm.lm_head.weight]
