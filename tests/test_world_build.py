@@ -263,11 +263,10 @@ def test_the_vlm_stage_loss_is_llavas_own_loss_on_right_padded_batches(smoke_zoo
     from transformers import LlavaForConditionalGeneration
 
     from vlm_merge.world import scenes, text, train
-    from vlm_merge.world.train import WorldSettings
 
     vlm = LlavaForConditionalGeneration.from_pretrained(smoke_zoo / "en-vlm").eval()
     tok = Tokenizer.from_file(str(smoke_zoo / "en-vlm" / "tokenizer.json"))
-    book = WorldSettings(**json.loads((smoke_zoo / "zoo.json").read_text())["settings"]).phrasebook()
+    book = train.WorldSettings(**json.loads((smoke_zoo / "zoo.json").read_text())["settings"]).phrasebook()
     image_id, eos, pad = (tok.token_to_id(t) for t in (text.IMAGE_TOKEN, text.EOS, text.PAD_TOKEN))
     stream = train.vqa_stream(5, book, turns=3)
     items = [next(stream) for _ in range(3)]
@@ -275,8 +274,7 @@ def test_the_vlm_stage_loss_is_llavas_own_loss_on_right_padded_batches(smoke_zoo
     chats = train.collate_chats([train.encode_chat(tok, qas, image_id, scenes.GRID**2, eos) for _, qas in items], pad)
     assert (chats["attention_mask"] == 0).any()
     docs = text.mixture_sampler({"qa-en": 1.0}, 1, book, 2)
-    replay = [train.encode_pair(tok, *next(docs), eos) for _ in range(2)]
-    texts = train.collate_chats([(ids, [i >= start for i in range(len(ids))]) for ids, start in replay], pad)
+    texts = train.collate_chats([train.encode_text_chat(tok, next(docs), eos) for _ in range(2)], pad)
     px = train.pixels([scenes.draw_scene(sc) for sc, _ in items])
     with torch.no_grad():
         feats = vlm.model.vision_tower(pixel_values=px, output_hidden_states=True).hidden_states[-1][:, 1:]

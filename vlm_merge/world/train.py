@@ -230,6 +230,13 @@ def encode_pair(tok: Tokenizer, prompt: str, answer: str, eos_id: int) -> tuple[
     return ids, len(tok.encode(prompt).ids)
 
 
+def encode_text_chat(tok: Tokenizer, doc: tuple[str, str], eos_id: int) -> tuple[list[int], list[bool]]:
+    """A replayed text-only chat of the VLM stage: the ids of `encode_pair` and which positions are trained on (the
+    answer and its EOS)."""
+    ids, start = encode_pair(tok, *doc, eos_id)
+    return ids, [i >= start for i in range(len(ids))]
+
+
 def collate_chats(chats: list[tuple[list[int], list[bool]]], pad_id: int) -> dict[str, torch.Tensor]:
     """Right-padded batch whose labels are the answer tokens only (-100 elsewhere)."""
     width = max(len(ids) for ids, _ in chats)
@@ -465,10 +472,7 @@ def train_vlm(vlm: LlavaForConditionalGeneration, tok: Tokenizer, s: WorldSettin
     def batch_fn(step: int) -> torch.Tensor:
         items = [next(stream) for _ in range(s.batch - n_text)]
         chats = [encode_chat(tok, qas, image_id, n_img, eos) for _, qas in items]
-        texts = []
-        for _ in range(n_text):
-            ids, start = encode_pair(tok, *next(replay), eos)
-            texts.append((ids, [i >= start for i in range(len(ids))]))
+        texts = [encode_text_chat(tok, next(replay), eos) for _ in range(n_text)]
         # grouped: the text-only chats, about twice as long as the image chats, pad in a batch of their own
         parts = [chats, texts] if s.group_by_length and texts else [chats + texts]
         with torch.no_grad():
