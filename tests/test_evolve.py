@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from eval.fixture_datasets import draw_scene
+from eval.outputs import read_jsonl
 from eval.model_loading import load_model
 from tests.conftest import error_line
 from vlm_merge.errors import VlmMergeError
@@ -309,8 +310,8 @@ def _kill_mid_generation(tmp_path, cfg, sig: int, generation: int) -> tuple[subp
 
 
 def _log_records(log: Path) -> list[dict]:
-    """The complete lines of a run's log.jsonl so far (a line being written has no closing brace yet)."""
-    return [json.loads(x) for x in (log.read_text().splitlines() if log.exists() else []) if x.endswith("}")]
+    """The complete lines of a run's log.jsonl so far (a line being written is left out)."""
+    return read_jsonl(log, tolerate_torn_tail=True) if log.exists() else []
 
 
 def _assert_resumes_like(ref, out: Path, ref_dir: Path) -> None:
