@@ -1,10 +1,12 @@
 """Per-candidate cost of an evolutionary merge: resident in-place merging vs writing and reloading.
 
-``python -m bench.evolve`` (CPU, the tiny fixture zoo: llava-hf-llama + en/ja llama; seconds).
+``python -m bench.evolve`` (CPU; seconds) on the miniature zoo: the shipped `assets/miniature-zoo` (its trained
+en-vlm, en-base and ja-base; `--zoo DIR` for another zoo built by `vlm-merge zoo build`, `--zoo fixture` for the
+random-weight test fixtures: llava-hf-llama + en/ja llama).
 
-Contenders, for the same sequence of candidate recipes (task_arithmetic, one random weight per layer
-plus embeddings, the shape `vlm-merge evolve` searches), ``--rounds`` rounds in alternating order,
-medians reported:
+Contenders, for the same sequence of candidate recipes (task_arithmetic in the Chat Vector form, one random
+weight per decoder layer plus one for the embeddings, the shape `vlm-merge evolve` searches), ``--rounds``
+rounds in alternating order, medians reported:
 
 - ``resident``: `ResidentMerger.apply(recipe)`: sources already in memory, the merged language model
   written into the one live model in place (what `vlm-merge evolve` does per candidate).
@@ -52,18 +54,33 @@ from eval.model_loading import load_model
 from vlm_merge.fixtures import build_fixture_zoo
 from vlm_merge.merge import merge
 from vlm_merge.resident import ResidentMerger, write_scaffold
+from vlm_merge.world import shipped_zoo
 
 RESULTS = Path(__file__).parent / "results"
 
 
-def recipes(zoo, n: int, seed: int) -> list[dict]:
+def sources(zoo: str, work: Path) -> tuple[dict, str]:
+    """The recipe's sources (vlm, base_model, target) and what they are, for `--zoo` ("fixture": built in `work`)."""
+    if zoo == "fixture":
+        fx = build_fixture_zoo(work / "zoo", seed=0)
+        paths = {"vlm": fx.vlms["llava-hf-llama"], "base_model": fx.llms["en-llama"], "target": fx.llms["ja-llama"]}
+        return {k: str(v) for k, v in paths.items()}, "the tiny random-weight fixture LLaVA-1.5 (CPU float32)"
+    root = shipped_zoo() if zoo == "shipped" else Path(zoo)
+    paths = {"vlm": root / "en-vlm", "base_model": root / "en-base", "target": root / "ja-base"}
+    missing = [str(p) for p in paths.values() if not (p / "config.json").exists()]
+    if missing:
+        print(f"--zoo {zoo}: no model at {missing[0]}; pass a zoo built by `vlm-merge zoo build`", file=sys.stderr)
+        raise SystemExit(2)
+    name = "the shipped miniature zoo (assets/miniature-zoo" if zoo == "shipped" else f"the miniature zoo {root} ("
+    return {k: str(v) for k, v in paths.items()}, f"{name}: trained en-vlm, en-base, ja-base; CPU float32)"
+
+
+def recipes(srcs: dict, layers: int, n: int, seed: int) -> list[dict]:
     rng = random.Random(seed)
-    base = {"merge_method": "task_arithmetic", "vlm": str(zoo.vlms["llava-hf-llama"]), "base_model": str(zoo.llms["en-llama"]),
-            "target": str(zoo.llms["ja-llama"])}
     out = []
     for _ in range(n):
-        weight = [{"filter": "embed_tokens", "value": rng.uniform(0, 1.5)}, {"value": [rng.uniform(0, 1.5) for _ in range(2)]}]
-        out.append({**base, "models": [{"model": "vlm", "parameters": {"weight": weight}}]})
+        weight = [{"filter": "embed_tokens", "value": rng.uniform(0, 1.5)}, {"value": [rng.uniform(0, 1.5) for _ in range(layers)]}]
+        out.append({"merge_method": "task_arithmetic", **srcs, "models": [{"model": "vlm", "parameters": {"weight": weight}}]})
     return out
 
 
@@ -72,7 +89,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rounds", type=int, default=15)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--device", default="cpu", help="cpu (tiny fixture zoo, resident vs on-disk) or cuda (7B-shaped, fused vs bound)")
+    ap.add_argument("--device", default="cpu", help="cpu (the miniature zoo, resident vs on-disk) or cuda (7B-shaped, fused vs bound)")
+    ap.add_argument("--zoo", default="shipped", help="--device cpu: 'shipped' (assets/miniature-zoo), a zoo directory, or 'fixture'")
     ap.add_argument("--layers", type=int, default=32, help="decoder layers of the 7B-shaped model (--device cuda)")
     args = ap.parse_args(argv)
     if args.device.startswith("cuda"):
@@ -82,10 +100,10 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     work = Path(tempfile.mkdtemp(prefix="bench-evolve-"))
     try:
-        zoo = build_fixture_zoo(work / "zoo", seed=0)
-        cands = recipes(zoo, args.rounds, args.seed)
-        write_scaffold(cands[0], work / "scaffold")
+        srcs, what = sources(args.zoo, work)
+        write_scaffold(recipes(srcs, 1, 1, args.seed)[0], work / "scaffold")
         live, _ = load_model(work / "scaffold", device="cpu")
+        cands = recipes(srcs, live.config.text_config.num_hidden_layers, args.rounds, args.seed)
         t = time.perf_counter()
         rm = ResidentMerger.open(cands[0], live)
         load_s = time.perf_counter() - t
@@ -113,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
                 raise SystemExit(f"round {i}: the resident model differs from the written and reloaded one")
         res_med, disk_med = statistics.median(resident), statistics.median(disk)
         result = {
-            "what": "per-candidate merge + load of the merged language model, tiny fixture LLaVA-1.5 (CPU float32)",
+            "what": f"per-candidate merge + load of the merged language model, {what}",
             "rounds": args.rounds, "threads": args.threads,
             "resident_s_median": res_med, "on_disk_s_median": disk_med, "ratio": disk_med / res_med,
             "resident_sources_load_s_once": load_s, "resident_source_bytes": rm.source_bytes,
