@@ -75,13 +75,15 @@ def sources(zoo: str, work: Path) -> tuple[dict, str]:
     return {k: str(v) for k, v in paths.items()}, f"{name}: trained en-vlm, en-base, ja-base; CPU float32)"
 
 
+def recipe(srcs: dict, weight) -> dict:
+    """Chat Vector's form of task_arithmetic on `srcs` with the VLM's delta weighted by `weight`."""
+    return {"merge_method": "task_arithmetic", **srcs, "models": [{"model": "vlm", "parameters": {"weight": weight}}]}
+
+
 def recipes(srcs: dict, layers: int, n: int, seed: int) -> list[dict]:
     rng = random.Random(seed)
-    out = []
-    for _ in range(n):
-        weight = [{"filter": "embed_tokens", "value": rng.uniform(0, 1.5)}, {"value": [rng.uniform(0, 1.5) for _ in range(layers)]}]
-        out.append({"merge_method": "task_arithmetic", **srcs, "models": [{"model": "vlm", "parameters": {"weight": weight}}]})
-    return out
+    return [recipe(srcs, [{"filter": "embed_tokens", "value": rng.uniform(0, 1.5)},
+                          {"value": [rng.uniform(0, 1.5) for _ in range(layers)]}]) for _ in range(n)]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -101,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     work = Path(tempfile.mkdtemp(prefix="bench-evolve-"))
     try:
         srcs, what = sources(args.zoo, work)
-        write_scaffold(recipes(srcs, 1, 1, args.seed)[0], work / "scaffold")
+        write_scaffold(recipe(srcs, 0.5), work / "scaffold")  # a scaffold does not depend on the weights
         live, _ = load_model(work / "scaffold", device="cpu")
         cands = recipes(srcs, live.config.text_config.num_hidden_layers, args.rounds, args.seed)
         t = time.perf_counter()
