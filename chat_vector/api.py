@@ -99,14 +99,18 @@ def chat_vector(
     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
     progress: bool = True,
     trust_remote_code: bool = False,
+    text_config_from: str = "vlm",
 ) -> Path:
     """Write a Japanese VLM: the VLM's vision side + `ja_base + scale * (vlm_llm - en_base)`.
 
     `layer_scales` multiplies the scale per decoder layer, `module_scales` per module group
     (attention, mlp, norms, embeddings, lm_head); `skip` names presets or regexes of tensors that keep
     the Japanese base's value (see `chat_vector.rules`). `dtype` is the output dtype of the language
-    model (default: the VLM's). The output holds `merge_recipe.yaml`: `vlm-merge merge` replays it.
+    model (default: the VLM's). `text_config_from` ("vlm" or "ja_base"/"target") says whose RoPE, sliding
+    window, norm eps, context length, … the output has (see `vlm_merge.backbone.FUNCTION_FIELDS`).
+    The output holds `merge_recipe.yaml`: `vlm-merge merge` replays it.
     """
+    text_config_from = TARGET if text_config_from == "ja_base" else text_config_from
     prepare_output_dir(out, force)
     scales = make_scales(scale, layer_scales, module_scales, skip)
     if scales.layer_scales is not None:
@@ -117,6 +121,7 @@ def chat_vector(
     return merge(
         recipe, out, force=force, max_shard_bytes=max_shard_bytes, vision_tower=vision_tower, cache_dir=cache_dir,
         progress=progress, trust_remote_code=trust_remote_code, card_title="Japanese VLM by Chat Vector",
+        text_config_from=text_config_from,
     )
 
 
@@ -255,11 +260,13 @@ def apply_delta(
     force: bool = False,
     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
     progress: bool = True,
+    text_config_from: str = "vlm",
 ) -> Path:
     """Write a Japanese VLM from a saved delta: `ja_base + scale * delta`, vision side from the VLM.
 
-    `vlm` defaults to the VLM path recorded in the delta.
+    `vlm` defaults to the VLM path recorded in the delta; `text_config_from` as in `chat_vector`.
     """
+    text_config_from = TARGET if text_config_from == "ja_base" else text_config_from
     prepare_output_dir(out, force)
     d = delta if isinstance(delta, ChatVectorDelta) else load_delta(delta)
     vlm_path = vlm or d.metadata["sources"]["vlm"]
@@ -277,10 +284,11 @@ def apply_delta(
             w = resolve_setting(setting, canon, layer_index(canon), num_layers, "scale")
             return partial(_apply_tensor, w=float(w))
 
-        bp = plan_backbone(sources, rule, [TARGET, DELTA], _dtype(dtype), vector_roles=(DELTA,))
+        bp = plan_backbone(sources, rule, [TARGET, DELTA], _dtype(dtype), vector_roles=(DELTA,), text_config_from=text_config_from)
         names = {"chat_vector": str(d.path), **{f"delta {k}": v for k, v in d.metadata["sources"].items()}, "ja_base": str(sources.target.reader.path), "vlm (vision side)": str(sources.vlm.reader.path)}
         recipe = {"method": "chat_vector (saved delta)", "formula": "ja_base + weight * delta", "weight": setting}
-        details = [f"delta stored as {d.metadata.get('dtype')}", "vocabulary: " + (bp.vocab.summary() if bp.vocab else "unchanged")]
+        details = [f"delta stored as {d.metadata.get('dtype')}", "vocabulary: " + (bp.vocab.summary() if bp.vocab else "unchanged"),
+                   *bp.card_details()]
         card = model_card("Japanese VLM by Chat Vector", "chat_vector", recipe, names, details)
         return write_backbone(bp, out, force=force, max_shard_bytes=max_shard_bytes, card=card, progress=progress)
     finally:

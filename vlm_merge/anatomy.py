@@ -17,7 +17,25 @@ from pathlib import Path
 from vlm_merge.checkpoint import CheckpointReader, TensorInfo
 from vlm_merge.errors import VlmMergeError
 
-VISION, PROJECTOR, LANGUAGE, OTHER = "vision_tower", "projector", "language_model", "other"
+VISION, PROJECTOR, LANGUAGE, OTHER, BUFFERS = "vision_tower", "projector", "language_model", "other", "buffers"
+
+# Non-parameter buffers that some checkpoints store beside the weights (written by transformers < 4.31
+# or by original training code: Llama-2-7b-hf and liuhaotian/llava-v1.5-7b store
+# `model.layers.N.self_attn.rotary_emb.inv_freq`, float32 [64]; openai/clip-vit-large-patch14-336 stores
+# `vision_model.embeddings.position_ids`, int64 [1, 577]). transformers recomputes them, so on every side
+# (VLM, bases, vision tower) they are listed apart, never aligned or merged, and never written out.
+# One row per buffer: (regex on a checkpoint key, what it is).
+BUFFER_PATTERNS: tuple[tuple[str, str], ...] = (
+    (r"(^|\.)rotary_emb\.inv_freq$", "RoPE inverse frequencies"),
+    (r"(^|\.)rotary_emb\.(cos|sin)_cached$", "RoPE cos/sin caches"),
+    (r"(^|\.)position_ids$", "position ids of CLIP / BERT-style embeddings (int64)"),
+)
+_BUFFER_RE = re.compile("|".join(f"(?:{pattern})" for pattern, _ in BUFFER_PATTERNS))
+
+
+def is_buffer(key: str) -> bool:
+    """Whether `key` names a non-parameter buffer (see `BUFFER_PATTERNS`), not a weight."""
+    return _BUFFER_RE.search(key) is not None
 
 
 @dataclass(frozen=True)
@@ -104,7 +122,7 @@ class Anatomy:
 
     path: Path
     layout: Layout
-    parts: dict[str, list[str]]  # part -> keys, in checkpoint order
+    parts: dict[str, list[str]]  # part -> keys, in checkpoint order (BUFFERS: non-parameter buffers)
     lm_keys: dict[str, str]  # canonical LLM key -> checkpoint key
     infos: dict[str, TensorInfo]
     config: dict
@@ -143,8 +161,9 @@ class Anatomy:
             PROJECTOR: ", ".join(self.layout.projector) or "-",
             LANGUAGE: ", ".join(p for p, _ in self.layout.lm_prefixes),
             OTHER: ", ".join(self.layout.other) or "-",
+            BUFFERS: "not weights: recomputed by transformers, never merged or written",
         }
-        for part in (VISION, PROJECTOR, LANGUAGE, OTHER):
+        for part in (VISION, PROJECTOR, LANGUAGE, OTHER, BUFFERS):
             keys = self.parts[part]
             if not keys:
                 continue
@@ -163,7 +182,7 @@ def _match_layout(keys: list[str]) -> Layout | None:
 
 
 def _classify(keys: list[str], layout: Layout) -> tuple[dict[str, list[str]], dict[str, str]]:
-    parts: dict[str, list[str]] = {VISION: [], PROJECTOR: [], LANGUAGE: [], OTHER: []}
+    parts: dict[str, list[str]] = {VISION: [], PROJECTOR: [], LANGUAGE: [], OTHER: [], BUFFERS: []}
     lm_keys: dict[str, str] = {}
     table = (
         [(p, VISION) for p in layout.vision]
@@ -171,6 +190,9 @@ def _classify(keys: list[str], layout: Layout) -> tuple[dict[str, list[str]], di
         + [(p, OTHER) for p in layout.other]
     )
     for key in keys:
+        if is_buffer(key):
+            parts[BUFFERS].append(key)
+            continue
         part = next((pt for prefix, pt in table if key.startswith(prefix)), None)
         if part is None:
             for vlm_prefix, canon_prefix in layout.lm_prefixes:
@@ -210,7 +232,7 @@ def locate_language_model(vlm: CheckpointReader, base: CheckpointReader) -> Anat
     """Generic fallback: find the prefix under which `base`'s decoder keys appear in `vlm` with equal shapes."""
     base_infos = base.infos()
     vlm_infos = vlm.infos()
-    probe = next((k for k in base_infos if layer_index(k) is not None), None)
+    probe = next((k for k in base_infos if layer_index(k) is not None and not is_buffer(k)), None)
     if probe is None:
         raise VlmMergeError(f"{base.path}: no decoder layers (model.layers.N.*) found; is it a causal LM?")
     suffix = probe.removeprefix("model.")
@@ -220,7 +242,7 @@ def locate_language_model(vlm: CheckpointReader, base: CheckpointReader) -> Anat
         hits = sum(
             1
             for k, info in base_infos.items()
-            if k.startswith("model.") and vlm_infos.get(prefix + k[6:], None) is not None
+            if k.startswith("model.") and not is_buffer(k) and vlm_infos.get(prefix + k[6:], None) is not None
             and vlm_infos[prefix + k[6:]].shape == info.shape
         )
         if best is None or hits > best[0]:
@@ -234,7 +256,7 @@ def locate_language_model(vlm: CheckpointReader, base: CheckpointReader) -> Anat
     lm_prefixes = [(prefix, "model.")] + [(h + "lm_head.", "lm_head.") for h in heads[:1]]
     lm_set = {p for p, _ in lm_prefixes}
     # Everything else is the vision side; keep the top-level module names as its prefixes.
-    rest = Counter(k.split(".")[0] + "." for k in vlm_infos if not any(k.startswith(p) for p in lm_set))
+    rest = Counter(k.split(".")[0] + "." for k in vlm_infos if not is_buffer(k) and not any(k.startswith(p) for p in lm_set))
     layout = Layout(
         name="generic",
         description=f"generic: language model found under {prefix!r} by matching {base.path.name}",
@@ -286,6 +308,7 @@ def align(vlm: Anatomy, base: Anatomy) -> Alignment:
 
     Shapes must be equal except the vocabulary dimension of embeddings / lm_head (llava-hf adds image
     and pad rows; Japanese bases may extend the vocabulary). The first mismatch is reported by name.
+    Buffers (`BUFFER_PATTERNS`) are in neither side's `lm_keys`, so one side storing them never matters.
     """
     pairs: dict[str, str] = {}
     for canon, base_key in base.lm_keys.items():
@@ -308,7 +331,7 @@ def align(vlm: Anatomy, base: Anatomy) -> Alignment:
                 f"{vlm_key!r} has {list(v_shape)}; use the LLM the VLM was tuned from (same architecture and size)"
             )
         pairs[canon] = vlm_key
-    missing = [c for c in vlm.lm_keys if c not in base.lm_keys and not c.endswith("rotary_emb.inv_freq")]
+    missing = [c for c in vlm.lm_keys if c not in base.lm_keys]
     if missing:
         raise VlmMergeError(
             f"{base.path}: lacks {missing[0]!r}, which the VLM's language model has "

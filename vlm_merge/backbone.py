@@ -15,7 +15,6 @@ written in the llava-hf layout (see `vlm_merge.convert`) so transformers' classe
 from __future__ import annotations
 
 import copy
-import inspect
 import json
 import logging
 from collections.abc import Callable, Mapping
@@ -26,6 +25,7 @@ import torch
 
 from vlm_merge import convert
 from vlm_merge.anatomy import (
+    BUFFERS,
     LANGUAGE,
     OTHER,
     PROJECTOR,
@@ -34,6 +34,7 @@ from vlm_merge.anatomy import (
     Anatomy,
     align,
     inspect_llm,
+    is_buffer,
     inspect_vlm,
     lm_role,
 )
@@ -47,6 +48,20 @@ log = logging.getLogger(__name__)
 VLM, TARGET, CLIP = "vlm", "target", "clip"
 TensorRule = Callable[[str], TensorFn | None]
 _CONFIG_DROP = ("architectures", "transformers_version", "_name_or_path", "auto_map", "torch_dtype", "dtype")
+
+# Language-model config fields that change the function a set of weights computes. Sources that disagree
+# on one are reported (one line per field), and the output takes all of them from one source, chosen by
+# `text_config_from`: "vlm" (default with a VLM: the merged model is used as that VLM, and the VLM's
+# language model was tuned with them) or "target" (the model the output starts from, e.g. the Japanese base).
+FUNCTION_FIELDS: tuple[str, ...] = (
+    "rope_theta", "rope_scaling", "sliding_window", "use_sliding_window", "rms_norm_eps",
+    "max_position_embeddings", "tie_word_embeddings", "hidden_act", "partial_rotary_factor",
+)  # fmt: skip
+# The config keys that hold them as written (transformers 5 writes RoPE as `rope_parameters`).
+_FUNCTION_KEYS = (*FUNCTION_FIELDS, "rope_parameters")
+TEXT_CONFIG_FROM = (VLM, TARGET)
+# Top-level LLaVA config fields that mirror the language model's (llava-hf's 4.x configs carry them).
+_TOP_LEVEL_MIRRORS = ("vocab_size", "pad_token_id")
 
 
 @dataclass
@@ -121,6 +136,31 @@ def _resolve_vision_tower(vlm: Anatomy, vision_tower: str | Path | None, cache_d
         ) from None
 
 
+def vision_tower_status(vlm: Anatomy, vision_tower: str | Path | None, cache_dir: str | Path | None) -> dict | None:
+    """Where the vision tower of an original LLaVA that does not embed one would come from (None otherwise):
+    {"needs": mm_vision_tower, "given": --vision-tower, "found": its local directory or None, "line": a sentence}."""
+    if vlm.layout.name != "llava-original" or vlm.parts[VISION]:
+        return None
+    needs = vlm.config.get("mm_vision_tower") or vlm.config.get("vision_tower")
+    name = str(vision_tower) if vision_tower else str(needs) if needs else None
+    found = None
+    if name is not None:
+        try:
+            found = resolve_model_dir(name, cache_dir)
+        except VlmMergeError:
+            found = None
+    where = "--vision-tower" if vision_tower else "the Hugging Face cache"
+    if needs is None and vision_tower is None:
+        line = "vision tower: not in the checkpoint and the config names none (mm_vision_tower); pass --vision-tower PATH"
+    elif found is not None:
+        line = f"vision tower: not in the checkpoint; the config names mm_vision_tower {needs!r}, found via {where} at {found}"
+    else:
+        line = (f"vision tower: not in the checkpoint; the config names mm_vision_tower {needs!r}, NOT found via {where}; "
+                "download it or pass --vision-tower PATH to its CLIP checkpoint")
+    return {"needs": needs, "given": str(vision_tower) if vision_tower else None,
+            "found": str(found) if found is not None else None, "line": line}
+
+
 def open_sources(
     vlm: str | Path | None,
     models: Mapping[str, str | Path],
@@ -191,6 +231,15 @@ class BackbonePlan:
     vocab: VocabPlan | None
     output_layout: str
     summary: dict[str, int] = field(default_factory=dict)  # tensors merged / kept / copied
+    text_config_from: str = VLM  # whose function-changing text config fields the output has
+    notes: list[str] = field(default_factory=list)  # the sources' text config disagreements
+
+    def card_details(self) -> list[str]:
+        """Model-card lines on the output's text config: where it comes from and what the sources disagreed on."""
+        who = "the VLM's" if self.text_config_from == VLM else "the target's"
+        lines = [f"text config: RoPE, sliding window, norm eps, context length, tying and activation are {who} "
+                 f"(text_config_from: {self.text_config_from})"]
+        return lines + self.notes
 
 
 def plan_backbone(
@@ -200,14 +249,23 @@ def plan_backbone(
     dtype: torch.dtype | None = None,
     vector_roles: tuple[str, ...] = (),
     elementwise: bool = True,
+    text_config_from: str = VLM,
 ) -> BackbonePlan:
     """The output tensors of a backbone merge: vision parts copied, language model merged by `rule`.
 
     `roles` are the sources every merge function reads (always including the target); all of them
     except the target enter task vectors, so their vocabulary rows are aligned to the output's.
     `vector_roles` are sources that hold task vectors themselves (a saved Chat Vector).
-    `elementwise` says whether the rule's functions may be evaluated slice by slice.
+    `elementwise` says whether the rule's functions may be evaluated slice by slice. `text_config_from`
+    ("vlm" or "target") names the source of the output's function-changing text config fields
+    (`FUNCTION_FIELDS`); sources that disagree on one are logged as warnings and kept in `notes`.
     """
+    if text_config_from not in TEXT_CONFIG_FROM:
+        raise VlmMergeError(f"text_config_from {text_config_from!r}: choose {' or '.join(TEXT_CONFIG_FROM)}")
+    from_role = text_config_from if sources.vlm is not None else TARGET
+    notes = config_conflicts(text_configs(sources), "the VLM" if from_role == VLM else "the target")
+    for line in notes:
+        log.warning("%s", line)
     ref = sources.reference
     original = ref.anatomy.layout.name == "llava-original"
     target_role = sources.target_role
@@ -228,13 +286,13 @@ def plan_backbone(
     if sources.clip is not None:
         for key in sources.clip.keys():
             new = convert.rename(key, convert.CLIP_TO_HF)
-            if new is not None:
+            if new is not None and not is_buffer(key):
                 info = sources.clip.info(key)
                 tensors.append(OutputTensor(new, info.shape, info.dtype, Copy(CLIP, key)))
                 counts["copied"] += 1
     for key in ref.reader.keys():
         info = ref.anatomy.infos[key]
-        if convert.DROP_KEYS.search(key):
+        if is_buffer(key):
             continue
         canon = canon_of.get(key)
         if canon is None:  # vision tower, projector, image_newline, …
@@ -264,16 +322,88 @@ def plan_backbone(
                    vlm_rows_role=vlm_rows[0], vlm_rows_key=vlm_rows[1], vector_roles=vector_roles)
         tensors.append(OutputTensor(out_key(key), shape, out_dtype, op, canon))
     plan = MergePlan(tensors, sources.readers, vocab)
-    config = output_config(sources, vocab, dtype)
+    config = output_config(sources, vocab, dtype, from_role)
     layout = "llava-hf" if original else ref.anatomy.layout.name
-    return BackbonePlan(plan, sources, config, vocab, layout, counts)
+    return BackbonePlan(plan, sources, config, vocab, layout, counts, from_role, notes)
 
 
-def _text_config(sources: Sources, vocab: VocabPlan | None) -> dict:
-    ref = sources.reference.anatomy
-    base = convert.text_config_of_original(ref.config) if ref.layout.name == "llava-original" else dict(ref.text_config)
+def _model_defaults(model_type: str) -> dict:
+    """transformers' default config of a text `model_type` as a dict ({} when transformers does not know it)."""
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.for_model(model_type).to_dict()
+    except (ValueError, KeyError, TypeError):
+        return {}
+
+
+def _rope(config: dict) -> dict:
+    """RoPE settings of a config as {rope_theta, rope_scaling}, from 4.x keys or 5.x `rope_parameters`."""
+    out = {}
+    params = config.get("rope_parameters")
+    if isinstance(params, dict):
+        if "rope_theta" in params:
+            out["rope_theta"] = params["rope_theta"]
+        scaling = {k: v for k, v in params.items() if k != "rope_theta"}
+        out["rope_scaling"] = None if scaling in ({}, {"rope_type": "default"}) else scaling
+        return out
+    if "rope_theta" in config:
+        out["rope_theta"] = config["rope_theta"]
+    if "rope_scaling" in config:
+        scaling = config["rope_scaling"]
+        if isinstance(scaling, dict):
+            scaling = {("rope_type" if k == "type" else k): v for k, v in scaling.items()}
+        out["rope_scaling"] = scaling
+    return out
+
+
+def function_settings(text_config: dict) -> dict[str, object]:
+    """The `FUNCTION_FIELDS` a language-model config means: its own values, else transformers' defaults
+    for its model_type (RoPE read from either rope_theta/rope_scaling or rope_parameters)."""
+
+    def present(config: dict) -> dict:
+        return {**{k: config[k] for k in FUNCTION_FIELDS if k in config}, **_rope(config)}
+
+    defaults = present(_model_defaults(str(text_config.get("model_type", ""))))
+    return {k: v for k, v in {**defaults, **present(text_config)}.items() if k in FUNCTION_FIELDS}
+
+
+def config_conflicts(configs: Mapping[str, dict], chosen: str | None = None) -> list[str]:
+    """One line per `FUNCTION_FIELDS` entry on which the language-model configs (label -> config) disagree."""
+    settings = {label: function_settings(c) for label, c in configs.items()}
+    lines = []
+    for name in FUNCTION_FIELDS:
+        values = {label: s.get(name) for label, s in settings.items()}
+        if len({json.dumps(v, sort_keys=True) for v in values.values()}) > 1:
+            said = ", ".join(f"{v!r} in {label}" for label, v in values.items())
+            lines.append(f"text config {name} differs: {said}" + (f"; the output takes {chosen}'s" if chosen else ""))
+    return lines
+
+
+def text_configs(sources: Sources) -> dict[str, dict]:
+    """Each source's language-model config by a label naming its role and checkpoint."""
+    out = {}
+    if sources.vlm is not None:
+        out[f"{sources.vlm.reader.path.name} (the VLM)"] = vlm_text_config(sources.vlm.anatomy)
+    for role, src in sources.models.items():
+        if src.vocab_side is None:  # a saved delta carries no config
+            out[src.reader.path.name + (" (the target)" if role == sources.target_role else "")] = src.anatomy.config
+    return out
+
+
+def vlm_text_config(a: Anatomy) -> dict:
+    """The language-model config of a VLM (or of an LLM: its config)."""
+    return convert.text_config_of_original(a.config) if a.layout.name == "llava-original" else dict(a.text_config)
+
+
+def _text_config(sources: Sources, vocab: VocabPlan | None, text_config_from: str) -> dict:
+    """The output's language-model config: the VLM's, the target's on top (vocabulary, special tokens,
+    sizes), and every function-changing field (`FUNCTION_FIELDS`) from `text_config_from`'s config."""
+    base = vlm_text_config(sources.reference.anatomy)
     target = {k: v for k, v in sources.target.anatomy.config.items() if k not in _CONFIG_DROP}
-    text = {**base, **target}
+    chosen = base if text_config_from == VLM else target
+    text = {k: v for k, v in {**base, **target}.items() if k not in _FUNCTION_KEYS and k != "_name_or_path"}
+    text.update({k: chosen[k] for k in _FUNCTION_KEYS if k in chosen})
     if vocab is not None:
         text["vocab_size"] = vocab.out_rows
         if vocab.pad_token_id is not None:
@@ -309,9 +439,10 @@ def _clip_vision_config(sources: Sources) -> dict:
     }
 
 
-def output_config(sources: Sources, vocab: VocabPlan | None, dtype: torch.dtype | None) -> dict:
-    """config.json of the output: the VLM's multimodal settings (if any) with the target's language model."""
-    text = _text_config(sources, vocab)
+def output_config(sources: Sources, vocab: VocabPlan | None, dtype: torch.dtype | None, text_config_from: str = VLM) -> dict:
+    """config.json of the output: the VLM's multimodal settings (if any) with the target's language model,
+    its function-changing fields from `text_config_from`; top-level copies of text fields agree with it."""
+    text = _text_config(sources, vocab, text_config_from if sources.vlm is not None else TARGET)
     if sources.vlm is None:
         config = {**copy.deepcopy(sources.target.anatomy.config), **text}
         if dtype is not None:
@@ -322,60 +453,123 @@ def output_config(sources: Sources, vocab: VocabPlan | None, dtype: torch.dtype 
     if vlm.layout.name == "llava-original":
         config = convert.hf_config_from_original(vlm.config, _clip_vision_config(sources), text)
     else:
-        config = copy.deepcopy(vlm.config)
+        config = {k: v for k, v in copy.deepcopy(vlm.config).items() if k != "_name_or_path"}
         key = vlm.layout.text_config_key
         if key and isinstance(config.get(key), dict):
-            config[key] = {**config[key], **text}
+            config[key] = text
+            config.update({k: text[k] for k in _TOP_LEVEL_MIRRORS if k in config and k in text})
         else:
             config.update(text)
     if vocab is not None and vocab.image_token_id is not None:
-        key = "image_token_id" if "image_token_id" in config and "image_token_index" not in config else "image_token_index"
-        config[key] = vocab.image_token_id
+        keys = [k for k in ("image_token_index", "image_token_id") if k in config] or ["image_token_index"]
+        config.update(dict.fromkeys(keys, vocab.image_token_id))
     if dtype is not None:
         config["dtype"] = str(dtype).removeprefix("torch.")
         config.pop("torch_dtype", None)
     return config
 
 
-def _rebuild_processor(vlm_dir: Path, tokenizer, out_dir: Path) -> bool:
-    """Save the VLM's processor with the new tokenizer; False when the VLM ships no processor."""
-    if not (vlm_dir / "preprocessor_config.json").exists():
-        return False
-    from transformers import AutoProcessor
+def _read_json(path: Path) -> dict:
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+
+
+def processor_files(vlm: Source, vision_config: dict, clip_dir: Path | None) -> dict[str, dict]:
+    """preprocessor_config.json and processor_config.json of the output, in the layout transformers 4.x
+    and 5.x both read: the image processor in its own file, processor_config.json flat (4.x passes every
+    key of it to the processor's constructor, so a nested `image_processor` breaks it)."""
+    if vlm.anatomy.layout.name == "llava-original":
+        return convert.processor_files_from_original(vlm.anatomy.config, vision_config, clip_dir)
+    pre = _read_json(vlm.reader.path / "preprocessor_config.json")
+    proc = _read_json(vlm.reader.path / "processor_config.json")
+    if not pre and isinstance(proc.get("image_processor"), dict):  # a VLM saved by transformers 5
+        pre = {**proc["image_processor"], **({"processor_class": proc["processor_class"]} if "processor_class" in proc else {})}
+    proc = {k: v for k, v in proc.items() if k not in ("image_processor", "chat_template")}
+    return {name: d for name, d in (("preprocessor_config.json", pre), ("processor_config.json", proc)) if d}
+
+
+def vlm_chat_template(vlm: Source) -> str | None:
+    """The VLM's conversation format (the one its vision skills know): its processor's chat template
+    (chat_template.jinja / chat_template.json), else its tokenizer's; original LLaVA: llava-hf's for its family."""
+    if vlm.anatomy.layout.name == "llava-original":
+        return convert.CHAT_TEMPLATES[convert.text_model_type(vlm.anatomy.config)]
+    jinja = vlm.reader.path / "chat_template.jinja"
+    if jinja.is_file():
+        return jinja.read_text(encoding="utf-8")
+    legacy = _read_json(vlm.reader.path / "chat_template.json").get("chat_template")
+    if isinstance(legacy, str):
+        return legacy
+    return getattr(vlm.tokenizer, "chat_template", None)
+
+
+def output_padding_side(vlm: Source) -> str:
+    """The output tokenizer's padding side: the VLM's (llava-hf ships `left`, which batched generation with
+    the processor needs), never the target's; `left` when the VLM's tokenizer config says nothing and for
+    original LLaVA (its `right` is for training; the output is a llava-hf model)."""
+    if vlm.anatomy.layout.name == "llava-original":
+        return "left"
+    side = _read_json(vlm.reader.path / "tokenizer_config.json").get("padding_side")
+    return side if side in ("left", "right") else "left"
+
+
+def _sentencepiece_fits(model_file: Path, tok) -> bool:
+    """Whether `model_file` (the target's tokenizer.model) spells the output tokenizer's vocabulary: every
+    piece at its id, every other token an added token (which tokenizer_config.json lists)."""
+    import sentencepiece
 
     try:
-        proc = AutoProcessor.from_pretrained(str(vlm_dir))
-    except (OSError, ValueError, TypeError) as e:
-        log.warning("could not load the VLM's processor (%s); copying its files instead", e)
+        sp = sentencepiece.SentencePieceProcessor(model_file=str(model_file))
+    except (OSError, RuntimeError):
         return False
-    if not hasattr(proc, "image_processor"):
-        return False
-    params = inspect.signature(type(proc).__init__).parameters
-    kwargs = {p: getattr(proc, p) for p in params if p not in ("self", "tokenizer", "kwargs", "args") and hasattr(proc, p)}
-    kwargs["tokenizer"] = tokenizer
-    type(proc)(**kwargs).save_pretrained(str(out_dir))
-    return True
+    vocab, n = tok.get_vocab(), sp.get_piece_size()
+    added = set(tok.added_tokens_decoder)
+    return all(vocab.get(sp.id_to_piece(i)) == i for i in range(n)) and all(i < n or i in added for i in vocab.values())
 
 
-def _write_processor(bp: BackbonePlan, tokenizer, tmp: Path) -> None:
-    """The VLM's processor with the output's tokenizer (converted for original LLaVA)."""
-    vlm = bp.sources.vlm
-    assert vlm is not None
-    if vlm.anatomy.layout.name == "llava-original":
-        clip_dir = bp.sources.clip.path if bp.sources.clip else None
-        for name, text in convert.processor_files_from_original(vlm.anatomy.config, bp.config["vision_config"], clip_dir).items():
-            (tmp / name).write_text(text)
-    elif tokenizer is not None and not _rebuild_processor(vlm.reader.path, tokenizer, tmp):
-        for name in ("preprocessor_config.json", "processor_config.json"):
-            if (vlm.reader.path / name).exists():
-                (tmp / name).write_bytes((vlm.reader.path / name).read_bytes())
+def _write_tokenizer(tok, target_dir: Path, tmp: Path, padding_side: str | None, chat_template: str | None) -> None:
+    """The output tokenizer, saved by transformers 5 and completed for 4.x: tokenizer_config.json with its
+    added tokens, padding side and chat template, special_tokens_map.json, and the target's tokenizer.model
+    when it spells the same vocabulary."""
+    if padding_side is not None:
+        tok.padding_side = padding_side
+    tok.save_pretrained(str(tmp))
+    # The target's own settings (saved for 4.x: legacy, add_bos_token, …) under what transformers 5 wrote.
+    target_cfg = _read_json(target_dir / "tokenizer_config.json")
+    saved = _read_json(tmp / "tokenizer_config.json")
+    if saved.get("tokenizer_class") == "TokenizersBackend":  # transformers 5's generic class; 4.x knows the target's
+        saved.pop("tokenizer_class")
+    cfg = {k: v for k, v in {**target_cfg, **saved}.items() if k not in ("is_local", "local_files_only", "chat_template")}
+    cfg["added_tokens_decoder"] = {
+        str(i): {"content": t.content, "lstrip": t.lstrip, "normalized": t.normalized, "rstrip": t.rstrip,
+                 "single_word": t.single_word, "special": t.special}
+        for i, t in sorted(tok.added_tokens_decoder.items())
+    }
+    cfg["padding_side"] = tok.padding_side
+    if chat_template:
+        cfg["chat_template"] = chat_template
+    (tmp / "tokenizer_config.json").write_text(json.dumps(cfg, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    special = {k: str(getattr(tok, k)) for k in ("bos_token", "eos_token", "unk_token", "pad_token") if getattr(tok, k, None)}
+    (tmp / "special_tokens_map.json").write_text(json.dumps(special, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    spm = target_dir / "tokenizer.model"
+    if spm.is_file() and _sentencepiece_fits(spm, tok):
+        (tmp / "tokenizer.model").write_bytes(spm.read_bytes())
 
 
 def write_model_files(bp: BackbonePlan, tmp: Path) -> None:
-    """config.json, generation_config.json, tokenizer (+ image/pad tokens), processor, chat template."""
+    """config.json, generation_config.json, tokenizer (+ image/pad tokens), processor, chat template.
+
+    Written for transformers 4.x and 5.x alike: preprocessor_config.json beside a flat
+    processor_config.json, the chat template as chat_template.jinja, chat_template.json and in
+    tokenizer_config.json, special_tokens_map.json, tokenizer.model when the target's fits, and
+    `transformers_version` = the version that wrote the files.
+    """
+    import transformers
+
     sources, vocab = bp.sources, bp.vocab
     target_dir = sources.target.reader.path
-    (tmp / "config.json").write_text(json.dumps(bp.config, indent=2, ensure_ascii=False) + "\n")
+    config = {**bp.config, "transformers_version": transformers.__version__}
+    (tmp / "config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
+    vlm = sources.vlm
+    chat_template = vlm_chat_template(vlm) if vlm is not None else None
     tok = sources.target.tokenizer
     if tok is not None:
         tok = copy.deepcopy(tok)
@@ -385,18 +579,21 @@ def write_model_files(bp: BackbonePlan, tmp: Path) -> None:
             tok.add_tokens([HFAddedToken(t, special=True, normalized=False) for t in vocab.tokens_added_to_tokenizer], special_tokens=True)
         if vocab is not None and vocab.pad_token and getattr(tok, "pad_token", None) is None:
             tok.pad_token = vocab.pad_token
-        if sources.vlm is not None:  # the VLM's conversation format is the one its vision skills know
-            vlm_tok = sources.vlm.tokenizer
-            tok.chat_template = getattr(vlm_tok, "chat_template", None) if vlm_tok is not None else None
-        tok.save_pretrained(str(tmp))
-    if sources.vlm is not None:
-        _write_processor(bp, tok, tmp)
-    gen_src = target_dir / "generation_config.json"
-    gen = json.loads(gen_src.read_text()) if gen_src.exists() else {}
-    gen.pop("transformers_version", None)
+        if vlm is not None:
+            tok.chat_template = chat_template
+        _write_tokenizer(tok, target_dir, tmp, output_padding_side(vlm) if vlm is not None else None, chat_template)
+    if vlm is not None:
+        clip_dir = sources.clip.path if sources.clip is not None else None
+        for name, data in processor_files(vlm, bp.config["vision_config"], clip_dir).items():
+            (tmp / name).write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+        if chat_template:
+            (tmp / "chat_template.jinja").write_text(chat_template, encoding="utf-8")
+            (tmp / "chat_template.json").write_text(json.dumps({"chat_template": chat_template}, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    gen = _read_json(target_dir / "generation_config.json")
     if vocab is not None and vocab.pad_token_id is not None:
         gen["pad_token_id"] = vocab.pad_token_id
     if gen:
+        gen["transformers_version"] = transformers.__version__
         (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
 
 
@@ -432,6 +629,6 @@ def describe_parts(a: Anatomy) -> dict[str, object]:
         "num_layers": a.num_layers,
         "hidden_size": a.hidden_size,
         "vocab_rows": a.vocab_rows,
-        "parts": {p: {"tensors": len(a.parts[p]), "params": a.part_params(p), "dtypes": a.dtypes(p)} for p in (VISION, PROJECTOR, LANGUAGE, OTHER) if a.parts[p]},
+        "parts": {p: {"tensors": len(a.parts[p]), "params": a.part_params(p), "dtypes": a.dtypes(p)} for p in (VISION, PROJECTOR, LANGUAGE, OTHER, BUFFERS) if a.parts[p]},
         "lm_roles": sorted({lm_role(c) for c in a.lm_keys}),
     }

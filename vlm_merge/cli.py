@@ -57,22 +57,29 @@ def _size(text: str) -> int:
 
 def cmd_inspect(args: argparse.Namespace) -> int:
     from vlm_merge.anatomy import align, inspect_checkpoint, inspect_llm, inspect_vlm
-    from vlm_merge.backbone import describe_parts
+    from vlm_merge.backbone import config_conflicts, describe_parts, vision_tower_status, vlm_text_config
     from vlm_merge.checkpoint import CheckpointReader
 
     reader = CheckpointReader(args.path, args.cache_dir)
     base = CheckpointReader(args.base, args.cache_dir) if args.base else None
     anatomy = inspect_vlm(reader, base) if (base is not None or _looks_multimodal(reader)) else inspect_checkpoint(reader)
     info = describe_parts(anatomy)
+    tower = vision_tower_status(anatomy, args.vision_tower, args.cache_dir)
+    if tower is not None:
+        info["vision_tower_source"] = {k: v for k, v in tower.items() if k != "line"}
     alignment = None
+    conflicts: list[str] = []
     if base is not None:
         base_anat = inspect_llm(base, "--base")
         alignment = align(anatomy, base_anat)
+        conflicts = config_conflicts({f"{reader.path.name}": vlm_text_config(anatomy),
+                                      f"{base.path.name} (--base)": base_anat.config})
         info["alignment"] = {
             "base": str(base.path),
             "paired_tensors": len(alignment.pairs),
             "base_vocab_rows": alignment.base_vocab_rows,
             "vlm_vocab_rows": alignment.vlm_vocab_rows,
+            "text_config_conflicts": conflicts,
         }
     if args.json:
         print(json.dumps(info, indent=2))
@@ -88,6 +95,10 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         delta = (alignment.vlm_vocab_rows or 0) - (alignment.base_vocab_rows or 0)
         print(f"\nalignment with {base.path}: {len(alignment.pairs)} language-model tensors paired, shapes match"
               + (f"; vocab rows differ by {delta:+d} (matched by token string when merging)" if delta else ""))
+        for line in conflicts:
+            print(f"warning: {line}")
+    if tower is not None:
+        print(f"\n{tower['line']}")
     return 0
 
 
@@ -113,6 +124,7 @@ def cmd_chat_vector(args: argparse.Namespace) -> int:
         max_shard_bytes=args.max_shard_size,
         progress=not args.quiet,
         trust_remote_code=args.trust_remote_code,
+        text_config_from=args.text_config_from or "vlm",
     )
     print(f"wrote {out}")
     return 0
@@ -124,7 +136,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
     out = merge(
         args.recipe, args.out, dtype=args.dtype, device=args.device, force=args.force, max_shard_bytes=args.max_shard_size,
         vision_tower=args.vision_tower, cache_dir=args.cache_dir, progress=not args.quiet,
-        trust_remote_code=args.trust_remote_code,
+        trust_remote_code=args.trust_remote_code, text_config_from=args.text_config_from,
     )
     print(f"wrote {out}")
     return 0
@@ -133,13 +145,15 @@ def cmd_merge(args: argparse.Namespace) -> int:
 def cmd_validate(args: argparse.Namespace) -> int:
     from vlm_merge.merge import validate
 
-    rp, rows = validate(args.recipe, vision_tower=args.vision_tower, cache_dir=args.cache_dir)
+    rp, rows = validate(args.recipe, vision_tower=args.vision_tower, cache_dir=args.cache_dir,
+                        text_config_from=args.text_config_from)
     r = rp.recipe
     print(f"recipe {args.recipe}: {r.merge_method} — OK")
     print(f"output: {'VLM ' + r.vlm if r.vlm else 'LLM'}; vocabulary and text config from {r.tokenizer_source}"
           + (f"; starts from target {r.target}" if r.target else ""))
     if rp.backbone.vocab is not None:
         print("vocabulary: " + rp.backbone.vocab.summary())
+    print(rp.backbone.card_details()[0])
     print()
     print(format_table(["part", "tensors", "method", "sources"], rows))
     return 0
@@ -155,6 +169,13 @@ def _add_output_options(s: argparse.ArgumentParser) -> None:
     s.add_argument("--force", action="store_true", help="replace an existing output directory")
     s.add_argument("--quiet", action="store_true", help="no progress bar")
     s.add_argument("--trust-remote-code", action="store_true", help="allow custom tokenizer code from the checkpoints")
+    _add_text_config_option(s)
+
+
+def _add_text_config_option(s: argparse.ArgumentParser) -> None:
+    s.add_argument("--text-config-from", choices=("vlm", "target"),
+                   help="whose RoPE / sliding window / norm eps / context length the output's language model has "
+                        "when the sources disagree (default: the recipe's, else vlm)")
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -180,6 +201,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("path", help="model directory or Hugging Face id in the local cache")
     s.add_argument("--base", help="a standalone LLM to align the VLM's language model with")
     s.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    s.add_argument("--vision-tower", help="CLIP checkpoint for an original LLaVA that does not embed its tower")
     s.add_argument("--cache-dir", help="Hugging Face cache to look model ids up in (default: HF_HUB_CACHE)")
     s.set_defaults(func=cmd_inspect)
 
@@ -209,6 +231,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("recipe")
     s.add_argument("--vision-tower", help="CLIP checkpoint for original-LLaVA VLMs that do not embed theirs")
     s.add_argument("--cache-dir", help="Hugging Face cache to look model ids up in (default: HF_HUB_CACHE)")
+    _add_text_config_option(s)
     s.set_defaults(func=cmd_validate)
 
     s = sub.add_parser("demo", help="Chat Vector and an evolutionary merge on the miniature zoo, measured; writes a report")

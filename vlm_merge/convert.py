@@ -27,8 +27,6 @@ ORIGINAL_TO_HF: tuple[tuple[str, str], ...] = (
 )
 # Keys of a standalone CLIP checkpoint that become the llava-hf vision tower.
 CLIP_TO_HF: tuple[tuple[str, str], ...] = ((r"^vision_model\.", "vision_tower.vision_model."),)
-# Original keys that are buffers, not weights; transformers recomputes them.
-DROP_KEYS = re.compile(r"rotary_emb\.inv_freq$")
 
 # Original architecture -> (llava-hf architecture, model_type, processor class, image processor class).
 ARCHITECTURES: dict[str, tuple[str, str, str, str]] = {
@@ -95,12 +93,20 @@ def vision_tower_name(config: dict) -> str:
     return str(name)
 
 
+# The fields of a CLIPVisionConfig that the vision model reads. Legacy CLIP configs (openai/clip-vit-large-
+# patch14-336, saved by transformers 4.x) also carry every generation / label field of PretrainedConfig
+# (max_length, temperature, id2label, …) in their vision_config; those do not go into an output.
+CLIP_VISION_FIELDS = (
+    "hidden_size", "intermediate_size", "projection_dim", "num_hidden_layers", "num_attention_heads",
+    "num_channels", "image_size", "patch_size", "hidden_act", "layer_norm_eps", "attention_dropout",
+    "initializer_range", "initializer_factor",
+)  # fmt: skip
+
+
 def vision_config_of_clip(clip_config: dict) -> dict:
-    """The CLIP vision config (from a CLIPModel or CLIPVisionModel config.json)."""
-    vc = dict(clip_config.get("vision_config") or clip_config)
-    vc = {k: v for k, v in vc.items() if k not in ("architectures", "transformers_version", "_name_or_path")}
-    vc["model_type"] = "clip_vision_model"
-    return vc
+    """The CLIP vision config (from a CLIPModel or CLIPVisionModel config.json): `CLIP_VISION_FIELDS` only."""
+    vc = clip_config.get("vision_config") or clip_config
+    return {**{k: vc[k] for k in CLIP_VISION_FIELDS if k in vc}, "model_type": "clip_vision_model"}
 
 
 def hf_config_from_original(config: dict, vision_config: dict, text_config: dict) -> dict:
@@ -131,8 +137,9 @@ def hf_config_from_original(config: dict, vision_config: dict, text_config: dict
     return out
 
 
-def processor_files_from_original(config: dict, vision_config: dict, clip_dir: Path | None) -> dict[str, str]:
-    """preprocessor_config.json, processor_config.json and chat_template.jinja for a converted model."""
+def processor_files_from_original(config: dict, vision_config: dict, clip_dir: Path | None) -> dict[str, dict]:
+    """preprocessor_config.json and processor_config.json (flat, as transformers 4.x reads it) for a
+    converted model; its chat template is `CHAT_TEMPLATES[text_model_type(config)]`."""
     aspect = str(config.get("image_aspect_ratio", "pad"))
     _, _, processor_class, image_processor_class = ARCHITECTURES[aspect]
     size = int(vision_config.get("image_size", 336))
@@ -158,9 +165,4 @@ def processor_files_from_original(config: dict, vision_config: dict, clip_dir: P
         "num_additional_image_tokens": 1,
         "image_token": "<image>",
     }
-    template = CHAT_TEMPLATES[text_model_type(config)]
-    return {
-        "preprocessor_config.json": json.dumps(pre, indent=2) + "\n",
-        "processor_config.json": json.dumps(proc, indent=2) + "\n",
-        "chat_template.jinja": template,
-    }
+    return {"preprocessor_config.json": pre, "processor_config.json": proc}

@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from vlm_merge.anatomy import is_buffer
 from vlm_merge.checkpoint import (
     DEFAULT_MAX_SHARD_BYTES,
     CheckpointReader,
@@ -80,6 +81,11 @@ class MergePlan:
     vocab: VocabPlan | None = None
     metadata: dict[str, str] = field(default_factory=dict)
     device: str = "cpu"  # where merge arithmetic runs; "cuda" moves each tensor's inputs to the GPU
+
+    def __post_init__(self) -> None:
+        buffers = [t.key for t in self.tensors if is_buffer(t.key)]
+        if buffers:  # planners skip them (anatomy.BUFFER_PATTERNS); writing one would be a bug
+            raise ValueError(f"merge plan writes non-parameter buffer {buffers[0]!r} as a weight")
 
     def planned(self) -> list[PlannedTensor]:
         return [PlannedTensor(t.key, t.shape, t.dtype) for t in self.tensors]

@@ -127,9 +127,15 @@ def plan_recipe(
     vision_tower: str | Path | None = None,
     cache_dir: str | Path | None = None,
     trust_remote_code: bool = False,
+    text_config_from: str | None = None,
 ) -> RecipePlan:
-    """Check a recipe against its sources and resolve every tensor's parameters (no tensor data read)."""
+    """Check a recipe against its sources and resolve every tensor's parameters (no tensor data read).
+
+    `text_config_from` ("vlm" or "target") overrides the recipe's: whose function-changing text config
+    fields (RoPE, sliding window, …; `vlm_merge.backbone.FUNCTION_FIELDS`) the output has."""
     recipe = as_recipe(recipe)
+    if text_config_from is not None:
+        recipe = recipe_from_dict({**recipe.to_dict(), "text_config_from": text_config_from}, recipe.source_file)
     method = _method(recipe.merge_method)
     if method.needs_base and recipe.base_model is None:
         raise VlmMergeError(f"recipe base_model: missing; {method.name} takes task vectors against a base model")
@@ -159,13 +165,16 @@ def plan_recipe(
         anchor_role = recipe.target if recipe.target is not None else None
         model_roles = tuple(recipe.models[i].model for i in entries)
         used = [r for r in dict.fromkeys([vocab_ref, *([base_role] if base_role else []), *([anchor_role] if anchor_role else []), *model_roles])]
+        if recipe.text_config_from == VLM and recipe.vlm is None:
+            raise VlmMergeError("recipe text_config_from: 'vlm' but the recipe names no vlm; use target")
         resolved = _resolved_recipe(recipe, method, sources, out_dtype)
         rp = RecipePlan(resolved, method, sources, None, params, base_role, model_roles, anchor_role)  # type: ignore[arg-type]
 
         def rule(canon: str):
             return tensor_fn(rp, canon, recipe.seed)
 
-        rp.backbone = plan_backbone(sources, rule, used, out_dtype, elementwise=method.elementwise)
+        rp.backbone = plan_backbone(sources, rule, used, out_dtype, elementwise=method.elementwise,
+                                    text_config_from=resolved.text_config_from or VLM)
         return rp
     except BaseException:
         sources.close()
@@ -201,6 +210,7 @@ def _resolved_recipe(recipe: Recipe, method: Method, sources: Sources, out_dtype
         base_model=path_of(recipe.base_model),
         target=path_of(recipe.target),
         tokenizer_source=path_of(recipe.vocab_source),
+        text_config_from=recipe.text_config_from or (VLM if recipe.vlm is not None else "target"),
         parameters=shared,
         dtype=dtype_name,
     )
@@ -219,6 +229,7 @@ def merge(
     progress: bool = True,
     trust_remote_code: bool = False,
     card_title: str | None = None,
+    text_config_from: str | None = None,
 ) -> Path:
     """Merge by `recipe` and write the model (and `merge_recipe.yaml`) to `out`; returns `out`.
 
@@ -229,7 +240,8 @@ def merge(
     if device != "cpu" and not torch.cuda.is_available():
         raise VlmMergeError(f"--device {device}: CUDA is not available on this machine; use --device cpu")
     prepare_output_dir(out, force)
-    rp = plan_recipe(recipe, dtype=dtype, vision_tower=vision_tower, cache_dir=cache_dir, trust_remote_code=trust_remote_code)
+    rp = plan_recipe(recipe, dtype=dtype, vision_tower=vision_tower, cache_dir=cache_dir, trust_remote_code=trust_remote_code,
+                     text_config_from=text_config_from)
     try:
         bp = rp.backbone
         bp.plan.device = device
@@ -243,6 +255,7 @@ def merge(
         ]
         if bp.vocab is not None:
             details.append("vocabulary: " + bp.vocab.summary())
+        details += bp.card_details()
         title = card_title or f"{r.merge_method} merge"
         card = model_card(title, r.merge_method, r.to_dict(), sources, details)
         return write_backbone(

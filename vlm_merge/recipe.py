@@ -1,7 +1,7 @@
 """Merge recipes: a YAML file naming the sources, the method and its parameters.
 
 The format is mergekit's (`models:` / `base_model` / `merge_method` / `parameters` / `dtype` /
-`tokenizer_source`) plus three keys of ours:
+`tokenizer_source`) plus four keys of ours:
 
 ```yaml
 merge_method: ties
@@ -16,6 +16,8 @@ models:                         # (anchored task arithmetic: target + sum w_i (m
     parameters: {weight: [1.0, 0.5], density: 0.7}
 parameters: {normalize: true}
 tokenizer_source: target        # whose vocabulary the output uses (default: target, else base_model)
+text_config_from: vlm           # whose RoPE / sliding window / norm eps / context length the output has:
+                                # vlm (default with a vlm) or target
 dtype: bfloat16
 seed: 0                         # random methods (DARE, DELLA) derive a seed per tensor from this
 ```
@@ -42,7 +44,11 @@ import yaml
 from vlm_merge.errors import VlmMergeError
 
 VLM_REF = "vlm"
-KNOWN_KEYS = ("merge_method", "vlm", "base_model", "target", "models", "parameters", "tokenizer_source", "dtype", "seed", "out_dtype")
+KNOWN_KEYS = (
+    "merge_method", "vlm", "base_model", "target", "models", "parameters", "tokenizer_source", "text_config_from",
+    "dtype", "seed", "out_dtype",
+)  # fmt: skip
+TEXT_CONFIG_SOURCES = ("vlm", "target")
 MERGEKIT_UNSUPPORTED = ("slices", "modules", "tokenizer", "chat_template", "out_dtype")
 
 Setting = Any  # number | bool | str | list[number] | list[Condition-dict]
@@ -63,6 +69,7 @@ class Recipe:
     target: str | None = None
     parameters: dict[str, Setting] = field(default_factory=dict)
     tokenizer_source: str | None = None
+    text_config_from: str | None = None  # "vlm" | "target"; None: "vlm" when there is a VLM
     dtype: str | None = None
     seed: int = 0
     source_file: Path | None = None
@@ -93,6 +100,8 @@ class Recipe:
         out["parameters"] = dict(self.parameters)
         if self.tokenizer_source is not None:
             out["tokenizer_source"] = self.tokenizer_source
+        if self.text_config_from is not None:
+            out["text_config_from"] = self.text_config_from
         if self.dtype is not None:
             out["dtype"] = self.dtype
         out["seed"] = self.seed
@@ -166,9 +175,11 @@ def recipe_from_dict(data: dict, source_file: Path | None = None) -> Recipe:
         raise _field_error("parameters", "expected a mapping")
     for k, v in params.items():
         _check_setting(f"parameters.{k}", v)
-    for key in ("vlm", "base_model", "target", "tokenizer_source", "dtype"):
+    for key in ("vlm", "base_model", "target", "tokenizer_source", "text_config_from", "dtype"):
         if key in data and data[key] is not None and not isinstance(data[key], str):
             raise _field_error(key, f"expected a string, got {data[key]!r}")
+    if data.get("text_config_from") not in (None, *TEXT_CONFIG_SOURCES):
+        raise _field_error("text_config_from", f"{data['text_config_from']!r}: choose {' or '.join(TEXT_CONFIG_SOURCES)}")
     seed = data.get("seed", 0)
     if not isinstance(seed, int) or isinstance(seed, bool):
         raise _field_error("seed", f"expected an integer, got {seed!r}")
@@ -183,6 +194,7 @@ def recipe_from_dict(data: dict, source_file: Path | None = None) -> Recipe:
         target=data.get("target"),
         parameters=dict(params),
         tokenizer_source=data.get("tokenizer_source"),
+        text_config_from=data.get("text_config_from"),
         dtype=data.get("dtype"),
         seed=seed,
         source_file=source_file,
