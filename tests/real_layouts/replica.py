@@ -94,22 +94,43 @@ def _field(part: Mapping, name: str) -> object:
     return part[name] if name in part else _defaults(part).get(name)
 
 
-def width_values(config: Mapping) -> set[int]:
-    """Every tensor dimension of the model that is a width (divided by width_divisor), from its config."""
-    values: set[int] = set()
+def _part_widths(part: Mapping) -> dict[str, int]:
+    """The width fields of one config part (missing ones from transformers' defaults), head_dim included."""
+    hidden, heads = _field(part, "hidden_size"), _field(part, "num_attention_heads")
+    if not hidden or not heads:
+        return {name: value for name in WIDTH_FIELDS if isinstance(value := _field(part, name), int)}
+    head_dim = _field(part, "head_dim") or hidden // heads
+    kv_heads = _field(part, "num_key_value_heads") or heads
+    widths = {name: value for name in WIDTH_FIELDS if isinstance(value := _field(part, name), int)}
+    fused = 3 * heads * head_dim  # fused q/k/v projections (SigLIP's pooling head in_proj)
+    return widths | {"head_dim": head_dim, "q_width": heads * head_dim, "kv_width": kv_heads * head_dim, "qkv": fused}
+
+
+def part_divisor(part: Mapping, width_divisor: int) -> int:
+    """The largest divisor <= ``width_divisor`` of every width of ``part`` (SigLIP's 4304 / 72 allow only 8)."""
+    common = math.gcd(*_part_widths(part).values()) if _part_widths(part) else width_divisor
+    return max(d for d in range(1, width_divisor + 1) if common % d == 0)
+
+
+def width_map(config: Mapping, width_divisor: int) -> dict[int, int]:
+    """Real width dimension -> replica width, over every config part; rotary half head_dims included."""
+    out: dict[int, int] = {}
     for part in _config_parts(config):
-        hidden, heads = _field(part, "hidden_size"), _field(part, "num_attention_heads")
-        if not hidden or not heads:
-            continue
-        head_dim = _field(part, "head_dim") or hidden // heads
-        kv_heads = _field(part, "num_key_value_heads") or heads
-        values |= {hidden, head_dim, head_dim // 2, heads * head_dim, kv_heads * head_dim}
-        values |= {value for name in WIDTH_FIELDS if isinstance(value := _field(part, name), int)}
-    return values
+        divisor = part_divisor(part, width_divisor)
+        widths = _part_widths(part)
+        values = dict.fromkeys(widths.values(), divisor)
+        if "q_width" in widths and widths["head_dim"] // divisor % 2 == 0:
+            values[widths["head_dim"] // 2] = divisor  # inv_freq's length
+        for value, divisor_here in values.items():
+            reduced = value // divisor_here
+            if out.setdefault(value, reduced) != reduced:
+                raise ValueError(f"width {value} reduces to both {out[value]} and {reduced}; pick another divisor")
+    return out
 
 
 def reduce_config(config: Mapping, layers: int, width_divisor: int) -> dict:
-    """``config`` with every stack cut to ``layers`` layers and every width field divided by ``width_divisor``.
+    """``config`` with every stack cut to ``layers`` layers and every width field divided (per part, see
+    ``part_divisor``) by up to ``width_divisor``.
 
     Fields the real file leaves to transformers' defaults (llava-hf's text_config omits hidden_size...) are written
     out when they change, so the replica's config says what its tensors are.
@@ -117,14 +138,13 @@ def reduce_config(config: Mapping, layers: int, width_divisor: int) -> dict:
 
     def reduce(part: Mapping) -> dict:
         out = dict(part)
+        divisor = part_divisor(part, width_divisor)
         if DEPTH_FIELD in part or part.get("model_type") and _field(part, DEPTH_FIELD):
             out[DEPTH_FIELD] = min(layers, _field(part, DEPTH_FIELD))
         for name in WIDTH_FIELDS:
             value = _field(part, name)
-            if isinstance(value, int) and (name in part or width_divisor > 1) and (name != "head_dim" or name in part):
-                if value % width_divisor:
-                    raise ValueError(f"{name}={value} is not divisible by width_divisor={width_divisor}")
-                out[name] = value // width_divisor
+            if isinstance(value, int) and (name in part or divisor > 1) and (name != "head_dim" or name in part):
+                out[name] = value // divisor
         for key, value in part.items():
             if isinstance(value, Mapping) and value in _config_parts(part)[1:]:
                 out[key] = reduce(value)
@@ -133,9 +153,9 @@ def reduce_config(config: Mapping, layers: int, width_divisor: int) -> dict:
     return reduce(config)
 
 
-def reduced_shape(shape: Iterable[int], widths: set[int], width_divisor: int) -> list[int]:
-    """A tensor shape with its width dimensions divided by ``width_divisor``."""
-    return [dim // width_divisor if dim in widths else dim for dim in shape]
+def reduced_shape(shape: Iterable[int], widths: Mapping[int, int]) -> list[int]:
+    """A tensor shape with its width dimensions replaced by the replica's."""
+    return [widths.get(dim, dim) for dim in shape]
 
 
 def kept_key(key: str, layers: int) -> bool:
@@ -146,9 +166,9 @@ def kept_key(key: str, layers: int) -> bool:
 
 def replica_tensors(entry: Entry, layers: int, width_divisor: int) -> dict[str, tuple[list[int], str]]:
     """Key -> (shape, dtype) of the replica: the real keys of the kept layers at reduced width."""
-    widths = width_values(entry.config)
+    widths = width_map(entry.config, width_divisor)
     return {
-        key: (reduced_shape(shape, widths, width_divisor), dtype)
+        key: (reduced_shape(shape, widths), dtype)
         for key, (shape, dtype) in entry.layout["tensors"].items()
         if kept_key(key, layers)
     }
@@ -203,13 +223,17 @@ def replica_weight_map(entry: Entry, keys: Iterable[str], layers: int, fmt: str 
     model had been sharded by the real tool.
     """
     real = _real_weight_map(entry)
-    real_layers = 1 + max((int(m.group(1)) for key in real if (m := LAYER_INDEX.search(key))), default=0)
+    real_layers: dict[str, int] = {}  # per stack (the key up to ".layers."): its real depth
+    for key in real:
+        if match := LAYER_INDEX.search(key):
+            stack = key[: match.start()]
+            real_layers[stack] = max(real_layers.get(stack, 0), int(match.group(1)) + 1)
 
     def source_key(key: str) -> str:
         match = LAYER_INDEX.search(key)
         if match is None:
             return key
-        spread = int(match.group(1)) * real_layers // max(layers, 1)
+        spread = int(match.group(1)) * real_layers[key[: match.start()]] // max(layers, 1)
         return f"{key[: match.start()]}.layers.{spread}.{key[match.end():]}"
 
     chosen = {key: real[source_key(key)] for key in keys}
