@@ -1,7 +1,7 @@
 """Prompt templates: how one question about one image becomes the model's input text.
 
-`chat` (the default) is the model's own chat template (`processor.apply_chat_template` with one user turn
-holding an image and the question). The others are fixed strings from the published evaluations;
+`chat` (the default) is the model's own chat template (its processor's, else its tokenizer's, applied by
+`processor.apply_chat_template` to one user turn holding an image and the question). The others are fixed strings from the published evaluations;
 `{question}` is the question and `<image>` stands for the processor's image token. The tokenizer adds
 BOS itself, so no template spells `<s>`.
 """
@@ -52,21 +52,44 @@ def image_token(processor) -> str:
     return getattr(processor, "image_token", None) or IMAGE_PLACEHOLDER
 
 
+def model_chat_template(processor) -> str | None:
+    """The model's own chat template: its processor's, else its tokenizer's (None when it has neither)."""
+    return getattr(processor, "chat_template", None) or getattr(getattr(processor, "tokenizer", None), "chat_template", None)
+
+
 def build_prompt(processor, question: str, template: str | PromptTemplate = "chat") -> str:
     """The input text for `question` (one image) under `template`."""
     t = get_template(template) if isinstance(template, str) else template
     question = question.replace(image_token(processor), "")  # the template places the one image (as llm-jp-eval-mm)
     if t.text is None:
-        if not getattr(processor, "chat_template", None):
+        own = model_chat_template(processor)
+        if not own:
             raise VlmMergeError(
-                "the model's processor has no chat template; choose a prompt template: "
+                "the model's processor and tokenizer have no chat template; choose a prompt template: "
                 + ", ".join(n for n in TEMPLATES if n != "chat")
             )
         conversation = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
-        return processor.apply_chat_template(conversation, add_generation_prompt=True)
+        return processor.apply_chat_template(conversation, chat_template=own, add_generation_prompt=True)
     return t.text.replace(IMAGE_PLACEHOLDER, image_token(processor)).replace("{question}", question)
 
 
 def template_text(processor, template: str | PromptTemplate) -> str:
     """The template as text with `{question}` left in (recorded in score files)."""
     return build_prompt(processor, "{question}", template)
+
+
+def prompt_record(processor, template: str | PromptTemplate, source: str, example_question: str | None) -> dict:
+    """What a score file records about the prompt: the template's name, who chose it (`source`), its text
+    with `{question}` left in, a rendered example, and the model's own chat template when the template is
+    fixed text and renders differently (then `note` says so in one line)."""
+    t = get_template(template) if isinstance(template, str) else template
+    record = {"template": t.name, "source": source, "text": template_text(processor, t)}
+    if example_question is not None:
+        record["example"] = build_prompt(processor, example_question, t)
+    if t.text is not None and model_chat_template(processor):
+        own = template_text(processor, "chat")
+        if own != record["text"]:
+            record["model_template_text"] = own
+            record["note"] = (f"{source} prompts in the fixed template {t.name} ({record['text']!r}), not this model's "
+                              f"own chat template ({own!r}); pass --template chat to use the model's own")
+    return record

@@ -2,7 +2,9 @@
 
 - `sakana`: SakanaAI/evolutionary-model-merge (EvoVLM-JP-v1-7B, configs/vlm/evovlm-v1-jp-7b.yaml):
   the first QA of each JA-VG-VQA-500 image (500 questions; every row of In-the-Wild), the
-  `ja-shisa-vqa` prompt, beam search with 5 beams, repetition penalty 1.5, at most 512 new tokens,
+  `ja-shisa-vqa` prompt (pinned: every model is prompted in it, as Sakana prompted EvoVLM-JP; when a
+  model's own chat template differs, e.g. llava-1.5's `USER: … ASSISTANT:`, `eval` says so in one line and
+  `scores.json` records both; `--template chat` prompts each model in its own), beam search with 5 beams, repetition penalty 1.5, at most 512 new tokens,
   float16 on GPU; ROUGE-L with MeCab tokens, also under the strict-Japanese rule.
 - `llm-jp`: llm-jp-eval-mm (tasks ja_vg_vqa_500 / ja_vlm_bench_in_the_wild, examples/sample.py
   defaults): every QA, the model's own chat template, greedy, at most 256 new tokens; `rougel` is

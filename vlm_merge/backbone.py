@@ -284,11 +284,16 @@ def plan_backbone(
         return new
 
     if sources.clip is not None:
+        # LLaVA runs its separate CLIP tower in the model's dtype and llava-hf's conversions store it so: the
+        # tower takes the projector's dtype (one dtype throughout; transformers 4.x half-casts mixed checkpoints).
+        tower_dtype = next((ref.anatomy.infos[k].dtype for k in ref.anatomy.parts[PROJECTOR]), None)
         for key in sources.clip.keys():
             new = convert.rename(key, convert.CLIP_TO_HF)
             if new is not None and not is_buffer(key):
                 info = sources.clip.info(key)
-                tensors.append(OutputTensor(new, info.shape, info.dtype, Copy(CLIP, key)))
+                out_dtype = tower_dtype if tower_dtype is not None and info.dtype.is_floating_point else info.dtype
+                op = Copy(CLIP, key) if out_dtype == info.dtype else Merge({CLIP: key}, _keep(CLIP))
+                tensors.append(OutputTensor(new, info.shape, out_dtype, op))
                 counts["copied"] += 1
     for key in ref.reader.keys():
         info = ref.anatomy.infos[key]
@@ -322,7 +327,8 @@ def plan_backbone(
                    vlm_rows_role=vlm_rows[0], vlm_rows_key=vlm_rows[1], vector_roles=vector_roles)
         tensors.append(OutputTensor(out_key(key), shape, out_dtype, op, canon))
     plan = MergePlan(tensors, sources.readers, vocab)
-    config = output_config(sources, vocab, dtype, from_role)
+    lm_dtype = next((t.dtype for t in tensors if t.canonical is not None), dtype)
+    config = output_config(sources, vocab, lm_dtype, from_role)
     layout = "llava-hf" if original else ref.anatomy.layout.name
     return BackbonePlan(plan, sources, config, vocab, layout, counts, from_role, notes)
 
@@ -441,14 +447,11 @@ def _clip_vision_config(sources: Sources) -> dict:
 
 def output_config(sources: Sources, vocab: VocabPlan | None, dtype: torch.dtype | None, text_config_from: str = VLM) -> dict:
     """config.json of the output: the VLM's multimodal settings (if any) with the target's language model,
-    its function-changing fields from `text_config_from`; top-level copies of text fields agree with it."""
+    its function-changing fields from `text_config_from`; top-level copies of text fields agree with it.
+    `dtype` is the output language model's dtype."""
     text = _text_config(sources, vocab, text_config_from if sources.vlm is not None else TARGET)
     if sources.vlm is None:
-        config = {**copy.deepcopy(sources.target.anatomy.config), **text}
-        if dtype is not None:
-            config["dtype"] = str(dtype).removeprefix("torch.")
-            config.pop("torch_dtype", None)
-        return config
+        return _stamp_dtype({**copy.deepcopy(sources.target.anatomy.config), **text}, dtype)
     vlm = sources.vlm.anatomy
     if vlm.layout.name == "llava-original":
         config = convert.hf_config_from_original(vlm.config, _clip_vision_config(sources), text)
@@ -463,9 +466,18 @@ def output_config(sources: Sources, vocab: VocabPlan | None, dtype: torch.dtype 
     if vocab is not None and vocab.image_token_id is not None:
         keys = [k for k in ("image_token_index", "image_token_id") if k in config] or ["image_token_index"]
         config.update(dict.fromkeys(keys, vocab.image_token_id))
+    return _stamp_dtype(config, dtype)
+
+
+def _stamp_dtype(config: dict, dtype: torch.dtype | None) -> dict:
+    """`config` saying the language model's dtype at the top level (`torch_dtype` for 4.x, `dtype` for 5.x)
+    and nowhere else (the sources' sub-config dtypes are stale)."""
+    for sub in ("text_config", "vision_config"):
+        if isinstance(config.get(sub), dict):
+            config[sub] = {k: v for k, v in config[sub].items() if k not in ("torch_dtype", "dtype")}
     if dtype is not None:
-        config["dtype"] = str(dtype).removeprefix("torch.")
-        config.pop("torch_dtype", None)
+        name = str(dtype).removeprefix("torch.")
+        config.update(torch_dtype=name, dtype=name)
     return config
 
 

@@ -282,9 +282,10 @@ def validate(recipe: Recipe | dict | str | Path, **kwargs) -> tuple[RecipePlan, 
             else:
                 how, src = rp.method.name, ", ".join(op.inputs)
         else:
-            assert isinstance(op, Copy)
-            part = VISION if op.role == "clip" or op.key in ref.parts[VISION] else PROJECTOR if op.key in ref.parts[PROJECTOR] else "other"
-            how, src = "copy", "vlm" if op.role == "clip" else op.role
+            role, key = (op.role, op.key) if isinstance(op, Copy) else next(iter(op.inputs.items()))
+            part = VISION if role == "clip" or key in ref.parts[VISION] else PROJECTOR if key in ref.parts[PROJECTOR] else "other"
+            how = "copy" if isinstance(op, Copy) else f"copy as {str(t.dtype).removeprefix('torch.')}"
+            src = "vlm" if role == "clip" else role
         key = (part, how, src)
         groups[key] = groups.get(key, 0) + 1
     return rp, [(part, str(n), how, src) for (part, how, src), n in groups.items()]
