@@ -47,21 +47,21 @@ class LlamaShape:
         return self.hidden // self.heads
 
     def tensor_shapes(self) -> dict[str, tuple[int, ...]]:
-        """LlamaForCausalLM state-dict keys and shapes, in checkpoint order."""
+        """LlamaForCausalLM state-dict keys and shapes, in state-dict (module) order."""
         h, i, kv = self.hidden, self.intermediate, self.kv_heads * self.head_dim
         shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (self.vocab, h)}
         for n in range(self.layers):
             p = f"model.layers.{n}."
             shapes |= {
-                p + "input_layernorm.weight": (h,),
                 p + "self_attn.q_proj.weight": (h, h),
                 p + "self_attn.k_proj.weight": (kv, h),
                 p + "self_attn.v_proj.weight": (kv, h),
                 p + "self_attn.o_proj.weight": (h, h),
-                p + "post_attention_layernorm.weight": (h,),
                 p + "mlp.gate_proj.weight": (i, h),
                 p + "mlp.up_proj.weight": (i, h),
                 p + "mlp.down_proj.weight": (h, i),
+                p + "input_layernorm.weight": (h,),
+                p + "post_attention_layernorm.weight": (h,),
             }
         shapes |= {"model.norm.weight": (h,), "lm_head.weight": (self.vocab, h)}
         return shapes
@@ -72,7 +72,7 @@ class LlamaShape:
 
 @dataclass(frozen=True)
 class ClipShape:
-    """A tiny CLIP vision tower (only its presence and pass-through matter)."""
+    """A CLIP vision tower (tiny by default: only its presence and pass-through matter)."""
 
     layers: int = 2
     hidden: int = 64
@@ -82,14 +82,10 @@ class ClipShape:
     patch: int = 8
 
     def tensor_shapes(self, text_hidden: int) -> dict[str, tuple[int, ...]]:
-        """llava-hf (transformers 4.x) keys for the vision tower and projector."""
+        """llava-hf (transformers 4.x) keys for the vision tower and projector, in state-dict order."""
         h, n_pos = self.hidden, (self.image // self.patch) ** 2 + 1
         v = "vision_tower.vision_model."
         shapes: dict[str, tuple[int, ...]] = {
-            "multi_modal_projector.linear_1.weight": (text_hidden, h),
-            "multi_modal_projector.linear_1.bias": (text_hidden,),
-            "multi_modal_projector.linear_2.weight": (text_hidden, text_hidden),
-            "multi_modal_projector.linear_2.bias": (text_hidden,),
             v + "embeddings.class_embedding": (h,),
             v + "embeddings.patch_embedding.weight": (h, 3, self.patch, self.patch),
             v + "embeddings.position_embedding.weight": (n_pos, h),
@@ -111,6 +107,12 @@ class ClipShape:
                 p + "layer_norm2.bias": (h,),
             }
         shapes |= {v + "post_layernorm.weight": (h,), v + "post_layernorm.bias": (h,)}
+        shapes |= {
+            "multi_modal_projector.linear_1.weight": (text_hidden, h),
+            "multi_modal_projector.linear_1.bias": (text_hidden,),
+            "multi_modal_projector.linear_2.weight": (text_hidden, text_hidden),
+            "multi_modal_projector.linear_2.bias": (text_hidden,),
+        }
         return shapes
 
 

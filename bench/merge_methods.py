@@ -32,8 +32,9 @@ from pathlib import Path
 
 import torch
 
-from bench.common import GiB, LlamaShape, MachineFacts, dir_bytes, remove_dir, run_measured, warm_page_cache
-from bench.inputs import Inputs, InputSpec, ensure_inputs
+from bench.common import GiB, MachineFacts, dir_bytes, remove_dir, run_measured, warm_page_cache
+from bench.inputs import MODELS, Inputs, InputSpec, ensure_inputs
+from bench.presets import TINYLLAMA
 from bench.mergekit_env import ensure_mergekit
 
 REPO = Path(__file__).resolve().parent.parent
@@ -132,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
     facts = MachineFacts.collect()
     print(f"$ {command}", flush=True)
     inputs = Inputs(WORK)
-    ensure_inputs(inputs, InputSpec(LlamaShape()))
+    ensure_inputs(inputs, InputSpec(TINYLLAMA), MODELS)
     llms = [inputs.en_base, inputs.ja_base, inputs.vlm_llm]
     report = Report(command, facts.as_dict(), sum(dir_bytes(d) for d in llms))
     py = sys.executable
