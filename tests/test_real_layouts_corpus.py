@@ -109,7 +109,7 @@ def test_quoted_real_totals():
 def _replica_state(path, layout):
     """Key -> tensor of the replica's primary weight files."""
     state = {}
-    for name in layout["weights"]["files"][:0] or sorted(p.name for p in path.iterdir()):
+    for name in sorted(p.name for p in path.iterdir()):
         if name.endswith(".safetensors") and layout["weights"]["format"] == "safetensors":
             with safe_open(path / name, "pt") as handle:
                 state |= {key: handle.get_tensor(key) for key in handle.keys()}
@@ -188,3 +188,19 @@ def test_full_width_replica_has_the_real_shapes(tmp_path):
     assert {key: list(t.shape) for key, t in state.items()} == real
     model = transformers.CLIPModel.from_pretrained(path)
     assert model.config.vision_config.hidden_size == 1024 and model.config.text_config.vocab_size == 49408
+
+
+def test_lineages_name_compatible_bases():
+    """Every VLM's en_base and ja_bases with a corpus entry have the VLM language model's architecture and widths."""
+    lineages = json.loads((load_entry(ENTRIES[0]).path.parent / "lineages.json").read_text(encoding="utf-8"))
+    checked = 0
+    for vlm_id, lineage in (item for item in lineages.items() if not item[0].startswith("_")):
+        vlm = load_entry(vlm_id).config
+        text = vlm.get("text_config") or {**vlm, "model_type": "llama"}  # original LLaVA: top-level Llama fields
+        text_config = AutoConfig.for_model(**text)
+        for base_id in [lineage["en_base"], *lineage["ja_bases"]]:
+            base = AutoConfig.for_model(**load_entry(base_id).config)
+            assert (base.hidden_size, base.num_hidden_layers, base.num_key_value_heads) == (
+                text_config.hidden_size, text_config.num_hidden_layers, text_config.num_key_value_heads), (vlm_id, base_id)
+            checked += 1
+    assert checked >= 10
