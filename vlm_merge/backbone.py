@@ -60,7 +60,8 @@ FUNCTION_FIELDS: tuple[str, ...] = (
 # The config keys that hold them as written (transformers 5 writes RoPE as `rope_parameters`).
 _FUNCTION_KEYS = (*FUNCTION_FIELDS, "rope_parameters")
 TEXT_CONFIG_FROM = (VLM, TARGET)
-# Top-level LLaVA config fields that mirror the language model's (llava-hf's 4.x configs carry them).
+# Top-level LLaVA config fields that mirror the language model's (llava-hf's 4.x configs carry them; the output
+# always writes them).
 _TOP_LEVEL_MIRRORS = ("vocab_size", "pad_token_id")
 
 
@@ -460,9 +461,11 @@ def output_config(sources: Sources, vocab: VocabPlan | None, dtype: torch.dtype 
         key = vlm.layout.text_config_key
         if key and isinstance(config.get(key), dict):
             config[key] = text
-            config.update({k: text[k] for k in _TOP_LEVEL_MIRRORS if k in config and k in text})
         else:
             config.update(text)
+    # written even where the VLM's config lacks them (llava-v1.6-vicuna-7b-hf, original LLaVA): transformers 4.x's
+    # Llava / LlavaNext take the pad id for padding detection from the top level
+    config.update({k: text[k] for k in _TOP_LEVEL_MIRRORS if k in text})
     if vocab is not None and vocab.image_token_id is not None:
         keys = [k for k in ("image_token_index", "image_token_id") if k in config] or ["image_token_index"]
         config.update(dict.fromkeys(keys, vocab.image_token_id))
