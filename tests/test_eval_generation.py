@@ -162,6 +162,9 @@ def test_prompt_templates(vlms):
     assert set(TEMPLATES) == {"chat", "ja-shisa-vqa", "llava-mistral", "llava-1.5"}
     no_template = copy.copy(proc)
     no_template.chat_template = None
+    assert build_prompt(no_template, "何ですか") == "USER: <image>\n何ですか ASSISTANT:"  # the tokenizer's template
+    no_template.tokenizer = copy.copy(proc.tokenizer)
+    no_template.tokenizer.chat_template = None
     with pytest.raises(VlmMergeError, match="no chat template"):
         build_prompt(no_template, "何ですか")
     with pytest.raises(VlmMergeError, match="unknown prompt template"):
