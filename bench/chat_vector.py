@@ -56,7 +56,7 @@ from bench.common import (
 )
 from bench.inputs import BASES, MODELS, Inputs, InputSpec, drop_input, ensure_inputs, is_valid
 from bench.mergekit_env import ensure_mergekit
-from bench.presets import PRESETS, TINYLLAMA, Preset
+from bench.presets import PRESET_NAMES, TINYLLAMA, Preset, load_preset
 
 REPO = Path(__file__).resolve().parent.parent
 BENCH = REPO / "bench"
@@ -149,7 +149,7 @@ class Contender:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(prog="python -m bench.chat_vector", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--shape", choices=sorted(PRESETS), default=TINYLLAMA.name,
+    ap.add_argument("--shape", choices=PRESET_NAMES, default=TINYLLAMA.name,
                     help="checkpoints to replicate (default tinyllama; llava-1.5-7b: the real 7B trio, fp16)")
     ap.add_argument("--layers", type=int, default=None,
                     help="decoder layers (default: the shape's, 22 / 32; 2 for a smoke run)")
@@ -162,7 +162,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         ap.error(f"unknown contender(s) in --skip: {', '.join(sorted(unknown))}")
     if args.repeat < 1 or (args.layers is not None and args.layers < 1):
         ap.error("--repeat and --layers must be >= 1")
-    args.preset = PRESETS[args.shape].with_layers(args.layers)
+    try:
+        args.preset = load_preset(args.shape).with_layers(args.layers)
+    except FileNotFoundError as exc:
+        ap.error(f"--shape {args.shape}: {exc}")
     return args
 
 

@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 
 from bench.common import INDEX_NAME, iter_progress, remove_dir
-from bench.presets import Preset
+from bench.presets import ST_TO_TORCH, Preset
 
 GENERATOR_VERSION = 2
 MODELS = ("en_base", "ja_base", "vlm", "vlm_llm")
@@ -57,6 +57,8 @@ class InputSpec:
 
     def model_tensors(self, model: str) -> dict[str, tuple[str, tuple[int, ...]]]:
         """key -> (dtype name, shape) of one checkpoint, in state-dict order."""
+        if self.preset.corpus:
+            return self._corpus_tensors(model)
         p = self.preset
         dt = p.dtype
         llm: dict[str, tuple[str, tuple[int, ...]]] = {}
@@ -70,6 +72,31 @@ class InputSpec:
             return llm
         vision = {k: (dt, s) for k, s in p.clip.tensor_shapes(p.llama.hidden).items()}
         return vision | {VLM_PREFIX + k: v for k, v in llm.items()}
+
+    def _corpus_tensors(self, model: str) -> dict[str, tuple[str, tuple[int, ...]]]:
+        """The corpus entry's keys of the kept layers (vlm_llm: the VLM's language model, renamed)."""
+        from tests.real_layouts.replica import load_entry, replica_tensors
+
+        entry = load_entry(self.preset.corpus["vlm" if model == "vlm_llm" else model])
+        tensors = {k: (ST_TO_TORCH[d], tuple(s)) for k, (s, d) in replica_tensors(entry, self.preset.llama.layers, 1).items()}
+        if model != "vlm_llm":
+            return tensors
+        return {k.removeprefix(VLM_PREFIX): v for k, v in tensors.items() if k.startswith(VLM_PREFIX)}
+
+    def file_map(self, model: str) -> dict[str, str]:
+        """key -> safetensors file name: the corpus entry's shards (kept layers spread as the corpus spreads
+        them), else a greedy cut at the preset's shard size."""
+        tensors = self.model_tensors(model)
+        if self.preset.corpus:
+            from tests.real_layouts.replica import load_entry, replica_weight_map
+
+            entry = load_entry(self.preset.corpus["vlm" if model == "vlm_llm" else model])
+            keys = [VLM_PREFIX + k for k in tensors] if model == "vlm_llm" else list(tensors)
+            files = replica_weight_map(entry, keys, self.preset.llama.layers, fmt="safetensors")
+            return {k.removeprefix(VLM_PREFIX) if model == "vlm_llm" else k: f for k, f in files.items()}
+        max_bytes = self.preset.base_shard_bytes if model in BASES else self.preset.vlm_shard_bytes
+        shards = shard_plan(tensors, max_bytes)
+        return {k: f"model-{i:05d}-of-{len(shards):05d}.safetensors" for i, keys in enumerate(shards, 1) for k in keys}
 
     def model_bytes(self, model: str) -> int:
         return sum(_nbytes(d, s) for d, s in self.model_tensors(model).values())
@@ -154,35 +181,34 @@ def _llava_config(spec: InputSpec):
     )
 
 
-def _write_tokenizer(out: Path, tokens: int, added: tuple[str, ...]) -> None:
-    """A Llama-like tokenizer with `tokens` base tokens (<unk> <s> </s>, 256 byte pieces, fillers) plus
-    `added` special tokens (the VLM's <image>, <pad>): only its vocabulary matters here (row matching)."""
-    from tokenizers import AddedToken, Tokenizer, models, pre_tokenizers
+def _write_corpus_side_files(spec: InputSpec, model: str, out: Path) -> None:
+    """The corpus entry's small files (config cut to the kept layers) and a tokenizer of the real kind and
+    size; vlm_llm: a Llama config of the VLM's language model and the VLM's tokenizer."""
+    from tests.real_layouts.replica import load_entry, reduce_config, write_tokenizer
 
-    specials = ("<unk>", "<s>", "</s>")
-    vocab = {t: i for i, t in enumerate((*specials, *(f"<0x{b:02X}>" for b in range(256))))}
-    vocab |= {f"▁t{i}": i for i in range(len(vocab), tokens)}
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>", byte_fallback=True))
-    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first", split=False)
-    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in (*specials, *added)])
-    tok.save(str(out / "tokenizer.json"))
-    special = {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}
-    if "<pad>" in added:
-        special["pad_token"] = "<pad>"
-    config = special | {"model_max_length": 4096, "tokenizer_class": "PreTrainedTokenizerFast"}
-    (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
-    (out / "special_tokens_map.json").write_text(json.dumps(special, indent=2) + "\n")
+    p = spec.preset
+    entry = load_entry(p.corpus["vlm" if model == "vlm_llm" else model])
+    for f in sorted(entry.files_dir.iterdir()):
+        if f.is_file() and not f.name.endswith(".index.json"):
+            (out / f.name).write_bytes(f.read_bytes())
+    (out / "config.json").write_text(json.dumps(reduce_config(entry.config, p.llama.layers, 1), indent=2) + "\n")
+    write_tokenizer(entry, out)
+    if model == "vlm_llm":
+        for name in ("preprocessor_config.json", "processor_config.json", "chat_template.json"):
+            (out / name).unlink(missing_ok=True)
+        (out / "config.json").unlink()
+        _llama_config(spec, p.vlm_vocab_rows).save_pretrained(out)
 
 
 def _write_side_files(spec: InputSpec, model: str, out: Path) -> None:
     p = spec.preset
+    if p.corpus:
+        _write_corpus_side_files(spec, model, out)
+        return
     if model == "vlm":
         _llava_config(spec).save_pretrained(out)
     else:
         _llama_config(spec, p.llama.vocab if model in BASES else p.vlm_vocab_rows).save_pretrained(out)
-    if p.tokenizers:
-        added = () if model in BASES else ("<image>", *(("<pad>",) if p.pad_token_index is not None else ()))
-        _write_tokenizer(out, p.llama.vocab, added)
 
 
 # --------------------------------------------------------------------------- values
@@ -278,14 +304,14 @@ class Slot:
     nbytes: int
 
 
-def lay_out(out: Path, tensors: dict[str, tuple[str, tuple[int, ...]]], max_bytes: int) -> dict[str, Slot]:
-    """Create the shard files (header written, data zero-filled to size) and the index; return the slots."""
+def lay_out(out: Path, tensors: dict[str, tuple[str, tuple[int, ...]]], files: dict[str, str]) -> dict[str, Slot]:
+    """Create the shard files of ``files`` (key -> file name; header written, data sized, not yet written)
+    and the index; return the slots."""
     out.mkdir(parents=True)
-    shards = shard_plan(tensors, max_bytes)
     slots: dict[str, Slot] = {}
     weight_map: dict[str, str] = {}
-    for k, keys in enumerate(shards, start=1):
-        name = f"model-{k:05d}-of-{len(shards):05d}.safetensors"
+    for name in sorted(set(files.values())):
+        keys = [k for k in tensors if files[k] == name]
         order = sorted(keys, key=lambda key: (-_nbytes(tensors[key][0], ()), key))  # as safetensors orders them
         header: dict[str, object] = {"__metadata__": {"format": "pt"}}
         offset = 0
@@ -328,8 +354,7 @@ def generate(inputs: Inputs, spec: InputSpec, models: Iterable[str]) -> None:
     slots: dict[str, dict[str, Slot]] = {}
     for m in models:
         remove_dir(inputs.dir(m))
-        max_bytes = spec.preset.base_shard_bytes if m in BASES else spec.preset.vlm_shard_bytes
-        slots[m] = lay_out(inputs.dir(m), layouts[m], max_bytes)
+        slots[m] = lay_out(inputs.dir(m), layouts[m], spec.file_map(m))
     # Every canonical key once, LM keys first (so the English base's tensor is shared), then vision.
     order: dict[str, list[tuple[str, str]]] = {}
     for m in models:
