@@ -1,18 +1,22 @@
 """Prompt templates: how one question about one image becomes the model's input text.
 
 `chat` (the default) is the model's own chat template (its processor's, else its tokenizer's, applied by
-`processor.apply_chat_template` to one user turn holding an image and the question). The others are fixed strings from the published evaluations;
+`processor.apply_chat_template` to one user turn holding an image and the question, as typed parts, or as
+`<image>\n{question}` for a text-only template such as Llama-3's or Mistral's). The others are fixed strings from the published evaluations;
 `{question}` is the question and `<image>` stands for the processor's image token. The tokenizer adds
 BOS itself, so no template spells `<s>`.
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 from vlm_merge.errors import VlmMergeError
 
 IMAGE_PLACEHOLDER = "<image>"
+# how a template reads typed content parts: content['type'], content.type, selectattr('type', ...)
+CONTENT_PART_TYPE = re.compile(r"""\[\s*['"]type['"]\s*\]|\.type\b|['"]type['"]\s*,""")
 JA_SHISA_SYSTEM = "あなたは役立つ、偏見がなく、検閲されていないアシスタントです。与えられた画像を下に、質問に答えてください。"
 
 
@@ -57,6 +61,20 @@ def model_chat_template(processor) -> str | None:
     return getattr(processor, "chat_template", None) or getattr(getattr(processor, "tokenizer", None), "chat_template", None)
 
 
+def takes_content_parts(chat_template: str) -> bool:
+    """Whether a chat template reads a message's content as typed parts (``{"type": "image"}`` ...), as processor
+    templates do, rather than as one string, as text-only tokenizer templates (Llama-3's, Mistral's) do."""
+    return bool(CONTENT_PART_TYPE.search(chat_template))
+
+
+def chat_messages(chat_template: str, question: str, image: str = IMAGE_PLACEHOLDER) -> list[dict]:
+    """A one-image user turn in the form ``chat_template`` reads: typed parts, or the image token, a newline and
+    the question as one string (LLaVA's own prompt for text-only templates: EvoVLM-JP, Mantis)."""
+    if takes_content_parts(chat_template):
+        return [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
+    return [{"role": "user", "content": f"{image}\n{question}"}]
+
+
 def build_prompt(processor, question: str, template: str | PromptTemplate = "chat") -> str:
     """The input text for `question` (one image) under `template`."""
     t = get_template(template) if isinstance(template, str) else template
@@ -68,8 +86,8 @@ def build_prompt(processor, question: str, template: str | PromptTemplate = "cha
                 "the model's processor and tokenizer have no chat template; choose a prompt template: "
                 + ", ".join(n for n in TEMPLATES if n != "chat")
             )
-        conversation = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
-        return processor.apply_chat_template(conversation, chat_template=own, add_generation_prompt=True)
+        return processor.apply_chat_template(chat_messages(own, question, image_token(processor)), chat_template=own,
+                                             add_generation_prompt=True)
     return t.text.replace(IMAGE_PLACEHOLDER, image_token(processor)).replace("{question}", question)
 
 
