@@ -74,12 +74,50 @@ def load_model(
             f"{model_dir}: cannot be loaded as a transformers image-text-to-text model ({first}); "
             "original LLaVA checkpoints must be converted to the llava-hf layout first"
         ) from None
+    processor = _fit_processor(processor, model, model_dir)
     if not hasattr(processor, "tokenizer") or not hasattr(processor, "image_processor"):
         raise VlmMergeError(f"{model_dir}: its processor has no tokenizer and image processor; not a vision-language model")
     if processor.tokenizer.pad_token is None:  # our own processor object: batching needs a pad token
         processor.tokenizer.pad_token = processor.tokenizer.eos_token
     model.name_or_path = str(path)
     return model.to(dev).eval(), processor
+
+
+# transformers' processor for each LLaVA model class; vision towers with a CLS token add one image token
+PROCESSOR_CLASSES = {
+    "LlavaForConditionalGeneration": "LlavaProcessor",
+    "LlavaNextForConditionalGeneration": "LlavaNextProcessor",
+}
+CLS_TOKENS = {"clip_vision_model": 1}
+
+
+def _fit_processor(processor, model, model_dir: Path):
+    """``processor``, or where it cannot prompt the model (a processor class transformers lacks, e.g. Mantis's
+    MLlavaProcessor, so AutoProcessor gave a bare tokenizer; or a LLaVA processor saved before transformers 4.47
+    without patch_size, e.g. EvoVLM-JP-v1-7B) transformers' processor for the model's class, built from the
+    checkpoint's tokenizer and image processor and the model config."""
+    import transformers
+
+    name = PROCESSOR_CLASSES.get(type(model).__name__)
+    complete = hasattr(processor, "tokenizer") and hasattr(processor, "image_processor")
+    if name is None or complete and getattr(processor, "patch_size", None) is not None:
+        return processor
+    tokenizer = getattr(processor, "tokenizer", None) or processor
+    if not hasattr(tokenizer, "convert_tokens_to_ids"):
+        tokenizer = transformers.AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
+    image_processor = getattr(processor, "image_processor", None) or transformers.AutoImageProcessor.from_pretrained(
+        str(model_dir), local_files_only=True
+    )
+    config, vision = model.config, model.config.vision_config
+    return getattr(transformers, name)(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        patch_size=vision.patch_size,
+        vision_feature_select_strategy=config.vision_feature_select_strategy,
+        image_token=tokenizer.convert_ids_to_tokens(config.image_token_id),
+        num_additional_image_tokens=CLS_TOKENS.get(vision.model_type, 0),
+        chat_template=getattr(processor, "chat_template", None) or tokenizer.chat_template,
+    )
 
 
 VOLATILE_CONFIG_KEYS = {"_name_or_path", "transformers_version", "_commit_hash"}  # not part of what the model is
