@@ -386,15 +386,8 @@ def generate_with_chat_template(model_dir: Path) -> tuple[str, torch.Tensor]:
     return prompt, generated
 
 
-MLLAVA_XFAIL = pytest.mark.xfail(
-    strict=True, reason="issue #28: Mantis ships MLlavaProcessor (the mantis package's, not transformers'); the output "
-    "keeps its processor files, so AutoProcessor gives a bare tokenizer (vlm-merge eval builds a LlavaProcessor)")
-
-
 @pytest.mark.slow
-@pytest.mark.parametrize(
-    "combo", [pytest.param(c, id=c.id, marks=[MLLAVA_XFAIL] if c.vlm in LARGE_VOCAB else []) for c in COMBOS]
-)
+@pytest.mark.parametrize("combo", combo_params(), ids=lambda c: c.id)
 def test_transformers_loads_and_generates(corpus, combo):
     generate_with_chat_template(chat_vector_out(corpus, combo))
 

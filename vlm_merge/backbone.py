@@ -63,6 +63,11 @@ TEXT_CONFIG_FROM = (VLM, TARGET)
 # Top-level LLaVA config fields that mirror the language model's (llava-hf's 4.x configs carry them; the output
 # always writes them).
 _TOP_LEVEL_MIRRORS = ("vocab_size", "pad_token_id")
+# transformers' processor class of each LLaVA architecture
+TRANSFORMERS_PROCESSORS = {
+    "LlavaForConditionalGeneration": "LlavaProcessor",
+    "LlavaNextForConditionalGeneration": "LlavaNextProcessor",
+}
 
 
 @dataclass
@@ -499,6 +504,17 @@ def processor_files(vlm: Source, vision_config: dict, clip_dir: Path | None) -> 
     if not pre and isinstance(proc.get("image_processor"), dict):  # a VLM saved by transformers 5
         pre = {**proc["image_processor"], **({"processor_class": proc["processor_class"]} if "processor_class" in proc else {})}
     proc = {k: v for k, v in proc.items() if k not in ("image_processor", "chat_template")}
+    own = TRANSFORMERS_PROCESSORS.get(vlm.anatomy.config.get("architectures", [""])[0])
+    if own and not proc and pre.get("processor_class") not in TRANSFORMERS_PROCESSORS.values():
+        # a processor transformers lacks (Mantis: MLlavaProcessor): transformers' own, so AutoProcessor loads it
+        pre["processor_class"] = own
+        proc = {
+            "processor_class": own,
+            "patch_size": vision_config.get("patch_size"),
+            "vision_feature_select_strategy": vlm.anatomy.config.get("vision_feature_select_strategy", "default"),
+            "image_token": "<image>",
+            "num_additional_image_tokens": 1 if vision_config.get("model_type") == "clip_vision_model" else 0,
+        }
     return {name: d for name, d in (("preprocessor_config.json", pre), ("processor_config.json", proc)) if d}
 
 
