@@ -379,6 +379,29 @@ def phases(contenders: list[Contender], inputs: Inputs, spec: InputSpec) -> list
     return sorted(groups.items(), key=lambda g: not is_valid(inputs, spec, g[0]))
 
 
+def disk_needed(contenders: list[Contender], spec: InputSpec) -> int:
+    """Peak bytes the run will need under bench/_work: per VLM input, the inputs a contender reads plus the
+    largest output (the VLM for vlm-merge and floor, the LLM for mergekit); all inputs at once without the
+    swap plan."""
+    runnable = [c for c in contenders if c.status == "pending"]
+    out = {c.vlm_input: spec.model_bytes("vlm" if c.kind != "llm" else "vlm_llm") for c in runnable}
+    if not spec.preset.swap_vlm_llm:
+        inputs = {m for c in runnable for m in c.needs()}
+        return sum(spec.model_bytes(m) for m in inputs) + max(out.values(), default=0)
+    return max((sum(spec.model_bytes(m) for m in (*BASES, v)) + o for v, o in out.items()), default=0)
+
+
+def check_disk(contenders: list[Contender], spec: InputSpec) -> str | None:
+    """A one-line refusal when bench/_work's filesystem cannot hold the run's peak (plus 2 GB), else None."""
+    WORK.mkdir(parents=True, exist_ok=True)
+    need = disk_needed(contenders, spec) + 2 * 10**9
+    have = shutil.disk_usage(WORK).free + allocated_bytes(WORK)
+    if need <= have:
+        return None
+    return (f"{rel(WORK)}: the run needs about {need / 1e9:.1f} GB of disk (inputs + one output + 2 GB), "
+            f"{have / 1e9:.1f} GB are available there (free + bench/_work itself); free some space or use --layers")
+
+
 def ensure_phase_inputs(inputs: Inputs, spec: InputSpec, needed: tuple[str, ...], timings: dict[str, float]) -> None:
     """Make ``needed`` present; with the swap plan, first delete the VLM input not needed now."""
     if spec.preset.swap_vlm_llm:
@@ -662,6 +685,10 @@ def main(argv: list[str] | None = None) -> int:
     inputs = Inputs(WORK)
     contenders = build_contenders(inputs, spec.preset, args.skip)
     prepare_mergekit(next(c for c in contenders if c.name == "mergekit"), inputs, spec.preset)
+    if refusal := check_disk(contenders, spec):
+        print(f"python -m bench.chat_vector: error: {refusal}", file=sys.stderr)
+        return 2
+    print(f"disk: the run needs about {disk_needed(contenders, spec) / 1e9:.1f} GB under {rel(WORK)} at its peak", flush=True)
     timings: dict[str, float] = {}
     with DiskMonitor(WORK) as disk:
         run_all(contenders, inputs, spec, args, facts.nproc, disk, timings)
