@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import partial
@@ -33,13 +31,13 @@ from vlm_merge.checkpoint import (
     DEFAULT_MAX_SHARD_BYTES,
     CheckpointReader,
     dtype_from_name,
-    prepare_output_dir,
     read_safetensors_header,
 )
 from vlm_merge.engine import Merge, MergePlan, OutputTensor, execute
 from vlm_merge.errors import VlmMergeError
 from vlm_merge.merge import merge
 from vlm_merge.methods import add_task_vectors, difference
+from vlm_merge.outputs import check_output, prepare_output_dir, scratch_dir
 from vlm_merge.recipe import VLM_REF, ModelEntry, Recipe, resolve_setting
 from vlm_merge.vocab import RowMap, VocabPlan, VocabSide, load_tokenizer, match_rows
 
@@ -107,7 +105,7 @@ def chat_vector(
     the Japanese base's value (see `chat_vector.rules`). `dtype` is the output dtype of the language
     model (default: the VLM's). The output holds `merge_recipe.yaml`: `vlm-merge merge` replays it.
     """
-    prepare_output_dir(out, force)
+    prepare_output_dir(out, force, [vlm, en_base, ja_base, vision_tower])
     scales = make_scales(scale, layer_scales, module_scales, skip)
     if scales.layer_scales is not None:
         with CheckpointReader(vlm, cache_dir) as reader:
@@ -158,9 +156,12 @@ def extract_delta(
     Embedding / lm_head rows follow the English base's vocabulary; a row whose token the VLM lacks
     is zero. float32 (default) keeps `apply_delta` bit-identical to `chat_vector`.
     """
-    out_file = Path(out_file)
+    out_file = Path(out_file).expanduser()
+    check_output(out_file, [vlm, en_base])
     if out_file.exists() and not force:
         raise VlmMergeError(f"{out_file}: already exists; pass --force (force=True) to replace it")
+    if out_file.is_dir():
+        raise VlmMergeError(f"{out_file}: is a directory; give a file name for the chat vector")
     out_dtype = _dtype(dtype)
     vlm_reader, en_reader = CheckpointReader(vlm, cache_dir), CheckpointReader(en_base, cache_dir)
     try:
@@ -205,14 +206,10 @@ def extract_delta(
             "vlm_merge_version": vlm_merge.__version__,
         }
         plan = MergePlan(tensors, {VLM: vlm_reader, EN_BASE: en_reader}, vocab, {METADATA_KEY: json.dumps(meta, ensure_ascii=False)})
-        out_file.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out_file.parent / f".{out_file.name}.tmp-{uuid.uuid4().hex[:8]}"
-        tmp.mkdir()
-        try:
+        check_output(out_file, [p for r in (vlm_reader, en_reader) for p in r.inputs])
+        with scratch_dir(out_file) as tmp:
             execute(plan, tmp, max_shard_bytes=1 << 62, progress=progress)
             os.replace(tmp / "model.safetensors", out_file)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
         return out_file
     finally:
         vlm_reader.close()
@@ -260,7 +257,7 @@ def apply_delta(
 
     `vlm` defaults to the VLM path recorded in the delta.
     """
-    prepare_output_dir(out, force)
+    prepare_output_dir(out, force, [delta if not isinstance(delta, ChatVectorDelta) else delta.path, ja_base, vlm, vision_tower])
     d = delta if isinstance(delta, ChatVectorDelta) else load_delta(delta)
     vlm_path = vlm or d.metadata["sources"]["vlm"]
     scales = make_scales(scale, layer_scales, module_scales, skip)

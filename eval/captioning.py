@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import html
 from collections.abc import Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -26,9 +27,10 @@ from eval.images import (
     thumbnail_data_uri,
 )
 from eval.model_loading import describe_model, load_model
-from eval.outputs import Checkpoint, dumps, write_atomic
+from eval.outputs import Checkpoint, dumps, has_items, write_atomic
 from eval.prompts import get_template, template_text
 from vlm_merge.errors import VlmMergeError
+from vlm_merge.outputs import RunDir
 
 DEFAULT_CAPTION_PROMPT = "この画像を日本語で詳しく説明してください。"
 DEFAULT_CAPTION_SETTINGS = GenerationSettings(max_new_tokens=256)
@@ -88,6 +90,8 @@ def caption(
     progress: bool = True,
 ) -> CaptionResult:
     """Caption every image with `prompt` (Japanese by default); skip unreadable ones; optional gallery."""
+    paths = [x for x in (model, *images) if isinstance(x, (str, Path))]
+    run = RunDir(out_dir, force, paths) if out_dir else None  # checked now, created after the other checks
     if isinstance(model, (str, Path)):
         model, processor = load_model(model, device=device, dtype=dtype, cache_dir=cache_dir)
     elif processor is None:
@@ -103,36 +107,37 @@ def caption(
     }
     config = {k: v for k, v in info.items() if k != "model"}
     config["model"] = {k: info["model"][k] for k in ("name_or_path", "class", "dtype", "config_sha256")}
-    checkpoint = Checkpoint(Path(out_dir), CAPTIONS_FILE, "image", config, force) if out_dir else None
-    done: dict[str, dict] = dict(checkpoint.done) if checkpoint else {}
-    skipped: list[dict] = []
-    todo = [(name, src) for name, src in sources if name not in done]
-    for start in range(0, len(todo), CHUNK):
-        batch_names, batch_images = [], []
-        for name, src in todo[start : start + CHUNK]:
-            try:
-                batch_images.append(_open(src, max_side))
-                batch_names.append(name)
-            except UnreadableImage as e:
-                skipped.append({"image": name, "reason": str(e)})
+    with run.open(has_items(CAPTIONS_FILE)) if run else nullcontext() as run_path:
+        checkpoint = Checkpoint(run_path, CAPTIONS_FILE, "image", config) if run else None
+        done: dict[str, dict] = dict(checkpoint.done) if checkpoint else {}
+        skipped: list[dict] = []
+        todo = [(name, src) for name, src in sources if name not in done]
+        for start in range(0, len(todo), CHUNK):
+            batch_names, batch_images = [], []
+            for name, src in todo[start : start + CHUNK]:
+                try:
+                    batch_images.append(_open(src, max_side))
+                    batch_names.append(name)
+                except UnreadableImage as e:
+                    skipped.append({"image": name, "reason": str(e)})
 
-        def record(indices: list[int], gens, names=batch_names, ims=batch_images) -> None:
-            rows = [{"image": names[i], "caption": g.text, "width": ims[i].width, "height": ims[i].height,
-                     "tokens": len(g.token_ids)} for i, g in zip(indices, gens)]
-            if checkpoint is not None:
-                checkpoint.append(rows)
-            done.update((r["image"], r) for r in rows)
+            def record(indices: list[int], gens, names=batch_names, ims=batch_images) -> None:
+                rows = [{"image": names[i], "caption": g.text, "width": ims[i].width, "height": ims[i].height,
+                         "tokens": len(g.token_ids)} for i, g in zip(indices, gens)]
+                if checkpoint is not None:
+                    checkpoint.append(rows)
+                done.update((r["image"], r) for r in rows)
 
-        if batch_images:
-            generate(model, processor, batch_images, [prompt] * len(batch_images), template=tmpl, settings=settings,
-                     batch_size=batch_size, progress=progress, on_batch=record)
-    captions = [done[name] for name, _ in sources if name in done]
-    if checkpoint is not None:
-        checkpoint.finish(captions)
-        write_atomic(checkpoint.dir / SKIPPED_FILE, dumps(skipped))
-        sources_by_name = dict(sources)
-        write_atomic(checkpoint.dir / GALLERY_FILE, gallery_html(captions, skipped, info, sources_by_name, max_side))
-    return CaptionResult(captions=captions, skipped=skipped, out_dir=checkpoint.dir if checkpoint else None)
+            if batch_images:
+                generate(model, processor, batch_images, [prompt] * len(batch_images), template=tmpl, settings=settings,
+                         batch_size=batch_size, progress=progress, on_batch=record)
+        captions = [done[name] for name, _ in sources if name in done]
+        if checkpoint is not None:
+            checkpoint.finish(captions)
+            write_atomic(checkpoint.dir / SKIPPED_FILE, dumps(skipped))
+            sources_by_name = dict(sources)
+            write_atomic(checkpoint.dir / GALLERY_FILE, gallery_html(captions, skipped, info, sources_by_name, max_side))
+    return CaptionResult(captions=captions, skipped=skipped, out_dir=run.target if run else None)
 
 
 GALLERY_CSS = """

@@ -10,18 +10,18 @@ from __future__ import annotations
 
 import json
 import os
-import uuid
 from collections.abc import Iterable
 from pathlib import Path
 
 from vlm_merge.errors import VlmMergeError
+from vlm_merge.outputs import side_path
 
 RUN_FILE = "run.json"
 
 
 def write_atomic(path: Path, text: str | bytes) -> None:
     """Write `text` to a temporary file beside `path`, fsync, and rename it into place."""
-    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
+    tmp = side_path(path, "tmp")  # removed by the next run if this process dies (vlm_merge.outputs.clean_stale)
     data = text.encode("utf-8") if isinstance(text, str) else text
     try:
         with open(tmp, "wb") as fh:
@@ -69,21 +69,29 @@ def read_jsonl(path: Path, required: tuple[str, ...] = (), tolerate_torn_tail: b
         records.append(record)
     return records
 
+def has_items(filename: str):
+    """`keep` for `vlm_merge.outputs.RunDir.open`: whether a run dir's checkpoint file holds a finished item."""
+
+    def keep(run_dir: Path) -> bool:
+        path = run_dir / filename
+        return path.is_file() and any(line.strip() for line in path.read_text(encoding="utf-8", errors="replace").splitlines())
+
+    return keep
+
+
 
 class Checkpoint:
-    """An output directory holding `run.json` and an append-only JSONL of finished items keyed by `key`."""
+    """A run directory (made by `vlm_merge.outputs.RunDir`) holding `run.json` and an append-only JSONL of
+    finished items keyed by `key`. A directory whose `run.json` has no finished items beside it (a run that
+    failed or was killed before its first item) is taken over by the new run's configuration."""
 
-    def __init__(self, out_dir: Path, filename: str, key: str, config: dict, force: bool = False):
+    def __init__(self, out_dir: Path, filename: str, key: str, config: dict):
         self.dir = Path(out_dir).expanduser()
         self.path = self.dir / filename
         self.key = key
-        if self.dir.exists() and not self.dir.is_dir():
-            raise VlmMergeError(f"{self.dir}: exists and is not a directory; choose another --out")
-        self.dir.mkdir(parents=True, exist_ok=True)
         run_file = self.dir / RUN_FILE
-        if force:
-            for f in (run_file, self.path):
-                f.unlink(missing_ok=True)
+        if run_file.exists() and not has_items(filename)(self.dir):
+            run_file.unlink()  # nothing finished: nothing to resume or lose
         if run_file.exists():
             try:
                 old = json.loads(run_file.read_text(encoding="utf-8"))

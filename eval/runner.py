@@ -14,6 +14,7 @@ import hashlib
 import json
 import time
 from collections.abc import Mapping, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -22,10 +23,11 @@ from eval.decoding import GenerationSettings
 from eval.generation import EncodedImage, encode_images, generate
 from eval.metrics import Aggregate, Scorer, check_meta, score_predictions
 from eval.model_loading import describe_model, library_versions, load_model
-from eval.outputs import Checkpoint, dumps, write_atomic
+from eval.outputs import Checkpoint, dumps, has_items, write_atomic
 from eval.prompts import get_template, template_text
 from eval.protocols import Protocol, get_protocol
 from vlm_merge.errors import VlmMergeError
+from vlm_merge.outputs import RunDir
 
 PREDICTIONS_FILE = "predictions.jsonl"
 SCORES_FILE = "scores.json"
@@ -117,6 +119,8 @@ def evaluate(
     )
     if not isinstance(model, (str, Path)) and processor is None:
         raise VlmMergeError("evaluate(model, …) with a model object needs processor=")
+    paths = [x for x in (model, bench, data) if isinstance(x, (str, Path))]
+    run = RunDir(out_dir, force, paths) if out_dir else None  # checked now, created after the other checks
     benchmark = bench if isinstance(bench, Benchmark) else load_benchmark(bench, data, cache_dir=cache_dir)
     questions = benchmark.select(proto.questions, limit)
     check_meta(scorers if scorers is not None else proto.metrics, [q.meta for q in questions])  # before any work
@@ -141,34 +145,35 @@ def evaluate(
     run_config["benchmark"] = {k: metadata["benchmark"][k] for k in ("name", "source", "split", "schema", "fingerprint")}
     run_config["model"] = {k: metadata["model"][k] for k in ("name_or_path", "class", "dtype", "config_sha256")}
 
-    checkpoint = Checkpoint(Path(out_dir), PREDICTIONS_FILE, "question_id", run_config, force) if out_dir else None
-    done: dict[str, dict] = dict(checkpoint.done) if checkpoint else {}
-    todo = [q for q in questions if q.question_id not in done]
-    started = time.perf_counter()
-    _generate_missing(model, processor, benchmark, todo, proto, batch_size, encoded_images, done, checkpoint, progress)
-    generation_s = time.perf_counter() - started
+    with run.open(has_items(PREDICTIONS_FILE)) if run else nullcontext() as run_path:
+        checkpoint = Checkpoint(run_path, PREDICTIONS_FILE, "question_id", run_config) if run else None
+        done: dict[str, dict] = dict(checkpoint.done) if checkpoint else {}
+        todo = [q for q in questions if q.question_id not in done]
+        started = time.perf_counter()
+        _generate_missing(model, processor, benchmark, todo, proto, batch_size, encoded_images, done, checkpoint, progress)
+        generation_s = time.perf_counter() - started
 
-    records = [done[q.question_id] for q in questions]
-    report = score_predictions([r["answer"] for r in records], [r["prediction"] for r in records],
-                               scorers if scorers is not None else proto.metrics, seed=seed,
-                               meta=[q.meta for q in questions])
-    predictions = [{**r, **{k: round(v, 6) for k, v in s.items()}} for r, s in zip(records, report.per_sample)]
-    metadata.update({
-        "scores": {name: agg.as_dict() for name, agg in report.aggregate.items()},
-        "headline": list(proto.headline),
-        "scorers": report.scorers,
-        "bootstrap": report.bootstrap,
-        "libraries": library_versions(),
-        "generated_this_run": len(todo),
-        "resumed_from_checkpoint": len(questions) - len(todo),
-        "generation_seconds_this_run": round(generation_s, 3),
-    })
-    metadata["comparable_key"] = comparable_key(metadata)
-    if checkpoint is not None:
-        checkpoint.finish(predictions)
-        write_atomic(checkpoint.dir / SCORES_FILE, dumps(metadata))
+        records = [done[q.question_id] for q in questions]
+        report = score_predictions([r["answer"] for r in records], [r["prediction"] for r in records],
+                                   scorers if scorers is not None else proto.metrics, seed=seed,
+                                   meta=[q.meta for q in questions])
+        predictions = [{**r, **{k: round(v, 6) for k, v in s.items()}} for r, s in zip(records, report.per_sample)]
+        metadata.update({
+            "scores": {name: agg.as_dict() for name, agg in report.aggregate.items()},
+            "headline": list(proto.headline),
+            "scorers": report.scorers,
+            "bootstrap": report.bootstrap,
+            "libraries": library_versions(),
+            "generated_this_run": len(todo),
+            "resumed_from_checkpoint": len(questions) - len(todo),
+            "generation_seconds_this_run": round(generation_s, 3),
+        })
+        metadata["comparable_key"] = comparable_key(metadata)
+        if checkpoint is not None:
+            checkpoint.finish(predictions)
+            write_atomic(checkpoint.dir / SCORES_FILE, dumps(metadata))
     return EvalResult(scores=report.aggregate, predictions=predictions, metadata=metadata,
-                      out_dir=checkpoint.dir if checkpoint else None, headline=proto.headline)
+                      out_dir=run.target if run else None, headline=proto.headline)
 
 
 def _generate_missing(

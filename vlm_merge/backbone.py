@@ -18,7 +18,7 @@ import copy
 import inspect
 import json
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -37,9 +37,10 @@ from vlm_merge.anatomy import (
     inspect_vlm,
     lm_role,
 )
-from vlm_merge.checkpoint import DEFAULT_MAX_SHARD_BYTES, AtomicDir, CheckpointReader, resolve_model_dir
+from vlm_merge.checkpoint import DEFAULT_MAX_SHARD_BYTES, CheckpointReader, resolve_model_dir
 from vlm_merge.engine import Copy, Merge, MergePlan, OutputTensor, TensorFn, execute
 from vlm_merge.errors import VlmMergeError
+from vlm_merge.outputs import AtomicDir
 from vlm_merge.vocab import VocabPlan, VocabSide, load_tokenizer, pad_multiple, plan_vocab
 
 log = logging.getLogger(__name__)
@@ -409,9 +410,14 @@ def write_backbone(
     card: str = "",
     extra_files: Mapping[str, str] | None = None,
     progress: bool = True,
+    inputs: Iterable[str | Path | None] = (),
 ) -> Path:
-    """Run the merge and write the complete VLM at `out` atomically."""
-    atomic = AtomicDir(out, force)
+    """Run the merge and write the complete VLM at `out` atomically.
+
+    `out` may not be, contain or lie inside any source checkpoint or any of `inputs` (e.g. the recipe file).
+    """
+    read = [p for r in bp.plan.sources.values() for p in r.inputs]
+    atomic = AtomicDir(out, force, [*inputs, *read])
     with atomic as tmp:
         execute(bp.plan, tmp, max_shard_bytes, progress)
         write_model_files(bp, tmp)

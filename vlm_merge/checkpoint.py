@@ -19,9 +19,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
-import shutil
 import struct
-import uuid
 import zipfile
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -245,6 +243,7 @@ class CheckpointReader:
 
     def __init__(self, path_or_id: str | Path, cache_dir: str | Path | None = None, files: list[Path] | None = None):
         self.path = resolve_model_dir(path_or_id, cache_dir)
+        self._whole_dir = files is None
         if files is None:
             self.format, self._files = self._find_weight_files()
         else:
@@ -340,6 +339,11 @@ class CheckpointReader:
 
     def infos(self) -> dict[str, TensorInfo]:
         return dict(self._infos)
+
+    @property
+    def inputs(self) -> list[Path]:
+        """What this reader reads, for the output rule: its model directory, or just its given files."""
+        return [self.path] if self._whole_dir else list(self._files)
 
     @property
     def weight_files(self) -> list[Path]:
@@ -453,53 +457,6 @@ def _safetensors_header(shard: list[PlannedTensor], metadata: dict[str, str]) ->
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)
     return struct.pack("<Q", len(raw)) + raw
-
-
-def prepare_output_dir(out: str | Path, force: bool) -> Path:
-    """Check the target before any work starts: refuse to overwrite unless `force`."""
-    out = Path(out).expanduser()
-    if out.exists() and not force:
-        raise VlmMergeError(f"{out}: output already exists; pass --force (force=True) to replace it or choose another path")
-    if out.exists() and not out.is_dir():
-        raise VlmMergeError(f"{out}: exists and is not a directory; remove it or choose another path")
-    parent = out.parent
-    if not parent.exists():
-        parent.mkdir(parents=True, exist_ok=True)
-    return out
-
-
-class AtomicDir:
-    """A temporary directory beside `target` that replaces it on success and vanishes on failure."""
-
-    def __init__(self, target: str | Path, force: bool = False):
-        self.target = prepare_output_dir(target, force)
-        self.force = force
-        self.tmp = self.target.parent / f".{self.target.name}.tmp-{uuid.uuid4().hex[:8]}"
-
-    def __enter__(self) -> Path:
-        self.tmp.mkdir()
-        return self.tmp
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is not None:
-            shutil.rmtree(self.tmp, ignore_errors=True)
-            return
-        try:
-            self.commit()
-        except BaseException:
-            shutil.rmtree(self.tmp, ignore_errors=True)
-            raise
-
-    def commit(self) -> None:
-        old = None
-        if self.target.exists():
-            if not self.force:
-                raise VlmMergeError(f"{self.target}: appeared while writing; pass --force to replace it")
-            old = self.target.parent / f".{self.target.name}.old-{uuid.uuid4().hex[:8]}"
-            os.rename(self.target, old)
-        os.rename(self.tmp, self.target)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
 
 
 class CheckpointWriter:

@@ -11,7 +11,6 @@ in cache, which makes the pass close to the cost of reading the inputs and writi
 from __future__ import annotations
 
 import ctypes
-import errno
 from collections.abc import Callable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -235,13 +234,10 @@ def execute(
                 if f is not None:
                     f.result()
             writer.close()
-        except BaseException as e:
+        except BaseException:
             pool.shutdown(wait=True, cancel_futures=True)
             writer.abort()
-            if isinstance(e, OSError):
-                hint = "free disk space or choose another output path" if e.errno == errno.ENOSPC else "check the output path"
-                raise VlmMergeError(f"{directory.parent}: writing the merged model failed ({e.strerror or e}); {hint}") from None
-            raise
+            raise  # the caller's output rule (vlm_merge.outputs) turns write errors into one line
         finally:
             pool.shutdown(wait=True)
             bar.close()
