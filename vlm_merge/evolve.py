@@ -90,6 +90,7 @@ import numpy as np
 import yaml
 
 from vlm_merge.errors import VlmMergeError
+from vlm_merge.outputs import clean_stale, output_error, prepare_output_dir, remove, side_path
 from vlm_merge.recipe import VLM_REF, ModelEntry, Recipe, read_yaml
 
 CONFIG_FILE = "config.yaml"
@@ -1107,6 +1108,15 @@ def protocol_text(config: EvolveConfig) -> str:
     return f"{what}; {how}; failures score {f.penalty:g}"
 
 
+def config_inputs(cfg: EvolveConfig, config: object = None) -> list[str]:
+    """The paths an evolve run reads (its config file, sources, data): its run dir may not overlap them."""
+    src = cfg.sources
+    test = [cfg.test.benchmark, cfg.test.data] if cfg.test is not None else []
+    paths = [*src.models, src.vlm, src.base_model, src.target, src.tokenizer_source, cfg.fitness.benchmark,
+             cfg.fitness.data, *test, config if isinstance(config, (str, Path)) else None]
+    return [str(p) for p in paths if p]
+
+
 def run_evolve(
     config: EvolveConfig | dict | str | Path,
     out: str | Path,
@@ -1153,6 +1163,7 @@ def _run_evolve(config, out, resume: bool, force: bool, progress: bool, workers:
     out = Path(out)
     saved = out / CONFIG_FILE
     made = False  # whether this call created `out`
+    aside = None  # with --force: the previous run, renamed beside `out` until this run is complete
     if resume:
         if not saved.exists():
             raise VlmMergeError(f"{out}: no {CONFIG_FILE}; not an evolve run directory to resume")
@@ -1164,13 +1175,23 @@ def _run_evolve(config, out, resume: bool, force: bool, progress: bool, workers:
         cfg = prior
     else:
         cfg = _as_config(config)
+        prepare_output_dir(out, True, config_inputs(cfg, config))  # not an input, not the cwd, parent writable
+        clean_stale(out.parent)
         if out.exists() and any(out.iterdir()):
             if not force:
                 raise VlmMergeError(f"{out}: exists and is not empty; use --resume to continue it or --force to replace it")
-            shutil.rmtree(out)
+            aside = side_path(out, "old")
+            out.rename(aside)
         made = not out.exists()
-        out.mkdir(parents=True, exist_ok=True)
-        _write_atomic(saved, cfg.to_yaml())
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+            _write_atomic(saved, cfg.to_yaml())
+        except OSError as e:
+            if made:
+                remove(out)
+            if aside is not None:
+                aside.rename(out)
+            raise output_error(out, e) or e from None
     if workers is not None:
         cfg = replace(cfg, workers=workers)
 
@@ -1224,6 +1245,9 @@ def _run_evolve(config, out, resume: bool, force: bool, progress: bool, workers:
                     shutil.rmtree(scaffold, ignore_errors=True)
                     if made and not any(out.iterdir()):
                         out.rmdir()
+                    if aside is not None:  # --force: the previous run comes back as it was
+                        remove(out)
+                        aside.rename(out)
                 raise
         popsize = es.popsize
         total = max(popsize, (cfg.cmaes.max_evaluations // popsize) * popsize)
@@ -1268,6 +1292,8 @@ def _run_evolve(config, out, resume: bool, force: bool, progress: bool, workers:
             write_scaffold(genome.decode(genome.x0()), scaffold)
         test = held_out_report(cfg, out, genome.decode(best["x"]), scaffold, test_questions)
     shutil.rmtree(scaffold, ignore_errors=True)
+    if aside is not None:
+        remove(aside)  # the new run is complete
     return EvolveResult(out, best, gen, evals, True, model_dir, test, held)
 
 
