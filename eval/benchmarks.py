@@ -33,11 +33,13 @@ from pathlib import Path
 
 from PIL import Image
 
-from eval.images import open_image
+from eval.images import open_image, probe_image
 from vlm_merge.errors import VlmMergeError
+from vlm_merge.safe_load import parse_json, read_text
 
 SCHEMAS = ("vg-vqa", "vqa")
 TABLE_SUFFIXES = (".parquet", ".arrow", ".jsonl", ".json", ".csv")
+MAX_TABLE_BYTES = 1024**3  # a JSONL/CSV benchmark file read as text; larger sets belong in parquet
 
 
 @dataclass(frozen=True)
@@ -186,20 +188,14 @@ def _arrow_dataset(files: list[Path]):
 def _text_table(path: Path) -> _Table:
     """A JSONL / JSON-lines / CSV file of rows (images given as paths)."""
     rows: list[dict] = []
-    try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as e:
-        raise VlmMergeError(f"{path}: cannot be read as UTF-8 text ({e})") from None
+    text = read_text(path, "benchmark file", MAX_TABLE_BYTES)
     if path.suffix.lower() == ".csv":
         rows = list(csv.DictReader(text.splitlines()))
     else:
         for n, line in enumerate(text.splitlines(), 1):
             if not line.strip():
                 continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise VlmMergeError(f"{path}:{n}: not a JSON object ({e.msg}); write one JSON object per line") from None
+            row = parse_json(line, f"{path}:{n}")
             if not isinstance(row, dict):
                 raise VlmMergeError(f"{path}:{n}: expected a JSON object per line, got {type(row).__name__}")
             rows.append(row)

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from vlm_merge.checkpoint import dtype_from_name, resolve_model_dir
+from vlm_merge.checkpoint import CheckpointReader, dtype_from_name, resolve_model_dir
 from vlm_merge.errors import VlmMergeError
 
 LIBRARIES = (
@@ -53,6 +53,14 @@ def resolve_dtype(dtype: str | None, device: torch.device, gpu_dtype: str = "flo
     return dtype_from_name(dtype)
 
 
+def check_model_files(model_dir: Path) -> None:
+    """Check a model's config and weight files as vlm-merge reads them (safetensors headers, index shard
+    names, `.bin` only through the safe unpickler) before transformers opens them: a corrupt, truncated or
+    malicious file is one line here instead of a traceback from inside transformers."""
+    with CheckpointReader(model_dir) as reader:
+        reader.config()
+
+
 @contextmanager
 def _progress_bars(show: bool) -> Iterator[None]:
     """transformers' progress bars as they were (`show`) or off for a block."""
@@ -83,6 +91,7 @@ def load_model(
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     model_dir = resolve_model_dir(path, cache_dir)
+    check_model_files(model_dir)
     dev = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, dev, gpu_dtype)
     try:

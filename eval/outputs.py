@@ -15,6 +15,9 @@ from pathlib import Path
 
 from vlm_merge.errors import VlmMergeError
 from vlm_merge.outputs import side_path
+from vlm_merge.safe_load import parse_json, read_text
+
+MAX_JSONL_BYTES = 1024**3  # predictions / captions files
 
 RUN_FILE = "run.json"
 
@@ -44,23 +47,18 @@ def jsonl(records: Iterable[dict]) -> str:
 
 def read_jsonl(path: Path, required: tuple[str, ...] = (), tolerate_torn_tail: bool = False) -> list[dict]:
     """JSON objects, one per line; a bad line is an error naming file and line (a torn last line may be dropped)."""
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise VlmMergeError(f"{path}: no such file") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise VlmMergeError(f"{path}: cannot be read as UTF-8 text ({e})") from None
+    text = read_text(path, "JSONL file", MAX_JSONL_BYTES)
     lines = text.split("\n")
     records = []
     for n, line in enumerate(lines, 1):
         if not line.strip():
             continue
         try:
-            record = json.loads(line)
-        except json.JSONDecodeError as e:
+            record = parse_json(line, f"{path}:{n}")
+        except VlmMergeError as e:
             if tolerate_torn_tail and n == len(lines) and not text.endswith("\n"):
                 break  # interrupted mid-write; the item is generated again
-            raise VlmMergeError(f"{path}:{n}: not valid JSON ({e.msg}); fix or delete that line") from None
+            raise VlmMergeError(f"{e}; fix or delete that line") from None
         if not isinstance(record, dict):
             raise VlmMergeError(f"{path}:{n}: expected a JSON object, got {type(record).__name__}")
         for key in required:

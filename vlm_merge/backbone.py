@@ -122,6 +122,22 @@ def _resolve_vision_tower(vlm: Anatomy, vision_tower: str | Path | None, cache_d
         ) from None
 
 
+def check_vlm_config(vlm: Anatomy) -> None:
+    """The VLM's config.json must name a `model_type` transformers knows, since the output keeps that
+    config (an original-LLaVA config is converted to llava-hf's instead); checked before merging."""
+    if vlm.layout.name == "llava-original":
+        return
+    from transformers import CONFIG_MAPPING
+
+    model_type = vlm.config.get("model_type")
+    if not isinstance(model_type, str) or model_type not in CONFIG_MAPPING:
+        what = "has no 'model_type'" if model_type is None else f"has model_type {model_type!r}, which transformers does not know"
+        raise VlmMergeError(
+            f"{vlm.path / 'config.json'}: {what}, so transformers could not load the merged model; set it "
+            "(e.g. 'llava', 'llava_next') or re-download the model"
+        )
+
+
 def open_sources(
     vlm: str | Path | None,
     models: Mapping[str, str | Path],
@@ -145,6 +161,7 @@ def open_sources(
     if vlm is not None:
         vlm_reader = CheckpointReader(vlm, cache_dir)
         vlm_src = Source(VLM, vlm_reader, inspect_vlm(vlm_reader, base=readers[target_role]))
+        check_vlm_config(vlm_src.anatomy)
         clip = _resolve_vision_tower(vlm_src.anatomy, vision_tower, cache_dir)
     reference = vlm_src.anatomy if vlm_src is not None else srcs[target_role].anatomy
     alignments = {role: align(reference, src.anatomy) for role, src in srcs.items()}

@@ -79,6 +79,7 @@ class MergePlan:
     vocab: VocabPlan | None = None
     metadata: dict[str, str] = field(default_factory=dict)
     device: str = "cpu"  # where merge arithmetic runs; "cuda" moves each tensor's inputs to the GPU
+    allow_nonfinite: bool = False  # write NaN/inf merged values instead of refusing (the user asked for it)
 
     def planned(self) -> list[PlannedTensor]:
         return [PlannedTensor(t.key, t.shape, t.dtype) for t in self.tensors]
@@ -127,11 +128,19 @@ def reuse_freed_memory() -> None:
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc mallopt parameters
 
 
+def all_finite(x: torch.Tensor) -> bool:
+    """Whether every value of `x` is finite: one float32 sum (NaN/inf make it non-finite), and only
+    when that overflows on huge but finite values, the elementwise `isfinite`."""
+    if not x.is_floating_point():
+        return True
+    return bool(torch.isfinite(x.sum(dtype=torch.float32))) or bool(torch.isfinite(x).all())
+
+
 def chunked(fn: TensorFn, tensors: Mapping[str, torch.Tensor], out: torch.Tensor) -> bool:
     """Evaluate an elementwise `fn` slice by slice, writing each rounded slice into `out`.
 
-    Returns whether every value was finite (a NaN/inf anywhere makes the float32 slice's sum non-finite;
-    summing is far cheaper than an elementwise `isfinite`).
+    Returns whether every value was finite after rounding to `out`'s dtype (a float32 value beyond
+    float16's range becomes inf only then).
     """
     flat = {r: t.reshape(-1) for r, t in tensors.items()}
     flat_out = out.view(-1)
@@ -139,10 +148,9 @@ def chunked(fn: TensorFn, tensors: Mapping[str, torch.Tensor], out: torch.Tensor
     finite = True
     for start in range(0, n, CHUNK_ELEMENTS):
         stop = min(n, start + CHUNK_ELEMENTS)
-        r = fn({k: t[start:stop] for k, t in flat.items()})
-        if finite and not bool(torch.isfinite(r.sum())):
-            finite = bool(torch.isfinite(r).all())  # the sum may overflow on huge but finite values
-        flat_out[start:stop] = r
+        chunk = flat_out[start:stop]
+        chunk.copy_(fn({k: t[start:stop] for k, t in flat.items()}))
+        finite = finite and all_finite(chunk)
     return finite
 
 
@@ -186,17 +194,21 @@ def compute(t: OutputTensor, plan: MergePlan, scratch: Scratch | None = None, sl
             raise VlmMergeError(f"{t.key}: source {role} has shape {list(x.shape)}, output needs {list(t.shape)}")
     out = scratch.output(t.shape, t.dtype, slot)
     if plan.device != "cpu":
-        r = op.fn({k: x.to(plan.device, non_blocking=True) for k, x in tensors.items()})
-        finite = bool(torch.isfinite(r).all())
-        out.copy_(r.to(t.dtype).cpu())
+        r = op.fn({k: x.to(plan.device, non_blocking=True) for k, x in tensors.items()}).to(t.dtype)
+        finite = all_finite(r)
+        out.copy_(r.cpu())
     elif op.elementwise:
         finite = chunked(op.fn, tensors, out)
     else:
-        r = op.fn(tensors)
-        finite = bool(torch.isfinite(r.sum())) or bool(torch.isfinite(r).all())
-        out.copy_(r)
-    if not finite:
-        raise VlmMergeError(f"{t.key}: merge produced NaN/inf values; check the scales/weights and the inputs")
+        out.copy_(op.fn(tensors))
+        finite = all_finite(out)
+    if not finite and not plan.allow_nonfinite:
+        dtype = str(t.dtype).removeprefix("torch.")
+        raise VlmMergeError(
+            f"{t.key}: the merged values are NaN/inf in the output dtype {dtype} (likely cause: a scale/weight too large "
+            f"for {dtype}, or NaN/inf in an input); use smaller scales, a wider --dtype, or pass --allow-nonfinite "
+            "(allow_nonfinite=True) to write them anyway"
+        )
     return out
 
 

@@ -220,10 +220,12 @@ def merge(
     progress: bool = True,
     trust_remote_code: bool = False,
     card_title: str | None = None,
+    allow_nonfinite: bool = False,
 ) -> Path:
     """Merge by `recipe` and write the model (and `merge_recipe.yaml`) to `out`; returns `out`.
 
     `device="cuda"` runs each tensor's arithmetic on the GPU (inputs are still streamed from disk).
+    A merged tensor with NaN/inf values in the output dtype is an error unless `allow_nonfinite`.
     """
     if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
         raise VlmMergeError(f"--device {device!r}: use cpu or cuda")
@@ -235,6 +237,7 @@ def merge(
     try:
         bp = rp.backbone
         bp.plan.device = device
+        bp.plan.allow_nonfinite = allow_nonfinite
         r = rp.recipe
         sources = {k: v for k, v in (("vlm", r.vlm), ("base_model", r.base_model), ("target", r.target)) if v}
         sources.update({f"models[{i}]": m.model for i, m in enumerate(r.models)})

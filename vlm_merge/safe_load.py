@@ -93,7 +93,7 @@ def parse_json(text: str, label: str, max_depth: int = MAX_DEPTH) -> Any:
     try:
         value = json.loads(text)
     except json.JSONDecodeError as e:
-        raise VlmMergeError(f"{label}: invalid JSON ({e.msg} at line {e.lineno}, column {e.colno}); fix or re-download it") from None
+        raise VlmMergeError(f"{label}: invalid JSON ({e.msg} at line {e.lineno}, column {e.colno})") from None
     except RecursionError:
         raise VlmMergeError(f"{label}: JSON nested too deeply (limit {max_depth} levels)") from None
     if _depth(value, max_depth) is not None:
@@ -103,7 +103,10 @@ def parse_json(text: str, label: str, max_depth: int = MAX_DEPTH) -> Any:
 
 def load_json(path: str | Path, what: str = "JSON file", expect: type = dict, max_bytes: int = MAX_TEXT_BYTES) -> Any:
     """A JSON file whose top-level value must be an `expect` (dict: a JSON object)."""
-    value = parse_json(read_text(path, what, max_bytes), str(path))
+    try:
+        value = parse_json(read_text(path, what, max_bytes), str(path))
+    except VlmMergeError as e:
+        raise VlmMergeError(f"{e}; fix or re-download the {what}") from None
     if not isinstance(value, expect):
         want = type_name(expect())
         raise VlmMergeError(f"{path}: the {what} must be {want}, not {type_name(value)}; fix or re-download it")
@@ -178,7 +181,7 @@ def _children(node: yaml.Node) -> list[yaml.Node]:
     return []
 
 
-def parse_yaml(text: str, label: str) -> Any:
+def parse_yaml(text: str, label: str, what: str = "YAML file") -> Any:
     """Parse one YAML document with the safe loader and the alias / depth checks."""
     loader = _CheckedLoader(text)
     loader.name = label
@@ -188,7 +191,7 @@ def parse_yaml(text: str, label: str) -> Any:
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark is not None else ""
         problem = getattr(e, "problem", None) or ""
-        raise VlmMergeError(f"{label}: invalid YAML{where}" + (f" ({problem})" if problem else "")) from None
+        raise VlmMergeError(f"{label}: invalid YAML{where}" + (f" ({problem})" if problem else "") + f"; fix the {what}") from None
     except RecursionError:
         raise VlmMergeError(f"{label}: YAML nested too deeply (limit {MAX_DEPTH} levels)") from None
     finally:
@@ -197,4 +200,4 @@ def parse_yaml(text: str, label: str) -> Any:
 
 def load_yaml(path: str | Path, what: str = "YAML file") -> Any:
     """A YAML file read with `read_text`'s checks and parsed with `parse_yaml`'s."""
-    return parse_yaml(read_text(path, what), str(path))
+    return parse_yaml(read_text(path, what), str(path), what)
