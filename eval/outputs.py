@@ -67,6 +67,7 @@ def read_jsonl(path: Path, required: tuple[str, ...] = (), tolerate_torn_tail: b
         records.append(record)
     return records
 
+
 def has_items(filename: str):
     """`keep` for `vlm_merge.outputs.RunDir.open`: whether a run dir's checkpoint file holds a finished item."""
 
@@ -75,7 +76,6 @@ def has_items(filename: str):
         return path.is_file() and any(line.strip() for line in path.read_text(encoding="utf-8", errors="replace").splitlines())
 
     return keep
-
 
 
 class Checkpoint:
@@ -91,17 +91,7 @@ class Checkpoint:
         if run_file.exists() and not has_items(filename)(self.dir):
             run_file.unlink()  # nothing finished: nothing to resume or lose
         if run_file.exists():
-            try:
-                old = json.loads(run_file.read_text(encoding="utf-8"))
-            except (json.JSONDecodeError, UnicodeDecodeError):
-                raise VlmMergeError(f"{run_file}: unreadable; delete it or pass --force to start over") from None
-            difference = _first_difference(old, config)
-            if difference is not None:
-                name, was, now = difference
-                raise VlmMergeError(
-                    f"{self.dir} holds a run with a different {name} ({_short(was)} instead of {_short(now)}); "
-                    "use another --out, or --force to start over"
-                )
+            _check_same_run(self.dir, _read_run_file(run_file), config)
         elif self.path.exists():
             raise VlmMergeError(f"{self.path}: exists without {RUN_FILE}; use another --out, or --force to start over")
         else:
@@ -126,6 +116,39 @@ class Checkpoint:
     def finish(self, records: list[dict]) -> None:
         """Replace the checkpoint with the final records (same file name, atomically)."""
         self._rewrite(records)
+
+
+def check_resumable(run_dir: Path, filename: str, known: dict) -> None:
+    """Before any costly work (loading a model): when `run_dir` holds a run with finished items in `filename`,
+    the settings in `known` (part of the run configuration, nested the same way) must equal its `run.json`'s.
+    `Checkpoint` checks the whole configuration once it is known; the error is the same."""
+    run_file = Path(run_dir) / RUN_FILE
+    if run_file.is_file() and has_items(filename)(Path(run_dir)):
+        _check_same_run(Path(run_dir), _only(_read_run_file(run_file), known), known)
+
+
+def _read_run_file(run_file: Path) -> object:
+    try:
+        return json.loads(run_file.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise VlmMergeError(f"{run_file}: unreadable; delete it or pass --force to start over") from None
+
+
+def _check_same_run(run_dir: Path, old: object, config: dict) -> None:
+    difference = _first_difference(old, config)
+    if difference is not None:
+        name, was, now = difference
+        raise VlmMergeError(
+            f"{run_dir} holds a run with a different {name} ({_short(was)} instead of {_short(now)}); "
+            "use another --out, or --force to start over"
+        )
+
+
+def _only(old: object, shape: object) -> object:
+    """The part of JSON value `old` at the keys `shape` has (recursively)."""
+    if isinstance(old, dict) and isinstance(shape, dict):
+        return {k: _only(old.get(k), v) for k, v in shape.items()}
+    return old
 
 
 def _first_difference(old: object, new: object, path: str = "") -> tuple[str, object, object] | None:

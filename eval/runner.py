@@ -23,7 +23,7 @@ from eval.decoding import GenerationSettings
 from eval.generation import EncodedImage, encode_images, generate
 from eval.metrics import Aggregate, Scorer, check_meta, score_predictions
 from eval.model_loading import describe_model, library_versions, load_model
-from eval.outputs import Checkpoint, dumps, has_items, write_atomic
+from eval.outputs import Checkpoint, check_resumable, dumps, has_items, write_atomic
 from eval.prompts import get_template, template_text
 from eval.protocols import Protocol, get_protocol
 from vlm_merge.errors import VlmMergeError
@@ -124,26 +124,27 @@ def evaluate(
     benchmark = bench if isinstance(bench, Benchmark) else load_benchmark(bench, data, cache_dir=cache_dir)
     questions = benchmark.select(proto.questions, limit)
     check_meta(scorers if scorers is not None else proto.metrics, [q.meta for q in questions])  # before any work
-    if isinstance(model, (str, Path)):
-        model, processor = load_model(model, device=device, dtype=dtype, gpu_dtype=proto.gpu_dtype, cache_dir=cache_dir)
+    if encoded_images is None:
+        benchmark.check_images(questions)  # every image file there and an image, before the model loads
     prompt = get_template(proto.template)
+    bench_meta = {**benchmark.describe(), "questions_evaluated": len(questions), "limit": limit,
+                  "question_ids_sha256": _question_ids_hash(questions)}
+    if run is not None and not force:  # a resume with other settings fails now, not after loading the model
+        named = {"name_or_path": str(model)} if isinstance(model, (str, Path)) else None
+        check_resumable(run.target, PREDICTIONS_FILE, _run_config(proto, {"template": prompt.name}, bench_meta, named))
+    if isinstance(model, (str, Path)):
+        model, processor = load_model(model, device=device, dtype=dtype, gpu_dtype=proto.gpu_dtype, cache_dir=cache_dir,
+                                      progress=progress)
     metadata = {
         "protocol": proto.as_dict(),
         "prompt": {"template": prompt.name, "text": template_text(processor, prompt)},
         "generation": proto.generation.as_dict(),
-        "benchmark": {**benchmark.describe(), "questions_evaluated": len(questions), "limit": limit,
-                      "question_ids_sha256": _question_ids_hash(questions)},
+        "benchmark": bench_meta,
         "model": describe_model(model, model_name),
         "batch_size": batch_size,
         "bootstrap_seed": seed,
     }
-    # what predictions depend on; the question selection may grow or shrink (--limit) between resumes
-    run_config = {k: metadata[k] for k in ("protocol", "prompt", "generation")}
-    # predictions do not depend on the metrics: a run re-scored with others resumes from all of them
-    run_config["protocol"] = {k: v for k, v in metadata["protocol"].items() if k != "metrics"}
-    run_config["protocol"]["overrides"] = {k: v for k, v in proto.overrides.items() if k != "metrics"}
-    run_config["benchmark"] = {k: metadata["benchmark"][k] for k in ("name", "source", "split", "schema", "fingerprint")}
-    run_config["model"] = {k: metadata["model"][k] for k in ("name_or_path", "class", "dtype", "config_sha256")}
+    run_config = _run_config(proto, metadata["prompt"], bench_meta, metadata["model"])
 
     with run.open(has_items(PREDICTIONS_FILE)) if run else nullcontext() as run_path:
         checkpoint = Checkpoint(run_path, PREDICTIONS_FILE, "question_id", run_config) if run else None
@@ -174,6 +175,22 @@ def evaluate(
             write_atomic(checkpoint.dir / SCORES_FILE, dumps(metadata))
     return EvalResult(scores=report.aggregate, predictions=predictions, metadata=metadata,
                       out_dir=run.target if run else None, headline=proto.headline)
+
+
+RUN_MODEL_KEYS = ("name_or_path", "class", "dtype", "config_sha256")  # what identifies the model for a resume
+
+
+def _run_config(proto: Protocol, prompt: dict, bench_meta: dict, model: dict | None) -> dict:
+    """What predictions depend on (a resumed run must match it): protocol without metrics (a run re-scored with
+    others resumes from all of them), prompt, generation, benchmark data (the question selection may grow or
+    shrink with --limit), and the model (the keys of `model` there are: before loading, only its path)."""
+    protocol = {k: v for k, v in proto.as_dict().items() if k != "metrics"}
+    protocol["overrides"] = {k: v for k, v in proto.overrides.items() if k != "metrics"}
+    config = {"protocol": protocol, "prompt": prompt, "generation": proto.generation.as_dict(),
+              "benchmark": {k: bench_meta[k] for k in ("name", "source", "split", "schema", "fingerprint")}}
+    if model is not None:
+        config["model"] = {k: model[k] for k in RUN_MODEL_KEYS if k in model}
+    return config
 
 
 def _generate_missing(

@@ -178,3 +178,155 @@ def test_ctrl_c_at_a_generation_boundary_keeps_the_last_checkpoint_and_resumes_l
     resumed, reflog = ([json.loads(x) for x in (d / LOG_FILE).read_text().splitlines()] for d in (run, tmp_path / "ref"))
     assert [(r["x"], r["fitness"]) for r in resumed] == [(r["x"], r["fitness"]) for r in reflog]
     assert json.loads((run / "summary.json").read_text())["best"]["x"] == ref.best["x"]
+
+
+# ================================================================================================
+# eval / caption: every cheap check before the model loads, each error one line
+
+
+def _bomb_png(path: Path, side: int = 60000) -> None:
+    """A PNG whose header declares side x side pixels (3.6 GP by default) over a few bytes of data."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", side, side, 8, 0, 0, 0, 0))
+                     + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b""))
+
+
+@pytest.fixture
+def inputs(tmp_path) -> Path:
+    """An input folder: a good image, a text file, a 0-byte file and a decompression bomb, all named .png."""
+    import random
+
+    from eval.fixture_datasets import draw_scene
+
+    root = tmp_path / "inputs"
+    (root / "img").mkdir(parents=True)
+    draw_scene(random.Random(0))[0].save(root / "img" / "good.png")
+    (root / "img" / "text.png").write_text("not an image\n")
+    (root / "img" / "empty.png").write_bytes(b"")
+    _bomb_png(root / "img" / "bomb.png")
+    (root / "a-file").write_text("an existing file, not a run directory\n")
+    for name in ("good", "missing", "text", "empty", "bomb"):
+        row = {"image": f"img/{name}.png", "question": "何色ですか？", "answer": "赤です。"}
+        (root / f"{name}.jsonl").write_text(json.dumps(row, ensure_ascii=False) + "\n")
+    return root
+
+
+IMAGE_CASES = {  # image -> what the one line says about it
+    "missing": "missing.png: no such",
+    "text": "text.png: not a readable image",
+    "empty": "empty.png: empty file (0 bytes)",
+    "bomb": "bomb.png: refused by the decompression-bomb guard",
+}
+
+
+def _no_model_load(monkeypatch) -> None:
+    """Fail the test if eval or caption loads a model (every case here must be refused before that)."""
+    import eval.captioning
+    import eval.runner
+
+    def refuse(*a, **k):
+        pytest.fail("the model was loaded before the input was checked")
+
+    monkeypatch.setattr(eval.runner, "load_model", refuse)
+    monkeypatch.setattr(eval.captioning, "load_model", refuse)
+
+
+def _one_error_line(capsys, *needles: str) -> str:
+    captured = capsys.readouterr()
+    err = [x for x in captured.err.splitlines() if x.strip()]
+    assert len(err) == 1 and err[0].startswith("vlm-merge: error: ") and "Traceback" not in captured.err, err
+    assert captured.out == "", captured.out
+    assert all(n in err[0] for n in needles), err[0]
+    return err[0]
+
+
+def _command(kind: str, zoo, inputs: Path, out: Path, image: str = "good", *extra: str) -> list[str]:
+    model = ["--model", str(zoo.vlms["llava-hf-llama"]), "--device", "cpu", "--max-new-tokens", "3", "--out", str(out)]
+    if kind == "eval":
+        return ["eval", "--bench", str(inputs / f"{image}.jsonl"), "--protocol", "llm-jp", *model, *extra]
+    return ["caption", str(inputs / "img" / f"{image}.png"), *model, *extra]
+
+
+@pytest.mark.parametrize("image", IMAGE_CASES)
+@pytest.mark.parametrize("kind", ["eval", "caption"])
+def test_a_bad_image_is_one_line_before_the_model_loads_and_leaves_no_run_dir(zoo, inputs, tmp_path, capsys, monkeypatch,
+                                                                                kind, image):
+    from vlm_merge.cli import main as cli_main
+
+    _no_model_load(monkeypatch)
+    before = _tree(inputs)
+    out = tmp_path / "run"
+    assert cli_main(_command(kind, zoo, inputs, out, image)) == 2
+    _one_error_line(capsys, IMAGE_CASES[image])
+    assert not out.exists() and _tree(inputs) == before
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith("run")]  # no temp dir beside it either
+
+
+@pytest.mark.parametrize("kind", ["eval", "caption"])
+def test_an_existing_file_as_out_is_one_line_before_the_model_loads(zoo, inputs, capsys, monkeypatch, kind):
+    from vlm_merge.cli import main as cli_main
+
+    _no_model_load(monkeypatch)
+    before = _tree(inputs)
+    assert cli_main(_command(kind, zoo, inputs, inputs / "a-file")) == 2
+    _one_error_line(capsys, str(inputs / "a-file"), "not a directory")
+    assert _tree(inputs) == before
+
+
+@pytest.mark.parametrize("kind", ["eval", "caption"])
+def test_resuming_with_other_settings_is_one_line_before_the_model_loads(zoo, inputs, tmp_path, capsys, monkeypatch, kind):
+    from vlm_merge.cli import main as cli_main
+
+    out = tmp_path / "run"
+    assert cli_main(_command(kind, zoo, inputs, out, "good", "--quiet")) == 0
+    capsys.readouterr()
+    run_before, inputs_before = _tree(out), _tree(inputs)
+    _no_model_load(monkeypatch)
+    changed = _command(kind, zoo, inputs, out, "good", "--quiet")
+    changed[changed.index("--max-new-tokens") + 1] = "5"
+    assert cli_main(changed) == 2
+    _one_error_line(capsys, str(out), "max_new_tokens", "--force")
+    assert _tree(out) == run_before and _tree(inputs) == inputs_before
+
+
+@pytest.mark.parametrize("kind", ["eval", "caption"])
+def test_quiet_prints_no_model_loading_bar(zoo, inputs, tmp_path, capfd, kind):
+    from vlm_merge.cli import main as cli_main
+
+    assert cli_main(_command(kind, zoo, inputs, tmp_path / "run", "good", "--quiet")) == 0
+    assert capfd.readouterr().err == ""
+
+
+def test_caption_of_a_folder_skips_its_unreadable_images_and_of_one_with_none_readable_is_one_line(zoo, inputs, tmp_path,
+                                                                                                  capsys, monkeypatch):
+    from vlm_merge.cli import main as cli_main
+
+    assert cli_main(["caption", str(inputs / "img"), "--model", str(zoo.vlms["llava-hf-llama"]), "--device", "cpu",
+                     "--max-new-tokens", "3", "--out", str(tmp_path / "mixed"), "--quiet"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("1 images captioned, 3 skipped") and all(f"{n}.png" in out for n in ("text", "empty", "bomb")), out
+    (inputs / "img" / "good.png").unlink()
+    before = _tree(inputs)
+    _no_model_load(monkeypatch)
+    assert cli_main(["caption", str(inputs / "img"), "--model", str(zoo.vlms["llava-hf-llama"]),
+                     "--out", str(tmp_path / "none")]) == 2
+    _one_error_line(capsys, "none of the 3 images can be read (first: ", "bomb.png")
+    assert not (tmp_path / "none").exists() and _tree(inputs) == before
+
+
+def test_an_image_that_fails_to_decode_after_its_header_passed_is_one_line_and_leaves_no_run_dir(zoo, inputs, tmp_path, capsys):
+    """A truncated PNG passes the header check: the model loads, decoding fails, the new run dir goes again."""
+    from vlm_merge.cli import main as cli_main
+
+    good = (inputs / "img" / "good.png").read_bytes()
+    (inputs / "img" / "cut.png").write_bytes(good[: len(good) // 2])
+    before = _tree(inputs)
+    assert cli_main(["caption", str(inputs / "img" / "cut.png"), "--model", str(zoo.vlms["llava-hf-llama"]), "--device", "cpu",
+                     "--out", str(tmp_path / "run"), "--quiet"]) == 2
+    _one_error_line(capsys, "none of the 1 images could be decoded (first: ", "cut.png")
+    assert not (tmp_path / "run").exists() and _tree(inputs) == before
