@@ -352,7 +352,6 @@ IMAGES = [
     ("huge.png", lambda p: p.write_bytes(_png_header(40_000, 40_000)), "decompression-bomb guard"),
     ("empty.png", lambda p: p.write_bytes(b""), "empty file (0 bytes)"),
     ("missing.png", lambda p: None, "no such image"),
-    ("pipe.png", lambda p: os.mkfifo(p), "is a FIFO"),
 ]
 
 
@@ -364,6 +363,18 @@ def test_bad_image_is_one_line(tmp_path, name, make, phrase):
         with pytest.raises(UnreadableImage) as e:
             check(path)
         assert phrase in str(e.value) and "\n" not in str(e.value), str(e.value)
+
+
+def test_fifo_image_is_refused_without_blocking(tmp_path):
+    """In a child with a timeout: opening a FIFO for reading would block this test forever."""
+    pipe = tmp_path / "pipe.png"
+    os.mkfifo(pipe)
+    code = ("import sys\nfrom eval.images import open_image, probe_image, UnreadableImage\n"
+            "for check in (probe_image, open_image):\n"
+            "    try:\n        check(sys.argv[1])\n    except UnreadableImage as e:\n        print(e)\n")
+    proc = subprocess.run([sys.executable, "-c", code, str(pipe)], capture_output=True, text=True, timeout=60)
+    lines = proc.stdout.strip().splitlines()
+    assert len(lines) == 2 and all("is a FIFO (named pipe), not a regular file" in line for line in lines), proc
 
 
 BAD_JSONL = [
