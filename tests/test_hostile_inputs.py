@@ -351,7 +351,7 @@ IMAGES = [
     ("bomb.png", lambda p: p.write_bytes(_png_header(12_000, 12_000)), "declares 12000x12000 pixels"),
     ("huge.png", lambda p: p.write_bytes(_png_header(40_000, 40_000)), "decompression-bomb guard"),
     ("empty.png", lambda p: p.write_bytes(b""), "empty file (0 bytes)"),
-    ("missing.png", lambda p: None, "no such image"),
+    ("missing.png", lambda p: None, "no such file"),
 ]
 
 

@@ -37,7 +37,7 @@ def check_regular_file(path: Path, what: str = "file") -> os.stat_result:
     try:
         st = os.stat(path)
     except FileNotFoundError:
-        raise VlmMergeError(f"{path}: no such {what}") from None
+        raise VlmMergeError(f"{path}: no such file") from None
     except OSError as e:
         raise VlmMergeError(f"{path}: cannot read the {what} ({e.strerror}); check the path and its permissions") from None
     if not stat.S_ISREG(st.st_mode):
