@@ -14,9 +14,8 @@ The vision tower and projector are copied byte for byte from the VLM.
 from __future__ import annotations
 
 import json
+import math
 import os
-import shutil
-import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import partial
@@ -33,13 +32,14 @@ from vlm_merge.checkpoint import (
     DEFAULT_MAX_SHARD_BYTES,
     CheckpointReader,
     dtype_from_name,
-    prepare_output_dir,
     read_safetensors_header,
 )
 from vlm_merge.engine import Merge, MergePlan, OutputTensor, execute
 from vlm_merge.errors import VlmMergeError
 from vlm_merge.merge import merge
 from vlm_merge.methods import add_task_vectors, difference
+from vlm_merge.outputs import check_output, prepare_output_dir, scratch_dir
+from vlm_merge.safe_load import parse_json
 from vlm_merge.recipe import VLM_REF, ModelEntry, Recipe, resolve_setting
 from vlm_merge.vocab import RowMap, VocabPlan, VocabSide, load_tokenizer, match_rows
 
@@ -51,18 +51,44 @@ def _dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
     return dtype_from_name(dtype) if isinstance(dtype, str) else dtype
 
 
+_FLAGS = {"scale": "--scale", "layer_scales": "--layer-scales", "module_scales": "--module-scale"}  # argument -> CLI flag
+
+
+def _number(value: object, name: str) -> float:
+    """`value` as a finite float, or a one-line error naming the argument (`name`, e.g. layer_scales[2]) and its flag."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        arg = name.split("[")[0]
+        raise VlmMergeError(f"{name} {value!r}: must be a finite number ({_FLAGS[arg]} / {arg}=)")
+    return float(value)
+
+
 def make_scales(
     scale: float = 1.0,
     layer_scales: list[float] | None = None,
     module_scales: Mapping[str, float] | None = None,
     skip: str | list[str] | None = None,
 ) -> Scales:
+    """The Chat Vector's scales from user arguments, each checked (a finite number; lists and maps of them)."""
+    if layer_scales is not None and (isinstance(layer_scales, (str, bytes)) or not isinstance(layer_scales, (list, tuple))):
+        raise VlmMergeError(f"layer_scales {layer_scales!r}: must be a list of numbers, one per decoder layer (--layer-scales)")
+    if module_scales is not None and not isinstance(module_scales, Mapping):
+        raise VlmMergeError(f"module_scales {module_scales!r}: must be a mapping of module name to number (--module-scale)")
+    if skip is not None and not isinstance(skip, (str, list, tuple)):
+        raise VlmMergeError(f"skip {skip!r}: must be a string or a list of presets/regexes (--skip)")
     return Scales(
-        scale=float(scale),
-        layer_scales=tuple(float(x) for x in layer_scales) if layer_scales is not None else None,
-        module_scales={k: float(v) for k, v in (module_scales or {}).items()},
+        scale=_number(scale, "scale"),
+        layer_scales=tuple(_number(x, f"layer_scales[{i}]") for i, x in enumerate(layer_scales)) if layer_scales is not None else None,
+        module_scales={str(k): _number(v, f"module_scales[{k!r}]") for k, v in (module_scales or {}).items()},
         skip=resolve_skip(skip),
     )
+
+
+def check_output_args(dtype: object, max_shard_bytes: object) -> None:
+    """One-line errors for a bad `dtype` or `max_shard_bytes` argument, before any model is opened."""
+    if dtype is not None and not isinstance(dtype, (str, torch.dtype)):
+        raise VlmMergeError(f"dtype {dtype!r}: must be a name such as bfloat16, float16, float32 (--dtype)")
+    if isinstance(max_shard_bytes, bool) or not isinstance(max_shard_bytes, int) or max_shard_bytes < 1:
+        raise VlmMergeError(f"max_shard_bytes {max_shard_bytes!r}: must be a positive whole number of bytes (--max-shard-size)")
 
 
 def chat_vector_recipe(
@@ -100,6 +126,7 @@ def chat_vector(
     progress: bool = True,
     trust_remote_code: bool = False,
     text_config_from: str = "vlm",
+    allow_nonfinite: bool = False,
 ) -> Path:
     """Write a Japanese VLM: the VLM's vision side + `ja_base + scale * (vlm_llm - en_base)`.
 
@@ -109,10 +136,12 @@ def chat_vector(
     model (default: the VLM's). `text_config_from` ("vlm" or "ja_base"/"target") says whose RoPE, sliding
     window, norm eps, context length, … the output has (see `vlm_merge.backbone.FUNCTION_FIELDS`).
     The output holds `merge_recipe.yaml`: `vlm-merge merge` replays it.
+    Merged values that are NaN/inf in the output dtype are an error unless `allow_nonfinite`.
     """
     text_config_from = TARGET if text_config_from == "ja_base" else text_config_from
-    prepare_output_dir(out, force)
+    check_output_args(dtype, max_shard_bytes)
     scales = make_scales(scale, layer_scales, module_scales, skip)
+    prepare_output_dir(out, force, [vlm, en_base, ja_base, vision_tower])
     if scales.layer_scales is not None:
         with CheckpointReader(vlm, cache_dir) as reader:
             scales.check_layers(inspect_vlm(reader).num_layers)
@@ -122,6 +151,7 @@ def chat_vector(
         recipe, out, force=force, max_shard_bytes=max_shard_bytes, vision_tower=vision_tower, cache_dir=cache_dir,
         progress=progress, trust_remote_code=trust_remote_code, card_title="Japanese VLM by Chat Vector",
         text_config_from=text_config_from,
+        allow_nonfinite=allow_nonfinite,
     )
 
 
@@ -163,9 +193,12 @@ def extract_delta(
     Embedding / lm_head rows follow the English base's vocabulary; a row whose token the VLM lacks
     is zero. float32 (default) keeps `apply_delta` bit-identical to `chat_vector`.
     """
-    out_file = Path(out_file)
+    out_file = Path(out_file).expanduser()
+    check_output(out_file, [vlm, en_base])
     if out_file.exists() and not force:
         raise VlmMergeError(f"{out_file}: already exists; pass --force (force=True) to replace it")
+    if out_file.is_dir():
+        raise VlmMergeError(f"{out_file}: is a directory; give a file name for the chat vector")
     out_dtype = _dtype(dtype)
     vlm_reader, en_reader = CheckpointReader(vlm, cache_dir), CheckpointReader(en_base, cache_dir)
     try:
@@ -210,14 +243,10 @@ def extract_delta(
             "vlm_merge_version": vlm_merge.__version__,
         }
         plan = MergePlan(tensors, {VLM: vlm_reader, EN_BASE: en_reader}, vocab, {METADATA_KEY: json.dumps(meta, ensure_ascii=False)})
-        out_file.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out_file.parent / f".{out_file.name}.tmp-{uuid.uuid4().hex[:8]}"
-        tmp.mkdir()
-        try:
+        check_output(out_file, [p for r in (vlm_reader, en_reader) for p in r.inputs])
+        with scratch_dir(out_file) as tmp:
             execute(plan, tmp, max_shard_bytes=1 << 62, progress=progress)
             os.replace(tmp / "model.safetensors", out_file)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
         return out_file
     finally:
         vlm_reader.close()
@@ -237,7 +266,11 @@ def load_delta(path: str | Path) -> ChatVectorDelta:
     if METADATA_KEY not in raw:
         raise VlmMergeError(f"{path}: not a chat vector saved by vlm-merge (no '{METADATA_KEY}' metadata)")
     reader = CheckpointReader(path.parent, files=[path])
-    return ChatVectorDelta(path, reader, json.loads(raw[METADATA_KEY]))
+    metadata = parse_json(raw[METADATA_KEY], f"{path} (metadata {METADATA_KEY!r})")
+    if not isinstance(metadata, dict) or not isinstance(metadata.get("sources"), dict):
+        reader.close()
+        raise VlmMergeError(f"{path}: its {METADATA_KEY!r} metadata is not a vlm-merge chat vector record; re-extract it")
+    return ChatVectorDelta(path, reader, metadata)
 
 
 def _apply_tensor(t: Mapping[str, torch.Tensor], w: float) -> torch.Tensor:
@@ -267,7 +300,8 @@ def apply_delta(
     `vlm` defaults to the VLM path recorded in the delta; `text_config_from` as in `chat_vector`.
     """
     text_config_from = TARGET if text_config_from == "ja_base" else text_config_from
-    prepare_output_dir(out, force)
+    check_output_args(dtype, max_shard_bytes)
+    prepare_output_dir(out, force, [delta if not isinstance(delta, ChatVectorDelta) else delta.path, ja_base, vlm, vision_tower])
     d = delta if isinstance(delta, ChatVectorDelta) else load_delta(delta)
     vlm_path = vlm or d.metadata["sources"]["vlm"]
     scales = make_scales(scale, layer_scales, module_scales, skip)

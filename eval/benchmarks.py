@@ -33,11 +33,13 @@ from pathlib import Path
 
 from PIL import Image
 
-from eval.images import open_image
+from eval.images import open_image, probe_image
 from vlm_merge.errors import VlmMergeError
+from vlm_merge.safe_load import parse_json, read_text
 
 SCHEMAS = ("vg-vqa", "vqa")
 TABLE_SUFFIXES = (".parquet", ".arrow", ".jsonl", ".json", ".csv")
+MAX_TABLE_BYTES = 1024**3  # a JSONL/CSV benchmark file read as text; larger sets belong in parquet
 
 
 @dataclass(frozen=True)
@@ -91,9 +93,17 @@ class Benchmark:
     revision: str | None = None
     split: str | None = None
     _load_image: Callable[[str], Image.Image] = field(default=lambda key: None, repr=False)  # type: ignore[assignment]
+    _probe_image: Callable[[str], None] = field(default=lambda key: None, repr=False)
 
     def image(self, key: str) -> Image.Image:
         return self._load_image(key)
+
+    def check_images(self, questions: list[Question] | None = None) -> None:
+        """Check the image files the questions use without decoding them (each exists, is a non-empty
+        regular file, has an image header and an acceptable size; `eval.images.probe_image`), so a bad
+        one is found before a model loads. Images embedded in the data are checked when decoded."""
+        for key in dict.fromkeys(q.image_key for q in (questions if questions is not None else self.questions)):
+            self._probe_image(key)
 
     def select(self, questions: str = "all", limit: int | None = None) -> list[Question]:
         """The questions a protocol evaluates: `first-per-image` (each image's first QA) or `all`; first `limit`."""
@@ -186,20 +196,14 @@ def _arrow_dataset(files: list[Path]):
 def _text_table(path: Path) -> _Table:
     """A JSONL / JSON-lines / CSV file of rows (images given as paths)."""
     rows: list[dict] = []
-    try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as e:
-        raise VlmMergeError(f"{path}: cannot be read as UTF-8 text ({e})") from None
+    text = read_text(path, "benchmark file", MAX_TABLE_BYTES)
     if path.suffix.lower() == ".csv":
         rows = list(csv.DictReader(text.splitlines()))
     else:
         for n, line in enumerate(text.splitlines(), 1):
             if not line.strip():
                 continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise VlmMergeError(f"{path}:{n}: not a JSON object ({e.msg}); write one JSON object per line") from None
+            row = parse_json(line, f"{path}:{n}")
             if not isinstance(row, dict):
                 raise VlmMergeError(f"{path}:{n}: expected a JSON object per line, got {type(row).__name__}")
             rows.append(row)
@@ -300,20 +304,29 @@ def _datasets_cache_files(repo_id: str, split: str, datasets_cache: str | Path |
     return sorted(f for f in candidates if f.parent == newest)
 
 
-def _cell_image(cell: object, base_dir: Path, label: str) -> Image.Image:
-    if isinstance(cell, Image.Image):
-        return cell.convert("RGB")
+def _cell_source(cell: object, base_dir: Path, label: str) -> Image.Image | bytes | Path:
+    """What an image cell holds: a decoded image, encoded bytes, or the file it names (relative to `base_dir`)."""
     if isinstance(cell, dict):  # an undecoded datasets Image struct
-        if cell.get("bytes"):
-            return open_image(cell["bytes"], name=label)
-        cell = cell.get("path")
-    if isinstance(cell, bytes):
-        return open_image(cell, name=label)
+        cell = cell.get("bytes") or cell.get("path")
+    if isinstance(cell, (Image.Image, bytes)):
+        return cell
     if isinstance(cell, str) and cell:
         path = Path(cell).expanduser()
-        path = path if path.is_absolute() else base_dir / path
-        return open_image(path, name=f"{label}: {path}")
+        return path if path.is_absolute() else base_dir / path
     raise VlmMergeError(f"{label}: no image (image cell is {cell!r})")
+
+
+def _cell_image(cell: object, base_dir: Path, label: str) -> Image.Image:
+    source = _cell_source(cell, base_dir, label)
+    if isinstance(source, Image.Image):
+        return source.convert("RGB")
+    return open_image(source, name=f"{label}: {source}" if isinstance(source, Path) else label)
+
+
+def _probe_cell(cell: object, base_dir: Path, label: str) -> None:
+    source = _cell_source(cell, base_dir, label)
+    if isinstance(source, Path):
+        probe_image(source, name=f"{label}: {source}")
 
 
 def _qas_list(qas: object) -> list[dict]:
@@ -391,8 +404,12 @@ def _benchmark(name: str, table: _Table, schema: str | None, source: str, split:
         row = int(key)
         return _cell_image(table.image(row), base, f"{source} row {row}")
 
+    def probe(key: str) -> None:
+        row = int(key)
+        _probe_cell(table.image(row), base, f"{source} row {row}")
+
     return Benchmark(name=name, questions=questions, source=source, schema=schema, fingerprint=fingerprint,
-                     revision=revision, split=split, _load_image=load)
+                     revision=revision, split=split, _load_image=load, _probe_image=probe)
 
 
 def load_benchmark(

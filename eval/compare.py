@@ -22,7 +22,7 @@ import numpy as np
 
 from eval.outputs import dumps, read_jsonl
 from eval.runner import PREDICTIONS_FILE, SCORES_FILE
-from vlm_merge.checkpoint import AtomicDir
+from vlm_merge.outputs import AtomicDir
 from vlm_merge.errors import VlmMergeError
 
 TABLE_COLUMNS = ("rougeL", "rougeL_ja", "rouge1", "rouge2", "exact_match", "substring_match", "non_japanese")
@@ -145,7 +145,7 @@ def compare(paths: list[str | Path], out: str | Path, force: bool = False) -> Pa
                                   "headline": headline, "runs": entries})
     md += ["![scores](scores.png)", "", "![answer lengths](answer_lengths.png)", ""]
 
-    with AtomicDir(out, force) as tmp:
+    with AtomicDir(out, force, [*paths, *(run.dir for run in runs)]) as tmp:
         (tmp / "comparison.md").write_text("\n".join(md), encoding="utf-8")
         (tmp / "comparison.json").write_text(dumps(summary), encoding="utf-8")
         _plot_scores(groups, titles, tmp / "scores.png")

@@ -1,9 +1,11 @@
 """Opening users' image files safely, and thumbnails for HTML.
 
-Pillow's decompression-bomb guard stays on: a file that declares more than 2 x `Image.MAX_IMAGE_PIXELS`
-pixels (about 179 MP) is refused before it is decoded. Larger-than-needed images are decoded at a
-reduced scale where the format allows it (JPEG `draft`) and downscaled to `max_side`; truncated or
-unreadable files raise `UnreadableImage` (a `VlmMergeError`) naming the file and the reason.
+Pillow's decompression-bomb guard stays on, and an image whose header declares more than
+`Image.MAX_IMAGE_PIXELS` pixels (about 89 MP) at the scale it would be decoded is refused before
+decoding. Only regular, non-empty files are opened (a FIFO is refused by `os.stat`). Larger-than-needed
+images are decoded at a reduced scale where the format allows it (JPEG `draft`) and downscaled to
+`max_side`; truncated or unreadable files raise `UnreadableImage` (a `VlmMergeError`) naming the file
+and the reason. `probe_image` checks a file the same way without decoding it (before a model loads).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from pathlib import Path
 from PIL import Image, ImageOps
 
 from vlm_merge.errors import VlmMergeError
+from vlm_merge.safe_load import check_regular_file
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 MAX_SIDE = 2048  # the largest LLaVA-NeXT grid is 1344 px on a side; nothing needs more
@@ -25,16 +28,56 @@ class UnreadableImage(VlmMergeError):
     """An image file that cannot be decoded (missing, truncated, not an image, or a decompression bomb)."""
 
 
+def _check_file(path: Path, label: str) -> None:
+    """A regular, non-empty file (checked by `os.stat`, so a FIFO or device is never opened)."""
+    try:
+        st = check_regular_file(path, "image")
+    except VlmMergeError as e:
+        raise UnreadableImage(f"{label}: {str(e).removeprefix(f'{path}: ')}") from None  # the path once
+    if st.st_size == 0:
+        raise UnreadableImage(f"{label}: empty file (0 bytes), not an image")
+
+
+def _check_pixels(im: Image.Image, label: str) -> None:
+    """Refuse, from the header alone, an image that would decode to more than `Image.MAX_IMAGE_PIXELS` pixels."""
+    if im.width * im.height > Image.MAX_IMAGE_PIXELS:
+        raise UnreadableImage(
+            f"{label}: declares {im.width}x{im.height} pixels, more than the {Image.MAX_IMAGE_PIXELS} allowed "
+            "(a decompression bomb?); downscale it first"
+        )
+
+
+def probe_image(path: str | Path, name: str | None = None) -> tuple[int, int]:
+    """Check an image file without decoding its pixels: a regular non-empty file whose header a decoder
+    recognises, of an acceptable size. Returns (width, height); raises `UnreadableImage`."""
+    path = Path(path)
+    label = name or str(path)
+    _check_file(path, label)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(path) as im:
+                _check_pixels(im, label)
+                return im.size
+    except Image.DecompressionBombError as e:
+        raise UnreadableImage(f"{label}: refused by the decompression-bomb guard ({e})") from None
+    except (OSError, SyntaxError, ValueError) as e:
+        raise UnreadableImage(f"{label}: not a readable image ({e})") from None
+
+
 def open_image(source: str | Path | bytes, max_side: int | None = None, name: str | None = None) -> Image.Image:
     """Decode `source` (a path or encoded bytes) into an upright RGB image, at most `max_side` px on a side."""
     label = name or (str(source) if not isinstance(source, bytes) else "image bytes")
+    if not isinstance(source, bytes):
+        _check_file(Path(source), label)
     try:
         with warnings.catch_warnings():
-            # between 1x and 2x MAX_IMAGE_PIXELS Pillow only warns; such photos are read at reduced scale
+            # between 1x and 2x MAX_IMAGE_PIXELS Pillow only warns; JPEGs that large are read at reduced scale
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as im:
                 if max_side is not None:
                     im.draft("RGB", (max_side, max_side))
+                _check_pixels(im, label)
                 im.load()
                 image = ImageOps.exif_transpose(im).convert("RGB")
     except Image.DecompressionBombError as e:

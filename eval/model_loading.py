@@ -8,11 +8,13 @@ from __future__ import annotations
 import hashlib
 import importlib.metadata
 import json
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 
-from vlm_merge.checkpoint import dtype_from_name, resolve_model_dir
+from vlm_merge.checkpoint import CheckpointReader, dtype_from_name, resolve_model_dir
 from vlm_merge.errors import VlmMergeError
 
 LIBRARIES = (
@@ -51,6 +53,29 @@ def resolve_dtype(dtype: str | None, device: torch.device, gpu_dtype: str = "flo
     return dtype_from_name(dtype)
 
 
+def check_model_files(model_dir: Path) -> None:
+    """Check a model's config and weight files as vlm-merge reads them (safetensors headers, index shard
+    names, `.bin` only through the safe unpickler) before transformers opens them: a corrupt, truncated or
+    malicious file is one line here instead of a traceback from inside transformers."""
+    with CheckpointReader(model_dir) as reader:
+        reader.config()
+
+
+@contextmanager
+def _progress_bars(show: bool) -> Iterator[None]:
+    """transformers' progress bars as they were (`show`) or off for a block."""
+    from transformers.utils import logging as hf_logging
+
+    was = hf_logging.is_progress_bar_enabled()
+    if not show and was:
+        hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if not show and was:
+            hf_logging.enable_progress_bar()
+
+
 def load_model(
     path: str | Path,
     *,
@@ -58,16 +83,21 @@ def load_model(
     dtype: str | None = "auto",
     gpu_dtype: str = "float16",
     cache_dir: str | Path | None = None,
+    progress: bool = True,
 ):
-    """(model, processor) from a local directory or a Hugging Face id in the cache; never downloads."""
+    """(model, processor) from a local directory or a Hugging Face id in the cache; never downloads.
+
+    `progress=False` hides transformers' "Loading weights" bar (restored afterwards)."""
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     model_dir = resolve_model_dir(path, cache_dir)
+    check_model_files(model_dir)
     dev = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, dev, gpu_dtype)
     try:
-        processor = AutoProcessor.from_pretrained(str(model_dir), local_files_only=True)
-        model = AutoModelForImageTextToText.from_pretrained(str(model_dir), dtype=torch_dtype, local_files_only=True)
+        with _progress_bars(progress):
+            processor = AutoProcessor.from_pretrained(str(model_dir), local_files_only=True)
+            model = AutoModelForImageTextToText.from_pretrained(str(model_dir), dtype=torch_dtype, local_files_only=True)
     except (OSError, ValueError, KeyError, TypeError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise VlmMergeError(

@@ -10,18 +10,21 @@ from __future__ import annotations
 
 import json
 import os
-import uuid
 from collections.abc import Iterable
 from pathlib import Path
 
 from vlm_merge.errors import VlmMergeError
+from vlm_merge.outputs import side_path
+from vlm_merge.safe_load import parse_json, read_text
+
+MAX_JSONL_BYTES = 1024**3  # predictions / captions files
 
 RUN_FILE = "run.json"
 
 
 def write_atomic(path: Path, text: str | bytes) -> None:
     """Write `text` to a temporary file beside `path`, fsync, and rename it into place."""
-    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
+    tmp = side_path(path, "tmp")  # removed by the next run if this process dies (vlm_merge.outputs.clean_stale)
     data = text.encode("utf-8") if isinstance(text, str) else text
     try:
         with open(tmp, "wb") as fh:
@@ -44,23 +47,18 @@ def jsonl(records: Iterable[dict]) -> str:
 
 def read_jsonl(path: Path, required: tuple[str, ...] = (), tolerate_torn_tail: bool = False) -> list[dict]:
     """JSON objects, one per line; a bad line is an error naming file and line (a torn last line may be dropped)."""
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise VlmMergeError(f"{path}: no such file") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise VlmMergeError(f"{path}: cannot be read as UTF-8 text ({e})") from None
+    text = read_text(path, "JSONL file", MAX_JSONL_BYTES)
     lines = text.split("\n")
     records = []
     for n, line in enumerate(lines, 1):
         if not line.strip():
             continue
         try:
-            record = json.loads(line)
-        except json.JSONDecodeError as e:
+            record = parse_json(line, f"{path}:{n}")
+        except VlmMergeError as e:
             if tolerate_torn_tail and n == len(lines) and not text.endswith("\n"):
                 break  # interrupted mid-write; the item is generated again
-            raise VlmMergeError(f"{path}:{n}: not valid JSON ({e.msg}); fix or delete that line") from None
+            raise VlmMergeError(f"{e}; fix or delete that line") from None
         if not isinstance(record, dict):
             raise VlmMergeError(f"{path}:{n}: expected a JSON object, got {type(record).__name__}")
         for key in required:
@@ -70,32 +68,30 @@ def read_jsonl(path: Path, required: tuple[str, ...] = (), tolerate_torn_tail: b
     return records
 
 
-class Checkpoint:
-    """An output directory holding `run.json` and an append-only JSONL of finished items keyed by `key`."""
+def has_items(filename: str):
+    """`keep` for `vlm_merge.outputs.RunDir.open`: whether a run dir's checkpoint file holds a finished item."""
 
-    def __init__(self, out_dir: Path, filename: str, key: str, config: dict, force: bool = False):
+    def keep(run_dir: Path) -> bool:
+        path = run_dir / filename
+        return path.is_file() and any(line.strip() for line in path.read_text(encoding="utf-8", errors="replace").splitlines())
+
+    return keep
+
+
+class Checkpoint:
+    """A run directory (made by `vlm_merge.outputs.RunDir`) holding `run.json` and an append-only JSONL of
+    finished items keyed by `key`. A directory whose `run.json` has no finished items beside it (a run that
+    failed or was killed before its first item) is taken over by the new run's configuration."""
+
+    def __init__(self, out_dir: Path, filename: str, key: str, config: dict):
         self.dir = Path(out_dir).expanduser()
         self.path = self.dir / filename
         self.key = key
-        if self.dir.exists() and not self.dir.is_dir():
-            raise VlmMergeError(f"{self.dir}: exists and is not a directory; choose another --out")
-        self.dir.mkdir(parents=True, exist_ok=True)
         run_file = self.dir / RUN_FILE
-        if force:
-            for f in (run_file, self.path):
-                f.unlink(missing_ok=True)
+        if run_file.exists() and not has_items(filename)(self.dir):
+            run_file.unlink()  # nothing finished: nothing to resume or lose
         if run_file.exists():
-            try:
-                old = json.loads(run_file.read_text(encoding="utf-8"))
-            except (json.JSONDecodeError, UnicodeDecodeError):
-                raise VlmMergeError(f"{run_file}: unreadable; delete it or pass --force to start over") from None
-            difference = _first_difference(old, config)
-            if difference is not None:
-                name, was, now = difference
-                raise VlmMergeError(
-                    f"{self.dir} holds a run with a different {name} ({_short(was)} instead of {_short(now)}); "
-                    "use another --out, or --force to start over"
-                )
+            _check_same_run(self.dir, _read_run_file(run_file), config)
         elif self.path.exists():
             raise VlmMergeError(f"{self.path}: exists without {RUN_FILE}; use another --out, or --force to start over")
         else:
@@ -120,6 +116,39 @@ class Checkpoint:
     def finish(self, records: list[dict]) -> None:
         """Replace the checkpoint with the final records (same file name, atomically)."""
         self._rewrite(records)
+
+
+def check_resumable(run_dir: Path, filename: str, known: dict) -> None:
+    """Before any costly work (loading a model): when `run_dir` holds a run with finished items in `filename`,
+    the settings in `known` (part of the run configuration, nested the same way) must equal its `run.json`'s.
+    `Checkpoint` checks the whole configuration once it is known; the error is the same."""
+    run_file = Path(run_dir) / RUN_FILE
+    if run_file.is_file() and has_items(filename)(Path(run_dir)):
+        _check_same_run(Path(run_dir), _only(_read_run_file(run_file), known), known)
+
+
+def _read_run_file(run_file: Path) -> object:
+    try:
+        return json.loads(run_file.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise VlmMergeError(f"{run_file}: unreadable; delete it or pass --force to start over") from None
+
+
+def _check_same_run(run_dir: Path, old: object, config: dict) -> None:
+    difference = _first_difference(old, config)
+    if difference is not None:
+        name, was, now = difference
+        raise VlmMergeError(
+            f"{run_dir} holds a run with a different {name} ({_short(was)} instead of {_short(now)}); "
+            "use another --out, or --force to start over"
+        )
+
+
+def _only(old: object, shape: object) -> object:
+    """The part of JSON value `old` at the keys `shape` has (recursively)."""
+    if isinstance(old, dict) and isinstance(shape, dict):
+        return {k: _only(old.get(k), v) for k, v in shape.items()}
+    return old
 
 
 def _first_difference(old: object, new: object, path: str = "") -> tuple[str, object, object] | None:

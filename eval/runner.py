@@ -15,6 +15,7 @@ import json
 import logging
 import time
 from collections.abc import Mapping, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,10 +24,11 @@ from eval.decoding import GenerationSettings
 from eval.generation import EncodedImage, encode_images, generate
 from eval.metrics import Aggregate, Scorer, check_meta, score_predictions
 from eval.model_loading import describe_model, library_versions, load_model
-from eval.outputs import Checkpoint, dumps, write_atomic
-from eval.prompts import prompt_record
+from eval.outputs import Checkpoint, check_resumable, dumps, has_items, write_atomic
+from eval.prompts import get_template, prompt_record
 from eval.protocols import Protocol, get_protocol
 from vlm_merge.errors import VlmMergeError
+from vlm_merge.outputs import RunDir
 
 log = logging.getLogger(__name__)
 
@@ -120,11 +122,22 @@ def evaluate(
     )
     if not isinstance(model, (str, Path)) and processor is None:
         raise VlmMergeError("evaluate(model, …) with a model object needs processor=")
+    paths = [x for x in (model, bench, data) if isinstance(x, (str, Path))]
+    run = RunDir(out_dir, force, paths) if out_dir else None  # checked now, created after the other checks
     benchmark = bench if isinstance(bench, Benchmark) else load_benchmark(bench, data, cache_dir=cache_dir)
     questions = benchmark.select(proto.questions, limit)
     check_meta(scorers if scorers is not None else proto.metrics, [q.meta for q in questions])  # before any work
+    if encoded_images is None:
+        benchmark.check_images(questions)  # every image file there and an image, before the model loads
+    bench_meta = {**benchmark.describe(), "questions_evaluated": len(questions), "limit": limit,
+                  "question_ids_sha256": _question_ids_hash(questions)}
+    if run is not None and not force:  # a resume with other settings fails now, not after loading the model
+        named = {"name_or_path": str(model)} if isinstance(model, (str, Path)) else None
+        known_prompt = {"template": get_template(proto.template).name}
+        check_resumable(run.target, PREDICTIONS_FILE, _run_config(proto, known_prompt, bench_meta, named))
     if isinstance(model, (str, Path)):
-        model, processor = load_model(model, device=device, dtype=dtype, gpu_dtype=proto.gpu_dtype, cache_dir=cache_dir)
+        model, processor = load_model(model, device=device, dtype=dtype, gpu_dtype=proto.gpu_dtype, cache_dir=cache_dir,
+                                      progress=progress)
     source = ("--template (override)" if "template" in proto.overrides
               else f"protocol {proto.name}" if proto.template != "chat" else "the model's own chat template")
     prompt = prompt_record(processor, proto.template, source, questions[0].question if questions else None)
@@ -134,49 +147,58 @@ def evaluate(
         "protocol": proto.as_dict(),
         "prompt": prompt,
         "generation": proto.generation.as_dict(),
-        "benchmark": {**benchmark.describe(), "questions_evaluated": len(questions), "limit": limit,
-                      "question_ids_sha256": _question_ids_hash(questions)},
+        "benchmark": bench_meta,
         "model": describe_model(model, model_name),
         "batch_size": batch_size,
         "bootstrap_seed": seed,
     }
-    # what predictions depend on; the question selection may grow or shrink (--limit) between resumes
-    run_config = {k: metadata[k] for k in ("protocol", "generation")}
-    run_config["prompt"] = {k: prompt[k] for k in ("template", "text")}
-    # predictions do not depend on the metrics: a run re-scored with others resumes from all of them
-    run_config["protocol"] = {k: v for k, v in metadata["protocol"].items() if k != "metrics"}
-    run_config["protocol"]["overrides"] = {k: v for k, v in proto.overrides.items() if k != "metrics"}
-    run_config["benchmark"] = {k: metadata["benchmark"][k] for k in ("name", "source", "split", "schema", "fingerprint")}
-    run_config["model"] = {k: metadata["model"][k] for k in ("name_or_path", "class", "dtype", "config_sha256")}
+    run_config = _run_config(proto, {k: prompt[k] for k in ("template", "text")}, bench_meta, metadata["model"])
 
-    checkpoint = Checkpoint(Path(out_dir), PREDICTIONS_FILE, "question_id", run_config, force) if out_dir else None
-    done: dict[str, dict] = dict(checkpoint.done) if checkpoint else {}
-    todo = [q for q in questions if q.question_id not in done]
-    started = time.perf_counter()
-    _generate_missing(model, processor, benchmark, todo, proto, batch_size, encoded_images, done, checkpoint, progress)
-    generation_s = time.perf_counter() - started
+    with run.open(has_items(PREDICTIONS_FILE)) if run else nullcontext() as run_path:
+        checkpoint = Checkpoint(run_path, PREDICTIONS_FILE, "question_id", run_config) if run else None
+        done: dict[str, dict] = dict(checkpoint.done) if checkpoint else {}
+        todo = [q for q in questions if q.question_id not in done]
+        started = time.perf_counter()
+        _generate_missing(model, processor, benchmark, todo, proto, batch_size, encoded_images, done, checkpoint, progress)
+        generation_s = time.perf_counter() - started
 
-    records = [done[q.question_id] for q in questions]
-    report = score_predictions([r["answer"] for r in records], [r["prediction"] for r in records],
-                               scorers if scorers is not None else proto.metrics, seed=seed,
-                               meta=[q.meta for q in questions])
-    predictions = [{**r, **{k: round(v, 6) for k, v in s.items()}} for r, s in zip(records, report.per_sample)]
-    metadata.update({
-        "scores": {name: agg.as_dict() for name, agg in report.aggregate.items()},
-        "headline": list(proto.headline),
-        "scorers": report.scorers,
-        "bootstrap": report.bootstrap,
-        "libraries": library_versions(),
-        "generated_this_run": len(todo),
-        "resumed_from_checkpoint": len(questions) - len(todo),
-        "generation_seconds_this_run": round(generation_s, 3),
-    })
-    metadata["comparable_key"] = comparable_key(metadata)
-    if checkpoint is not None:
-        checkpoint.finish(predictions)
-        write_atomic(checkpoint.dir / SCORES_FILE, dumps(metadata))
+        records = [done[q.question_id] for q in questions]
+        report = score_predictions([r["answer"] for r in records], [r["prediction"] for r in records],
+                                   scorers if scorers is not None else proto.metrics, seed=seed,
+                                   meta=[q.meta for q in questions])
+        predictions = [{**r, **{k: round(v, 6) for k, v in s.items()}} for r, s in zip(records, report.per_sample)]
+        metadata.update({
+            "scores": {name: agg.as_dict() for name, agg in report.aggregate.items()},
+            "headline": list(proto.headline),
+            "scorers": report.scorers,
+            "bootstrap": report.bootstrap,
+            "libraries": library_versions(),
+            "generated_this_run": len(todo),
+            "resumed_from_checkpoint": len(questions) - len(todo),
+            "generation_seconds_this_run": round(generation_s, 3),
+        })
+        metadata["comparable_key"] = comparable_key(metadata)
+        if checkpoint is not None:
+            checkpoint.finish(predictions)
+            write_atomic(checkpoint.dir / SCORES_FILE, dumps(metadata))
     return EvalResult(scores=report.aggregate, predictions=predictions, metadata=metadata,
-                      out_dir=checkpoint.dir if checkpoint else None, headline=proto.headline)
+                      out_dir=run.target if run else None, headline=proto.headline)
+
+
+RUN_MODEL_KEYS = ("name_or_path", "class", "dtype", "config_sha256")  # what identifies the model for a resume
+
+
+def _run_config(proto: Protocol, prompt: dict, bench_meta: dict, model: dict | None) -> dict:
+    """What predictions depend on (a resumed run must match it): protocol without metrics (a run re-scored with
+    others resumes from all of them), prompt, generation, benchmark data (the question selection may grow or
+    shrink with --limit), and the model (the keys of `model` there are: before loading, only its path)."""
+    protocol = {k: v for k, v in proto.as_dict().items() if k != "metrics"}
+    protocol["overrides"] = {k: v for k, v in proto.overrides.items() if k != "metrics"}
+    config = {"protocol": protocol, "prompt": prompt, "generation": proto.generation.as_dict(),
+              "benchmark": {k: bench_meta[k] for k in ("name", "source", "split", "schema", "fingerprint")}}
+    if model is not None:
+        config["model"] = {k: model[k] for k in RUN_MODEL_KEYS if k in model}
+    return config
 
 
 def _generate_missing(

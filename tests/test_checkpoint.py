@@ -11,7 +11,6 @@ from safetensors.torch import load_file, save_file
 
 from vlm_merge.checkpoint import (
     SAFETENSORS_INDEX,
-    AtomicDir,
     CheckpointReader,
     CheckpointWriter,
     PlannedTensor,
@@ -19,6 +18,7 @@ from vlm_merge.checkpoint import (
     resolve_model_dir,
 )
 from vlm_merge.errors import VlmMergeError
+from vlm_merge.outputs import AtomicDir
 
 
 def _tensors(seed: int = 0) -> dict[str, torch.Tensor]:

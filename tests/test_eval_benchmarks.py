@@ -128,7 +128,7 @@ def test_custom_jsonl_csv_parquet_and_vg_schema(tmp_path):
     ("content", "message"),
     [
         ('{"image": "x.png", "question": "q"}\n', "no column 'answer'"),
-        ('{"image": "x.png", "question": "q", "answer": "a"}\n{oops\n', r"bad\.jsonl:2: not a JSON object"),
+        ('{"image": "x.png", "question": "q", "answer": "a"}\n{oops\n', r"bad\.jsonl:2: invalid JSON \("),
         ('[1, 2]\n', "expected a JSON object per line"),
         ('{"image": "a.png", "question": "q", "answer": "a", "question_id": 1}\n'
          '{"image": "a.png", "question": "q", "answer": "a", "question_id": 1}\n', "question id '1' appears more than once"),

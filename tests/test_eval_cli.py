@@ -137,7 +137,7 @@ def test_compare_cli_tables_and_plots(runs, tmp_path, capsys):
         (["eval", "--model", "{vlm}", "--bench", "ja-vg-vqa-500", "--data", "{vg}", "--dtype", "int3",
           "--out", "{tmp}/o"], "unknown dtype 'int3'"),
         (["score", "{tmp}/missing.jsonl"], "missing.jsonl: no such file"),
-        (["score", "{tmp}/bad.jsonl"], "bad.jsonl:2: not valid JSON"),
+        (["score", "{tmp}/bad.jsonl"], "bad.jsonl:2: invalid JSON ("),
         (["score", "{tmp}/nofield.jsonl"], "nofield.jsonl:1: no 'prediction' field"),
         (["score", "{tmp}/ok.jsonl", "--metrics", "bleu"], "unknown metric 'bleu'"),
         (["compare", "{tmp}", "--out", "{tmp}/cmp"], "no scores.json here or in its subdirectories"),

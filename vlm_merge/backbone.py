@@ -17,7 +17,7 @@ from __future__ import annotations
 import copy
 import json
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -38,9 +38,10 @@ from vlm_merge.anatomy import (
     inspect_vlm,
     lm_role,
 )
-from vlm_merge.checkpoint import DEFAULT_MAX_SHARD_BYTES, AtomicDir, CheckpointReader, resolve_model_dir
+from vlm_merge.checkpoint import DEFAULT_MAX_SHARD_BYTES, CheckpointReader, resolve_model_dir
 from vlm_merge.engine import Copy, Merge, MergePlan, OutputTensor, TensorFn, execute
 from vlm_merge.errors import VlmMergeError
+from vlm_merge.outputs import AtomicDir
 from vlm_merge.vocab import VocabPlan, VocabSide, load_tokenizer, pad_multiple, plan_vocab
 
 log = logging.getLogger(__name__)
@@ -167,6 +168,22 @@ def vision_tower_status(vlm: Anatomy, vision_tower: str | Path | None, cache_dir
             "found": str(found) if found is not None else None, "line": line}
 
 
+def check_vlm_config(vlm: Anatomy) -> None:
+    """The VLM's config.json must name a `model_type` transformers knows, since the output keeps that
+    config (an original-LLaVA config is converted to llava-hf's instead); checked before merging."""
+    if vlm.layout.name == "llava-original":
+        return
+    from transformers import CONFIG_MAPPING
+
+    model_type = vlm.config.get("model_type")
+    if not isinstance(model_type, str) or model_type not in CONFIG_MAPPING:
+        what = "has no 'model_type'" if model_type is None else f"has model_type {model_type!r}, which transformers does not know"
+        raise VlmMergeError(
+            f"{vlm.path / 'config.json'}: {what}, so transformers could not load the merged model; set it "
+            "(e.g. 'llava', 'llava_next') or re-download the model"
+        )
+
+
 def open_sources(
     vlm: str | Path | None,
     models: Mapping[str, str | Path],
@@ -190,6 +207,7 @@ def open_sources(
     if vlm is not None:
         vlm_reader = CheckpointReader(vlm, cache_dir)
         vlm_src = Source(VLM, vlm_reader, inspect_vlm(vlm_reader, base=readers[target_role]))
+        check_vlm_config(vlm_src.anatomy)
         clip = _resolve_vision_tower(vlm_src.anatomy, vision_tower, cache_dir)
     reference = vlm_src.anatomy if vlm_src is not None else srcs[target_role].anatomy
     alignments = {role: align(reference, src.anatomy) for role, src in srcs.items()}
@@ -637,9 +655,14 @@ def write_backbone(
     card: str = "",
     extra_files: Mapping[str, str] | None = None,
     progress: bool = True,
+    inputs: Iterable[str | Path | None] = (),
 ) -> Path:
-    """Run the merge and write the complete VLM at `out` atomically."""
-    atomic = AtomicDir(out, force)
+    """Run the merge and write the complete VLM at `out` atomically.
+
+    `out` may not be, contain or lie inside any source checkpoint or any of `inputs` (e.g. the recipe file).
+    """
+    read = [p for r in bp.plan.sources.values() for p in r.inputs]
+    atomic = AtomicDir(out, force, [*inputs, *read])
     with atomic as tmp:
         execute(bp.plan, tmp, max_shard_bytes, progress)
         write_model_files(bp, tmp)

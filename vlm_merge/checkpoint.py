@@ -19,9 +19,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
-import shutil
 import struct
-import uuid
 import zipfile
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -31,6 +29,7 @@ from typing import BinaryIO
 import torch
 
 from vlm_merge.errors import VlmMergeError
+from vlm_merge.safe_load import check_regular_file, field, load_json, parse_json
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 SAFETENSORS_SINGLE = "model.safetensors"
@@ -54,6 +53,8 @@ _ST_DTYPES: dict[str, torch.dtype] = {
     "F8_E5M2": torch.float8_e5m2,
 }
 _TORCH_TO_ST = {v: k for k, v in _ST_DTYPES.items()}
+# Every dtype the safetensors format defines (its `Dtype` enum); those not above are valid but unsupported here.
+_ST_FORMAT_DTYPES = (*_ST_DTYPES, "F4", "F6_E2M3", "F6_E3M2", "F8_E8M0", "U16", "U32", "U64", "C64")
 
 def dtype_from_name(name: str) -> torch.dtype:
     """Map `bfloat16`/`bf16`/`float16`/`fp16`/`float32`/`fp32` to a torch dtype."""
@@ -120,48 +121,98 @@ class TensorInfo:
         return self.numel * self.dtype.itemsize
 
 
+MAX_HEADER_BYTES = 100_000_000  # safetensors' own limit (MAX_HEADER_SIZE in its tensor.rs)
+
+
+def _header_error(path: Path, what: str) -> VlmMergeError:
+    return VlmMergeError(f"{path}: corrupt safetensors header: {what}; re-download or re-save the file")
+
+
+def _entry_info(path: Path, name: str, entry: object, base: int) -> tuple[TensorInfo, int, int]:
+    """One header entry checked field by field: (its TensorInfo, data begin, data end)."""
+    if not isinstance(entry, dict):
+        raise _header_error(path, f"entry {name!r} is {type(entry).__name__}, not an object")
+    dtype_name = entry.get("dtype")
+    if not isinstance(dtype_name, str):
+        raise _header_error(path, f"tensor {name!r} has no dtype string")
+    if dtype_name not in _ST_FORMAT_DTYPES:
+        raise _header_error(path, f"tensor {name!r} has dtype {dtype_name[:40]!r}, which is not a safetensors dtype")
+    if dtype_name not in _ST_DTYPES:
+        raise VlmMergeError(
+            f"{path}: tensor {name!r} has dtype {dtype_name!r}, which vlm-merge does not support "
+            f"(supported: {', '.join(_ST_DTYPES)}); convert the checkpoint to one of those"
+        )
+    shape, offsets = entry.get("shape"), entry.get("data_offsets")
+    if not isinstance(shape, list) or not all(type(s) is int and s >= 0 for s in shape):
+        raise _header_error(path, f"tensor {name!r} has shape {str(shape)[:60]}, not a list of non-negative integers")
+    if not isinstance(offsets, list) or len(offsets) != 2 or not all(type(o) is int for o in offsets):
+        raise _header_error(path, f"tensor {name!r} has data_offsets {str(offsets)[:60]}, not two integers")
+    begin, end = offsets
+    info = TensorInfo(name, tuple(shape), _ST_DTYPES[dtype_name], path, base + begin)
+    if not 0 <= begin <= end:
+        raise _header_error(path, f"tensor {name!r} has data_offsets [{begin}, {end}], not 0 <= begin <= end")
+    if end - begin != info.nbytes:
+        raise _header_error(
+            path, f"tensor {name!r} has data_offsets [{begin}, {end}] but {dtype_name} {shape} needs {info.nbytes} bytes"
+        )
+    return info, begin, end
+
+
 def read_safetensors_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
-    """Parse a safetensors header, checking it against the file size (truncation, corruption)."""
+    """Parse and check a safetensors header before any tensor is read.
+
+    The checks are safetensors' own (`Metadata::validate` and `read_metadata` in its tensor.rs): the
+    header length is at most 100 MB and fits the file; the header is a UTF-8 JSON object whose
+    `__metadata__` maps strings to strings; every entry has a known dtype, a shape of non-negative
+    integers and `data_offsets` [begin, end] with end - begin = numel x itemsize; sorted by offset,
+    the tensors tile the data region exactly (no overlap, no gap) and end where the file ends.
+    """
+    st = check_regular_file(path, "safetensors file")
+    size = st.st_size
     try:
-        size = path.stat().st_size
         with open(path, "rb") as f:
             head = f.read(8)
             if len(head) < 8:
                 raise VlmMergeError(f"{path}: truncated safetensors file ({size} bytes); re-download it")
             (n,) = struct.unpack("<Q", head)
-            if n > min(size - 8, 100 * 1024**2):
+            if n > min(size - 8, MAX_HEADER_BYTES):
                 raise VlmMergeError(
-                    f"{path}: corrupt safetensors header (declared length {n}, file size {size}); re-download it"
+                    f"{path}: corrupt or truncated safetensors header (declared length {n}, file size {size}); re-download it"
                 )
             raw = f.read(n)
     except OSError as e:
         raise VlmMergeError(f"{path}: cannot read ({e.strerror}); check the file and its permissions") from None
     try:
-        header = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError):
-        raise VlmMergeError(f"{path}: corrupt safetensors header (not JSON); re-download the file") from None
+        header = parse_json(raw.decode("utf-8"), str(path))
+    except UnicodeDecodeError:
+        raise _header_error(path, "not UTF-8") from None
+    except VlmMergeError:
+        raise _header_error(path, "not JSON") from None
+    if not isinstance(header, dict):
+        raise _header_error(path, f"a JSON {type(header).__name__}, not an object")
     metadata = header.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
+        raise _header_error(path, "__metadata__ is not a map of strings to strings")
     base = 8 + n
-    infos: dict[str, TensorInfo] = {}
-    for name, entry in header.items():
-        try:
-            dtype = _ST_DTYPES[entry["dtype"]]
-            start, end = entry["data_offsets"]
-            shape = tuple(int(s) for s in entry["shape"])
-        except (KeyError, TypeError, ValueError):
-            raise VlmMergeError(f"{path}: corrupt safetensors header entry for {name!r}; re-download the file") from None
-        info = TensorInfo(name, shape, dtype, path, base + start)
-        if end - start != info.nbytes or base + end > size:
+    entries = sorted((_entry_info(path, name, entry, base) for name, entry in header.items()), key=lambda e: (e[1], e[2]))
+    expected = 0
+    for info, begin, end in entries:
+        if begin != expected:
+            what = "overlaps the previous tensor" if begin < expected else f"leaves a gap of {begin - expected} bytes before it"
+            raise _header_error(path, f"tensor {info.name!r} at data_offsets [{begin}, {end}] {what}")
+        expected = end
+    if base + expected != size:
+        if base + expected > size:
             raise VlmMergeError(
-                f"{path}: truncated or corrupt: tensor {name!r} needs bytes up to {base + end} "
-                f"but the file has {size}; re-download the file"
+                f"{path}: truncated: its tensors need {base + expected} bytes but the file has {size}; re-download the file"
             )
-        infos[name] = info
-    return infos, metadata
+        raise _header_error(path, f"the tensors end at byte {base + expected} but the file has {size} bytes")
+    return {info.name: info for info, _, _ in entries}, metadata
 
 
 def _load_bin(path: Path) -> dict[str, torch.Tensor]:
     """Load a PyTorch checkpoint with the safe unpickler only."""
+    check_regular_file(path, "PyTorch checkpoint")
     try:
         try:
             sd = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
@@ -170,12 +221,14 @@ def _load_bin(path: Path) -> dict[str, torch.Tensor]:
                 raise
             sd = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else "unpickling error"
+        refused = next((line.strip() for line in str(e).splitlines() if "GLOBAL" in line.upper()), None)
+        if refused is None:  # the safe unpickler met bytes that are no pickle it knows: not a checkpoint
+            raise VlmMergeError(f"{path}: not a valid PyTorch checkpoint (corrupt or another kind of file); re-download it") from None
         raise VlmMergeError(
-            f"{path}: refusing to load: it needs unsafe unpickling ({first[:120]}); "
+            f"{path}: refusing to load: it needs unsafe unpickling ({refused[:120]}); "
             "convert it to safetensors with code you trust"
         ) from None
-    except (zipfile.BadZipFile, EOFError, RuntimeError, OSError) as e:
+    except (zipfile.BadZipFile, EOFError, RuntimeError, OSError, ValueError, KeyError) as e:
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise VlmMergeError(f"{path}: truncated or corrupt PyTorch checkpoint ({msg[:120]}); re-download it") from None
     if isinstance(sd, dict) and "state_dict" in sd and isinstance(sd["state_dict"], dict):
@@ -190,6 +243,7 @@ class CheckpointReader:
 
     def __init__(self, path_or_id: str | Path, cache_dir: str | Path | None = None, files: list[Path] | None = None):
         self.path = resolve_model_dir(path_or_id, cache_dir)
+        self._whole_dir = files is None
         if files is None:
             self.format, self._files = self._find_weight_files()
         else:
@@ -216,7 +270,7 @@ class CheckpointReader:
             index = p / index_name
             if index.exists():
                 self._weight_map = self._read_index(index)
-                files = sorted({p / f for f in self._weight_map.values()})
+                files = sorted({self._shard_path(index, f) for f in self._weight_map.values()})
                 for f in files:
                     if not f.exists():
                         raise VlmMergeError(
@@ -238,12 +292,26 @@ class CheckpointReader:
 
     @staticmethod
     def _read_index(index: Path) -> dict[str, str]:
-        try:
-            data = json.loads(index.read_text())
-            weight_map = data["weight_map"]
-        except (OSError, json.JSONDecodeError, KeyError, TypeError):
-            raise VlmMergeError(f"{index}: unreadable index (expected JSON with a 'weight_map'); re-download it") from None
-        return {str(k): str(v) for k, v in weight_map.items()}
+        data = load_json(index, "index")
+        weight_map = field(data, "weight_map", dict, str(index))
+        for name, shard in weight_map.items():
+            if not isinstance(shard, str):
+                raise VlmMergeError(f"{index}: weight_map[{name!r}] must be a shard file name, not {shard!r}; re-download it")
+        return dict(weight_map)
+
+    def _shard_path(self, index: Path, name: str) -> Path:
+        """The shard an index names: a relative path inside the checkpoint directory.
+
+        Checked by name, not by resolving links: a Hugging Face cache snapshot's shards are links into
+        its blob store, outside the snapshot directory.
+        """
+        parts = Path(name).parts
+        if not parts or Path(name).is_absolute() or ".." in parts or name.startswith("~"):
+            raise VlmMergeError(
+                f"{index}: names shard {name!r}, which is outside the checkpoint directory; "
+                "an index may only name files inside it (re-download the model)"
+            )
+        return self.path / name
 
     def _check_index_consistency(self) -> None:
         if self._weight_map is None:
@@ -273,6 +341,11 @@ class CheckpointReader:
         return dict(self._infos)
 
     @property
+    def inputs(self) -> list[Path]:
+        """What this reader reads, for the output rule: its model directory, or just its given files."""
+        return [self.path] if self._whole_dir else list(self._files)
+
+    @property
     def weight_files(self) -> list[Path]:
         return list(self._files)
 
@@ -285,10 +358,7 @@ class CheckpointReader:
         cfg = self.path / "config.json"
         if not cfg.exists():
             return {}
-        try:
-            return json.loads(cfg.read_text())
-        except json.JSONDecodeError as e:
-            raise VlmMergeError(f"{cfg}: invalid JSON ({e.msg} at line {e.lineno}); fix or re-download it") from None
+        return load_json(cfg, "config")
 
     # -- data ------------------------------------------------------------------------------
     def get(self, name: str) -> torch.Tensor:
@@ -387,53 +457,6 @@ def _safetensors_header(shard: list[PlannedTensor], metadata: dict[str, str]) ->
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)
     return struct.pack("<Q", len(raw)) + raw
-
-
-def prepare_output_dir(out: str | Path, force: bool) -> Path:
-    """Check the target before any work starts: refuse to overwrite unless `force`."""
-    out = Path(out).expanduser()
-    if out.exists() and not force:
-        raise VlmMergeError(f"{out}: output already exists; pass --force (force=True) to replace it or choose another path")
-    if out.exists() and not out.is_dir():
-        raise VlmMergeError(f"{out}: exists and is not a directory; remove it or choose another path")
-    parent = out.parent
-    if not parent.exists():
-        parent.mkdir(parents=True, exist_ok=True)
-    return out
-
-
-class AtomicDir:
-    """A temporary directory beside `target` that replaces it on success and vanishes on failure."""
-
-    def __init__(self, target: str | Path, force: bool = False):
-        self.target = prepare_output_dir(target, force)
-        self.force = force
-        self.tmp = self.target.parent / f".{self.target.name}.tmp-{uuid.uuid4().hex[:8]}"
-
-    def __enter__(self) -> Path:
-        self.tmp.mkdir()
-        return self.tmp
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is not None:
-            shutil.rmtree(self.tmp, ignore_errors=True)
-            return
-        try:
-            self.commit()
-        except BaseException:
-            shutil.rmtree(self.tmp, ignore_errors=True)
-            raise
-
-    def commit(self) -> None:
-        old = None
-        if self.target.exists():
-            if not self.force:
-                raise VlmMergeError(f"{self.target}: appeared while writing; pass --force to replace it")
-            old = self.target.parent / f".{self.target.name}.old-{uuid.uuid4().hex[:8]}"
-            os.rename(self.target, old)
-        os.rename(self.tmp, self.target)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
 
 
 class CheckpointWriter:

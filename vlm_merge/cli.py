@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import sys
 from pathlib import Path
 
@@ -41,18 +42,26 @@ def _parse_module_scales(items: list[str] | None) -> dict[str, float]:
     return out
 
 
-def _size(text: str) -> int:
-    units = {"": 1, "B": 1, "KB": 1000, "MB": 1000**2, "GB": 1000**3, "KIB": 1024, "MIB": 1024**2, "GIB": 1024**3}
+SIZE_UNITS = {"": 1, "B": 1, "KB": 1000, "MB": 1000**2, "GB": 1000**3, "TB": 1000**4,
+              "KIB": 1024, "MIB": 1024**2, "GIB": 1024**3, "TIB": 1024**4}
+MAX_SIZE_BYTES = 1000**5  # a petabyte: beyond any shard
+
+
+def parse_size(text: str | int, what: str = "--max-shard-size") -> int:
+    """A byte count from `5GB`, `500MB`, `2GiB` or a plain number; anything else (negative, zero, nan,
+    1e999GB) is a one-line error naming `what`."""
+    if isinstance(text, int):
+        return text
     t = text.strip().upper()
-    num = t.rstrip("KMGIB")
+    num = t.rstrip("KMGTIB")
     unit = t[len(num):]
     try:
-        value = float(num)
-        if unit not in units or value <= 0:
-            raise ValueError
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"invalid size {text!r} (e.g. 5GB, 500MB)") from None
-    return int(value * units[unit])
+        value = float(num) * SIZE_UNITS[unit]
+    except (ValueError, KeyError):
+        value = math.nan
+    if not 1 <= value <= MAX_SIZE_BYTES:  # also false for nan
+        raise VlmMergeError(f"{what} {text!r}: not a size between 1 byte and 1 PB (e.g. 5GB, 500MB)")
+    return int(value)
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
@@ -121,10 +130,11 @@ def cmd_chat_vector(args: argparse.Namespace) -> int:
         vision_tower=args.vision_tower,
         cache_dir=args.cache_dir,
         force=args.force,
-        max_shard_bytes=args.max_shard_size,
+        max_shard_bytes=parse_size(args.max_shard_size),
         progress=not args.quiet,
         trust_remote_code=args.trust_remote_code,
         text_config_from=args.text_config_from or "vlm",
+        allow_nonfinite=args.allow_nonfinite,
     )
     print(f"wrote {out}")
     return 0
@@ -134,9 +144,10 @@ def cmd_merge(args: argparse.Namespace) -> int:
     from vlm_merge.merge import merge
 
     out = merge(
-        args.recipe, args.out, dtype=args.dtype, device=args.device, force=args.force, max_shard_bytes=args.max_shard_size,
-        vision_tower=args.vision_tower, cache_dir=args.cache_dir, progress=not args.quiet,
-        trust_remote_code=args.trust_remote_code, text_config_from=args.text_config_from,
+        args.recipe, args.out, dtype=args.dtype, device=args.device, force=args.force,
+        max_shard_bytes=parse_size(args.max_shard_size), vision_tower=args.vision_tower, cache_dir=args.cache_dir,
+        progress=not args.quiet, trust_remote_code=args.trust_remote_code, text_config_from=args.text_config_from,
+        allow_nonfinite=args.allow_nonfinite,
     )
     print(f"wrote {out}")
     return 0
@@ -165,10 +176,12 @@ def _add_output_options(s: argparse.ArgumentParser) -> None:
     s.add_argument("--dtype", help="output dtype of the language model (default: the VLM's / the recipe's)")
     s.add_argument("--vision-tower", help="CLIP checkpoint for original-LLaVA VLMs that do not embed theirs")
     s.add_argument("--cache-dir", help="Hugging Face cache to look model ids up in (default: HF_HUB_CACHE)")
-    s.add_argument("--max-shard-size", type=_size, default=DEFAULT_MAX_SHARD_BYTES, help="e.g. 5GB (default)")
+    s.add_argument("--max-shard-size", default=DEFAULT_MAX_SHARD_BYTES, help="e.g. 5GB (default)")
     s.add_argument("--force", action="store_true", help="replace an existing output directory")
     s.add_argument("--quiet", action="store_true", help="no progress bar")
     s.add_argument("--trust-remote-code", action="store_true", help="allow custom tokenizer code from the checkpoints")
+    s.add_argument("--allow-nonfinite", action="store_true",
+                   help="write merged tensors even if they hold NaN/inf in the output dtype (default: refuse)")
     _add_text_config_option(s)
 
 

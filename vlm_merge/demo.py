@@ -36,6 +36,7 @@ import numpy as np
 import torch
 
 from vlm_merge.errors import VlmMergeError
+from vlm_merge.outputs import AtomicDir
 
 if TYPE_CHECKING:
     from vlm_merge.world.evaluate import Scores
@@ -537,7 +538,6 @@ def run_demo(out: str | Path, *, force: bool = False, zoo: str | Path | None = N
 
     from eval.captioning import caption
     from eval.decoding import GenerationSettings
-    from vlm_merge.checkpoint import AtomicDir
     from vlm_merge.cli import format_table
     from vlm_merge.evolve import (
         EvolveInterrupted,
@@ -551,7 +551,7 @@ def run_demo(out: str | Path, *, force: bool = False, zoo: str | Path | None = N
     from vlm_merge.world.experiment import chat_vector_model
 
     z = open_zoo(zoo)
-    atomic = AtomicDir(out, force)
+    atomic = AtomicDir(out, force, [z.root])
     t_start, timings = time.perf_counter(), {}
     with atomic as tmp, _no_loading_bars(), torch_threads(settings.threads):
         for d in (PREDICTIONS_DIR, PLOTS_DIR, MODELS_DIR, IMAGES_DIR):

@@ -11,7 +11,6 @@ in cache, which makes the pass close to the cost of reading the inputs and writi
 from __future__ import annotations
 
 import ctypes
-import errno
 from collections.abc import Callable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -81,6 +80,7 @@ class MergePlan:
     vocab: VocabPlan | None = None
     metadata: dict[str, str] = field(default_factory=dict)
     device: str = "cpu"  # where merge arithmetic runs; "cuda" moves each tensor's inputs to the GPU
+    allow_nonfinite: bool = False  # write NaN/inf merged values instead of refusing (the user asked for it)
 
     def __post_init__(self) -> None:
         buffers = [t.key for t in self.tensors if is_buffer(t.key)]
@@ -134,11 +134,19 @@ def reuse_freed_memory() -> None:
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc mallopt parameters
 
 
+def all_finite(x: torch.Tensor) -> bool:
+    """Whether every value of `x` is finite: one float32 sum (NaN/inf make it non-finite), and only
+    when that overflows on huge but finite values, the elementwise `isfinite`."""
+    if not x.is_floating_point():
+        return True
+    return bool(torch.isfinite(x.sum(dtype=torch.float32))) or bool(torch.isfinite(x).all())
+
+
 def chunked(fn: TensorFn, tensors: Mapping[str, torch.Tensor], out: torch.Tensor) -> bool:
     """Evaluate an elementwise `fn` slice by slice, writing each rounded slice into `out`.
 
-    Returns whether every value was finite (a NaN/inf anywhere makes the float32 slice's sum non-finite;
-    summing is far cheaper than an elementwise `isfinite`).
+    Returns whether every value was finite after rounding to `out`'s dtype (a float32 value beyond
+    float16's range becomes inf only then).
     """
     flat = {r: t.reshape(-1) for r, t in tensors.items()}
     flat_out = out.view(-1)
@@ -146,10 +154,9 @@ def chunked(fn: TensorFn, tensors: Mapping[str, torch.Tensor], out: torch.Tensor
     finite = True
     for start in range(0, n, CHUNK_ELEMENTS):
         stop = min(n, start + CHUNK_ELEMENTS)
-        r = fn({k: t[start:stop] for k, t in flat.items()})
-        if finite and not bool(torch.isfinite(r.sum())):
-            finite = bool(torch.isfinite(r).all())  # the sum may overflow on huge but finite values
-        flat_out[start:stop] = r
+        chunk = flat_out[start:stop]
+        chunk.copy_(fn({k: t[start:stop] for k, t in flat.items()}))
+        finite = finite and all_finite(chunk)
     return finite
 
 
@@ -193,17 +200,21 @@ def compute(t: OutputTensor, plan: MergePlan, scratch: Scratch | None = None, sl
             raise VlmMergeError(f"{t.key}: source {role} has shape {list(x.shape)}, output needs {list(t.shape)}")
     out = scratch.output(t.shape, t.dtype, slot)
     if plan.device != "cpu":
-        r = op.fn({k: x.to(plan.device, non_blocking=True) for k, x in tensors.items()})
-        finite = bool(torch.isfinite(r).all())
-        out.copy_(r.to(t.dtype).cpu())
+        r = op.fn({k: x.to(plan.device, non_blocking=True) for k, x in tensors.items()}).to(t.dtype)
+        finite = all_finite(r)
+        out.copy_(r.cpu())
     elif op.elementwise:
         finite = chunked(op.fn, tensors, out)
     else:
-        r = op.fn(tensors)
-        finite = bool(torch.isfinite(r.sum())) or bool(torch.isfinite(r).all())
-        out.copy_(r)
-    if not finite:
-        raise VlmMergeError(f"{t.key}: merge produced NaN/inf values; check the scales/weights and the inputs")
+        out.copy_(op.fn(tensors))
+        finite = all_finite(out)
+    if not finite and not plan.allow_nonfinite:
+        dtype = str(t.dtype).removeprefix("torch.")
+        raise VlmMergeError(
+            f"{t.key}: the merged values are NaN/inf in the output dtype {dtype} (likely cause: a scale/weight too large "
+            f"for {dtype}, or NaN/inf in an input); use smaller scales, a wider --dtype, or pass --allow-nonfinite "
+            "(allow_nonfinite=True) to write them anyway"
+        )
     return out
 
 
@@ -241,13 +252,10 @@ def execute(
                 if f is not None:
                     f.result()
             writer.close()
-        except BaseException as e:
+        except BaseException:
             pool.shutdown(wait=True, cancel_futures=True)
             writer.abort()
-            if isinstance(e, OSError):
-                hint = "free disk space or choose another output path" if e.errno == errno.ENOSPC else "check the output path"
-                raise VlmMergeError(f"{directory.parent}: writing the merged model failed ({e.strerror or e}); {hint}") from None
-            raise
+            raise  # the caller's output rule (vlm_merge.outputs) turns write errors into one line
         finally:
             pool.shutdown(wait=True)
             bar.close()

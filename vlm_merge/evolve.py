@@ -51,12 +51,17 @@ candidate's language model is written into it in place and evaluated in-process,
 are computed once per image for the whole run. `workers: N` evaluates a generation's candidates on N
 Ray actors, each holding its own resident sources (one GPU each on CUDA, else one CPU slot).
 
-Reliability. After every generation `checkpoint.json` (CMA-ES state as cma's pickle bytes, the
-counters, the best record, the log length) is written atomically; `log.jsonl` gets one line per
-candidate as it finishes. `--resume` restores the checkpoint, drops log lines past it (reusing
-finished candidates of the interrupted generation whose genome matches) and continues: a resumed run
-ends with the same best genome and score as an uninterrupted one. Ctrl-C stops with the checkpoint
-written. Only our own run directory's checkpoint is ever unpickled, after its SHA-256 is checked.
+Reliability. After every generation `checkpoint.json` (the counters, the best record, the log length
+and the CMA-ES search as data: the values told each generation and the state of the generator of its
+normal draws) is written atomically; `log.jsonl` gets one line per candidate as it finishes. `--resume`
+rebuilds CMA-ES from its seed by replaying ask/tell with the told values (no merge, no evaluation),
+checks that the replay asks for the logged candidates and ends at the stored generator state, drops
+log lines past the checkpoint (reusing finished candidates of the interrupted generation whose genome
+matches) and continues: a resumed run ends with the same best genome and score as an uninterrupted
+one. Nothing is unpickled (a run directory may come from someone else; a pickle can run code): a
+checkpoint holding a pickle (older versions wrote cma's) is refused. Ctrl-C anywhere stops with one
+line and exit 130; a Ctrl-C during CMA-ES's update or the checkpoint write takes effect once that
+generation's checkpoint is on disk (cma's bare `except:` clauses would otherwise swallow it).
 
 Outputs in OUT/: `config.yaml`, `log.jsonl`, `checkpoint.json`, `best_recipe.yaml` (replay with
 `vlm-merge merge best_recipe.yaml DIR`), `model/` (the best model), `fitness.png`, `summary.json`.
@@ -69,15 +74,14 @@ question with the fitness protocol's generation, the best compared with each by 
 
 from __future__ import annotations
 
-import base64
 import hashlib
 import json
 import math
 import os
-import pickle
 import shutil
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
@@ -86,6 +90,7 @@ import numpy as np
 import yaml
 
 from vlm_merge.errors import VlmMergeError
+from vlm_merge.outputs import clean_stale, output_error, prepare_output_dir, remove, side_path
 from vlm_merge.recipe import VLM_REF, ModelEntry, Recipe, read_yaml
 
 CONFIG_FILE = "config.yaml"
@@ -759,7 +764,8 @@ class Evaluator:
         self.protocol = get_protocol(f.protocol).with_overrides(
             template=f.template, max_new_tokens=f.max_new_tokens, num_beams=f.num_beams, repetition_penalty=f.repetition_penalty
         )
-        self.model, self.processor = load_model(scaffold, device=config.device, dtype=config.model_dtype, gpu_dtype=self.protocol.gpu_dtype)
+        self.model, self.processor = load_model(scaffold, device=config.device, dtype=config.model_dtype, gpu_dtype=self.protocol.gpu_dtype,
+                                               progress=False)
         self.merger = None
         if resident:
             genome = Genome.of(config, num_layers_of(config))
@@ -897,13 +903,39 @@ def _cuda() -> bool:
 
 
 class _Randn:
-    """cma's `randn` option: normal draws from our own numpy Generator (pickled with the CMA state)."""
+    """cma's `randn` option: normal draws from our own numpy Generator (its state is checkpointed as data)."""
 
     def __init__(self, seed: int) -> None:
         self.rng = np.random.Generator(np.random.PCG64(seed))
 
     def __call__(self, *shape: int) -> np.ndarray:
         return self.rng.standard_normal(shape)
+
+
+@contextmanager
+def _sigint_deferred() -> Iterator[None]:
+    """A block a Ctrl-C does not cut short: SIGINT is held back and raised as KeyboardInterrupt once it ends.
+
+    Around CMA-ES's ask/tell (cma has bare `except:` clauses that would swallow a KeyboardInterrupt and fail
+    later) and the checkpoint write (so the checkpoint on disk is the generation the message names).
+    Outside the main thread, where no handler can be set, the block runs as it is."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught: list[int] = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: caught.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if caught:
+        if callable(previous):
+            previous(signal.SIGINT, None)
+        elif previous == signal.SIG_DFL:
+            raise KeyboardInterrupt
 
 
 @dataclass
@@ -942,16 +974,81 @@ class _Log:
             os.fsync(fh.fileno())
 
 
-def _cma(config: EvolveConfig, x0: list[float]):
-    import cma
+class Search:
+    """CMA-ES over genomes in [0, 1]^n and what rebuilds it without pickling: its seed, the fitness values
+    told each generation (`told`, cma minimises) and its normal draws' generator (`randn`).
 
-    opts = {
-        "bounds": [0.0, 1.0], "seed": float("nan"), "randn": _Randn(config.cmaes.seed),
-        "verbose": -9, "verb_log": 0, "verb_disp": 0,
-    }
-    if config.cmaes.popsize is not None:
-        opts["popsize"] = config.cmaes.popsize
-    return cma.CMAEvolutionStrategy(x0, config.cmaes.sigma0, opts)
+    `state()` is plain data for the checkpoint; `Search.replay` re-runs ask/tell from the seed with the
+    told values and gets the same object back (the candidates are not merged or evaluated again)."""
+
+    def __init__(self, config: EvolveConfig, x0: list[float]) -> None:
+        import cma
+
+        self.randn = _Randn(config.cmaes.seed)
+        opts = {"bounds": [0.0, 1.0], "seed": float("nan"), "randn": self.randn, "verbose": -9, "verb_log": 0, "verb_disp": 0}
+        if config.cmaes.popsize is not None:
+            opts["popsize"] = config.cmaes.popsize
+        self.es = cma.CMAEvolutionStrategy(x0, config.cmaes.sigma0, opts)
+        self.told: list[list[float]] = []
+
+    @property
+    def popsize(self) -> int:
+        return self.es.popsize
+
+    def stop(self) -> dict:
+        """cma's termination conditions met (empty: go on)."""
+        return self.es.stop()
+
+    def ask(self) -> list[list[float]]:
+        """The next generation's genomes (floats, as logged)."""
+        return [[float(v) for v in x] for x in self.es.ask()]
+
+    def tell(self, xs: Sequence[Sequence[float]], values: Sequence[float]) -> None:
+        """Update CMA-ES with the values (lower is better) of the genomes `ask` gave."""
+        values = [float(v) for v in values]
+        self.es.tell([np.asarray(x) for x in xs], values)
+        self.told.append(values)
+
+    def state(self) -> dict:
+        return {"told": self.told, "randn_state": self.randn.rng.bit_generator.state}
+
+    @classmethod
+    def replay(cls, config: EvolveConfig, x0: list[float], state: Any, logged: Mapping[int, list[list[float]]], where: str) -> Search:
+        """The search after the generations in `state` (from `state()`): ask/tell re-run with the told values.
+
+        Each replayed generation must ask for the genomes `logged` holds for it (by generation number) and
+        the replay must end at the stored generator state; otherwise `VlmMergeError` (`where`: the file)."""
+        bad = f"{where}: the CMA-ES state"
+        told = state.get("told") if isinstance(state, dict) else None
+        if not isinstance(told, list) or not all(isinstance(v, list) and all(_is_number(f) for f in v) for v in told):
+            raise VlmMergeError(f"{bad} is not a list of told fitness lists; start a new run")
+        search = cls(config, x0)
+        for gen_no, values in enumerate(told, 1):
+            search.stop()  # as the search loop does before each ask (it may update cma's bookkeeping)
+            xs = search.ask()
+            want = logged.get(gen_no)
+            if want is None or len(values) != len(xs) or not _same_genomes(want, xs):
+                raise VlmMergeError(f"{bad} does not replay to the candidates {LOG_FILE} holds for generation {gen_no} "
+                                    "(another cma/numpy version, or an edited file); start a new run")
+            search.tell(xs, values)
+        if search.randn.rng.bit_generator.state != state.get("randn_state"):
+            raise VlmMergeError(f"{bad}: its random generator does not replay to the stored state "
+                                "(another cma/numpy version, or an edited file); start a new run")
+        return search
+
+
+REPLAY_ATOL = 1e-9  # a replayed genome may differ from the logged one by this much (another machine's LAPACK)
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _same_genomes(logged: Sequence[Any], asked: list[list[float]]) -> bool:
+    """Whether `logged` (read from a file: anything) are the genomes `asked`, to within `REPLAY_ATOL`."""
+    return (len(logged) == len(asked)
+            and all(isinstance(x, list) and len(x) == len(y) and all(map(_is_number, x)) for x, y in zip(logged, asked))
+            and all(abs(a - b) <= REPLAY_ATOL for x, y in zip(logged, asked) for a, b in zip(x, y)))
 
 
 def _best(records: Sequence[dict]) -> dict | None:
@@ -1011,6 +1108,15 @@ def protocol_text(config: EvolveConfig) -> str:
     return f"{what}; {how}; failures score {f.penalty:g}"
 
 
+def config_inputs(cfg: EvolveConfig, config: object = None) -> list[str]:
+    """The paths an evolve run reads (its config file, sources, data): its run dir may not overlap them."""
+    src = cfg.sources
+    test = [cfg.test.benchmark, cfg.test.data] if cfg.test is not None else []
+    paths = [*src.models, src.vlm, src.base_model, src.target, src.tokenizer_source, cfg.fitness.benchmark,
+             cfg.fitness.data, *test, config if isinstance(config, (str, Path)) else None]
+    return [str(p) for p in paths if p]
+
+
 def run_evolve(
     config: EvolveConfig | dict | str | Path,
     out: str | Path,
@@ -1030,7 +1136,25 @@ def run_evolve(
     from vlm_merge.threads import torch_threads
 
     with torch_threads(None):
-        return _run_evolve(config, out, resume, force, progress, workers, write_model)
+        try:
+            return _run_evolve(config, out, resume, force, progress, workers, write_model)
+        except KeyboardInterrupt:
+            raise EvolveInterrupted(interrupted_text(Path(out))) from None
+
+
+def interrupted_text(out: Path) -> str:
+    """What a Ctrl-C left in run directory `out` and how to go on, read from its checkpoint (one line)."""
+    resume = f"`vlm-merge evolve --resume {out}`"
+    if not (out / CONFIG_FILE).exists():
+        return f"interrupted before the run started in {out}; run the command again"
+    try:
+        state = json.loads((out / CHECKPOINT_FILE).read_text(encoding="utf-8"))
+        gen, finished = int(state["generation"]), bool(state["finished"])
+    except (OSError, ValueError, TypeError, KeyError):
+        return f"interrupted before the first generation finished in {out}; start over with {resume}"
+    if finished:
+        return f"interrupted after the search finished (checkpoint in {out}); write its outputs with {resume}"
+    return f"interrupted in generation {gen + 1}; checkpoint after generation {gen} in {out}; continue with {resume}"
 
 
 def _run_evolve(config, out, resume: bool, force: bool, progress: bool, workers: int | None, write_model: bool) -> EvolveResult:
@@ -1039,6 +1163,7 @@ def _run_evolve(config, out, resume: bool, force: bool, progress: bool, workers:
     out = Path(out)
     saved = out / CONFIG_FILE
     made = False  # whether this call created `out`
+    aside = None  # with --force: the previous run, renamed beside `out` until this run is complete
     if resume:
         if not saved.exists():
             raise VlmMergeError(f"{out}: no {CONFIG_FILE}; not an evolve run directory to resume")
@@ -1050,13 +1175,23 @@ def _run_evolve(config, out, resume: bool, force: bool, progress: bool, workers:
         cfg = prior
     else:
         cfg = _as_config(config)
+        prepare_output_dir(out, True, config_inputs(cfg, config))  # not an input, not the cwd, parent writable
+        clean_stale(out.parent)
         if out.exists() and any(out.iterdir()):
             if not force:
                 raise VlmMergeError(f"{out}: exists and is not empty; use --resume to continue it or --force to replace it")
-            shutil.rmtree(out)
+            aside = side_path(out, "old")
+            out.rename(aside)
         made = not out.exists()
-        out.mkdir(parents=True, exist_ok=True)
-        _write_atomic(saved, cfg.to_yaml())
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+            _write_atomic(saved, cfg.to_yaml())
+        except OSError as e:
+            if made:
+                remove(out)
+            if aside is not None:
+                aside.rename(out)
+            raise output_error(out, e) or e from None
     if workers is not None:
         cfg = replace(cfg, workers=workers)
 
@@ -1065,12 +1200,16 @@ def _run_evolve(config, out, resume: bool, force: bool, progress: bool, workers:
     state = _load_checkpoint(ckpt_path, cfg) if resume and ckpt_path.exists() else None
     records = _read_log(log_path)
     if state is not None:
-        es = pickle.loads(state["cma"])
-        held = state.get("held_genes", {})
+        held = state["held_genes"]
         genome = genome.without(held)
         kept, leftover = records[: state["log_lines"]], records[state["log_lines"] :]
         gen, evals = state["generation"], state["evaluations"]
         finished = state["finished"]
+        logged: dict[int, list] = {}
+        for r in sorted(kept, key=lambda r: (r.get("generation"), r.get("index"))):  # log lines come as candidates finish
+            logged.setdefault(r.get("generation"), []).append(r.get("x"))
+        with _sigint_deferred():
+            es = Search.replay(cfg, genome.x0(), state["cma"], logged, str(ckpt_path))
     else:
         es, held = None, {}  # CMA-ES starts once the sources show which genes are inert
         kept, leftover, gen, evals, finished = [], records, 0, 0, False
@@ -1098,7 +1237,7 @@ def _run_evolve(config, out, resume: bool, force: bool, progress: bool, workers:
                     if not genome.genes:
                         raise VlmMergeError(f"evolve config genome: all {len(held)} genes are inert (every model equals the base "
                                             "in every tensor they set); nothing to search: check sources.models and base_model")
-                    es = _cma(cfg, genome.x0())
+                    es = Search(cfg, genome.x0())
             except VlmMergeError:
                 if not resume:  # nothing was scored: leave no half-made run behind, so the fixed command reruns
                     for p in (saved, log_path):
@@ -1106,6 +1245,9 @@ def _run_evolve(config, out, resume: bool, force: bool, progress: bool, workers:
                     shutil.rmtree(scaffold, ignore_errors=True)
                     if made and not any(out.iterdir()):
                         out.rmdir()
+                    if aside is not None:  # --force: the previous run comes back as it was
+                        remove(out)
+                        aside.rename(out)
                 raise
         popsize = es.popsize
         total = max(popsize, (cfg.cmaes.max_evaluations // popsize) * popsize)
@@ -1116,27 +1258,24 @@ def _run_evolve(config, out, resume: bool, force: bool, progress: bool, workers:
         started = time.perf_counter()
         n_this_run = 0
         while not finished:
-            if evals + popsize > total or es.stop():
-                finished = True
-                stop = "budget" if evals + popsize > total else "cma: " + ", ".join(f"{k}={v}" for k, v in es.stop().items())
-                _checkpoint(ckpt_path, es, gen, evals, records, True, cfg, held, stop)
-                break
+            with _sigint_deferred():
+                if evals + popsize > total or es.stop():
+                    finished = True
+                    stop = "budget" if evals + popsize > total else "cma: " + ", ".join(f"{k}={v}" for k, v in es.stop().items())
+                    _checkpoint(ckpt_path, es, gen, evals, records, True, cfg, held, stop)
+                    break
+                xs = es.ask()
             gen_no = gen + 1
-            xs = [[float(v) for v in x] for x in es.ask()]
-            recs = _run_generation(cfg, genome, pool, xs, gen_no, evals, qpool, reuse, log)
-            es.tell([np.asarray(x) for x in xs], [r.pop("_cma") for r in recs])
-            records += recs
-            gen, evals = gen_no, evals + len(recs)
+            recs = _run_generation(cfg, genome, pool, xs, gen_no, evals, qpool, reuse, log)  # Ctrl-C stops it at once
+            with _sigint_deferred():  # the update and its checkpoint happen together or not at all
+                es.tell(xs, [r.pop("_cma") for r in recs])
+                records += recs
+                gen, evals = gen_no, evals + len(recs)
+                _checkpoint(ckpt_path, es, gen, evals, records, False, cfg, held)
             n_this_run += sum(1 for r in recs if not r.get("reused"))
-            _checkpoint(ckpt_path, es, gen, evals, records, False, cfg, held)
             bar.update(len(recs))
             per = (time.perf_counter() - started) / n_this_run if n_this_run else None
             bar.set_postfix_str(_progress_text(gen, evals, total, _best(records), per))
-    except KeyboardInterrupt:
-        if bar is not None:
-            bar.close()
-        raise EvolveInterrupted(f"interrupted in generation {gen + 1}; checkpoint after generation {gen} in {out}; "
-                                f"continue with `vlm-merge evolve --resume {out}`") from None
     finally:
         if bar is not None:
             bar.close()
@@ -1153,6 +1292,8 @@ def _run_evolve(config, out, resume: bool, force: bool, progress: bool, workers:
             write_scaffold(genome.decode(genome.x0()), scaffold)
         test = held_out_report(cfg, out, genome.decode(best["x"]), scaffold, test_questions)
     shutil.rmtree(scaffold, ignore_errors=True)
+    if aside is not None:
+        remove(aside)  # the new run is complete
     return EvolveResult(out, best, gen, evals, True, model_dir, test, held)
 
 
@@ -1232,30 +1373,55 @@ def _ordered(r: dict) -> dict:
     return {**head, **{k: v for k, v in r.items() if k not in head and k != "reused"}}
 
 
-def _checkpoint(path: Path, es, gen: int, evals: int, records: list[dict], finished: bool, cfg: EvolveConfig,
+CHECKPOINT_VERSION = 2  # 1: CMA-ES as cma's pickle (refused); 2: `Search.state()` data
+
+
+def _checkpoint(path: Path, es: Search, gen: int, evals: int, records: list[dict], finished: bool, cfg: EvolveConfig,
                 held: Mapping[str, str], stop: str | None = None) -> None:
-    blob = es.pickle_dumps()
     state = {
-        "version": 1, "config_sha256": cfg.sha256(), "generation": gen, "evaluations": evals, "log_lines": len(records),
-        "finished": finished, "stop": stop, "best": _best(records), "held_genes": dict(held),
-        "cma_sha256": hashlib.sha256(blob).hexdigest(),
-        "cma_pickle_base64": base64.b64encode(blob).decode("ascii"),
-        "rng": {"cma_randn": "numpy PCG64 inside the CMA state", "subsets": f"numpy default_rng([{cfg.cmaes.seed}, generation])"},
+        "version": CHECKPOINT_VERSION, "config_sha256": cfg.sha256(), "generation": gen, "evaluations": evals,
+        "log_lines": len(records), "finished": finished, "stop": stop, "best": _best(records), "held_genes": dict(held),
+        "cma": es.state(),
+        "rng": {"cma_randn": "numpy PCG64 seeded with cmaes.seed (cma.randn_state)",
+                "subsets": f"numpy default_rng([{cfg.cmaes.seed}, generation])"},
     }
     _write_atomic(path, json.dumps(state) + "\n")
 
 
+# what a checkpoint's counters must be (it may come from someone else's run directory)
+_CHECKPOINT_FIELDS: dict[str, Callable[[Any], bool]] = {
+    "generation": lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0,
+    "evaluations": lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0,
+    "log_lines": lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0,
+    "finished": lambda v: isinstance(v, bool),
+    "held_genes": lambda v: isinstance(v, dict) and all(isinstance(k, str) and isinstance(w, str) for k, w in v.items()),
+    "cma": lambda v: isinstance(v, dict),
+}
+
+
 def _load_checkpoint(path: Path, cfg: EvolveConfig) -> dict:
+    """The checkpoint's fields, checked; never unpickles (a checkpoint holding a pickle is refused)."""
     try:
-        state = json.loads(path.read_text())
-        blob = base64.b64decode(state["cma_pickle_base64"])
-    except (OSError, ValueError, KeyError) as e:
+        state = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
         raise VlmMergeError(f"{path}: unreadable checkpoint ({e}); start a new run") from None
+    if not isinstance(state, dict):
+        raise VlmMergeError(f"{path}: not a checkpoint (a JSON object); start a new run")
+    if any("pickle" in k for k in state):
+        raise VlmMergeError(f"{path}: holds CMA-ES as a pickle (an older checkpoint format); a pickle can run code and is "
+                            "never read back: start a new run")
+    if state.get("version") != CHECKPOINT_VERSION:
+        raise VlmMergeError(f"{path}: checkpoint format {state.get('version')!r:.20}, not {CHECKPOINT_VERSION} (another "
+                            "vlm-merge version); start a new run")
     if state.get("config_sha256") != cfg.sha256():
         raise VlmMergeError(f"{path}: written for another config; start a new run")
-    if hashlib.sha256(blob).hexdigest() != state.get("cma_sha256"):
-        raise VlmMergeError(f"{path}: the CMA-ES state does not match its checksum; start a new run")
-    state["cma"] = blob
+    for key, ok in _CHECKPOINT_FIELDS.items():
+        if not ok(state.get(key)):
+            raise VlmMergeError(f"{path}: {key!r} is {state.get(key)!r:.60}, not what a checkpoint holds; start a new run")
+    told = state["cma"].get("told")
+    if not isinstance(told, list) or len(told) != state["generation"]:
+        raise VlmMergeError(f"{path}: 'cma' holds no list of {state['generation']} told generations ('generation'); "
+                            "start a new run")
     return state
 
 
@@ -1457,7 +1623,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
-if __name__ == "__main__":  # run through the imported module, so pickled classes name vlm_merge.evolve
+if __name__ == "__main__":  # run through the imported module (one copy of its classes, e.g. EvolveInterrupted)
     from vlm_merge.evolve import main as _main
 
     raise SystemExit(_main())

@@ -18,10 +18,11 @@ import vlm_merge
 from vlm_merge.anatomy import PROJECTOR, VISION, layer_index, lm_role
 from vlm_merge.backbone import VLM, BackbonePlan, Sources, open_sources, plan_backbone, write_backbone
 from vlm_merge.card import model_card
-from vlm_merge.checkpoint import DEFAULT_MAX_SHARD_BYTES, dtype_from_name, prepare_output_dir
+from vlm_merge.checkpoint import DEFAULT_MAX_SHARD_BYTES, dtype_from_name
 from vlm_merge.engine import Copy, Merge
 from vlm_merge.errors import VlmMergeError
 from vlm_merge.methods import METHODS, Method, tensor_seed
+from vlm_merge.outputs import prepare_output_dir
 from vlm_merge.recipe import Recipe, check_layer_lists, load_recipe, recipe_from_dict, resolve_setting
 
 RESOLVED_RECIPE = "merge_recipe.yaml"
@@ -230,21 +231,25 @@ def merge(
     trust_remote_code: bool = False,
     card_title: str | None = None,
     text_config_from: str | None = None,
+    allow_nonfinite: bool = False,
 ) -> Path:
     """Merge by `recipe` and write the model (and `merge_recipe.yaml`) to `out`; returns `out`.
 
     `device="cuda"` runs each tensor's arithmetic on the GPU (inputs are still streamed from disk).
+    A merged tensor with NaN/inf values in the output dtype is an error unless `allow_nonfinite`.
     """
     if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
         raise VlmMergeError(f"--device {device!r}: use cpu or cuda")
     if device != "cpu" and not torch.cuda.is_available():
         raise VlmMergeError(f"--device {device}: CUDA is not available on this machine; use --device cpu")
-    prepare_output_dir(out, force)
+    recipe_file = recipe if isinstance(recipe, (str, Path)) else None
+    prepare_output_dir(out, force, [recipe_file])
     rp = plan_recipe(recipe, dtype=dtype, vision_tower=vision_tower, cache_dir=cache_dir, trust_remote_code=trust_remote_code,
                      text_config_from=text_config_from)
     try:
         bp = rp.backbone
         bp.plan.device = device
+        bp.plan.allow_nonfinite = allow_nonfinite
         r = rp.recipe
         sources = {k: v for k, v in (("vlm", r.vlm), ("base_model", r.base_model), ("target", r.target)) if v}
         sources.update({f"models[{i}]": m.model for i, m in enumerate(r.models)})
@@ -261,7 +266,7 @@ def merge(
         return write_backbone(
             bp, out, force=force, max_shard_bytes=max_shard_bytes, card=card,
             extra_files={RESOLVED_RECIPE: f"# vlm-merge {vlm_merge.__version__}: resolved recipe\n" + r.to_yaml()},
-            progress=progress,
+            progress=progress, inputs=[recipe_file],
         )
     finally:
         rp.sources.close()

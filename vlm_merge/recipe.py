@@ -42,6 +42,7 @@ from typing import Any
 import yaml
 
 from vlm_merge.errors import VlmMergeError
+from vlm_merge.safe_load import load_yaml
 
 VLM_REF = "vlm"
 KNOWN_KEYS = (
@@ -202,15 +203,8 @@ def recipe_from_dict(data: dict, source_file: Path | None = None) -> Recipe:
 
 
 def read_yaml(path: Path, what: str) -> Any:
-    """Parse a YAML file; unreadable or invalid files are a one-line error naming `what`."""
-    try:
-        return yaml.safe_load(path.read_text())
-    except OSError as e:
-        raise VlmMergeError(f"{path}: cannot read the {what} ({e.strerror})") from None
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f" at line {mark.line + 1}" if mark is not None else ""
-        raise VlmMergeError(f"{path}: invalid YAML{where}; fix the {what}") from None
+    """Parse a YAML file with `safe_load.load_yaml`'s checks; any problem is a one-line error naming `what`."""
+    return load_yaml(path, what)
 
 
 def load_recipe(path: str | Path) -> Recipe:

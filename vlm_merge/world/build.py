@@ -14,7 +14,6 @@ from __future__ import annotations
 import copy
 import json
 import logging
-import shutil
 import time
 from pathlib import Path
 
@@ -26,6 +25,7 @@ from transformers import (
 )
 
 from vlm_merge.convert import CHAT_TEMPLATES
+from vlm_merge.outputs import AtomicDir
 from vlm_merge.threads import torch_threads
 from vlm_merge.world import datasets, evaluate, scenes, text, train
 from vlm_merge.world.train import WorldSettings
@@ -94,17 +94,10 @@ def build_zoo(out: str | Path, seed: int = 0, settings: WorldSettings | None = N
     """Train and write the zoo of `seed` into `out` (see the module docstring). Returns `out`."""
     s = settings or WorldSettings()
     s.check()
-    out = Path(out)
-    if out.exists():
-        if not force and any(out.iterdir()):
-            from vlm_merge.errors import VlmMergeError
-
-            raise VlmMergeError(f"{out}: already exists and is not empty; pass --force to replace it")
-        shutil.rmtree(out)
-    tmp = out.with_name(f".{out.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    with torch_threads(s.threads):  # restored afterwards
+    out = Path(out).expanduser()
+    empty = out.is_dir() and not any(out.iterdir())  # an empty directory is replaced without --force: nothing to lose
+    atomic = AtomicDir(out, force or empty)
+    with atomic as tmp, torch_threads(s.threads):  # threads restored afterwards
         t0 = time.perf_counter()
         timings, losses = {}, {}
         train.seed_all(seed)
@@ -151,8 +144,7 @@ def build_zoo(out: str | Path, seed: int = 0, settings: WorldSettings | None = N
             "torch_threads": s.threads,
         }
         write_zoo_json(tmp, meta)
-        tmp.rename(out)
-        return out
+    return atomic.target
 
 
 def train_ja_base(en: LlamaForCausalLM, tok, s: WorldSettings, seed: int, progress: bool, losses: list) -> LlamaForCausalLM:

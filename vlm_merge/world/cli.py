@@ -50,6 +50,7 @@ def cmd_zoo_bar(args: argparse.Namespace) -> int:
     from eval.outputs import dumps, write_atomic
     from vlm_merge.errors import VlmMergeError
     from vlm_merge.world.build import build_zoo
+    from vlm_merge.outputs import check_output, output_error
     from vlm_merge.world.experiment import SCALES, format_record, measure_bar
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
@@ -59,8 +60,11 @@ def cmd_zoo_bar(args: argparse.Namespace) -> int:
                             "`vlm-merge zoo build --out DIR`, or leave out --zoo to build one per seed under --out")
     if args.limit is not None and args.limit < 1:
         raise VlmMergeError(f"--limit {args.limit}: must be a positive number of questions")
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = check_output(args.out, [args.zoo])  # its zoo-SEED / work-SEED / bar.json are written under it
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise output_error(args.out, e) or e from None
     records = []
     for seed in args.seeds:
         zoo = Path(args.zoo) if args.zoo else out / f"zoo-{seed}"
