@@ -228,6 +228,57 @@ def test_bad_cli_argument_is_one_line(zoo, tmp_path, capsys, extra, phrase):
     _assert_nothing_left(out)
 
 
+ARGPARSE_BAD = [  # argparse's own errors (types, choices, missing or unknown arguments), in every subcommand
+    (["chat-vector", "--vlm", "v", "--en-base", "e", "--ja-base", "j", "--out", "o", "--scale", "abc"],
+     "vlm-merge: error: argument --scale: invalid float value: 'abc'"),
+    (["chat-vector", "--vlm", "v", "--en-base", "e", "--ja-base", "j", "--out", "o", "--text-config-from", "x"],
+     "argument --text-config-from: invalid choice: 'x'"),
+    (["chat-vector", "--vlm", "v"], "the following arguments are required: --en-base, --ja-base, --out"),
+    (["merge", "r.yaml", "o", "--bogus"], "unrecognized arguments: --bogus"),
+    (["frobnicate"], "argument command: invalid choice: 'frobnicate'"),
+    ([], "the following arguments are required: command"),
+    (["demo", "--seed", "x"], "argument --seed: invalid int value: 'x'"),
+    (["eval", "--model", "m", "--bench", "b", "--out", "o", "--batch-size", "0"],
+     "argument --batch-size: '0' is not a positive integer"),
+    (["caption", "i.png", "--model", "m", "--out", "o", "--repetition-penalty", "-1"],
+     "argument --repetition-penalty: '-1' is not a positive number"),
+    (["compare"], "the following arguments are required: runs"),
+    (["score", "p.jsonl", "--seed", "1.5"], "argument --seed: invalid int value: '1.5'"),
+    (["evolve", "c.yaml", "--workers", "two"], "argument --workers: invalid int value: 'two'"),
+    (["zoo"], "the following arguments are required: zoo_command"),
+    (["zoo", "bar", "--out", "o", "--scales", "big"], "argument --scales: invalid float value: 'big'"),
+]
+
+
+@pytest.mark.parametrize("argv,phrase", ARGPARSE_BAD, ids=[" ".join(a) or "no-command" for a, _ in ARGPARSE_BAD])
+def test_argparse_error_is_one_line(tmp_path, capsys, monkeypatch, argv, phrase):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code == 2
+    captured = capsys.readouterr()
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("vlm-merge: error: ") and phrase in lines[0], captured.err
+    assert "usage:" not in captured.err and captured.out == ""
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_evolve_module_argparse_error_is_one_line(capsys):
+    from vlm_merge.evolve import main as evolve_main
+
+    with pytest.raises(SystemExit) as e:
+        evolve_main(["c.yaml", "--workers", "two"])
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and len(lines) == 1 and "argument --workers: invalid int value: 'two'" in lines[0], lines
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["chat-vector", "--help"], ["eval", "--help"], ["zoo", "bar", "--help"]])
+def test_help_still_prints_usage(capsys, argv):
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code == 0 and capsys.readouterr().out.startswith("usage: vlm-merge")
+
+
 API_BAD = [
     ({"scale": "abc"}, "scale 'abc': must be a finite number"),
     ({"scale": float("nan")}, "scale nan: must be a finite number"),

@@ -8,8 +8,18 @@ import logging
 import math
 import sys
 from pathlib import Path
+from typing import NoReturn
 
 from vlm_merge.errors import VlmMergeError
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse's parser whose usage errors (a bad type or choice, a missing argument) are one line,
+    `vlm-merge: error: ...` with exit status 2, like every other error; subcommand parsers inherit the
+    class (`add_subparsers` uses the parent's), and `--help` is unchanged."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"vlm-merge: error: {message}; see `{self.prog} --help`\n")
 
 
 def format_table(headers: list[str], rows: list[list[str]] | list[tuple[str, ...]]) -> str:
@@ -206,7 +216,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     from chat_vector.rules import DEFAULT_SKIP, SKIP_PRESETS
 
-    p = argparse.ArgumentParser(prog="vlm-merge", description="Build Japanese VLMs by merging checkpoints.")
+    p = OneLineParser(prog="vlm-merge", description="Build Japanese VLMs by merging checkpoints.")
     p.add_argument("-v", "--verbose", action="store_true", help="log details")
     sub = p.add_subparsers(dest="command", required=True)
 

@@ -1610,10 +1610,11 @@ def add_evolve_commands(subparsers) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """`python -m vlm_merge.evolve ...`: the `vlm-merge evolve` command on its own."""
-    import argparse
     import sys
 
-    parser = argparse.ArgumentParser(prog="vlm-merge")
+    from vlm_merge.cli import OneLineParser
+
+    parser = OneLineParser(prog="vlm-merge")
     add_evolve_commands(parser.add_subparsers(dest="command", required=True))
     args = parser.parse_args(["evolve", *(sys.argv[1:] if argv is None else argv)])
     try:
