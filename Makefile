@@ -8,9 +8,20 @@ FIND_LINKS := $(if $(wildcard /opt/wheels),--find-links /opt/wheels,)
 PIP := $(VENV)/bin/python -m pip install -q --disable-pip-version-check $(FIND_LINKS) -c constraints.txt
 QUIET_PIP := 2>&1 | { grep -v "is ignored: it is neither a file nor a directory" || true; }
 
-.PHONY: setup browser demo test bench
+# transformers 4.x in a side environment (never a dependency): the test that loads merged outputs with 4.46
+TF4 := bench/.venv-tf4
+TF4_PIP := $(TF4)/bin/python -m pip install -q --disable-pip-version-check $(FIND_LINKS) -c constraints.txt
+
+.PHONY: setup tf4 browser demo test bench
 
 setup: $(VENV)/.installed
+
+tf4: $(TF4)/.installed
+
+$(TF4)/.installed: constraints.txt
+	$(PYTHON) -m venv $(TF4)
+	$(TF4_PIP) torch==2.13.0 transformers==4.46.3 tokenizers==0.20.3 huggingface_hub==0.36.2 safetensors sentencepiece protobuf pillow $(QUIET_PIP)
+	touch $@
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -31,8 +42,8 @@ browser:
 	  else echo "chromium not found: the gallery browser test will be skipped"; fi; \
 	fi
 
-test: setup browser
-	$(VENV)/bin/python -m pytest -q
+test: setup tf4 browser
+	$(VENV)/bin/python -m pytest -q -rs
 
 bench: setup
 	$(VENV)/bin/python -m bench.chat_vector
