@@ -49,16 +49,39 @@ def _format_scores(scores: dict, columns: list[str]) -> str:
     return format_table(["metric", "mean", "bootstrap mid", "95% interval"], rows)
 
 
-def _interrupted(checkpoint: Path) -> int:
-    kept = sum(1 for line in checkpoint.read_text(encoding="utf-8").splitlines() if line.strip()) if checkpoint.exists() else 0
-    print(f"vlm-merge: interrupted; {kept} finished items are kept in {checkpoint}; run the same command to resume",
-          file=sys.stderr)
+def _replacing(out: str, force: bool) -> bool:
+    """Whether this run would replace an existing run in `out` (--force over a non-empty directory): then a
+    Ctrl-C discards the new run and leaves the old one as it was."""
+    path = Path(out).expanduser()
+    try:
+        return force and path.is_dir() and any(path.iterdir())
+    except OSError:
+        return False
+
+
+def _interrupted(checkpoint: Path, replacing: bool) -> int:
+    """The one line for a Ctrl-C of eval / caption, saying what is really left (read after the run dir's cleanup)."""
+    out = checkpoint.parent
+    try:
+        kept = sum(1 for line in checkpoint.read_text(encoding="utf-8", errors="replace").splitlines() if line.strip())
+    except OSError:
+        kept = 0
+    if replacing:
+        said = f"the new run was discarded (--force replaces a run only when it is complete); {out} is as it was"
+    elif kept:
+        said = f"{kept} finished item{'s' if kept != 1 else ''} kept in {checkpoint}; run the same command to resume"
+    elif out.exists():
+        said = f"no item had finished, so none were kept in {out}"
+    else:
+        said = "no item had finished; nothing was written"
+    print(f"vlm-merge: interrupted; {said}", file=sys.stderr)
     return 130
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from eval.runner import PREDICTIONS_FILE, SCORES_FILE, evaluate
 
+    replacing = _replacing(args.out, args.force)
     try:
         result = evaluate(
             args.model, args.bench, protocol=args.protocol, template=args.template, max_new_tokens=args.max_new_tokens,
@@ -68,7 +91,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
             device=args.device, dtype=args.dtype, seed=args.seed, progress=not args.quiet, model_name=args.name,
         )
     except KeyboardInterrupt:
-        return _interrupted(Path(args.out) / PREDICTIONS_FILE)
+        return _interrupted(Path(args.out).expanduser() / PREDICTIONS_FILE, replacing)
     meta = result.metadata
     print(f"{meta['benchmark']['name']} · protocol {meta['protocol']['name']} · {meta['benchmark']['questions_evaluated']} "
           f"questions ({meta['resumed_from_checkpoint']} resumed) · model {meta['model']['name']}")
@@ -112,6 +135,7 @@ def cmd_caption(args: argparse.Namespace) -> int:
 
     settings = GenerationSettings(max_new_tokens=args.max_new_tokens, num_beams=args.num_beams,
                                   repetition_penalty=args.repetition_penalty)
+    replacing = _replacing(args.out, args.force)
     try:
         result = caption(
             args.images, args.model, prompt=args.prompt or DEFAULT_CAPTION_PROMPT, template=args.template,
@@ -120,7 +144,7 @@ def cmd_caption(args: argparse.Namespace) -> int:
             model_name=args.name,
         )
     except KeyboardInterrupt:
-        return _interrupted(Path(args.out) / CAPTIONS_FILE)
+        return _interrupted(Path(args.out).expanduser() / CAPTIONS_FILE, replacing)
     print(f"{len(result.captions)} images captioned, {len(result.skipped)} skipped")
     for s in result.skipped:
         print(f"  skipped {s['reason']}")

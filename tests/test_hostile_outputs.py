@@ -401,3 +401,51 @@ def test_evolve_read_only_output_is_one_line(models, mount, tmp_path, capsys):
     assert main(["evolve", str(config), "--out", str(out), "--quiet"]) == 2
     assert error_line(capsys) == (f"vlm-merge: error: {out}: cannot write to {disk / 'sub'} (Read-only file system); "
                                   "choose another --out")
+
+
+def _ctrl_c_at_generate(monkeypatch, after: int) -> None:
+    """A Ctrl-C (KeyboardInterrupt) at eval's generation call number `after + 1`."""
+    from transformers import GenerationMixin
+
+    real, calls = GenerationMixin.generate, []
+
+    def generate(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) > after:
+            raise KeyboardInterrupt
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(GenerationMixin, "generate", generate)
+
+
+# (name, argv extra, whether a finished run is in --out first, generate calls before Ctrl-C, the line, out left)
+INTERRUPTS = [
+    ("new run, no item", (), False, 0, "vlm-merge: interrupted; no item had finished; nothing was written", "none"),
+    ("new run, one item", ("--batch-size", "1"), False, 1,
+     "vlm-merge: interrupted; 1 finished item kept in {out}/predictions.jsonl; run the same command to resume", "partial"),
+    ("--force over a run", ("--force", "--max-new-tokens", "3"), True, 0,
+     "vlm-merge: interrupted; the new run was discarded (--force replaces a run only when it is complete); {out} is as it was",
+     "as before"),
+]
+
+
+@pytest.mark.parametrize("name, extra, existing, after, said, left", INTERRUPTS, ids=[c[0] for c in INTERRUPTS])
+def test_eval_ctrl_c_says_what_is_really_kept(name, extra, existing, after, said, left, models, data, tmp_path, capsys,
+                                              monkeypatch):
+    out = tmp_path / "run"
+    if existing:
+        assert main(eval_args(models, data, out)) == 0
+    before = snapshot(out) if existing else {}
+    capsys.readouterr()
+    with monkeypatch.context() as m:
+        _ctrl_c_at_generate(m, after)
+        assert main(eval_args(models, data, out, *extra)) == 130
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [said.format(out=out)], err
+    assert debris(tmp_path) == []
+    if left == "none":
+        assert not out.exists()
+    elif left == "partial":
+        assert len((out / "predictions.jsonl").read_text().splitlines()) == 1 and not (out / "scores.json").exists()
+    else:
+        assert snapshot(out) == before
