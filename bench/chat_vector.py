@@ -54,7 +54,7 @@ from bench.common import (
     run_measured,
     warm_page_cache,
 )
-from bench.inputs import BASES, MODELS, Inputs, InputSpec, drop_input, ensure_inputs, is_valid
+from bench.inputs import BASES, MODELS, Inputs, InputSpec, discard_stale, drop_input, ensure_inputs, is_valid
 from bench.mergekit_env import ensure_mergekit
 from bench.presets import PRESET_NAMES, TINYLLAMA, Preset, load_preset
 
@@ -283,6 +283,7 @@ class DiskMonitor:
     def __enter__(self) -> DiskMonitor:
         self.root.mkdir(parents=True, exist_ok=True)
         self.min_free = shutil.disk_usage(self.root).free
+        self._sample()
         self._thread.start()
         return self
 
@@ -587,7 +588,7 @@ class Report:
                 f"(English base) and elyza/ELYZA-japanese-Llama-2-7b (Japanese base) with their real shapes "
                 f"({s.layers} of 32 layers, {s.n_params() / 1e9:.2f}B LLM parameters, VLM vocabulary "
                 f"{p.vlm_vocab_rows} rows vs {s.vocab}, "
-                f"inv_freq buffers in the bases, 10 GB / 5 GB shards; bench/presets.py)")
+                f"inv_freq buffers in the bases, the real shard files; from tests/real_layouts via bench/presets.py)")
 
     def as_markdown(self) -> str:
         f = self.facts
@@ -685,6 +686,7 @@ def main(argv: list[str] | None = None) -> int:
     inputs = Inputs(WORK)
     contenders = build_contenders(inputs, spec.preset, args.skip)
     prepare_mergekit(next(c for c in contenders if c.name == "mergekit"), inputs, spec.preset)
+    discard_stale(inputs, spec)  # before measuring disk: another shape's inputs are not this run's
     if refusal := check_disk(contenders, spec):
         print(f"python -m bench.chat_vector: error: {refusal}", file=sys.stderr)
         return 2

@@ -409,13 +409,19 @@ def is_valid(inputs: Inputs, spec: InputSpec, model: str) -> bool:
     return all((d / name).is_file() and (d / name).stat().st_size == size for name, size in files.items())
 
 
-def ensure_inputs(inputs: Inputs, spec: InputSpec, models: Iterable[str]) -> bool:
-    """Generate those of ``models`` that are not valid on disk; return True if any was generated."""
+def discard_stale(inputs: Inputs, spec: InputSpec) -> dict:
+    """Delete every checkpoint generated for another spec; return the manifest to build on."""
     manifest = _read_manifest(inputs)
     if manifest.get("key") != spec.key():
         for d in inputs.all_dirs():
             remove_dir(d)
         manifest = {"key": spec.key(), "models": {}}
+    return manifest
+
+
+def ensure_inputs(inputs: Inputs, spec: InputSpec, models: Iterable[str]) -> bool:
+    """Generate those of ``models`` that are not valid on disk; return True if any was generated."""
+    manifest = discard_stale(inputs, spec)
     missing = [m for m in models if not is_valid(inputs, spec, m)]
     if not missing:
         print(f"reusing inputs in {inputs.root}: {', '.join(models)} (manifest matches)", flush=True)
