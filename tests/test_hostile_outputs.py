@@ -270,36 +270,54 @@ def mount(tmp_path):
         subprocess.run(["umount", "-l", str(path)], check=False)
 
 
-def _fill(disk: Path) -> None:
-    """Fill a file system up completely."""
-    with open(disk / "filler", "wb") as fh:
-        try:
-            while True:
-                fh.write(b"\0" * 65536)
-                fh.flush()
-        except OSError:
+def _fill(disk: Path, leave: int = 0) -> None:
+    """Fill a file system up, then free `leave` bytes again (room for the first files of an output)."""
+    fd = os.open(disk / "filler", os.O_WRONLY | os.O_CREAT)
+    try:
+        while os.write(fd, b"\0" * 4096):
             pass
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+    if leave:
+        os.truncate(disk / "filler", max(0, (disk / "filler").stat().st_size - leave))
 
 
+CAPTION = lambda m, d, r, out: ["caption", str(d / "images"), "--model", str(m["vlm"]), "--out", str(out),  # noqa: E731
+                                 "--quiet", "--device", "cpu", "--max-new-tokens", "3"]
+# (name, argv(models, data, run, out), bytes left free on the disk, what the line says is left)
 DISK_FULL = [
-    ("chat-vector", lambda m, d, out: cv_args(m, out)),
-    ("merge", lambda m, d, out: merge_args(m, out)),
-    ("eval", lambda m, d, out: eval_args(m, d, out)),
+    ("chat-vector", lambda m, d, r, out: cv_args(m, out), 0, "nothing"),
+    ("merge", lambda m, d, r, out: merge_args(m, out), 0, "nothing"),
+    ("eval", lambda m, d, r, out: eval_args(m, d, out), 0, "nothing"),
+    ("eval, room for some items", lambda m, d, r, out: eval_args(m, d, out), 8192, "kept"),
+    ("compare", lambda m, d, r, out: ["compare", str(r), "--out", str(out)], 0, "nothing"),
+    ("compare, room for some files", lambda m, d, r, out: ["compare", str(r), "--out", str(out)], 8192, "nothing"),
+    ("caption", CAPTION, 0, "nothing"),
+    ("caption, room for the captions", CAPTION, 8192, "kept"),
 ]
 
 
-@pytest.mark.parametrize("name, argv", DISK_FULL, ids=[c[0] for c in DISK_FULL])
-def test_disk_full_is_one_line_and_leaves_nothing(name, argv, models, data, mount, tmp_path, capsys):
+@pytest.mark.parametrize("name, argv, leave, left", DISK_FULL, ids=[c[0] for c in DISK_FULL])
+def test_disk_full_is_one_line_and_leaves_nothing_or_the_finished_items(name, argv, leave, left, models, data, run, mount,
+                                                                          tmp_path, capsys):
     disk = mount(tmp_path / "disk")
-    _fill(disk)
+    _fill(disk, leave)
     out = disk / "sub" / "out"
-    before = snapshot(models["root"], data)
+    before = snapshot(models["root"], data, run)
     capsys.readouterr()
-    assert main(argv(models, data, out)) == 2
-    assert error_line(capsys) == (f"vlm-merge: error: {out}: No space left on device; free disk space or choose "
-                                  "another --out; nothing was written")
-    assert sorted(p.name for p in (disk / "sub").iterdir()) == []
-    assert snapshot(models["root"], data) == before
+    assert main(argv(models, data, run, out)) == 2
+    said = {"nothing": "nothing was written", "kept": f"the finished items are kept in {out}: run the same command to resume"}
+    assert error_line(capsys) == f"vlm-merge: error: {out}: No space left on device; free disk space or choose another --out; {said[left]}"
+    assert snapshot(models["root"], data, run) == before
+    if left == "nothing":
+        assert sorted(p.name for p in (disk / "sub").iterdir()) == []
+        return
+    assert sorted(p.name for p in (disk / "sub").iterdir()) == ["out"]
+    (disk / "filler").unlink()
+    assert main(argv(models, data, run, out)) == 0  # the same command resumes once there is room
+    assert sorted(p.name for p in (disk / "sub").iterdir()) == ["out"] and debris(out) == []
 
 
 READ_ONLY = [
