@@ -69,7 +69,7 @@ def _interrupted(checkpoint: Path, replacing: bool) -> int:
     if replacing:
         said = f"the new run was discarded (--force replaces a run only when it is complete); {out} is as it was"
     elif kept:
-        said = f"{kept} finished item{'s' if kept != 1 else ''} kept in {checkpoint}; run the same command to resume"
+        said = f"{kept} finished {'items are' if kept != 1 else 'item is'} kept in {checkpoint}; run the same command to resume"
     elif out.exists():
         said = f"no item had finished, so none were kept in {out}"
     else:

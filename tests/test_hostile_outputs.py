@@ -440,7 +440,7 @@ def _ctrl_c_at_generate(monkeypatch, after: int) -> None:
 INTERRUPTS = [
     ("new run, no item", (), False, 0, "vlm-merge: interrupted; no item had finished; nothing was written", "none"),
     ("new run, one item", ("--batch-size", "1"), False, 1,
-     "vlm-merge: interrupted; 1 finished item kept in {out}/predictions.jsonl; run the same command to resume", "partial"),
+     "vlm-merge: interrupted; 1 finished item is kept in {out}/predictions.jsonl; run the same command to resume", "partial"),
     ("--force over a run", ("--force", "--max-new-tokens", "3"), True, 0,
      "vlm-merge: interrupted; the new run was discarded (--force replaces a run only when it is complete); {out} is as it was",
      "as before"),
