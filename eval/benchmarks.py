@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import csv
 import hashlib
-import json
 import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -335,10 +334,9 @@ def _qas_list(qas: object) -> list[dict]:
         keys = list(qas)
         return [dict(zip(keys, values)) for values in zip(*(qas[k] for k in keys))]
     if isinstance(qas, str):  # a JSONL/CSV custom set may store the list as JSON text
-        try:
-            qas = json.loads(qas)
-        except json.JSONDecodeError:
-            return []
+        qas = parse_json(qas, "a row's qas")
+    if not isinstance(qas, (list, type(None))):
+        raise VlmMergeError(f"a row's qas must be a list of question objects, not {type(qas).__name__}")
     return list(qas or [])
 
 

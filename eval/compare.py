@@ -14,7 +14,6 @@ Files written (atomically, as one directory):
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,10 +23,25 @@ from eval.outputs import dumps, read_jsonl
 from eval.runner import PREDICTIONS_FILE, SCORES_FILE
 from vlm_merge.outputs import AtomicDir
 from vlm_merge.errors import VlmMergeError
+from vlm_merge.safe_load import Want, check_fields, load_json
 
 TABLE_COLUMNS = ("rougeL", "rougeL_ja", "rouge1", "rouge2", "exact_match", "substring_match", "non_japanese")
 RATE_COLUMNS = {"exact_match", "substring_match", "non_japanese"}  # per-sample 0/1: shown in %
-REQUIRED_KEYS = ("comparable_key", "scores", "model", "benchmark", "protocol", "prompt", "generation")
+_AGGREGATE = Want((dict,), fields={k: Want((int, float), required=True) for k in ("mean", "low", "high")})
+SCORES_FIELDS = {  # what compare reads of a scores.json written by `vlm-merge eval`
+    "comparable_key": Want((str,), required=True),
+    "scores": Want((dict,), required=True),  # metric -> _AGGREGATE, checked per metric
+    "model": Want((dict,), required=True, fields={"name": Want((str,), required=True)}),
+    "benchmark": Want((dict,), required=True, fields={
+        "name": Want((str,), required=True), "questions_evaluated": Want((int,), required=True, minimum=0),
+        "source": Want((str,), required=True), "fingerprint": Want((str,), required=True)}),
+    "protocol": Want((dict,), required=True, fields={
+        "name": Want((str,), required=True), "questions": Want((str,), required=True), "overrides": Want((dict,))}),
+    "prompt": Want((dict,), required=True, fields={"template": Want((str,), required=True)}),
+    "generation": Want((dict,), required=True, fields={
+        k: Want((int, float), required=True) for k in ("max_new_tokens", "num_beams", "repetition_penalty")}),
+    "headline": Want((list, type(None))),
+}
 
 
 @dataclass
@@ -54,17 +68,25 @@ def find_runs(paths: list[str | Path]) -> list[Run]:
             raise VlmMergeError(f"{p}: no {SCORES_FILE} here or in its subdirectories; pass `vlm-merge eval --out` directories")
     runs = []
     for d in dict.fromkeys(dirs):
-        try:
-            meta = json.loads((d / SCORES_FILE).read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise VlmMergeError(f"{d / SCORES_FILE}: not valid JSON ({e})") from None
-        missing = [k for k in REQUIRED_KEYS if not isinstance(meta, dict) or k not in meta]
-        if missing:
-            raise VlmMergeError(f"{d / SCORES_FILE}: no {missing[0]!r}; not a `vlm-merge eval` scores file")
+        meta = read_scores(d / SCORES_FILE)
         preds = read_jsonl(d / PREDICTIONS_FILE, ("answer", "prediction"))
         runs.append(Run(d, meta, preds))
     _label(runs)
     return runs
+
+
+def read_scores(path: Path) -> dict:
+    """A run's scores.json, checked for every field compare reads (`SCORES_FIELDS`)."""
+    meta = load_json(path, "scores file")
+    try:
+        check_fields(meta, SCORES_FIELDS, str(path))
+        for metric, agg in meta["scores"].items():
+            check_fields({metric: agg}, {metric: _AGGREGATE}, str(path), "scores.")
+        if not all(isinstance(h, str) for h in meta.get("headline") or []):
+            raise VlmMergeError(f"{path}: 'headline' must be a list of metric names")
+    except VlmMergeError as e:
+        raise VlmMergeError(f"{e}; not a `vlm-merge eval` scores file (rerun that eval)") from None
+    return meta
 
 
 def _label(runs: list[Run]) -> None:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from vlm_merge.errors import VlmMergeError
 from vlm_merge.outputs import side_path
-from vlm_merge.safe_load import parse_json, read_text
+from vlm_merge.safe_load import load_json, parse_json, read_text
 
 MAX_JSONL_BYTES = 1024**3  # predictions / captions files
 
@@ -129,9 +129,9 @@ def check_resumable(run_dir: Path, filename: str, known: dict) -> None:
 
 def _read_run_file(run_file: Path) -> object:
     try:
-        return json.loads(run_file.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise VlmMergeError(f"{run_file}: unreadable; delete it or pass --force to start over") from None
+        return load_json(run_file, "run file")
+    except VlmMergeError as e:
+        raise VlmMergeError(f"{e}; or delete it or pass --force to start over") from None
 
 
 def _check_same_run(run_dir: Path, old: object, config: dict) -> None:

@@ -173,10 +173,45 @@ def _config_unknown_model_type(vlm: Path) -> str:
     return "model_type 'llava_from_mars', which transformers does not know"
 
 
+def _edit_config(vlm: Path, edit: Callable[[dict], None]) -> None:
+    cfg = json.loads((vlm / "config.json").read_text())
+    edit(cfg)
+    (vlm / "config.json").write_text(json.dumps(cfg))
+
+
+def _text_config_list(vlm: Path) -> str:
+    _edit_config(vlm, lambda c: c.update(text_config=[]))
+    return "config.json: 'text_config' must be an object or null, not a list ('[]'); fix or re-download the config"
+
+
+def _layers_a_string(vlm: Path) -> str:
+    _edit_config(vlm, lambda c: c["text_config"].update(num_hidden_layers="2"))
+    return "config.json: 'text_config.num_hidden_layers' must be a whole number >= 1, not a string ('2')"
+
+
+def _vocab_negative(vlm: Path) -> str:
+    _edit_config(vlm, lambda c: c["text_config"].update(vocab_size=-5))
+    return "config.json: 'text_config.vocab_size' must be a whole number >= 1, not a number ('-5')"
+
+
+def _image_token_a_string(vlm: Path) -> str:
+    _edit_config(vlm, lambda c: c.update(image_token_index="<image>"))
+    return "config.json: 'image_token_index' must be a whole number >= 0 or null, not a string ('<image>')"
+
+
+def _index_weight_map_numbers(vlm: Path) -> str:
+    index = vlm / "model.safetensors.index.json"
+    data = json.loads(index.read_text())
+    data["weight_map"] = dict.fromkeys(data["weight_map"], 1)
+    index.write_text(json.dumps(data))
+    return "must be a shard file name, not 1"
+
+
 JA_CASES = [_overlapping_offsets, _negative_offsets, _unsupported_dtype, _unknown_dtype, _string_shape, _header_is_list,
             _trailing_bytes]
 VLM_CASES = [_index_escapes, _index_weight_map_list, _config_not_utf8, _config_is_list, _config_deeply_nested,
-             _config_no_model_type, _config_unknown_model_type]
+             _config_no_model_type, _config_unknown_model_type, _text_config_list, _layers_a_string, _vocab_negative,
+             _image_token_a_string, _index_weight_map_numbers]
 
 
 @pytest.mark.parametrize("make", JA_CASES + VLM_CASES, ids=[f.__name__.strip("_") for f in JA_CASES + VLM_CASES])
@@ -442,3 +477,48 @@ def test_bad_benchmark_file_is_one_line(tmp_path, data, phrase):
     with pytest.raises(VlmMergeError) as e:
         load_benchmark(str(f))
     assert phrase in str(e.value) and "\n" not in str(e.value), str(e.value)
+
+
+# ---------------------------------------------------------------- compare: a run's scores.json
+def _scores(run: Path) -> dict:
+    return {"comparable_key": "k", "scores": {"rougeL": {"mean": 1.0, "low": 0.5, "high": 1.5}}, "model": {"name": "m"},
+            "benchmark": {"name": "b", "questions_evaluated": 1, "source": "s", "fingerprint": "f"},
+            "protocol": {"name": "p", "questions": "all"}, "prompt": {"template": "chat"},
+            "generation": {"max_new_tokens": 4, "num_beams": 1, "repetition_penalty": 1.0}}
+
+
+BAD_SCORES = [
+    ("a list", lambda s: [s], "the scores file must be an object, not a list"),
+    ("model a string", lambda s: {**s, "model": "m"}, "'model' must be an object, not a string"),
+    ("no benchmark name", lambda s: {**s, "benchmark": {k: v for k, v in s["benchmark"].items() if k != "name"}},
+     "missing key 'benchmark.name'"),
+    ("beams a string", lambda s: {**s, "generation": {**s["generation"], "num_beams": "1"}},
+     "'generation.num_beams' must be a number, not a string"),
+    ("aggregate without high", lambda s: {**s, "scores": {"rougeL": {"mean": 1.0, "low": 0.5}}},
+     "missing key 'scores.rougeL.high'"),
+    ("headline numbers", lambda s: {**s, "headline": [1]}, "'headline' must be a list of metric names"),
+]
+
+
+@pytest.mark.parametrize("name,edit,phrase", BAD_SCORES, ids=[n for n, _, _ in BAD_SCORES])
+def test_compare_bad_scores_file_is_one_line(tmp_path, capsys, name, edit, phrase):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "scores.json").write_text(json.dumps(edit(_scores(run))))
+    (run / "predictions.jsonl").write_text(json.dumps({"answer": "a", "prediction": "b"}) + "\n")
+    before = _tree_digest(run)
+    out = tmp_path / "cmp"
+    assert main(["compare", str(run), "--out", str(out)]) == 2
+    line = error_line(capsys)
+    assert f"{run / 'scores.json'}: " in line and phrase in line, line
+    _assert_nothing_left(out)
+    assert _tree_digest(run) == before
+
+
+def test_compare_accepts_the_minimal_scores_file(tmp_path, capsys):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "scores.json").write_text(json.dumps(_scores(run)))
+    (run / "predictions.jsonl").write_text(json.dumps({"answer": "a", "prediction": "b"}) + "\n")
+    assert main(["compare", str(run), "--out", str(tmp_path / "cmp")]) == 0, capsys.readouterr().err
+    assert (tmp_path / "cmp" / "comparison.md").is_file()

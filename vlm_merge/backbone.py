@@ -17,6 +17,7 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import os
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,6 +43,7 @@ from vlm_merge.checkpoint import DEFAULT_MAX_SHARD_BYTES, CheckpointReader, reso
 from vlm_merge.engine import Copy, Merge, MergePlan, OutputTensor, TensorFn, execute
 from vlm_merge.errors import VlmMergeError
 from vlm_merge.outputs import AtomicDir
+from vlm_merge.safe_load import load_json, read_text
 from vlm_merge.vocab import VocabPlan, VocabSide, load_tokenizer, pad_multiple, plan_vocab
 
 log = logging.getLogger(__name__)
@@ -446,9 +448,10 @@ def _clip_vision_config(sources: Sources) -> dict:
         return convert.vision_config_of_clip(sources.clip.config())
     try:
         clip_dir = resolve_model_dir(convert.vision_tower_name(sources.vlm.anatomy.config), sources.cache_dir)
-        return convert.vision_config_of_clip(json.loads((clip_dir / "config.json").read_text()))
-    except (VlmMergeError, OSError, json.JSONDecodeError):
-        pass
+    except VlmMergeError:
+        clip_dir = None
+    if clip_dir is not None and os.path.lexists(clip_dir / "config.json"):
+        return convert.vision_config_of_clip(CheckpointReader.read_config(clip_dir / "config.json"))
     # Infer from the embedded tower's shapes (head size 64, as every CLIP ViT in use).
     infos = sources.vlm.anatomy.infos
     pre = "model.vision_tower.vision_tower.vision_model."
@@ -508,7 +511,8 @@ def _stamp_dtype(config: dict, dtype: torch.dtype | None) -> dict:
 
 
 def _read_json(path: Path) -> dict:
-    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    """A JSON object file of a source checkpoint ({} when absent), read with safe_load's checks."""
+    return load_json(path, path.name) if os.path.lexists(path) else {}
 
 
 def processor_files(vlm: Source, vision_config: dict, clip_dir: Path | None) -> dict[str, dict]:
@@ -542,8 +546,8 @@ def vlm_chat_template(vlm: Source) -> str | None:
     if vlm.anatomy.layout.name == "llava-original":
         return convert.CHAT_TEMPLATES[convert.text_model_type(vlm.anatomy.config)]
     jinja = vlm.reader.path / "chat_template.jinja"
-    if jinja.is_file():
-        return jinja.read_text(encoding="utf-8")
+    if os.path.lexists(jinja):
+        return read_text(jinja, "chat template")
     legacy = _read_json(vlm.reader.path / "chat_template.json").get("chat_template")
     if isinstance(legacy, str):
         return legacy

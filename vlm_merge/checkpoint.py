@@ -29,7 +29,7 @@ from typing import BinaryIO
 import torch
 
 from vlm_merge.errors import VlmMergeError
-from vlm_merge.safe_load import check_regular_file, field, load_json, parse_json
+from vlm_merge.safe_load import Want, check_fields, check_regular_file, field, load_json, parse_json
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 SAFETENSORS_SINGLE = "model.safetensors"
@@ -238,6 +238,35 @@ def _load_bin(path: Path) -> dict[str, torch.Tensor]:
     return sd
 
 
+_COUNT = Want((int,), minimum=1)
+_TOKEN_ID = Want((int, type(None)), minimum=0)
+_MODEL_FIELDS = {  # a (sub-)config's fields vlm-merge or transformers read, where present
+    "model_type": Want((str,)),
+    "architectures": Want((list, type(None))),
+    "num_hidden_layers": _COUNT,
+    "hidden_size": _COUNT,
+    "intermediate_size": _COUNT,
+    "num_attention_heads": _COUNT,
+    "num_key_value_heads": Want((int, type(None)), minimum=1),
+    "vocab_size": _COUNT,
+    "max_position_embeddings": _COUNT,
+    "pad_token_id": _TOKEN_ID,
+    "image_token_index": _TOKEN_ID,
+    "image_token_id": _TOKEN_ID,
+    "tie_word_embeddings": Want((bool,)),
+    "rope_theta": Want((int, float), minimum=0),
+    "rope_scaling": Want((dict, type(None))),
+    "rms_norm_eps": Want((int, float), minimum=0),
+    "image_size": _COUNT,
+    "patch_size": _COUNT,
+}
+CONFIG_FIELDS = {  # config.json: its top level and its text / vision sub-configs
+    **_MODEL_FIELDS,
+    "text_config": Want((dict, type(None)), fields=_MODEL_FIELDS),
+    "vision_config": Want((dict, type(None)), fields=_MODEL_FIELDS),
+}
+
+
 class CheckpointReader:
     """Lazy access to the tensors of one model directory (safetensors preferred, `.bin` safely)."""
 
@@ -354,11 +383,19 @@ class CheckpointReader:
         return sum(i.nbytes for i in self._infos.values())
 
     def config(self) -> dict:
-        """The parsed config.json ({} when absent)."""
+        """The parsed config.json ({} when absent), its fields checked by `CONFIG_FIELDS`."""
         cfg = self.path / "config.json"
-        if not cfg.exists():
-            return {}
-        return load_json(cfg, "config")
+        return self.read_config(cfg) if os.path.lexists(cfg) else {}
+
+    @staticmethod
+    def read_config(path: Path) -> dict:
+        """A config.json file (a model's, a CLIP tower's), read by safe_load and checked by `CONFIG_FIELDS`."""
+        data = load_json(path, "config")
+        try:
+            check_fields(data, CONFIG_FIELDS, str(path))
+        except VlmMergeError as e:
+            raise VlmMergeError(f"{e}; fix or re-download the config") from None
+        return data
 
     # -- data ------------------------------------------------------------------------------
     def get(self, name: str) -> torch.Tensor:
@@ -368,27 +405,36 @@ class CheckpointReader:
             return self.read_into(name, torch.empty(info.nbytes, dtype=torch.uint8))
         return self._bin_tensor(info)
 
-    def read_into(self, name: str, buffer: torch.Tensor) -> torch.Tensor:
-        """One tensor read into `buffer` (uint8, at least its size); returns a typed view of it.
+    def read_into(self, name: str, buffer: torch.Tensor, rows: tuple[int, int] | None = None) -> torch.Tensor:
+        """One tensor, or its rows [start, stop) along the first dimension, read into `buffer` (uint8, at
+        least that size); returns a typed view of it.
 
         For `.bin` checkpoints the tensor comes from the (memory-mapped) pickle instead.
         """
         info = self.info(name)
+        shape = info.shape
+        if rows is not None:
+            if not shape or not 0 <= rows[0] <= rows[1] <= shape[0]:
+                raise ValueError(f"{name}: rows {rows} outside its shape {list(shape)}")
+            shape = (rows[1] - rows[0], *shape[1:])
         if self.format != "safetensors":
-            return self._bin_tensor(info)
-        view = buffer[: info.nbytes]
-        if info.nbytes:
+            t = self._bin_tensor(info)
+            return t if rows is None else t[rows[0] : rows[1]]
+        nbytes = PlannedTensor(name, shape, info.dtype).nbytes
+        offset = info.offset + (rows[0] * (info.nbytes // info.shape[0]) if rows is not None and rows[0] else 0)
+        view = buffer[:nbytes]
+        if nbytes:
             fd = self._fds.get(info.file)
             if fd is None:
                 fd = self._fds[info.file] = os.open(info.file, os.O_RDONLY)
             mv = memoryview(view.numpy())
             done = 0
-            while done < info.nbytes:
-                n = os.preadv(fd, [mv[done:]], info.offset + done)
+            while done < nbytes:
+                n = os.preadv(fd, [mv[done:]], offset + done)
                 if n <= 0:
                     raise VlmMergeError(f"{info.file}: ended while reading {name!r}; the file is truncated, re-download it")
                 done += n
-        return view.view(info.dtype).view(info.shape)
+        return view.view(info.dtype).view(shape)
 
     def _bin_tensor(self, info: TensorInfo) -> torch.Tensor:
         if self._bin_cache is None or self._bin_cache[0] != info.file:
@@ -485,9 +531,12 @@ class CheckpointWriter:
         )
         self._shard_index = -1
         self._file: BinaryIO | None = None
+        self._rows: tuple[PlannedTensor, int] | None = None  # the tensor `write_rows` is in, rows written
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
         """Write the next tensor; it must match the declared name, shape and dtype."""
+        if self._rows is not None:
+            raise RuntimeError(f"writer received {name!r} before the rows of {self._rows[0].name!r} were all written")
         try:
             i, planned = next(self._order)
         except StopIteration:
@@ -501,6 +550,35 @@ class CheckpointWriter:
         assert self._file is not None
         if tensor.numel():
             self._file.write(tensor.contiguous().view(torch.uint8).numpy().data)
+
+    def write_rows(self, name: str, start: int, rows: torch.Tensor) -> None:
+        """Write rows [start, start + len(rows)) of a tensor, in order: start 0 begins the next declared tensor,
+        each later call continues where the previous one stopped, and the tensor is done with its last row."""
+        if start == 0:
+            if self._rows is not None:
+                raise RuntimeError(f"writer received {name!r} before the rows of {self._rows[0].name!r} were all written")
+            try:
+                i, planned = next(self._order)
+            except StopIteration:
+                raise RuntimeError(f"writer received undeclared tensor {name!r}") from None
+            if i != self._shard_index:
+                self._open_shard(i)
+            self._rows = (planned, 0)
+        if self._rows is None:
+            raise RuntimeError(f"writer received rows of {name!r} from {start} before its first row")
+        planned, done = self._rows
+        shape = tuple(rows.shape)
+        if (planned.name != name or not planned.shape or start != done or rows.dtype != planned.dtype
+                or shape[1:] != planned.shape[1:] or done + shape[0] > planned.shape[0]):
+            raise RuntimeError(
+                f"writer expected rows of {planned.name} {planned.shape} {planned.dtype} from {done}, "
+                f"got {name} {shape} {rows.dtype} from {start}"
+            )
+        assert self._file is not None
+        if rows.numel():
+            self._file.write(rows.contiguous().view(torch.uint8).numpy().data)
+        done += shape[0]
+        self._rows = None if done == planned.shape[0] else (planned, done)
 
     def write_bytes(self, name: str, data: bytes | memoryview) -> None:
         """Write the next tensor as raw bytes (byte-identical copies)."""
@@ -525,6 +603,9 @@ class CheckpointWriter:
 
     def close(self) -> None:
         """Finish the last shard and write the index (for more than one shard)."""
+        if self._rows is not None:
+            self._close_file()
+            raise RuntimeError(f"writer closed with {self._rows[1]} of {self._rows[0].shape[0]} rows of {self._rows[0].name!r} written")
         left = next(self._order, None)
         if left is not None:
             self._close_file()

@@ -10,11 +10,12 @@ by `mm_vision_tower` (LLaVA-1.5).
 
 from __future__ import annotations
 
-import json
+import os
 import re
 from pathlib import Path
 
 from vlm_merge.errors import VlmMergeError
+from vlm_merge.safe_load import load_json
 
 # (regex on an original key, replacement) -> llava-hf key. First match wins.
 ORIGINAL_TO_HF: tuple[tuple[str, str], ...] = (
@@ -144,8 +145,8 @@ def processor_files_from_original(config: dict, vision_config: dict, clip_dir: P
     _, _, processor_class, image_processor_class = ARCHITECTURES[aspect]
     size = int(vision_config.get("image_size", 336))
     pre: dict = {}
-    if clip_dir is not None and (clip_dir / "preprocessor_config.json").exists():
-        pre = json.loads((clip_dir / "preprocessor_config.json").read_text())
+    if clip_dir is not None and os.path.lexists(clip_dir / "preprocessor_config.json"):
+        pre = load_json(clip_dir / "preprocessor_config.json", "preprocessor config")
     if not pre:
         pre = {
             "do_resize": True, "size": {"shortest_edge": size}, "resample": 3,

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import html
 import json
+import os
 import re
 import shutil
 import time
@@ -99,17 +100,14 @@ class Zoo:
 
 def open_zoo(path: str | Path | None = None) -> Zoo:
     """The miniature zoo at `path` (default: the shipped one), checked for the parts and splits the demo reads."""
-    from vlm_merge.world import shipped_zoo
+    from vlm_merge.world import read_zoo_meta, shipped_zoo
 
     root = (Path(path).expanduser() if path is not None else shipped_zoo()).resolve()
     meta_file = root / "zoo.json"
-    try:
-        meta = json.loads(meta_file.read_text(encoding="utf-8"))
-        data = {k: root / v for k, v in meta["data"].items()}
-    except FileNotFoundError:
-        raise VlmMergeError(f"{root}: no zoo.json; not a miniature zoo (build one with `vlm-merge zoo build --out DIR`)") from None
-    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
-        raise VlmMergeError(f"{meta_file}: unreadable zoo description ({type(e).__name__}: {e})") from None
+    if not os.path.lexists(meta_file):
+        raise VlmMergeError(f"{root}: no zoo.json; not a miniature zoo (build one with `vlm-merge zoo build --out DIR`)")
+    meta = read_zoo_meta(meta_file)
+    data = {k: root / v for k, v in meta["data"].items()}
     for part in ZOO_PARTS:
         if not (root / part / "config.json").exists():
             raise VlmMergeError(f"{root}: missing the model {part}/ (a zoo has {', '.join(ZOO_PARTS)})")

@@ -92,6 +92,7 @@ import yaml
 from vlm_merge.errors import VlmMergeError
 from vlm_merge.outputs import clean_stale, output_error, prepare_output_dir, remove, side_path
 from vlm_merge.recipe import VLM_REF, ModelEntry, Recipe, read_yaml
+from vlm_merge.safe_load import load_json
 
 CONFIG_FILE = "config.yaml"
 LOG_FILE = "log.jsonl"
@@ -1402,11 +1403,9 @@ _CHECKPOINT_FIELDS: dict[str, Callable[[Any], bool]] = {
 def _load_checkpoint(path: Path, cfg: EvolveConfig) -> dict:
     """The checkpoint's fields, checked; never unpickles (a checkpoint holding a pickle is refused)."""
     try:
-        state = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
-        raise VlmMergeError(f"{path}: unreadable checkpoint ({e}); start a new run") from None
-    if not isinstance(state, dict):
-        raise VlmMergeError(f"{path}: not a checkpoint (a JSON object); start a new run")
+        state = load_json(path, "checkpoint")
+    except VlmMergeError as e:
+        raise VlmMergeError(f"{e}; or start a new run") from None
     if any("pickle" in k for k in state):
         raise VlmMergeError(f"{path}: holds CMA-ES as a pickle (an older checkpoint format); a pickle can run code and is "
                             "never read back: start a new run")

@@ -10,8 +10,11 @@ self-referencing anchor fails fast), and the type of the top-level value. Each f
 from __future__ import annotations
 
 import json
+import math
 import os
 import stat
+from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -126,6 +129,44 @@ def field(data: dict, key: str, expect: type | tuple[type, ...], label: str, *, 
         want = " or ".join(dict.fromkeys(type_name(t()) for t in types))
         raise VlmMergeError(f"{label}: {key!r} must be {want}, not {type_name(value)} ({str(value)[:40]!r})")
     return value
+
+
+@dataclass(frozen=True)
+class Want:
+    """What one key of a parsed file must hold: one of `types` (bool is not a number, a number is finite),
+    at least `minimum` for a number, and, for an object, its own keys checked by `fields`."""
+
+    types: tuple[type, ...]
+    minimum: float | None = None
+    required: bool = False
+    fields: Mapping[str, Want] | None = None
+
+    def describe(self) -> str:
+        """E.g. 'a whole number >= 1 or null', 'an object'."""
+        kinds = [t for t in self.types if t is not type(None)]
+        names = "a whole number" if kinds == [int] else " or ".join(dict.fromkeys(type_name(t()) for t in kinds))
+        return (names + (f" >= {self.minimum:g}" if self.minimum is not None else "")
+                + (" or null" if type(None) in self.types else ""))
+
+
+def check_fields(data: Mapping, table: Mapping[str, Want], label: str, prefix: str = "") -> None:
+    """Check `data` against `table` (key -> `Want`), depth first; the error names `label` and the dotted key."""
+    for key, want in table.items():
+        name = f"{prefix}{key}"
+        if key not in data:
+            if want.required:
+                raise VlmMergeError(f"{label}: missing key {name!r}")
+            continue
+        value = data[key]
+        number = isinstance(value, (int, float)) and not isinstance(value, bool)
+        ok = isinstance(value, want.types) and not (isinstance(value, bool) and bool not in want.types)
+        if ok and number and (not math.isfinite(value) or (want.minimum is not None and value < want.minimum)):
+            ok = False
+        if not ok:
+            raise VlmMergeError(f"{label}: {name!r} must be {want.describe()}, not {type_name(value)} "
+                                f"({str(value)[:40]!r})")
+        if want.fields is not None and isinstance(value, Mapping):
+            check_fields(value, want.fields, label, f"{name}.")
 
 
 class _CheckedLoader(yaml.SafeLoader):

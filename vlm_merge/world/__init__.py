@@ -21,3 +21,17 @@ def shipped_zoo() -> Path:
     if not (SHIPPED_ZOO / "zoo.json").exists():
         raise VlmMergeError(f"{SHIPPED_ZOO}: no prebuilt zoo; build one with `vlm-merge zoo build --out DIR`")
     return SHIPPED_ZOO
+
+
+def read_zoo_meta(path: Path) -> dict:
+    """A zoo's zoo.json (a `--zoo` is user input): read by safe_load, `data` a mapping of split -> relative file,
+    `seed` a whole number."""
+    from vlm_merge.errors import VlmMergeError
+    from vlm_merge.safe_load import Want, check_fields, load_json
+
+    meta = load_json(path, "zoo description")
+    check_fields(meta, {"data": Want((dict,), required=True), "seed": Want((int,), required=True)}, str(path))
+    for split, file in meta["data"].items():
+        if not isinstance(file, str) or Path(file).is_absolute() or ".." in Path(file).parts:
+            raise VlmMergeError(f"{path}: data[{split!r}] must be a file name inside the zoo, not {str(file)[:40]!r}")
+    return meta

@@ -32,6 +32,8 @@ def _settings(args: argparse.Namespace):
         except json.JSONDecodeError as e:
             raise VlmMergeError(f"--set {item}: the value is not JSON ({e.msg}); e.g. --set vlm_steps=2400, "
                                 f"--set group_by_length=true, --set 'en_mix={{\"qa-en\": 1.0}}'") from None
+        except RecursionError:
+            raise VlmMergeError(f"--set {name}=...: the value is nested too deeply") from None
     return WorldSettings.with_overrides(overrides, SMOKE if getattr(args, "smoke", False) else None)
 
 

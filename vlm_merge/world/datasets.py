@@ -78,7 +78,15 @@ def write_datasets(out_dir: str | Path, seed: int, book: scenes.Phrasebook) -> d
 
 
 def read_rows(path: str | Path) -> list[dict]:
-    return [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
+    """The rows of a zoo's JSONL data file (read by safe_load: a `--zoo` is user input)."""
+    from vlm_merge.errors import VlmMergeError
+    from vlm_merge.safe_load import parse_json, read_text
+
+    rows = [parse_json(line, f"{path}:{n}") for n, line in enumerate(read_text(path, "data file").splitlines(), 1)
+            if line.strip()]
+    if not all(isinstance(r, dict) for r in rows):
+        raise VlmMergeError(f"{path}: expected a JSON object per line")
+    return rows
 
 
 def load_images(path: str | Path, rows: list[dict]) -> list[Image.Image]:

@@ -10,7 +10,6 @@ Differences are paired bootstrap 95% CIs over test questions (content accuracy).
 
 from __future__ import annotations
 
-import json
 import logging
 import shutil
 import time
@@ -18,7 +17,7 @@ from pathlib import Path
 
 from eval.outputs import write_atomic
 from vlm_merge.threads import torch_threads
-from vlm_merge.world import evaluate
+from vlm_merge.world import evaluate, read_zoo_meta
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +75,7 @@ def measure_bar(zoo: str | Path, work: str | Path, scales=SCALES, skips=SKIPS, p
     with torch_threads(threads):  # restored afterwards
         zoo, work = Path(zoo), Path(work)
         (work / "predictions").mkdir(parents=True, exist_ok=True)
-        meta = json.loads((zoo / "zoo.json").read_text())
+        meta = read_zoo_meta(zoo / "zoo.json")
         data = {k: zoo / v for k, v in meta["data"].items()}
         t0 = time.perf_counter()
         rec: dict = {"zoo": str(zoo), "seed": meta["seed"], "models": {}, "dev": {}}
