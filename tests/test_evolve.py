@@ -355,6 +355,16 @@ def test_config_errors_are_one_line_and_exit_2(zoo, dev, tmp_path, capsys):
         ({"fitness": {"subset": {"mode": "halving"}}}, "needs a size"),
         ({"cmaes": {"popsiz": 4}}, "unknown key"),
         ({"genome": {"drop_inert": "yes"}}, r"genome.drop_inert: expected true or false, got 'yes'"),
+        ({"cmaes": {"popsize": "8"}}, r"cmaes.popsize: expected an integer, got '8'"),
+        ({"cmaes": {"popsize": -3}}, r"cmaes.popsize: -3 is below 2"),
+        ({"cmaes": {"popsize": 10**12}}, r"cmaes.popsize: 1000000000000 is above 10000"),
+        ({"cmaes": [4]}, r"cmaes: expected a mapping, got \[4\]"),
+        ({"genome": [1]}, r"genome: expected a mapping"),
+        ({"fitness": {"limit": "8"}}, r"fitness.limit: expected an integer, got '8'"),
+        ({"genome": {"separate": "embeddings"}}, r"genome.separate: expected a list, got 'embeddings'"),
+        ({"genome": {"fixed": {"weight_typo": 1.0}}}, r"genome.fixed.weight_typo: is not a parameter of task_arithmetic"),
+        ({"method": "ties", "genome": {"fixed": {"density": "abc"}}}, r"genome.fixed.density: density: 'abc' out of range"),
+        ({"method": "ties", "genome": {"fixed": {"normalize": "x"}}}, r"genome.fixed.normalize: normalize: 'x' out of range"),
     ]
     for over, msg in bad:
         with pytest.raises(VlmMergeError, match=msg) as e:

@@ -104,6 +104,7 @@ MODEL_DIR = "model"
 SCAFFOLD_DIR = ".scaffold"
 SEPARATE_GROUPS = ("embeddings", "norms", "lm_head")
 SUBSET_MODES = ("none", "random", "halving")
+MAX_POPSIZE = 10_000  # candidates per generation; each is a merged model evaluated on the fitness set
 FITNESS_KINDS = ("generate", "loglik")
 # `genome.split_modules`: the module genes of a layer group and the `filter_regex` each one's tensors match
 MODULE_SPLITS: dict[str, dict[str, str]] = {
@@ -248,7 +249,8 @@ def _build(cls, data: Any, where: str, conv: Mapping[str, Callable[[Any, str], A
         raise _err(where or "top level", f"missing required key {missing}") from None
 
 
-def _num(v: Any, where: str, *, integer: bool = False, low: float | None = None, allow_none: bool = False):
+def _num(v: Any, where: str, *, integer: bool = False, low: float | None = None, high: float | None = None,
+         allow_none: bool = False):
     if v is None and allow_none:
         return None
     ok = isinstance(v, int) if integer else isinstance(v, (int, float))
@@ -256,6 +258,8 @@ def _num(v: Any, where: str, *, integer: bool = False, low: float | None = None,
         raise _err(where, f"expected {'an integer' if integer else 'a number'}, got {v!r}")
     if low is not None and v < low:
         raise _err(where, f"{v!r} is below {low:g}")
+    if high is not None and v > high:
+        raise _err(where, f"{v!r} is above {high:g}")
     return int(v) if integer else float(v)
 
 
@@ -330,7 +334,8 @@ def config_from_dict(data: Any, base_dir: str | Path | None = None) -> EvolveCon
             "fixed": lambda x, ww: dict(x) if isinstance(x, dict) else (_ for _ in ()).throw(_err(ww, "expected a mapping")),
             "layer_granularity": lambda x, ww: _num(x, ww, integer=True, low=1),
             "split_modules": split_modules,
-            "separate": lambda x, ww: tuple(_str(s, ww, SEPARATE_GROUPS, False) for s in (x or [])),
+            "separate": lambda x, ww: tuple(_str(s, ww, SEPARATE_GROUPS, False) for s in (x or []))
+            if isinstance(x, (list, type(None))) else (_ for _ in ()).throw(_err(ww, f"expected a list, got {x!r}")),
             "drop_inert": _bool,
         })
 
@@ -372,7 +377,7 @@ def config_from_dict(data: Any, base_dir: str | Path | None = None) -> EvolveCon
 
     def cmaes(v, w):
         return _build(CmaConfig, v, w, {
-            "popsize": lambda x, ww: _num(x, ww, integer=True, low=2, allow_none=True),
+            "popsize": lambda x, ww: _num(x, ww, integer=True, low=2, high=MAX_POPSIZE, allow_none=True),
             "sigma0": lambda x, ww: _num(x, ww, low=1e-6),
             "x0": x0,
             "max_evaluations": lambda x, ww: _num(x, ww, integer=True, low=1),
@@ -422,6 +427,14 @@ def _check_config(cfg: EvolveConfig) -> None:
                 raise _err(f"genome.params.{name}", f"bound {e}") from None
         if name in cfg.genome.fixed:
             raise _err(f"genome.fixed.{name}", "is also searched in genome.params; keep one")
+    for name, value in cfg.genome.fixed.items():
+        try:
+            method.param(str(name)).check(value)
+        except KeyError:
+            raise _err(f"genome.fixed.{name}", f"is not a parameter of {cfg.method} "
+                                               f"(known: {', '.join(q.name for q in method.params)})") from None
+        except ValueError as e:
+            raise _err(f"genome.fixed.{name}", str(e)) from None
     if cfg.fitness.kind == "generate":
         unknown = [c for c in cfg.fitness.metrics if c not in score_columns()]
         if unknown:
