@@ -99,8 +99,8 @@ class Benchmark:
 
     def check_images(self, questions: list[Question] | None = None) -> None:
         """Check the image files the questions use without decoding them (each exists, is a non-empty
-        regular file, has an image header and an acceptable size; `eval.images.probe_image`), so a bad
-        one is found before a model loads. Images embedded in the data are checked when decoded."""
+        regular file, has an image header and an acceptable size; `eval.images.probe_image`; images embedded
+        as bytes: their header and size), so a bad one is found before a model loads."""
         for key in dict.fromkeys(q.image_key for q in (questions if questions is not None else self.questions)):
             self._probe_image(key)
 
@@ -154,11 +154,16 @@ class _Table:
 
 
 def _hf_table(dataset, files: list[Path], base_dir: Path) -> _Table:
-    """A `datasets.Dataset` as a table (image column decoded per row only when asked for)."""
+    """A `datasets.Dataset` as a table. An `Image` column is read undecoded ({bytes, path} cells): its images are
+    decoded by `eval.images` (header probe, decompression-bomb guard), never by `datasets` on access."""
+    import datasets
+
     columns = list(dataset.column_names)
     image_col = "image" if "image" in columns else "image_path" if "image_path" in columns else None
     others = [c for c in columns if c != image_col]
     images = dataset.select_columns([image_col]) if image_col else None
+    if images is not None and isinstance(images.features[image_col], datasets.Image):
+        images = images.cast_column(image_col, datasets.Image(decode=False))
     return _Table(
         columns=columns,
         rows=lambda: dataset.select_columns(others).to_list(),
@@ -326,6 +331,8 @@ def _probe_cell(cell: object, base_dir: Path, label: str) -> None:
     source = _cell_source(cell, base_dir, label)
     if isinstance(source, Path):
         probe_image(source, name=f"{label}: {source}")
+    elif isinstance(source, bytes):  # embedded in the data (a parquet's image bytes): its header checked too
+        probe_image(source, name=f"{label}: embedded image")
 
 
 def _qas_list(qas: object) -> list[dict]:

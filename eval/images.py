@@ -47,16 +47,22 @@ def _check_pixels(im: Image.Image, label: str) -> None:
         )
 
 
-def probe_image(path: str | Path, name: str | None = None) -> tuple[int, int]:
-    """Check an image file without decoding its pixels: a regular non-empty file whose header a decoder
-    recognises, of an acceptable size. Returns (width, height); raises `UnreadableImage`."""
-    path = Path(path)
-    label = name or str(path)
-    _check_file(path, label)
+def probe_image(source: str | Path | bytes, name: str | None = None) -> tuple[int, int]:
+    """Check an image file, or encoded image bytes (a parquet benchmark's embedded images), without decoding
+    its pixels: a regular non-empty file / non-empty bytes whose header a decoder recognises, of an acceptable
+    size. Returns (width, height); raises `UnreadableImage`."""
+    if isinstance(source, bytes):
+        label = name or "image bytes"
+        if not source:
+            raise UnreadableImage(f"{label}: empty (0 bytes), not an image")
+    else:
+        source = Path(source)
+        label = name or str(source)
+        _check_file(source, label)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(path) as im:
+            with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as im:
                 _check_pixels(im, label)
                 return im.size
     except Image.DecompressionBombError as e:

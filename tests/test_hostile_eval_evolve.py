@@ -330,3 +330,37 @@ def test_an_image_that_fails_to_decode_after_its_header_passed_is_one_line_and_l
                      "--out", str(tmp_path / "run"), "--quiet"]) == 2
     _one_error_line(capsys, "none of the 1 images could be decoded (first: ", "cut.png")
     assert not (tmp_path / "run").exists() and _tree(inputs) == before
+
+
+EMBEDDED_CASES = {  # the first test row's embedded image bytes -> what the one line says
+    "text": (lambda tmp: b"not an image at all", "row 0: embedded image: not a readable image"),
+    "bomb": (lambda tmp: (_bomb_png(tmp / "b.png"), (tmp / "b.png").read_bytes())[1],
+             "row 0: embedded image: refused by the decompression-bomb guard"),
+}
+
+
+@pytest.mark.parametrize("case", EMBEDDED_CASES)
+def test_a_bad_image_embedded_in_a_parquet_benchmark_is_one_line_before_the_model_loads(zoo, tmp_path, capsys,
+                                                                                       monkeypatch, case):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from eval.fixture_datasets import write_ja_vg_vqa
+    from vlm_merge.cli import main as cli_main
+
+    make, phrase = EMBEDDED_CASES[case]
+    data = write_ja_vg_vqa(tmp_path / "vg", n_images=2)
+    shard = next((data / "data").glob("test-*.parquet"))
+    table = pq.read_table(shard)
+    images = table.column("image").to_pylist()
+    images[0] = {**images[0], "bytes": make(tmp_path)}
+    at = table.schema.get_field_index("image")
+    pq.write_table(table.set_column(at, table.schema.field(at), pa.array(images, type=table.schema.field(at).type)), shard)
+    before = _tree(data)
+    _no_model_load(monkeypatch)
+    capsys.readouterr()
+    out = tmp_path / "run"
+    assert cli_main(["eval", "--bench", "ja-vg-vqa-500", "--data", str(data), "--protocol", "llm-jp", "--model",
+                     str(zoo.vlms["llava-hf-llama"]), "--device", "cpu", "--out", str(out), "--quiet"]) == 2
+    _one_error_line(capsys, phrase)
+    assert not out.exists() and _tree(data) == before
