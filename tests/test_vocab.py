@@ -5,8 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from vlm_merge import vocab
 from vlm_merge.errors import VlmMergeError
-from vlm_merge.vocab import VocabSide, fill_vocab_rows, pad_multiple, plan_vocab
+from vlm_merge.vocab import VocabSide, fill_vocab_rows, pad_multiple, plan_vocab, target_mean
 
 
 def test_rows_matched_by_string_not_position():
@@ -48,3 +49,13 @@ def test_pad_multiple_follows_llava_hf():
     assert pad_multiple(32064, 32002) == 64
     assert pad_multiple(32000, 32000) == 1
     assert pad_multiple(336, 334) == 16
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("shape", [(5, 2), (1000, 7), (3001, 200), (2048, 4096)])
+@pytest.mark.parametrize("block_bytes", [1, 16 << 20])  # 64-column blocks (and a partial last one), or the default
+def test_target_mean_is_the_float32_mean_bit_for_bit(dtype, shape, block_bytes, monkeypatch):
+    """Padding rows take the target's mean: computed in column blocks, it must equal the whole float32 mean."""
+    monkeypatch.setattr(vocab, "MEAN_BLOCK_BYTES", block_bytes)
+    target = torch.empty(shape, dtype=dtype).normal_(0, 0.02, generator=torch.Generator().manual_seed(shape[0]))
+    assert torch.equal(target_mean(target), target.float().mean(dim=0))

@@ -4,14 +4,17 @@ A merge is a `MergePlan`: the ordered list of output tensors, each either a byte
 tensor (vision tower, projector) or a merge of aligned source tensors computed by a pure function
 from `vlm_merge.methods`. The engine reads one tensor per source at a time, computes in float32,
 rounds once to the output dtype and streams the result into the output shard, so memory holds one
-tensor per input plus the current output tensor. Elementwise merges are evaluated in chunks that stay
-in cache, which makes the pass close to the cost of reading the inputs and writing the output once.
+tensor per input plus the current output tensor. On the CPU, copies and elementwise merges stream: each
+tensor moves in pieces of rows (`PIECE_BYTES` of output), read, aligned to the output's vocabulary rows
+where needed, merged in float32 chunks that stay in cache, rounded and written piece by piece, so memory
+holds a few pieces whatever the tensor's size (plus the whole target embedding when its mean row fills
+padding rows). This makes the pass close to the cost of reading the inputs and writing the output once.
 """
 
 from __future__ import annotations
 
 import ctypes
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,11 +31,13 @@ from vlm_merge.checkpoint import (
 )
 from vlm_merge.errors import VlmMergeError
 from vlm_merge.threads import torch_threads
-from vlm_merge.vocab import VocabPlan, fill_vocab_rows
+from vlm_merge.vocab import VocabPlan, fill_vocab_rows, needs_mean, target_mean, vocab_rows
 
 # Elementwise merges run over 64K-element slices (256 KiB in float32): small enough to stay in cache
 # and to be served by the allocator without faulting fresh pages (1 MiB slices ran 6x slower here).
 CHUNK_ELEMENTS = 1 << 16
+# Streamed tensors move in pieces of about this many output bytes (2048 rows of a 4096-wide fp16 matrix).
+PIECE_BYTES = 16 << 20
 
 TensorFn = Callable[[Mapping[str, torch.Tensor]], torch.Tensor]
 
@@ -209,13 +214,152 @@ def compute(t: OutputTensor, plan: MergePlan, scratch: Scratch | None = None, sl
         out.copy_(op.fn(tensors))
         finite = all_finite(out)
     if not finite and not plan.allow_nonfinite:
-        dtype = str(t.dtype).removeprefix("torch.")
-        raise VlmMergeError(
-            f"{t.key}: the merged values are NaN/inf in the output dtype {dtype} (likely cause: a scale/weight too large "
-            f"for {dtype}, or NaN/inf in an input); use smaller scales, a wider --dtype, or pass --allow-nonfinite "
-            "(allow_nonfinite=True) to write them anyway"
-        )
+        raise nonfinite_error(t)
     return out
+
+
+class Slots:
+    """The two output buffers of `execute`: the writer thread writes from one while the next tensor or piece is
+    computed into the other (double buffering)."""
+
+    def __init__(self, scratch: Scratch, pool: ThreadPoolExecutor) -> None:
+        self.scratch, self.pool = scratch, pool
+        self.pending: list[Future | None] = [None, None]  # the write in flight from each buffer
+        self.index = 0  # the buffer the next value goes into
+
+    def wait(self) -> int:
+        """The next buffer's index, once its previous write is done."""
+        f = self.pending[self.index]
+        if f is not None:
+            self.pending[self.index] = None
+            f.result()
+        return self.index
+
+    def buffer(self, nbytes: int) -> torch.Tensor:
+        return self.scratch.buffer(f"\0out{self.wait()}", nbytes)
+
+    def submit(self, fn: Callable[..., None], *args: object) -> None:
+        """Write the value just put into the current buffer (`fn(*args)` on the writer thread)."""
+        self.pending[self.index] = self.pool.submit(fn, *args)
+        self.index ^= 1
+
+    def drain(self) -> None:
+        for i, f in enumerate(self.pending):
+            if f is not None:
+                self.pending[i] = None
+                f.result()
+
+
+def row_ranges(shape: tuple[int, ...], dtype: torch.dtype) -> Iterator[tuple[int, int]]:
+    """Rows [start, stop) of a tensor's pieces, about `PIECE_BYTES` each."""
+    step = max(1, PIECE_BYTES // max(1, PlannedTensor("", shape[1:], dtype).nbytes))
+    for start in range(0, shape[0], step):
+        yield start, min(shape[0], start + step)
+
+
+def streams(t: OutputTensor, plan: MergePlan) -> bool:
+    """Whether `t` is written piece by piece (a CPU copy or elementwise merge of a tensor with rows)."""
+    return bool(t.shape) and t.shape[0] > 0 and plan.device == "cpu" and (isinstance(t.op, Copy) or t.op.elementwise)
+
+
+def rows_nbytes(reader: CheckpointReader, key: str, rows: int) -> int:
+    """The bytes of `rows` rows of a source tensor."""
+    info = reader.info(key)
+    return info.nbytes // info.shape[0] * rows if info.shape and info.shape[0] else 0
+
+
+def row_runs(out: torch.Tensor, src: torch.Tensor) -> list[tuple[int, int, int]]:
+    """(first output row, first source row, length) of each run where both row lists go up by one."""
+    if not len(out):
+        return []
+    breaks = (((out[1:] != out[:-1] + 1) | (src[1:] != src[:-1] + 1)).nonzero().flatten() + 1).tolist()
+    return [(int(out[a]), int(src[a]), b - a) for a, b in zip([0, *breaks], [*breaks, len(out)])]
+
+
+def nonfinite_error(t: OutputTensor) -> VlmMergeError:
+    dtype = str(t.dtype).removeprefix("torch.")
+    return VlmMergeError(
+        f"{t.key}: the merged values are NaN/inf in the output dtype {dtype} (likely cause: a scale/weight too large "
+        f"for {dtype}, or NaN/inf in an input); use smaller scales, a wider --dtype, or pass --allow-nonfinite "
+        "(allow_nonfinite=True) to write them anyway"
+    )
+
+
+def stream_merge(t: OutputTensor, plan: MergePlan, scratch: Scratch, slots: Slots, writer: CheckpointWriter) -> None:
+    """Merge `t` piece by piece: each piece's rows read from every source (aligned to the output's vocabulary rows
+    for embeddings / lm_head, as `gather_vocab` aligns whole tensors), merged by `chunked`, written."""
+    op = t.op
+    assert isinstance(op, Merge)
+    infos = {role: plan.sources[role].info(key) for role, key in op.inputs.items()}
+    vocab = plan.vocab
+    align = op.vocab and vocab is not None and (
+        not vocab.is_identity or any(i.shape[0] != vocab.out_rows for i in infos.values())
+    )
+    for role, info in infos.items():
+        shape = (vocab.out_rows, *info.shape[1:]) if align and vocab is not None else tuple(info.shape)
+        if shape != t.shape:
+            raise VlmMergeError(f"{t.key}: source {role} has shape {list(shape)}, output needs {list(t.shape)}")
+    if align:
+        assert vocab is not None
+        pieces = aligned_pieces(t, plan, vocab, scratch)
+    else:
+        pieces = (
+            ((start, stop), {role: plan.sources[role].read_into(key, scratch.buffer(role, rows_nbytes(plan.sources[role], key, stop - start)), (start, stop))
+                             for role, key in op.inputs.items()})
+            for start, stop in row_ranges(t.shape, t.dtype)
+        )  # fmt: skip
+    for (start, stop), tensors in pieces:
+        out = slots.buffer(PlannedTensor(t.key, (stop - start, *t.shape[1:]), t.dtype).nbytes).view(t.dtype)
+        out = out.view(stop - start, *t.shape[1:])
+        if not chunked(op.fn, tensors, out) and not plan.allow_nonfinite:
+            raise nonfinite_error(t)
+        slots.submit(writer.write_rows, t.key, start, out)
+
+
+def aligned_pieces(
+    t: OutputTensor, plan: MergePlan, vocab: VocabPlan, scratch: Scratch
+) -> Iterator[tuple[tuple[int, int], dict[str, torch.Tensor]]]:
+    """The pieces of a vocabulary tensor, every role's rows in the output's row space (float32), as
+    `gather_vocab` gives them for the whole tensor. The target is read whole only when its mean row is needed
+    (padding), and then once: its mean, then its rows."""
+    op = t.op
+    assert isinstance(op, Merge) and op.target_role is not None
+    target_role, sources = op.target_role, plan.sources
+    target_key = op.inputs[target_role]
+    target_info = sources[target_role].info(target_key)
+    has_vlm = op.vlm_rows_role is not None and op.vlm_rows_key is not None
+    mean, whole = None, None
+    if needs_mean(vocab, target_info.shape[0], has_vlm):
+        whole = sources[target_role].read_into(target_key, scratch.buffer(target_role, target_info.nbytes))
+        mean = target_mean(whole)
+
+    def vlm_row(i: int) -> torch.Tensor:
+        assert op.vlm_rows_role is not None and op.vlm_rows_key is not None
+        reader = sources[op.vlm_rows_role]
+        return reader.read_into(op.vlm_rows_key, scratch.buffer("\0row", rows_nbytes(reader, op.vlm_rows_key, 1)), (i, i + 1))[0]
+
+    n = min(vocab.target_rows, vocab.out_rows, target_info.shape[0])
+    for start, stop in row_ranges(t.shape, t.dtype):
+        if whole is not None:
+            target = whole[start:]
+        else:
+            rows = (min(start, n), min(stop, n))
+            buf = scratch.buffer(target_role, rows_nbytes(sources[target_role], target_key, rows[1] - rows[0]))
+            target = sources[target_role].read_into(target_key, buf, rows)
+        filled = vocab_rows(vocab, (start, stop), target, target_info.shape[0], mean, vlm_row if has_vlm else None)
+        aligned = {target_role: filled}
+        for role, key in op.inputs.items():
+            if role == target_role:
+                continue
+            g = torch.zeros_like(filled) if role in op.vector_roles else filled.clone()
+            rows_of = vocab.pairs[role]
+            inside = (rows_of.out >= start) & (rows_of.out < stop)
+            reader = sources[role]
+            buf = scratch.buffer(role, rows_nbytes(reader, key, stop - start))
+            for out_row, src_row, m in row_runs(rows_of.out[inside], rows_of.src[inside]):
+                g[out_row - start : out_row - start + m] = reader.read_into(key, buf, (src_row, src_row + m))
+            aligned[role] = g
+        yield (start, stop), aligned
 
 
 def execute(
@@ -226,31 +370,34 @@ def execute(
 ) -> None:
     """Write every tensor of `plan` into `directory` (a temporary directory owned by the caller).
 
-    Writing overlaps computing: a writer thread writes tensor i from one output buffer while the next
-    tensor is computed into the other (double buffering), so memory holds two output tensors at most.
+    Writing overlaps computing: a writer thread writes one tensor or piece from one output buffer while the
+    next is computed into the other (double buffering), so memory holds two output pieces (or whole tensors,
+    for those that do not stream) at most.
     """
     reuse_freed_memory()
     writer = CheckpointWriter(directory, plan.planned(), max_shard_bytes, plan.metadata)
     bar = tqdm(total=plan.total_bytes, unit="B", unit_scale=True, desc="merging", disable=not progress)
     scratch = Scratch()
-    pending: list[Future | None] = [None, None]  # the write in flight from each output slot
     pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vlm-merge-writer")
+    slots = Slots(scratch, pool)
     with torch_threads(max(1, torch.get_num_threads() - 1)):  # leave a core to the writer thread
         try:
-            for i, t in enumerate(plan.tensors):
-                slot = i % 2
-                if pending[slot] is not None:
-                    pending[slot].result()
-                if isinstance(t.op, Copy):
+            for t in plan.tensors:
+                if streams(t, plan) and isinstance(t.op, Copy):
+                    reader = plan.sources[t.op.role]
+                    for start, stop in row_ranges(t.shape, t.dtype):
+                        value = reader.read_into(t.op.key, slots.buffer(PlannedTensor(t.key, (stop - start, *t.shape[1:]), t.dtype).nbytes), (start, stop))
+                        slots.submit(writer.write_rows, t.key, start, value)
+                elif streams(t, plan):
+                    stream_merge(t, plan, scratch, slots, writer)
+                elif isinstance(t.op, Copy):
                     nbytes = PlannedTensor(t.key, t.shape, t.dtype).nbytes
-                    value = plan.sources[t.op.role].read_into(t.op.key, scratch.buffer(f"\0out{slot}", nbytes))
+                    slots.submit(writer.write, t.key, plan.sources[t.op.role].read_into(t.op.key, slots.buffer(nbytes)))
                 else:
-                    value = compute(t, plan, scratch, slot)
-                pending[slot] = pool.submit(writer.write, t.key, value)
+                    slot = slots.wait()
+                    slots.submit(writer.write, t.key, compute(t, plan, scratch, slot))
                 bar.update(PlannedTensor(t.key, t.shape, t.dtype).nbytes)
-            for f in pending:
-                if f is not None:
-                    f.result()
+            slots.drain()
             writer.close()
         except BaseException:
             pool.shutdown(wait=True, cancel_futures=True)

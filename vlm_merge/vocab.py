@@ -13,6 +13,7 @@ the output) are filled with the mean of the target's rows, as transformers' LLaV
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -217,16 +218,60 @@ def _unmatched_note(rows: int, tokens: int, matched: int) -> tuple[str, ...]:
     return (f"{unmatched} target rows have no counterpart in every source and keep the target's values",) if unmatched > 0 else ()
 
 
+# `target_mean` converts this many bytes of float32 columns at a time.
+MEAN_BLOCK_BYTES = 16 << 20
+
+
+def target_mean(target: torch.Tensor) -> torch.Tensor:
+    """The mean of the target's rows in float32, bit for bit as `target.float().mean(dim=0)` computes it
+    (tests/test_vocab.py), without a float32 copy of the whole tensor: torch sums each column on its own, so
+    blocks of columns (multiples of 64) give the same values. (`mean(dtype=float32)` would copy it whole.)"""
+    if target.dtype == torch.float32 or target.dim() != 2 or not target.shape[1]:
+        return target.float().mean(dim=0)
+    rows, cols = target.shape
+    width = max(64, MEAN_BLOCK_BYTES // (4 * max(1, rows)) // 64 * 64)
+    return torch.cat([target[:, c : c + width].float().mean(dim=0) for c in range(0, cols, width)])
+
+
+def needs_mean(plan: VocabPlan, target_rows: int, has_vlm: bool) -> bool:
+    """Whether some output row takes the target's mean row (padding, or an added token without a VLM row)."""
+    n = min(plan.target_rows, plan.out_rows, target_rows)
+    return plan.out_rows > n or any(a.vlm_row is None or not has_vlm for a in plan.added)
+
+
+def vocab_rows(
+    plan: VocabPlan,
+    rows: tuple[int, int],
+    target: torch.Tensor,
+    target_rows: int,
+    mean: torch.Tensor | None,
+    vlm_row: Callable[[int], torch.Tensor] | None,
+) -> torch.Tensor:
+    """Output rows [start, stop) before any task vector (float32): the target's rows, the VLM's rows of added
+    tokens, the target's `mean` row (`target_mean`) for padding and added tokens the VLM has no row for.
+
+    `target` holds the target's rows from `start` on (at least to `stop` or its last row; `target_rows` of them
+    in all), `vlm_row(i)` reads the VLM's row i (None: no VLM).
+    """
+    start, stop = rows
+    out = torch.empty((stop - start, target.shape[1]), dtype=torch.float32)
+    n = min(plan.target_rows, plan.out_rows, target_rows)
+    k = max(0, min(stop, n) - start)
+    out[:k] = target[:k]
+    if stop - start > k:
+        assert mean is not None
+        out[k:] = mean
+    for a in plan.added:
+        if start <= a.out_row < stop:
+            if a.vlm_row is not None and vlm_row is not None:
+                out[a.out_row - start] = vlm_row(a.vlm_row)
+            else:
+                assert mean is not None
+                out[a.out_row - start] = mean
+    return out
+
+
 def fill_vocab_rows(target: torch.Tensor, plan: VocabPlan, vlm: torch.Tensor | None) -> torch.Tensor:
     """The output's starting rows (float32): the target's rows, added tokens, mean-filled padding."""
-    out = torch.empty((plan.out_rows, target.shape[1]), dtype=torch.float32)
-    n = min(plan.target_rows, plan.out_rows, target.shape[0])
-    out[:n] = target[:n]
-    if plan.out_rows > n:
-        out[n:] = target.float().mean(dim=0)
-    for a in plan.added:
-        if a.vlm_row is not None and vlm is not None:
-            out[a.out_row] = vlm[a.vlm_row]
-        else:
-            out[a.out_row] = target.float().mean(dim=0)
-    return out
+    mean = target_mean(target) if needs_mean(plan, target.shape[0], vlm is not None) else None
+    return vocab_rows(plan, (0, plan.out_rows), target, target.shape[0], mean, vlm.__getitem__ if vlm is not None else None)
