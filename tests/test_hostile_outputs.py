@@ -30,7 +30,7 @@ from vlm_merge.outputs import STALE_PATTERN
 REPO = Path(__file__).resolve().parents[1]
 
 # A command run in a subprocess that pauses at a known moment (after it touched `marker`) to be signalled:
-# `compute` = in the merge engine's main loop, after the first merged tensor (the temp dir holds a shard);
+# `compute` = in the merge engine's main loop, at the first merged tensor (whole or streamed; the temp dir holds a shard);
 # `generate` = at the first generation call of eval (its run dir exists, no prediction yet).
 HARNESS = """
 import sys, time
@@ -47,12 +47,14 @@ def pausing(real):
     return wrapper
 
 
-if where == "compute":
+if where == "compute":  # a merged tensor computed whole, or streamed in row pieces
     import vlm_merge.engine as module
+    names = ("compute", "stream_merge")
 else:
     from transformers import GenerationMixin as module
-name = "compute" if where == "compute" else "generate"
-setattr(module, name, pausing(getattr(module, name)))
+    names = ("generate",)
+for name in names:
+    setattr(module, name, pausing(getattr(module, name)))
 from vlm_merge.cli import main
 sys.exit(main(argv))
 """
