@@ -113,6 +113,38 @@ def test_atomic_dir_failure_leaves_nothing_and_force(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
 
 
+def test_rows_read_and_written_in_pieces_roundtrip(tmp_path):
+    """read_into(rows=) reads a tensor's rows; write_rows writes a tensor in ordered pieces, refusing a gap, an
+    overrun, another tensor in between and a close before the last row."""
+    a, b = torch.arange(40.0).reshape(10, 4), torch.arange(3.0)
+    save_file({"a": a, "b": b}, tmp_path / "model.safetensors")
+    reader = CheckpointReader(tmp_path)
+    buf = torch.empty(64, dtype=torch.uint8)
+    assert torch.equal(reader.read_into("a", buf, (3, 7)), a[3:7])
+    assert reader.read_into("a", buf, (10, 10)).shape == (0, 4)
+    with pytest.raises(ValueError, match="outside"):
+        reader.read_into("a", buf, (8, 11))
+    planned = [PlannedTensor("a", (10, 4), torch.float32), PlannedTensor("b", (3,), torch.float32)]
+    with AtomicDir(tmp_path / "out") as tmp:
+        w = CheckpointWriter(tmp, planned)
+        w.write_rows("a", 0, a[:3])
+        for bad in (lambda: w.write_rows("a", 4, a[4:6]), lambda: w.write_rows("a", 3, a[3:10].repeat(2, 1)),
+                    lambda: w.write("b", b)):
+            with pytest.raises(RuntimeError):
+                bad()
+        w.write_rows("a", 3, a[3:10])
+        w.write_rows("b", 0, b[:1])
+        w.write_rows("b", 1, b[1:])
+        w.close()
+    loaded = load_file(tmp_path / "out" / "model.safetensors")
+    assert torch.equal(loaded["a"], a) and torch.equal(loaded["b"], b)
+    (tmp_path / "cut").mkdir()
+    w = CheckpointWriter(tmp_path / "cut", planned)
+    w.write_rows("a", 0, a[:9])
+    with pytest.raises(RuntimeError, match="9 of 10 rows"):
+        w.close()
+
+
 def test_writer_rejects_out_of_order(tmp_path):
     w = CheckpointWriter(tmp_path, [PlannedTensor("a", (2,), torch.float32)])
     with pytest.raises(RuntimeError, match="expected a"):
