@@ -141,16 +141,18 @@ def test_bad_input_is_one_line_exit_2_nothing_written(zoo, tmp_path, capsys, mak
 
 
 def test_disk_full_midway_leaves_nothing(zoo, tmp_path, capsys, monkeypatch):
-    real_write = checkpoint.CheckpointWriter.write
     calls = {"n": 0}
 
-    def failing_write(self, name, tensor):
-        calls["n"] += 1
-        if calls["n"] == 30:
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-        return real_write(self, name, tensor)
+    def failing(real):  # whole tensors (write) and row pieces (write_rows) count alike
+        def write(self, *args):
+            calls["n"] += 1
+            if calls["n"] == 30:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            return real(self, *args)
+        return write
 
-    monkeypatch.setattr(checkpoint.CheckpointWriter, "write", failing_write)
+    for method in ("write", "write_rows"):
+        monkeypatch.setattr(checkpoint.CheckpointWriter, method, failing(getattr(checkpoint.CheckpointWriter, method)))
     out = tmp_path / "out"
     assert main(_cv_args(zoo, out)) == 2
     line = error_line(capsys)
