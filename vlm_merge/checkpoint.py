@@ -535,18 +535,11 @@ class CheckpointWriter:
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
         """Write the next tensor; it must match the declared name, shape and dtype."""
-        if self._rows is not None:
-            raise RuntimeError(f"writer received {name!r} before the rows of {self._rows[0].name!r} were all written")
-        try:
-            i, planned = next(self._order)
-        except StopIteration:
-            raise RuntimeError(f"writer received undeclared tensor {name!r}") from None
+        planned = self._next(name)
         if planned.name != name or tuple(tensor.shape) != planned.shape or tensor.dtype != planned.dtype:
             raise RuntimeError(
                 f"writer expected {planned.name} {planned.shape} {planned.dtype}, got {name} {tuple(tensor.shape)} {tensor.dtype}"
             )
-        if i != self._shard_index:
-            self._open_shard(i)
         assert self._file is not None
         if tensor.numel():
             self._file.write(tensor.contiguous().view(torch.uint8).numpy().data)
@@ -555,15 +548,7 @@ class CheckpointWriter:
         """Write rows [start, start + len(rows)) of a tensor, in order: start 0 begins the next declared tensor,
         each later call continues where the previous one stopped, and the tensor is done with its last row."""
         if start == 0:
-            if self._rows is not None:
-                raise RuntimeError(f"writer received {name!r} before the rows of {self._rows[0].name!r} were all written")
-            try:
-                i, planned = next(self._order)
-            except StopIteration:
-                raise RuntimeError(f"writer received undeclared tensor {name!r}") from None
-            if i != self._shard_index:
-                self._open_shard(i)
-            self._rows = (planned, 0)
+            self._rows = (self._next(name), 0)
         if self._rows is None:
             raise RuntimeError(f"writer received rows of {name!r} from {start} before its first row")
         planned, done = self._rows
@@ -580,13 +565,23 @@ class CheckpointWriter:
         done += shape[0]
         self._rows = None if done == planned.shape[0] else (planned, done)
 
-    def write_bytes(self, name: str, data: bytes | memoryview) -> None:
-        """Write the next tensor as raw bytes (byte-identical copies)."""
-        i, planned = next(self._order)
-        if planned.name != name or len(data) != planned.nbytes:
-            raise RuntimeError(f"writer expected {planned.name} ({planned.nbytes} bytes), got {name} ({len(data)} bytes)")
+    def _next(self, name: str) -> PlannedTensor:
+        """The next declared tensor (its shard opened), for a write of `name`."""
+        if self._rows is not None:
+            raise RuntimeError(f"writer received {name!r} before the rows of {self._rows[0].name!r} were all written")
+        try:
+            i, planned = next(self._order)
+        except StopIteration:
+            raise RuntimeError(f"writer received undeclared tensor {name!r}") from None
         if i != self._shard_index:
             self._open_shard(i)
+        return planned
+
+    def write_bytes(self, name: str, data: bytes | memoryview) -> None:
+        """Write the next tensor as raw bytes (byte-identical copies)."""
+        planned = self._next(name)
+        if planned.name != name or len(data) != planned.nbytes:
+            raise RuntimeError(f"writer expected {planned.name} ({planned.nbytes} bytes), got {name} ({len(data)} bytes)")
         assert self._file is not None
         self._file.write(data)
 

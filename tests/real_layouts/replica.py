@@ -27,6 +27,8 @@ from safetensors.torch import save_file
 from sentencepiece import sentencepiece_model_pb2
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers
 
+from vlm_merge.fixtures import write_hf_cache
+
 CORPUS_DIR = Path(__file__).resolve().parent
 INIT_STD = 0.02
 DTYPES = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "I64": torch.int64}
@@ -496,25 +498,9 @@ def build_replica(
 
 
 def install_in_hf_cache(cache_dir: str | Path, repo_id: str, replica_dir: str | Path) -> str:
-    """Store ``replica_dir``'s files in a hub cache (HF_HUB_CACHE layout) as ``repo_id``; return the commit hash.
-
-    Layout: ``models--{org}--{name}/blobs/<sha256>``, ``snapshots/<commit>/<file> -> ../../blobs/<sha256>``,
-    ``refs/main`` holding the commit (derived from the contents, so the same files give the same cache).
-    """
-    repo = Path(cache_dir) / f"models--{repo_id.replace('/', '--')}"
-    files = sorted(path for path in Path(replica_dir).iterdir() if path.is_file())
-    blobs = {path.name: hashlib.sha256(path.read_bytes()).hexdigest() for path in files}
-    commit = hashlib.sha1(json.dumps(blobs, sort_keys=True).encode()).hexdigest()
-    snapshot = repo / "snapshots" / commit
-    for directory in (repo / "blobs", repo / "refs", snapshot):
-        directory.mkdir(parents=True, exist_ok=True)
-    for path in files:
-        shutil.copyfile(path, repo / "blobs" / blobs[path.name])
-        link = snapshot / path.name
-        link.unlink(missing_ok=True)
-        link.symlink_to(Path("..", "..", "blobs", blobs[path.name]))
-    (repo / "refs" / "main").write_text(commit)
-    return commit
+    """Store ``replica_dir``'s files in a hub cache (HF_HUB_CACHE layout) as ``repo_id``; return the commit hash
+    (the fixtures' cache writer: content-derived commit, blobs and snapshot links)."""
+    return write_hf_cache(cache_dir, repo_id, replica_dir)
 
 
 def real_size_bytes(entry: Entry) -> int:
