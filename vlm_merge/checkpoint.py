@@ -425,8 +425,11 @@ class CheckpointReader:
         view = buffer[:nbytes]
         if nbytes:
             fd = self._fds.get(info.file)
-            if fd is None:
-                fd = self._fds[info.file] = os.open(info.file, os.O_RDONLY)
+            if fd is None:  # two threads may open it at once (the engine reads ahead): keep one descriptor
+                opened = os.open(info.file, os.O_RDONLY)
+                fd = self._fds.setdefault(info.file, opened)
+                if fd != opened:
+                    os.close(opened)
             mv = memoryview(view.numpy())
             done = 0
             while done < nbytes:

@@ -8,7 +8,9 @@ tensor per input plus the current output tensor. On the CPU, copies and elementw
 tensor moves in pieces of rows (`PIECE_BYTES` of output), read, aligned to the output's vocabulary rows
 where needed, merged in float32 chunks that stay in cache, rounded and written piece by piece, so memory
 holds a few pieces whatever the tensor's size (plus the whole target embedding when its mean row fills
-padding rows). This makes the pass close to the cost of reading the inputs and writing the output once.
+padding rows). A reader thread reads the next piece while the current one is merged and a writer thread
+writes the previous one, so the pass costs about the longest of reading, merging and writing rather than
+their sum: close to the cost of reading the inputs and writing the output once.
 """
 
 from __future__ import annotations
@@ -250,6 +252,65 @@ class Slots:
                 f.result()
 
 
+class ReadAhead:
+    """The source rows of every plainly streamed merge piece (`plain_pieces`), read one piece ahead on a reader
+    thread into two alternating sets of buffers: the next piece is read while the current one is merged, so a
+    merge costs about the longer of its reads and its arithmetic instead of their sum. Plans with `.bin` sources
+    read in the caller's thread (their tensors come from a memory-mapped pickle, one shard at a time)."""
+
+    def __init__(self, plan: MergePlan, scratch: Scratch, pool: ThreadPoolExecutor) -> None:
+        self.plan, self.scratch, self.pool = plan, scratch, pool
+        self.ahead = all(r.format == "safetensors" for r in plan.sources.values())
+        self.jobs = plain_pieces(plan)
+        self.parity = 0  # the buffer set the next read goes into
+        self.next: tuple[str, tuple[int, int], Future | list] | None = None  # the next piece: its reads, or their future
+        self._queue()
+
+    def _queue(self) -> None:
+        job = next(self.jobs, None)
+        if job is None:
+            self.next = None
+            return
+        t, rows = job
+        assert isinstance(t.op, Merge)
+        sources, parity = self.plan.sources, self.parity
+        # The buffers come from this thread: the main heap, which serves the same sizes again and again.
+        reads = [(sources[role], role, key, self.scratch.buffer(f"{role}\0{parity}", rows_nbytes(sources[role], key, rows[1] - rows[0])))
+                 for role, key in t.op.inputs.items()]  # fmt: skip
+        self.next = (t.key, rows, self.pool.submit(read_rows, reads, rows) if self.ahead else reads)
+        self.parity ^= 1
+
+    def take(self, t: OutputTensor, rows: tuple[int, int]) -> dict[str, torch.Tensor]:
+        """The rows of `t`'s sources (the next piece in plan order); starts reading the piece after it. The
+        buffers stay valid until the piece after next is taken."""
+        assert self.next is not None and self.next[:2] == (t.key, rows), (t.key, rows, self.next[:2] if self.next else None)
+        pending = self.next[2]
+        self._queue()
+        return pending.result() if isinstance(pending, Future) else read_rows(pending, rows)
+
+
+def read_rows(reads: list[tuple[CheckpointReader, str, str, torch.Tensor]], rows: tuple[int, int]) -> dict[str, torch.Tensor]:
+    """Rows [start, stop) of each (reader, role, key, buffer)'s tensor, read into its buffer, by role."""
+    return {role: reader.read_into(key, buf, rows) for reader, role, key, buf in reads}
+
+
+def plain_pieces(plan: MergePlan) -> Iterator[tuple[OutputTensor, tuple[int, int]]]:
+    """Every piece, in plan order, of the streamed merges whose rows are read as they are (not aligned to the
+    output's vocabulary)."""
+    for t in plan.tensors:
+        if streams(t, plan) and isinstance(t.op, Merge) and not aligned(t.op, plan):
+            for rows in row_ranges(t.shape, t.dtype):
+                yield t, rows
+
+
+def aligned(op: Merge, plan: MergePlan) -> bool:
+    """Whether `op`'s rows go through the plan's vocabulary alignment (`aligned_pieces`, `gather_vocab`)."""
+    vocab = plan.vocab
+    return op.vocab and vocab is not None and (
+        not vocab.is_identity or any(plan.sources[role].info(key).shape[:1] != (vocab.out_rows,) for role, key in op.inputs.items())
+    )
+
+
 def row_ranges(shape: tuple[int, ...], dtype: torch.dtype) -> Iterator[tuple[int, int]]:
     """Rows [start, stop) of a tensor's pieces, about `PIECE_BYTES` each."""
     step = max(1, PIECE_BYTES // max(1, PlannedTensor("", shape[1:], dtype).nbytes))
@@ -285,17 +346,16 @@ def nonfinite_error(t: OutputTensor) -> VlmMergeError:
     )
 
 
-def stream_merge(t: OutputTensor, plan: MergePlan, scratch: Scratch, slots: Slots, writer: CheckpointWriter) -> None:
-    """Merge `t` piece by piece: each piece's rows read from every source (aligned to the output's vocabulary rows
-    for embeddings / lm_head, as `gather_vocab` aligns whole tensors), merged by `chunked`, written."""
+def stream_merge(t: OutputTensor, plan: MergePlan, scratch: Scratch, slots: Slots, writer: CheckpointWriter, reads: ReadAhead) -> None:
+    """Merge `t` piece by piece: each piece's rows read from every source (from `reads`, or aligned to the
+    output's vocabulary rows for embeddings / lm_head, as `gather_vocab` aligns whole tensors), merged by
+    `chunked`, written."""
     op = t.op
     assert isinstance(op, Merge)
-    infos = {role: plan.sources[role].info(key) for role, key in op.inputs.items()}
     vocab = plan.vocab
-    align = op.vocab and vocab is not None and (
-        not vocab.is_identity or any(i.shape[0] != vocab.out_rows for i in infos.values())
-    )
-    for role, info in infos.items():
+    align = aligned(op, plan)
+    for role, key in op.inputs.items():
+        info = plan.sources[role].info(key)
         shape = (vocab.out_rows, *info.shape[1:]) if align and vocab is not None else tuple(info.shape)
         if shape != t.shape:
             raise VlmMergeError(f"{t.key}: source {role} has shape {list(shape)}, output needs {list(t.shape)}")
@@ -303,11 +363,7 @@ def stream_merge(t: OutputTensor, plan: MergePlan, scratch: Scratch, slots: Slot
         assert vocab is not None
         pieces = aligned_pieces(t, plan, vocab, scratch)
     else:
-        pieces = (
-            ((start, stop), {role: plan.sources[role].read_into(key, scratch.buffer(role, rows_nbytes(plan.sources[role], key, stop - start)), (start, stop))
-                             for role, key in op.inputs.items()})
-            for start, stop in row_ranges(t.shape, t.dtype)
-        )  # fmt: skip
+        pieces = ((rows, reads.take(t, rows)) for rows in row_ranges(t.shape, t.dtype))
     for (start, stop), tensors in pieces:
         out = slots.buffer(PlannedTensor(t.key, (stop - start, *t.shape[1:]), t.dtype).nbytes).view(t.dtype)
         out = out.view(stop - start, *t.shape[1:])
@@ -370,18 +426,21 @@ def execute(
 ) -> None:
     """Write every tensor of `plan` into `directory` (a temporary directory owned by the caller).
 
-    Writing overlaps computing: a writer thread writes one tensor or piece from one output buffer while the
-    next is computed into the other (double buffering), so memory holds two output pieces (or whole tensors,
-    for those that do not stream) at most.
+    Writing and reading overlap computing: a writer thread writes one tensor or piece from one output buffer
+    while the next is computed into the other (double buffering), and a reader thread reads the next streamed
+    merge piece into a second set of input buffers (`ReadAhead`), so memory holds two output pieces (or whole
+    tensors, for those that do not stream) and two sets of input pieces at most.
     """
     reuse_freed_memory()
     writer = CheckpointWriter(directory, plan.planned(), max_shard_bytes, plan.metadata)
     bar = tqdm(total=plan.total_bytes, unit="B", unit_scale=True, desc="merging", disable=not progress)
     scratch = Scratch()
     pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vlm-merge-writer")
+    read_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vlm-merge-reader")
     slots = Slots(scratch, pool)
-    with torch_threads(max(1, torch.get_num_threads() - 1)):  # leave a core to the writer thread
+    with torch_threads(max(1, torch.get_num_threads() - 1)):  # leave a core to the writer and reader threads
         try:
+            reads = ReadAhead(plan, scratch, read_pool)
             for t in plan.tensors:
                 if streams(t, plan) and isinstance(t.op, Copy):
                     reader = plan.sources[t.op.role]
@@ -389,7 +448,7 @@ def execute(
                         value = reader.read_into(t.op.key, slots.buffer(PlannedTensor(t.key, (stop - start, *t.shape[1:]), t.dtype).nbytes), (start, stop))
                         slots.submit(writer.write_rows, t.key, start, value)
                 elif streams(t, plan):
-                    stream_merge(t, plan, scratch, slots, writer)
+                    stream_merge(t, plan, scratch, slots, writer, reads)
                 elif isinstance(t.op, Copy):
                     nbytes = PlannedTensor(t.key, t.shape, t.dtype).nbytes
                     slots.submit(writer.write, t.key, plan.sources[t.op.role].read_into(t.op.key, slots.buffer(nbytes)))
@@ -401,8 +460,10 @@ def execute(
             writer.close()
         except BaseException:
             pool.shutdown(wait=True, cancel_futures=True)
+            read_pool.shutdown(wait=True, cancel_futures=True)
             writer.abort()
             raise  # the caller's output rule (vlm_merge.outputs) turns write errors into one line
         finally:
             pool.shutdown(wait=True)
+            read_pool.shutdown(wait=True)
             bar.close()
