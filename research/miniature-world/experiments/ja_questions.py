@@ -14,7 +14,7 @@ left to learn.
 `"en_base_from": ZOO/en-base` loads an English base trained with the same settings instead of retraining it;
 `"ja_freeze_embeddings": true` keeps the input embeddings frozen in the Japanese continued pretraining.
 
-    python assets/miniature-zoo/experiments/ja_questions.py OUT '{"threads": 1, "en_mix": {"qa-en": 0.6, "jq-en": 0.3, ...}, ...}' SEED
+    python research/miniature-world/experiments/ja_questions.py OUT '{"threads": 1, "en_mix": {"qa-en": 0.6, "jq-en": 0.3, ...}, ...}' SEED
 """
 
 import dataclasses

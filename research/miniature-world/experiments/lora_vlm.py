@@ -2,7 +2,7 @@
 blocks tuned through rank-R LoRA adapters (every Linear in the blocks; baked into the weights after
 training, as `llava-v1.5-7b-lora` is merged before use) instead of in full.
 
-    LORA_R=8 python assets/miniature-zoo/experiments/lora_vlm.py OUT '{"threads": 1, ...}' SEED
+    LORA_R=8 python research/miniature-world/experiments/lora_vlm.py OUT '{"threads": 1, ...}' SEED
 """
 
 import os

@@ -10,7 +10,7 @@ which multilingual 7B bases have and the earlier miniature worlds lacked:
   lm_head rows start as the mean of its English translation's rows (WECHSEL / vocabulary-extension
   style initialisation).
 
-    python assets/miniature-zoo/experiments/shared_words.py OUT '{"threads": 1, "cs_p": 0.5, ...}' SEED
+    python research/miniature-world/experiments/shared_words.py OUT '{"threads": 1, "cs_p": 0.5, ...}' SEED
 """
 
 import json

@@ -19,7 +19,7 @@ Both were patches of this script in session 9 and are world settings since sessi
 word order can be aligned together. Other settings go to `question_types.py` (drop_qtypes, then ja_questions.py's
 options and short answers).
 
-    python assets/miniature-zoo/experiments/word_order.py OUT '{"drop_qtypes": ["what_at", "where"], ...}' SEED
+    python research/miniature-world/experiments/word_order.py OUT '{"drop_qtypes": ["what_at", "where"], ...}' SEED
 """
 
 import json

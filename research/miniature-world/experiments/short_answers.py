@@ -6,7 +6,7 @@ then `vlm-merge zoo bar` runs with the given settings. Short answers were an exp
 and are the world setting `answers` since session 10 (`scenes.Phrasebook`), so this is now
 `vlm-merge zoo bar --set answers='"short"' --set ...`; the other experiment scripts build on it.
 
-    python assets/miniature-zoo/experiments/short_answers.py OUT '{"threads": 1, ...}' SEED
+    python research/miniature-world/experiments/short_answers.py OUT '{"threads": 1, ...}' SEED
 """
 
 import json

@@ -1,7 +1,7 @@
 """Session-17 experiment (EXPERIMENTS.md, "Session 17"): a world that changes one stage of an existing zoo, retrained
 on that zoo's other parts in a fraction of a build's time.
 
-    python assets/miniature-zoo/experiments/restage.py ZOO OUT STAGE '{"vlm_replay_mix": {...}, ...}'
+    python research/miniature-world/experiments/restage.py ZOO OUT STAGE '{"vlm_replay_mix": {...}, ...}'
 
 STAGE is `en-vlm` (the VLM stage, on ZOO's English base: `build.train_en_vlm`) or `ja-base` (the Japanese continued
 pretraining of ZOO's English base: `build.train_ja_base`); neither depends on the other. OUT gets links to ZOO's other

@@ -10,7 +10,7 @@ from the question's position words has to undo one word when the other is presen
 - short answers (`short_answers.py`).
 `"row_col_vision": false` keeps the shipped vision tower (patch content and cell heads only).
 
-    python assets/miniature-zoo/experiments/positions.py OUT '{"threads": 1, "group_by_length": true, ...}' SEED
+    python research/miniature-world/experiments/positions.py OUT '{"threads": 1, "group_by_length": true, ...}' SEED
 """
 
 import json

@@ -7,7 +7,7 @@ text corpora, the VLM stage, the dev/test splits); the scenes still place object
 descriptions still name their cells. Since session 10 this is the world setting `qtypes` (the types kept).
 Other settings go to `ja_questions.py` (short answers, its options).
 
-    python assets/miniature-zoo/experiments/question_types.py OUT '{"drop_qtypes": ["what_at", "where"], ...}' SEED
+    python research/miniature-world/experiments/question_types.py OUT '{"drop_qtypes": ["what_at", "where"], ...}' SEED
 """
 
 import json

@@ -1,7 +1,7 @@
 """Session-5 experiment (EXPERIMENTS.md, "The English VLM itself"): the VLM stage alone, on the English base
 of an existing zoo, printing per-question-type English dev content accuracy every EVERY steps.
 
-    python assets/miniature-zoo/experiments/vlm_stage.py ZOO STEPS EVERY {default,factored} ['{"vlm_lr": ...}']
+    python research/miniature-world/experiments/vlm_stage.py ZOO STEPS EVERY {default,factored} ['{"vlm_lr": ...}']
 
 The zoo's own settings are used (its `en_mix`, replay mix, ...), with `vlm_steps` = STEPS and no early stop;
 `factored` pretrains the vision tower with one head per attribute (`ja_questions.factored_vision`).

@@ -13,7 +13,7 @@ from text is copying it (count_both) or adding two or three (count_color, count_
 copying it. Positions are not described (the shipped world asks no positional questions). Other settings go to
 word_order.py.
 
-    python assets/miniature-zoo/experiments/counted_descriptions.py OUT SETTINGS_JSON SEED
+    python research/miniature-world/experiments/counted_descriptions.py OUT SETTINGS_JSON SEED
 """
 
 import collections

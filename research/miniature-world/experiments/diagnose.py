@@ -1,10 +1,10 @@
 """Session-4 diagnostics of a short-answer zoo (EXPERIMENTS.md, "Session 4"), one per subcommand:
 
-    python assets/miniature-zoo/experiments/diagnose.py reading ZOO      # text bases on reading-comprehension prompts
-    python assets/miniature-zoo/experiments/diagnose.py scales ZOO 0,1.0 # Chat Vector per question type on ja-dev
-    python assets/miniature-zoo/experiments/diagnose.py en-shell ZOO     # English base in the VLM shell vs EN-VLM, en-test
-    python assets/miniature-zoo/experiments/diagnose.py en-vlm ZOO       # EN-VLM on ja-dev, right in either language
-    python assets/miniature-zoo/experiments/diagnose.py counts ZOO       # first-answer-token digit odds, ja-test counts
+    python research/miniature-world/experiments/diagnose.py reading ZOO      # text bases on reading-comprehension prompts
+    python research/miniature-world/experiments/diagnose.py scales ZOO 0,1.0 # Chat Vector per question type on ja-dev
+    python research/miniature-world/experiments/diagnose.py en-shell ZOO     # English base in the VLM shell vs EN-VLM, en-test
+    python research/miniature-world/experiments/diagnose.py en-vlm ZOO       # EN-VLM on ja-dev, right in either language
+    python research/miniature-world/experiments/diagnose.py counts ZOO       # first-answer-token digit odds, ja-test counts
 
 Content accuracy per question type; `scales` also counts answers right in the other language.
 """

@@ -2,7 +2,7 @@
 make a short-answer, English-only English base read scene descriptions? Trains the base alone, then scores 300
 generated reading-comprehension answers per question type.
 
-    python assets/miniature-zoo/experiments/answer_weight.py W STEPS [HIDDEN LAYERS]   # e.g. 10 700
+    python research/miniature-world/experiments/answer_weight.py W STEPS [HIDDEN LAYERS]   # e.g. 10 700
 """
 import collections
 import random

@@ -5,7 +5,7 @@ one question per image as in ja-dev, in the zoo's own wording (its zoo.json sett
 "world-<seed>-dev2". The scenes of the zoo's dev and test splits are replayed and excluded (the replay is checked
 against ja-dev's first question); ja-test is never read.
 
-    python assets/miniature-zoo/experiments/evolve/dev2.py assets/miniature-zoo 3000 assets/miniature-zoo/experiments/evolve/dev2
+    python research/miniature-world/experiments/evolve/dev2.py assets/miniature-zoo 3000 research/miniature-world/experiments/evolve/dev2
 """
 
 import json

@@ -1,6 +1,6 @@
 """Session 14 (EXPERIMENTS.md): which training stage's sums depend on the CPU thread count.
 
-    python assets/miniature-zoo/experiments/thread_probe.py ZOO
+    python research/miniature-world/experiments/thread_probe.py ZOO
 
 Trains the vision tower of seed 0 with today's settings on 1 and on 2 threads, without the one-thread pin that
 `train.train_vision` adds, then the VLM stage for 40 steps from one of those towers (on ZOO's English base) on 1

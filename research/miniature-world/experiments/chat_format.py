@@ -13,7 +13,7 @@ The chat format appears only in the VLM stage: the image chats and the text-only
 ``chat-qa-en``, English reading-comprehension chats, as LLaVA mixes in ShareGPT conversations). Short
 answers as `short_answers.py`. The tokenizer is trained on both forms.
 
-    python assets/miniature-zoo/experiments/chat_format.py OUT '{"threads": 1, ...}' SEED
+    python research/miniature-world/experiments/chat_format.py OUT '{"threads": 1, ...}' SEED
 """
 
 import random
