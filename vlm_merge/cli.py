@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import NoReturn
 
 from vlm_merge.errors import VlmMergeError
+from vlm_merge.tables import format_table
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -20,14 +21,6 @@ class OneLineParser(argparse.ArgumentParser):
 
     def error(self, message: str) -> NoReturn:
         self.exit(2, f"vlm-merge: error: {message}; see `{self.prog} --help`\n")
-
-
-def format_table(headers: list[str], rows: list[list[str]] | list[tuple[str, ...]]) -> str:
-    """A plain-text table with aligned columns."""
-    cells = [headers, *[[str(c) for c in r] for r in rows]]
-    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
-    line = lambda r: "  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip()  # noqa: E731
-    return "\n".join([line(headers), line(["-" * w for w in widths]), *[line(r) for r in cells[1:]]])
 
 
 def _parse_scales(text: str | None, what: str) -> list[float] | None:
