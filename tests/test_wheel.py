@@ -64,9 +64,12 @@ def env(wheel, tmp_path_factory) -> tuple[Path, Path]:
     return venv / "bin", work
 
 
-def test_wheel_ships_the_zoo_and_no_research(wheel):
+def test_wheel_ships_every_module_the_zoo_and_no_research(wheel):
     with zipfile.ZipFile(wheel) as z:
         names = z.namelist()
+    modules = {p.relative_to(ROOT).as_posix() for name in ("vlm_merge", "chat_vector", "eval")
+               for p in (ROOT / name).rglob("*.py")}
+    assert modules - set(names) == set()  # pyproject.toml lists the packages (the zoo's mapping needs the list)
     zoo = {n[len(ZOO_IN_WHEEL):] for n in names if n.startswith(ZOO_IN_WHEEL)}
     tracked = {p.relative_to(ROOT / SOURCES[-1]).as_posix() for p in (ROOT / SOURCES[-1]).rglob("*")
                if p.is_file() and p.suffix in (".json", ".jsonl", ".safetensors", ".jinja", ".png")}
