@@ -1,6 +1,7 @@
 """Evaluation of image-text-to-text models on Japanese VLM benchmarks, and captioning.
 
-Public API (imported on first use, so `import eval` stays light):
+Public API (imported on first use, so `import eval` stays light; without the `eval` extra installed, using
+it is one line naming the extra: `pip install 'vlm-merge[eval]'`):
 
 - `evaluate(model, bench, …) -> EvalResult`, `encode_benchmark_images` (eval.runner)
 - `caption(images, model, …) -> CaptionResult` (eval.captioning)
@@ -35,5 +36,8 @@ __all__ = sorted(_EXPORTS)
 
 def __getattr__(name: str):
     if name in _EXPORTS:
+        from vlm_merge.extras import require_extra
+
+        require_extra("eval", f"eval.{name}")
         return getattr(import_module(_EXPORTS[name]), name)
     raise AttributeError(f"module 'eval' has no attribute {name!r}")

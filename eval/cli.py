@@ -42,7 +42,7 @@ def _positive_float(text: str) -> float:
 
 
 def _format_scores(scores: dict, columns: list[str]) -> str:
-    from vlm_merge.cli import format_table
+    from vlm_merge.tables import format_table
 
     rows = [[c, f"{scores[c]['mean']:.2f}", f"{scores[c]['mid']:.2f}", f"[{scores[c]['low']:.2f}, {scores[c]['high']:.2f}]"]
             for c in columns if c in scores]

@@ -82,7 +82,7 @@ def test_same_seed_same_weights(smoke_zoo, tmp_path):
 
 def test_frozen_blocks_and_frozen_vocab_stay_put(tmp_path):
     """`ja_block_lr_scale=0` trains only the Japanese base's embeddings and lm_head; `vlm_train_vocab=False`
-    leaves the English VLM's embeddings and lm_head as the English base's (EXPERIMENTS.md, session 3)."""
+    leaves the English VLM's embeddings and lm_head as the English base's."""
     from safetensors.torch import load_file
 
     from vlm_merge.world.build import build_zoo
@@ -239,7 +239,7 @@ def test_the_vlm_stage_stops_after_the_target_in_enough_checks_in_a_row(tmp_path
 
 
 def test_vision_tower_is_the_same_on_one_and_two_threads():
-    """A zoo does not depend on the thread count (EXPERIMENTS.md, session 14): the vision tower's training, whose
+    """A zoo does not depend on the thread count: the vision tower's training, whose
     sums do depend on it, always runs on one thread, and the caller's thread count is restored."""
     from dataclasses import replace
 

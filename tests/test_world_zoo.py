@@ -1,6 +1,6 @@
 """The shipped miniature zoo (assets/miniature-zoo): real HF checkpoints that vlm-merge and transformers read,
 an English VLM that answers English questions, and Chat Vector beating the Japanese base in the VLM shell on
-Japanese ones (by +10.0 points on this seed, the issue's bar; seeds 1 and 2 in EXPERIMENTS.md)."""
+Japanese ones (by +10.0 points on this seed, the issue's bar; seeds 1-3 in docs/miniature-world.md)."""
 
 from __future__ import annotations
 

@@ -7,10 +7,14 @@ import json
 import logging
 import math
 import sys
+from dataclasses import dataclass
+from importlib import import_module
 from pathlib import Path
 from typing import NoReturn
 
 from vlm_merge.errors import VlmMergeError
+from vlm_merge.extras import missing_requirements, require_extra
+from vlm_merge.tables import format_table
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -20,14 +24,6 @@ class OneLineParser(argparse.ArgumentParser):
 
     def error(self, message: str) -> NoReturn:
         self.exit(2, f"vlm-merge: error: {message}; see `{self.prog} --help`\n")
-
-
-def format_table(headers: list[str], rows: list[list[str]] | list[tuple[str, ...]]) -> str:
-    """A plain-text table with aligned columns."""
-    cells = [headers, *[[str(c) for c in r] for r in rows]]
-    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
-    line = lambda r: "  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip()  # noqa: E731
-    return "\n".join([line(headers), line(["-" * w for w in widths]), *[line(r) for r in cells[1:]]])
 
 
 def _parse_scales(text: str | None, what: str) -> list[float] | None:
@@ -213,7 +209,72 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
+def add_demo_command(sub) -> None:
+    """Register `vlm-merge demo` on the CLI's subparsers."""
+    s = sub.add_parser("demo", help="Chat Vector and an evolutionary merge on the miniature zoo, measured; writes a report")
+    s.add_argument("--out", default="out/demo", help="report directory, written atomically (default out/demo)")
+    s.add_argument("--zoo", help="miniature zoo directory (default: the shipped assets/miniature-zoo)")
+    s.add_argument("--quick", action="store_true", help="fewer test questions and a tiny search (a smoke run)")
+    s.add_argument("--seed", type=int, default=0, help="seed of the evolutionary search (default 0)")
+    s.add_argument("--threads", type=int, default=1, help="torch threads (default 1: fastest for the tiny models)")
+    s.add_argument("--force", action="store_true", help="replace an existing report directory")
+    s.add_argument("--quiet", action="store_true", help="no progress bars")
+    s.set_defaults(func=cmd_demo)
+
+
+@dataclass(frozen=True)
+class CommandGroup:
+    """Commands outside the light core: the pip extra they need and the function (`module:name`, given the
+    subparsers) that registers them; the module is imported only when one of them runs, or for `--help`."""
+
+    extra: str
+    commands: tuple[str, ...]
+    register: str
+
+
+COMMAND_GROUPS = (
+    CommandGroup("eval", ("eval", "score", "compare", "caption"), "eval.cli:add_eval_commands"),
+    CommandGroup("evolve", ("evolve",), "vlm_merge.evolve:add_evolve_commands"),
+    CommandGroup("demo", ("demo",), "vlm_merge.cli:add_demo_command"),
+    CommandGroup("demo", ("zoo",), "vlm_merge.world.cli:add_world_commands"),  # zoo build, zoo bar
+)
+
+
+def _group_of(command: str | None) -> CommandGroup | None:
+    return next((g for g in COMMAND_GROUPS if command in g.commands), None)
+
+
+def _require_group(command: str) -> None:
+    """The one-line error if `command` belongs to an extra that is not installed."""
+    if (group := _group_of(command)) is not None:
+        require_extra(group.extra, f"'vlm-merge {command}'")
+
+
+def _cmd_needs_extra(args: argparse.Namespace) -> int:
+    """The handler of a command whose extra is missing (`main` refuses it before parsing): the one-line error."""
+    _require_group(args.command)
+    return 2
+
+
+def _add_group(sub, group: CommandGroup) -> None:
+    """Register `group`'s commands, or, where its extra is missing, entries that say so (for `--help`)."""
+    if missing_requirements(group.extra):
+        for name in group.commands:
+            s = sub.add_parser(name, help=f"needs the {group.extra} extra: pip install 'vlm-merge[{group.extra}]'")
+            s.set_defaults(func=_cmd_needs_extra)
+        return
+    module, function = group.register.split(":")
+    getattr(import_module(module), function)(sub)
+
+
+def _command(argv: list[str]) -> str | None:
+    """The command in `argv`: its first word that is not an option (the global options take no value)."""
+    return next((a for a in argv if not a.startswith("-")), None)
+
+
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The `vlm-merge` parser for running `command`: the core commands, and of the others only `command`'s group
+    (every group for None, an unknown command or `--help`), so a command imports only its own module."""
     from chat_vector.rules import DEFAULT_SKIP, SKIP_PRESETS
 
     p = OneLineParser(prog="vlm-merge", description="Build Japanese VLMs by merging checkpoints.")
@@ -256,29 +317,23 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--cache-dir", help="Hugging Face cache to look model ids up in (default: HF_HUB_CACHE)")
     _add_text_config_option(s)
     s.set_defaults(func=cmd_validate)
-
-    s = sub.add_parser("demo", help="Chat Vector and an evolutionary merge on the miniature zoo, measured; writes a report")
-    s.add_argument("--out", default="out/demo", help="report directory, written atomically (default out/demo)")
-    s.add_argument("--zoo", help="miniature zoo directory (default: the shipped assets/miniature-zoo)")
-    s.add_argument("--quick", action="store_true", help="fewer test questions and a tiny search (a smoke run)")
-    s.add_argument("--seed", type=int, default=0, help="seed of the evolutionary search (default 0)")
-    s.add_argument("--threads", type=int, default=1, help="torch threads (default 1: fastest for the tiny models)")
-    s.add_argument("--force", action="store_true", help="replace an existing report directory")
-    s.add_argument("--quiet", action="store_true", help="no progress bars")
-    s.set_defaults(func=cmd_demo)
-    from eval.cli import add_eval_commands
-    from vlm_merge.evolve import add_evolve_commands
-    from vlm_merge.world.cli import add_world_commands
-
-    add_eval_commands(sub)  # eval, score, compare, caption
-    add_evolve_commands(sub)  # evolve
-    add_world_commands(sub)  # zoo build, zoo bar
+    if command not in sub.choices:  # a core command imports no other command's module
+        grouped = {c for g in COMMAND_GROUPS for c in g.commands}
+        for group in COMMAND_GROUPS:
+            if command in group.commands or command not in grouped:
+                _add_group(sub, group)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    command = _command(argv)
+    try:
+        _require_group(command)
+    except VlmMergeError as e:
+        print(f"vlm-merge: error: {e}", file=sys.stderr)
+        return 2
+    args = build_parser(command).parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s: %(message)s")
     try:
         return args.func(args)

@@ -536,7 +536,7 @@ def run_demo(out: str | Path, *, force: bool = False, zoo: str | Path | None = N
 
     from eval.captioning import caption
     from eval.decoding import GenerationSettings
-    from vlm_merge.cli import format_table
+    from vlm_merge.tables import format_table
     from vlm_merge.evolve import (
         EvolveInterrupted,
         config_from_dict,

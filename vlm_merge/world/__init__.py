@@ -9,13 +9,24 @@
 - `cli`: `vlm-merge zoo build|bar` (`add_world_commands`).
 """
 
+from importlib import resources
 from pathlib import Path
 
-SHIPPED_ZOO = Path(__file__).resolve().parents[2] / "assets" / "miniature-zoo"
+
+def _find_shipped_zoo() -> Path:
+    """Where the prebuilt zoo is: `vlm_merge/_zoo/` in an installed wheel (package data, see pyproject.toml),
+    else `assets/miniature-zoo/` of the source tree this package runs from (a checkout, an editable install)."""
+    packaged = resources.files("vlm_merge") / "_zoo"
+    if isinstance(packaged, Path) and (packaged / "zoo.json").is_file():
+        return packaged
+    return Path(__file__).resolve().parents[2] / "assets" / "miniature-zoo"
+
+
+SHIPPED_ZOO = _find_shipped_zoo()
 
 
 def shipped_zoo() -> Path:
-    """The prebuilt zoo of one seed (assets/miniature-zoo): en-base, ja-base, en-vlm, data."""
+    """The prebuilt zoo of one seed (assets/miniature-zoo, shipped in the wheel): en-base, ja-base, en-vlm, data."""
     from vlm_merge.errors import VlmMergeError
 
     if not (SHIPPED_ZOO / "zoo.json").exists():

@@ -43,11 +43,8 @@ LAYER_PARAMETERS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", 
 
 @dataclass
 class WorldSettings:
-    """Sizes, steps, learning rates, corpora and wording of one zoo build (defaults: the shipped zoo, run E8 of
-    assets/miniature-zoo/EXPERIMENTS.md, sessions 13-14; `--set 'vlm_replay_mix={"qa-en":0.7,"xqa-en":0.15,
-    "text-en":0.15}' --set vlm_min_steps=300` rebuilds R1, shipped in sessions 12-13; R1 with `--set
-    vlm_replay_mix=null --set 'qtypes=["count_color","count_shape","count_both","color_of","shape_of","more"]'`
-    rebuilds Z3, shipped in sessions 10-11; EXPERIMENTS.md gives the overrides that rebuild v3)."""
+    """Sizes, steps, learning rates, corpora and wording of one zoo build; the defaults build the shipped zoo
+    (docs/miniature-world.md: what each lever does and the overrides that rebuild earlier worlds)."""
 
     hidden: int = 128
     layers: int = 4
@@ -65,7 +62,7 @@ class WorldSettings:
     vlm_steps: int = 3200
     # a projector that barely moves from its random start (1e-6) and a language model at 1e-3: the VLM's own
     # layers, not the projector, learn to read the image tokens, so that skill is in the VLM's delta and the
-    # Japanese base in the VLM shell cannot read the image without it (EXPERIMENTS.md, session 10)
+    # Japanese base in the VLM shell cannot read the image without it
     vlm_lr: float = 1e-6  # projector; the language model gets vlm_lr * vlm_lm_lr_scale
     vlm_lm_lr_scale: float = 1000.0
     qa_turns: int = 4  # questions per scene in the text models' reading-comprehension chats
@@ -73,7 +70,7 @@ class WorldSettings:
     vlm_replay: float = 0.15  # share of each VLM batch that is text-only chat (as LLaVA mixes ShareGPT)
     # the replayed documents' mix (None: en_mix): mostly English, with one Japanese chat in twenty, as LLaVA's stage
     # 2 replays mostly-English ShareGPT; the Japanese share keeps the VLM's tuned layers readable by the Japanese
-    # base's upper layers, so Chat Vector stays constructive up to scale 0.5-0.75 (EXPERIMENTS.md, sessions 12-13)
+    # base's upper layers, so Chat Vector stays constructive up to scale 0.5-0.75
     vlm_replay_mix: dict | None = field(default_factory=lambda: {"qa-en": 0.65, "xqa-en": 0.15, "text-en": 0.15,
                                                                  "qa-ja": 0.05})
     vlm_train_vocab: bool = False  # whether the VLM stage tunes embed_tokens and lm_head (else only the blocks)
@@ -86,19 +83,19 @@ class WorldSettings:
     # batches of documents of similar length, and the VLM stage's text-only chats in a batch of their own:
     # about 1.5x fewer padded tokens per step (HF's `group_by_length`)
     group_by_length: bool = True
-    vlm_min_steps: int = 2100  # no early stop before this step (EXPERIMENTS.md, session 13: E8)
+    vlm_min_steps: int = 2100  # no early stop before this step: a stage stopped sooner leaves a smaller delta
     vlm_target: float = 0.97  # stop once English dev content accuracy reaches this ...
     vlm_target_checks: int = 2  # ... in this many checks in a row (one check of 150 questions is +-3 points)
     vlm_check_every: int = 150
     # the English base also reads English scenes asked about in Japanese (xqa-ja, a fifth of its documents):
-    # cross-lingual questions, the lever that moved Chat Vector's gain over the Japanese shell (EXPERIMENTS.md, v6)
+    # cross-lingual questions, which raise Chat Vector's gain over the Japanese base in the VLM shell
     en_mix: dict = field(default_factory=lambda: {"qa-en": 0.35, "xqa-en": 0.1, "xqa-ja": 0.2, "text-en": 0.1,
                                                   "qa-ja": 0.05, "text-ja": 0.05, "para": 0.15})
     ja_mix: dict = field(default_factory=lambda: {"qa-ja": 0.55, "xqa-ja": 0.12, "text-ja": 0.12, "qa-en": 0.1,
                                                   "xqa-en": 0.03, "text-en": 0.03, "para": 0.05})
     # how the world words its scenes, questions and answers (`scenes.Phrasebook`): the question types asked
-    # (None: all; the two positional ones keep the English VLM under 0.95, EXPERIMENTS.md session 8; of the counts
-    # only colour+shape, since no merge moves a count off the answer prior, session 12), "sentence" or "short"
+    # (None: all; the two positional ones keep the English VLM under 0.95; of the counts only colour+shape, since
+    # no merge moves a count off the answer prior), "sentence" or "short"
     # answers, counts as digits ("2" / "2個"), the Japanese word order ("aligned": the English one)
     qtypes: list[str] | None = field(default_factory=lambda: ["count_both", "color_of", "shape_of", "more"])
     answers: str = "short"
@@ -357,8 +354,8 @@ def train_vision(s: WorldSettings, seed: int, progress: bool, losses: list) -> C
     """A CLIP vision tower pretrained to name the object in every patch (colour x shape or empty).
 
     It trains on one CPU thread whatever `s.threads` says: this stage's floating-point sums depend on the thread
-    count and the language-model stages' do not, so a zoo comes out the same on 1 or 2 threads (EXPERIMENTS.md,
-    session 14). The stage takes a few seconds."""
+    count and the language-model stages' do not, so a zoo comes out the same on 1 or 2 threads. The stage takes a
+    few seconds."""
     with torch_threads(1):
         return _train_vision(s, seed, progress, losses)
 
@@ -434,7 +431,7 @@ def answer_loss(vlm: LlavaForConditionalGeneration, batches: list[dict[str, torc
     """The mean next-token cross-entropy over every answer token of right-padded `batches` (`collate_chats`), whose
     image placeholders take the rows of `image_features` in order: the loss of LLaVA's forward with the attention
     mask and labels. (Logits at the answer tokens only would save about 8% of a step, but their sums then depend on
-    the thread count: EXPERIMENTS.md, session 19.)"""
+    the thread count.)"""
     lm = vlm.model.language_model
     sums, n_labels = [], 0
     for b in batches:
