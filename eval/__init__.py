@@ -7,7 +7,7 @@ it is one line naming the extra: `pip install 'vlm-merge[eval]'`):
 - `caption(images, model, …) -> CaptionResult` (eval.captioning)
 - `load_benchmark`, `BENCHMARKS` (eval.benchmarks); `PROTOCOLS` (eval.protocols); `TEMPLATES` (eval.prompts)
 - `generate`, `generate_answers`, `encode_images`, `GenerationSettings` (eval.generation, eval.decoding)
-- `score_predictions`, `SCORERS` (eval.metrics)
+- `score_predictions`, `all_scorers` (built-in and registered scorers) (eval.metrics)
 """
 
 from importlib import import_module
@@ -28,7 +28,7 @@ _EXPORTS = {
     "encode_images": "eval.generation",
     "GenerationSettings": "eval.decoding",
     "score_predictions": "eval.metrics",
-    "SCORERS": "eval.metrics",
+    "all_scorers": "eval.metrics",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from eval.benchmarks import BENCHMARKS
 from eval.images import MAX_SIDE
-from eval.metrics import DEFAULT_SCORERS, SCORERS
+from eval.metrics import DEFAULT_SCORERS, all_scorers
 from eval.prompts import TEMPLATES
 from eval.protocols import PROTOCOLS
 
@@ -179,7 +179,7 @@ def add_eval_commands(sub) -> None:
     s.add_argument("--num-beams", type=_positive_int, help="override the protocol's number of beams (1 = greedy)")
     s.add_argument("--repetition-penalty", type=_positive_float, help="override the protocol's repetition penalty")
     s.add_argument("--limit", type=_positive_int, help="only the first N selected questions")
-    s.add_argument("--metrics", help=f"override the protocol's metrics, comma-separated: {', '.join(SCORERS)} "
+    s.add_argument("--metrics", help=f"override the protocol's metrics, comma-separated: {', '.join(all_scorers())} "
                                      "(content-accuracy: the miniature world's files)")
     s.add_argument("--seed", type=int, default=0, help="bootstrap seed (default 0)")
     s.add_argument("--out", required=True, help="run directory: predictions.jsonl, scores.json, run.json")
@@ -188,7 +188,7 @@ def add_eval_commands(sub) -> None:
     s = sub.add_parser("score", help="re-score a predictions JSONL (fields answer, prediction) and print JSON")
     s.add_argument("predictions", help="JSONL with answer and prediction per line")
     s.add_argument("--metrics", default=",".join(DEFAULT_SCORERS),
-                   help=f"comma-separated: {', '.join(SCORERS)} (default: {', '.join(DEFAULT_SCORERS)})")
+                   help=f"comma-separated: {', '.join(all_scorers())} (default: {', '.join(DEFAULT_SCORERS)})")
     s.add_argument("--seed", type=int, default=0, help="bootstrap seed (default 0)")
     s.set_defaults(func=cmd_score)
 

@@ -1,8 +1,8 @@
 """Metrics: per-sample scores plus an aggregate, so predictions can be re-scored without generating.
 
-A scorer (`SCORERS`, a small registry) turns references and predictions into named per-sample score
-columns; every column aggregates the same way: the plain mean, plus a bootstrap of the mean
-(`BOOTSTRAP_RESAMPLES` resamples with replacement from a fixed seed; low/mid/high are the
+A scorer (a registry: `BUILTIN_SCORERS` plus the registered ones, `all_scorers()`) turns references and
+predictions into named per-sample score columns; every column aggregates the same way: the plain mean,
+plus a bootstrap of the mean (`BOOTSTRAP_RESAMPLES` resamples with replacement from a fixed seed; low/mid/high are the
 2.5th/50th/97.5th percentiles of the resampled means, as rouge_score's BootstrapAggregator reports
 them, but reproducible). Sakana's scripts report the bootstrap `mid`; llm-jp-eval-mm reports the mean.
 
@@ -12,8 +12,12 @@ them, but reproducible). Sakana's scripts report the bootstrap `mid`; llm-jp-eva
   Japanese (P(ja) >= 0.5) and the prediction is not (Sakana's `strict_japanese`), plus
   `non_japanese` (1 where a prediction was blanked).
 - `exact-match` / `substring-match`: normalised prediction == / contains the normalised reference.
-- `content-accuracy`: whether the answer names the asked attribute's value (and no other value), read from
-  each question's `attribute`, `value`, `lang` columns: the miniature world's metric, for its data only.
+
+Other packages register more scorers under the `vlm_merge.scorers` entry-point group (name = metric name,
+object = a `Scorer` subclass; `registered_scorers`, `get_scorer`): the miniature world registers `content-accuracy`
+(`vlm_merge.world.scoring`, declared in pyproject.toml), whether the answer names the asked attribute's value,
+read from each question's `attribute`, `value`, `lang` columns. The group is loaded only when a metric outside
+the built-ins is asked for or the whole list is wanted, so `eval` never imports the world.
 
 `rouge_ja.py` next to this file is the same ROUGE as a Hugging Face `evaluate` module, loaded by path:
 `evaluate.load(str(ROUGE_JA_EVALUATE_MODULE))`.
@@ -24,7 +28,10 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
+from functools import cache
+from importlib import metadata
 from pathlib import Path
+from types import MappingProxyType
 from typing import ClassVar
 
 import numpy as np
@@ -43,6 +50,7 @@ BOOTSTRAP_SEED = 0
 CONFIDENCE = 0.95
 ROUGE_TYPES = ("rouge1", "rouge2", "rougeL")
 ROUGE_JA_EVALUATE_MODULE = Path(__file__).with_name("rouge_ja.py")
+SCORER_ENTRY_POINTS = "vlm_merge.scorers"  # the entry-point group of registered scorers
 
 
 @dataclass(frozen=True)
@@ -183,38 +191,43 @@ class SubstringMatch(Scorer):
         return {"substring_match": [float(normalize_japanese(r) in normalize_japanese(p)) for r, p in zip(refs, preds, strict=True)]}
 
 
-class ContentAccuracy(Scorer):
-    name: ClassVar[str] = "content-accuracy"
-    fields: ClassVar[tuple[str, ...]] = ("content_accuracy",)
-    description: ClassVar[str] = (
-        "1 if the answer names the asked value and no other (miniature-world rows: attribute, value, lang columns)"
-    )
-    needs: ClassVar[tuple[str, ...]] = ("attribute", "value", "lang")
-
-    def score(self, refs: Sequence[str], preds: Sequence[str], meta: Sequence[Meta] | None = None) -> dict[str, list[float]]:
-        from vlm_merge.world.scenes import content_correct
-
-        rows = list(meta) if meta is not None else [{} for _ in preds]
-        if len(rows) != len(preds):
-            raise VlmMergeError(f"content-accuracy: {len(rows)} question rows for {len(preds)} predictions")
-        check_meta([self], rows)
-        out = []
-        for i, (pred, m) in enumerate(zip(preds, rows, strict=True)):
-            try:
-                out.append(float(content_correct(pred, str(m["attribute"]), str(m["value"]), str(m["lang"]))))
-            except ValueError as e:  # an attribute the world's lexicon does not know
-                raise VlmMergeError(f"content-accuracy: question {i}: cannot score attribute {m['attribute']!r} "
-                                    f"in language {m['lang']!r} ({e})") from None
-        return {"content_accuracy": out}
-
-    def settings(self) -> dict[str, str]:
-        return {"rule": "vlm_merge.world.scenes.content_correct"}
-
-
-SCORERS: dict[str, type[Scorer]] = {
-    cls.name: cls for cls in (RougeJa, StrictJapaneseRouge, ExactMatch, SubstringMatch, ContentAccuracy)
+BUILTIN_SCORERS: dict[str, type[Scorer]] = {
+    cls.name: cls for cls in (RougeJa, StrictJapaneseRouge, ExactMatch, SubstringMatch)
 }
 DEFAULT_SCORERS = ("rouge-ja", "rouge-ja-strict", "exact-match", "substring-match")  # those any benchmark can use
+
+
+@cache
+def registered_scorers() -> Mapping[str, type[Scorer]]:
+    """The scorers installed packages declare under the `vlm_merge.scorers` entry-point group (metric name ->
+    `Scorer` subclass), e.g. the miniature world's `content-accuracy`; loaded once, on first use."""
+    found: dict[str, type[Scorer]] = {}
+    for ep in sorted(metadata.entry_points(group=SCORER_ENTRY_POINTS), key=lambda e: e.name):
+        where = f"metric {ep.name!r} ({SCORER_ENTRY_POINTS} entry point {ep.value})"
+        try:
+            cls = ep.load()
+        except (ImportError, AttributeError) as e:
+            raise VlmMergeError(f"{where} cannot be loaded: {e}; reinstall the package that declares it") from None
+        if not (isinstance(cls, type) and issubclass(cls, Scorer)) or cls.name != ep.name:
+            raise VlmMergeError(f"{where} must name a Scorer subclass whose name is {ep.name!r}")
+        if ep.name in BUILTIN_SCORERS or ep.name in found:
+            raise VlmMergeError(f"{where}: the name is already taken by another scorer; rename one of them")
+        found[ep.name] = cls
+    return MappingProxyType(found)
+
+
+def all_scorers() -> dict[str, type[Scorer]]:
+    """Every metric name -> its scorer: the built-ins, then the registered ones (`registered_scorers`)."""
+    return {**BUILTIN_SCORERS, **registered_scorers()}
+
+
+def get_scorer(name: str) -> type[Scorer]:
+    """The scorer of a metric name; the entry-point group is read only for a name that is not built in."""
+    if name in BUILTIN_SCORERS:
+        return BUILTIN_SCORERS[name]
+    if name not in registered_scorers():
+        raise VlmMergeError(f"unknown metric {name!r}: choose from {', '.join(all_scorers())}")
+    return registered_scorers()[name]
 
 
 @dataclass
@@ -239,19 +252,17 @@ class ScoreReport:
 
 
 def make_scorers(names: Sequence[str] = DEFAULT_SCORERS) -> list[Scorer]:
-    """Instantiate scorers by registry name; `rouge-ja-strict` shares the `rouge-ja` tokenizer."""
-    unknown = [n for n in names if n not in SCORERS]
-    if unknown:
-        raise VlmMergeError(f"unknown metric {unknown[0]!r}: choose from {', '.join(SCORERS)}")
-    rouge = RougeJa() if {RougeJa.name, StrictJapaneseRouge.name} & set(names) else None  # MeCab only when used
+    """Instantiate scorers by metric name; `rouge-ja-strict` shares the `rouge-ja` tokenizer."""
+    classes = [get_scorer(n) for n in names]
+    rouge = RougeJa() if {RougeJa, StrictJapaneseRouge} & set(classes) else None  # MeCab only when used
     made: list[Scorer] = []
-    for name in names:
-        if name == RougeJa.name:
+    for cls in classes:
+        if cls is RougeJa:
             made.append(rouge)
-        elif name == StrictJapaneseRouge.name:
+        elif cls is StrictJapaneseRouge:
             made.append(StrictJapaneseRouge(rouge=rouge))
         else:
-            made.append(SCORERS[name]())
+            made.append(cls())
     return made
 
 
@@ -259,8 +270,8 @@ def check_meta(scorers: Sequence[Scorer | str], meta: Sequence[Meta]) -> None:
     """Raise a one-line error when a scorer needs question columns that a question lacks (before any
     answer is generated, so a wrong metric costs nothing)."""
     for scorer in scorers:
-        cls = SCORERS.get(scorer) if isinstance(scorer, str) else scorer  # an unknown name: make_scorers says so
-        if cls is None or not cls.needs:
+        cls = get_scorer(scorer) if isinstance(scorer, str) else scorer
+        if not cls.needs:
             continue
         for i, m in enumerate(meta):
             missing = [k for k in cls.needs if k not in m]
@@ -279,7 +290,7 @@ def score_predictions(
     meta: Sequence[Meta] | None = None,
 ) -> ScoreReport:
     """Score `preds` against `refs` with every scorer; per-sample rows plus aggregates. `meta`: each
-    question's other columns, for scorers that read them (content-accuracy)."""
+    question's other columns, for scorers that read them (the world's content-accuracy)."""
     if len(refs) != len(preds):
         raise VlmMergeError(f"{len(refs)} references but {len(preds)} predictions")
     objs = make_scorers(scorers) if all(isinstance(s, str) for s in scorers) else list(scorers)

@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass, field, replace
 
 from eval.benchmarks import QUESTION_SELECTIONS
 from eval.decoding import GenerationSettings
-from eval.metrics import DEFAULT_SCORERS, SCORERS
+from eval.metrics import DEFAULT_SCORERS, all_scorers
 from eval.prompts import get_template
 from vlm_merge.errors import VlmMergeError
 
@@ -51,9 +51,10 @@ class Protocol:
         overrides = dict(self.overrides)
         proto = self
         if metrics is not None and tuple(metrics) != self.metrics:
-            unknown = [m for m in metrics if m not in SCORERS]
+            known = all_scorers()
+            unknown = [m for m in metrics if m not in known]
             if unknown or not metrics:
-                raise VlmMergeError(f"unknown metric {(unknown or [''])[0]!r}: choose from {', '.join(SCORERS)}")
+                raise VlmMergeError(f"unknown metric {(unknown or [''])[0]!r}: choose from {', '.join(known)}")
             overrides["metrics"] = list(metrics)
             proto = replace(proto, metrics=tuple(metrics))
         if template is not None and template != self.template:

@@ -3,17 +3,27 @@ the reproducible bootstrap, and the `evaluate` module loaded by path without the
 
 from __future__ import annotations
 
+import subprocess
+import sys
+from importlib import metadata
+
 import pytest
 
 from eval.japanese_text import JapaneseDetector, MecabTokenizer, normalize_japanese
 from eval.metrics import (
+    BUILTIN_SCORERS,
     DEFAULT_SCORERS,
     ROUGE_JA_EVALUATE_MODULE,
+    SCORER_ENTRY_POINTS,
+    ExactMatch,
     RougeJa,
     StrictJapaneseRouge,
+    all_scorers,
     bootstrap_aggregate,
     check_meta,
+    get_scorer,
     make_scorers,
+    registered_scorers,
     score_predictions,
 )
 from vlm_merge.errors import VlmMergeError
@@ -108,6 +118,42 @@ def test_content_accuracy_reads_each_questions_attribute_and_value():
     check_meta(["rouge-ja", "exact-match"], [{}])  # the text metrics read no columns
     with pytest.raises(VlmMergeError, match="cannot score attribute 'size'"):
         score_predictions(["x"], ["x"], ["content-accuracy"], meta=[{"attribute": "size", "value": "1", "lang": "ja"}])
+
+
+def test_content_accuracy_is_the_worlds_scorer_registered_by_entry_point():
+    """One scoring path: eval finds the world's scorer through the `vlm_merge.scorers` entry point, and reads
+    that group only for a metric it does not have built in (eval never imports the world itself)."""
+    from vlm_merge.world.scoring import ContentAccuracy
+
+    assert "content-accuracy" not in BUILTIN_SCORERS
+    assert dict(registered_scorers()) == {"content-accuracy": ContentAccuracy}
+    assert get_scorer("content-accuracy") is ContentAccuracy
+    assert list(all_scorers()) == [*BUILTIN_SCORERS, "content-accuracy"]
+    code = ("import sys; from eval.metrics import score_predictions as s; s(['a'], ['a'], ['exact-match']); "
+            "assert 'vlm_merge.world' not in sys.modules, 'a built-in metric imported the world'; "
+            "r = s([''], ['red'], ['content-accuracy'], meta=[{'attribute': 'color', 'value': 'red', 'lang': 'en'}]); "
+            "assert r.per_sample == [{'content_accuracy': 1.0}] and 'vlm_merge.world.scoring' in sys.modules")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+
+
+@pytest.mark.parametrize(("name", "value", "error"), [
+    ("bleu", "eval.metrics:ExactMatch", "must name a Scorer subclass whose name is 'bleu'"),
+    ("bleu", "eval.metrics:Aggregate", "must name a Scorer subclass"),
+    ("bleu", "eval.no_such_module:Bleu", "cannot be loaded: No module named 'eval.no_such_module'"),
+    ("bleu", "eval.metrics:NoSuchScorer", "cannot be loaded"),
+    ("exact-match", "eval.metrics:ExactMatch", "the name is already taken"),
+])
+def test_a_bad_registered_scorer_is_one_line(monkeypatch, name, value, error):
+    entry_points = [metadata.EntryPoint(name, value, SCORER_ENTRY_POINTS)]
+    monkeypatch.setattr(metadata, "entry_points", lambda group: entry_points if group == SCORER_ENTRY_POINTS else [])
+    registered_scorers.cache_clear()
+    try:
+        assert get_scorer("exact-match") is ExactMatch  # a built-in name never reads the group
+        with pytest.raises(VlmMergeError, match=error):
+            get_scorer("bleu")
+    finally:
+        registered_scorers.cache_clear()
 
 
 def test_bootstrap_is_reproducible_and_brackets_the_mean():

@@ -196,7 +196,7 @@ def search_config(zoo: Zoo, settings: DemoSettings, x0_weight: float) -> dict:
 
     One gene per decoder layer plus embeddings, norms and lm_head, weights in [0, 1.5], starting at
     `x0_weight` everywhere (the genes of tensors the English VLM did not tune stay there: `drop_inert`);
-    fitness = content accuracy (the bar's metric, `eval.metrics.ContentAccuracy`) of greedy answers on the
+    fitness = content accuracy (the bar's metric, `vlm_merge.world.scoring.ContentAccuracy`) of greedy answers on the
     first ja-dev questions.
     """
     from vlm_merge.world.evaluate import MAX_NEW_TOKENS

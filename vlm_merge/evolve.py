@@ -459,9 +459,9 @@ def _check_config(cfg: EvolveConfig) -> None:
 
 def score_columns() -> dict[str, str]:
     """Each score column a generated-answer fitness or test metric may name -> the scorer that writes it."""
-    from eval.metrics import SCORERS
+    from eval.metrics import all_scorers
 
-    return {c: name for name, cls in SCORERS.items() for c in cls.fields}
+    return {c: name for name, cls in all_scorers().items() for c in cls.fields}
 
 
 def held_out_fitness(cfg: EvolveConfig) -> FitnessConfig:

@@ -1,7 +1,8 @@
 """Scoring models on the world's VQA sets: content accuracy, exact match, Japanese ROUGE-L, paired bootstrap.
 
 Generation goes through `eval.generation.generate_answers` (the same batched, greedy path as any real
-benchmark run); `content_correct` (see `scenes`) decides whether the asked attribute is right.
+benchmark run); content accuracy is `scoring.ContentAccuracy`, the scorer `eval` finds as `content-accuracy`
+(one scoring path: `scenes.content_correct` decides whether the asked attribute is right).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import numpy as np
 import torch
 
 from vlm_merge.world import datasets, scenes
+from vlm_merge.world.scoring import ContentAccuracy
 
 BOOTSTRAP = 2000
 MAX_NEW_TOKENS = 24
@@ -62,7 +64,7 @@ class Scores:
 
 
 def score(rows: list[dict], preds: list[str], rouge: bool = True) -> Scores:
-    content = np.array([scenes.content_correct(p, r["attribute"], r["value"], r["lang"]) for r, p in zip(rows, preds)], float)
+    content = np.array(ContentAccuracy().score([r["answer"] for r in rows], preds, rows)["content_accuracy"], float)
     exact = np.array([_normalize(p) == _normalize(r["answer"]) for r, p in zip(rows, preds)], float)
     rl = None
     if rouge:
