@@ -199,6 +199,7 @@ parameters:
   normalize: false
 dtype: {preset.dtype}
 {tokenizer}"""
+    path.parent.mkdir(parents=True, exist_ok=True)  # a fresh clone has no bench/_work yet
     path.write_text(text)
     return path
 
