@@ -1,0 +1,56 @@
+"""The layers (docs/architecture.md "Layers"): `lint-imports` keeps every contract of pyproject.toml's
+[tool.importlinter], and those contracts are the expected ones, classify every module of vlm_merge as core or
+application, and have no exceptions (so they cannot be emptied or loosened silently)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+APPLICATIONS = {"vlm_merge.evolve", "vlm_merge.world", "vlm_merge.demo", "vlm_merge.cli", "vlm_merge.fixtures"}
+EVAL_MAY_IMPORT = {"vlm_merge.checkpoint", "vlm_merge.errors", "vlm_merge.safe_load", "vlm_merge.outputs",
+                   "vlm_merge.tables", "vlm_merge.extras"}
+
+
+def _config() -> dict:
+    return tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))["tool"]["importlinter"]
+
+
+def _vlm_merge_modules() -> set[str]:
+    """Every module and subpackage directly under vlm_merge/ (its __init__ aside)."""
+    package = ROOT / "vlm_merge"
+    files = {p.stem for p in package.glob("*.py") if p.stem != "__init__"}
+    subpackages = {p.name for p in package.iterdir() if (p / "__init__.py").is_file()}
+    return {f"vlm_merge.{name}" for name in files | subpackages}
+
+
+def test_the_contracts_are_the_expected_ones_with_no_exceptions():
+    config = _config()
+    assert config["root_packages"] == ["vlm_merge", "eval", "chat_vector"]
+    contracts = {c["id"]: c for c in config["contracts"]}
+    assert len(contracts) == len(config["contracts"]) and set(contracts) == {"core", "eval", "chat-vector"}
+    for c in contracts.values():
+        assert c["type"] == "forbidden", c["id"]
+        assert not c.get("ignore_imports") and not c.get("allow_indirect_imports"), c["id"]
+    core = set(contracts["core"]["source_modules"])
+    assert not core & APPLICATIONS and core | APPLICATIONS == _vlm_merge_modules()  # every module has a layer
+    assert set(contracts["core"]["forbidden_modules"]) == APPLICATIONS | {"eval", "chat_vector"}
+    assert contracts["eval"]["source_modules"] == ["eval"]
+    assert EVAL_MAY_IMPORT < core
+    assert set(contracts["eval"]["forbidden_modules"]) == APPLICATIONS | {"chat_vector"} | (core - EVAL_MAY_IMPORT)
+    assert contracts["chat-vector"]["source_modules"] == ["chat_vector"]
+    assert set(contracts["chat-vector"]["forbidden_modules"]) == APPLICATIONS | {"eval"}
+
+
+def test_lint_imports_keeps_every_contract():
+    lint = Path(sys.executable).with_name("lint-imports")
+    run = subprocess.run([str(lint), "--no-cache"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    out = run.stdout + run.stderr
+    assert run.returncode == 0, out
+    contracts = _config()["contracts"]
+    for c in contracts:
+        assert f"{c['name']} KEPT" in out, out
+    assert f"Contracts: {len(contracts)} kept, 0 broken." in out, out
