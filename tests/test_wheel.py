@@ -67,6 +67,7 @@ def env(wheel, tmp_path_factory) -> tuple[Path, Path]:
 def test_wheel_ships_every_module_the_zoo_and_no_research(wheel):
     with zipfile.ZipFile(wheel) as z:
         names = z.namelist()
+        entry_points = z.read(next(n for n in names if n.endswith(".dist-info/entry_points.txt"))).decode()
     modules = {p.relative_to(ROOT).as_posix() for name in ("vlm_merge", "chat_vector", "eval")
                for p in (ROOT / name).rglob("*.py")}
     assert modules - set(names) == set()  # pyproject.toml lists the packages (the zoo's mapping needs the list)
@@ -76,6 +77,7 @@ def test_wheel_ships_every_module_the_zoo_and_no_research(wheel):
     assert zoo == tracked and "zoo.json" in zoo and "en-vlm/model.safetensors" in zoo
     assert not [n for n in zoo if n.endswith((".py", ".md"))]
     assert wheel.stat().st_size < 25_000_000, wheel.stat().st_size
+    assert "[vlm_merge.scorers]\ncontent-accuracy = vlm_merge.world.scoring:ContentAccuracy" in entry_points
 
 
 def test_core_install_merges_and_names_missing_extras(env, tmp_path):
@@ -112,3 +114,6 @@ def test_demo_runs_from_the_wheel(env, wheel, tmp_path):
     assert f"report: {out / 'report.md'}" in done.stdout and (out / "report.md").is_file()
     zoo = Path(json.loads((out / "report.json").read_text(encoding="utf-8"))["zoo"]["path"])
     assert zoo.is_relative_to(bin_dir.parent.resolve()) and zoo.name == "_zoo", zoo  # the wheel's zoo
+    found = _run([bin_dir / "python", "-c", "from eval.metrics import get_scorer; "
+                  "print(get_scorer('content-accuracy').__module__)"], work).stdout.strip()
+    assert found == "vlm_merge.world.scoring"  # eval finds the world's scorer through the wheel's entry point
