@@ -20,7 +20,6 @@ import json
 import os
 import pickle
 import struct
-import zipfile
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -228,9 +227,11 @@ def _load_bin(path: Path) -> dict[str, torch.Tensor]:
             f"{path}: refusing to load: it needs unsafe unpickling ({refused[:120]}); "
             "convert it to safetensors with code you trust"
         ) from None
-    except (zipfile.BadZipFile, EOFError, RuntimeError, OSError, ValueError, KeyError) as e:
+    # weights_only's restricted unpickler runs no code, but on arbitrary bytes it fails with many exception
+    # types (EOFError, KeyError, IndexError, struct.error, ...): each means the file is no valid checkpoint
+    except Exception as e:  # noqa: BLE001
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise VlmMergeError(f"{path}: truncated or corrupt PyTorch checkpoint ({msg[:120]}); re-download it") from None
+        raise VlmMergeError(f"{path}: not a valid PyTorch checkpoint (truncated or corrupt: {msg[:120]}); re-download it") from None
     if isinstance(sd, dict) and "state_dict" in sd and isinstance(sd["state_dict"], dict):
         sd = sd["state_dict"]
     if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
