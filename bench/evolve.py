@@ -10,7 +10,7 @@ rounds in alternating order, medians reported:
 
 - ``resident``: `ResidentMerger.apply(recipe)`: sources already in memory, the merged language model
   written into the one live model in place (what `vlm-merge evolve` does per candidate).
-- ``on-disk``: `vlm_merge.merge.merge(recipe, DIR)` then `eval.model_loading.load_model(DIR)`:
+- ``on-disk``: `vlm_merge.engine.merge.merge(recipe, DIR)` then `eval.model_loading.load_model(DIR)`:
   mergekit-evolve's on-disk mode (write the merged model, load it back) with our own fast merge.
 
 Correctness: after each round the resident model's state dict must equal the reloaded one bit for
@@ -24,7 +24,7 @@ Japanese base = the English base + noise; the live model is the VLM itself on th
 Chat Vector form of task_arithmetic (anchor = Japanese base) with one random weight per layer plus
 one for the embeddings, `--rounds` candidates after a warm-up (Triton compile), medians reported:
 
-- ``fused``: `ResidentMerger.apply` with the fused kernel (`vlm_merge.fused`), wall time of the whole
+- ``fused``: `ResidentMerger.apply` with the fused kernel (`vlm_merge.engine.fused`), wall time of the whole
   call (parameter resolution in Python + one launch + the NaN/inf check) and the kernel alone (CUDA
   events).
 - ``tensor-by-tensor``: the same `apply` with the fused path off (torch ops per tensor on the GPU).
@@ -51,9 +51,9 @@ import torch
 
 from bench.common import MachineFacts, write_results
 from eval.model_loading import load_model
-from vlm_merge.fixtures import build_fixture_zoo
-from vlm_merge.merge import merge
-from vlm_merge.resident import ResidentMerger, write_scaffold
+from vlm_merge.testing import build_fixture_zoo
+from vlm_merge.engine.merge import merge
+from vlm_merge.engine.resident import ResidentMerger, write_scaffold
 from vlm_merge.world import shipped_zoo
 
 RESULTS = Path(__file__).parent / "results"

@@ -16,7 +16,7 @@ import torch
 
 from bench.common import MachineFacts, ShardedWriter
 from bench.generation import mistral_7b_shaped
-from vlm_merge.resident import ResidentMerger
+from vlm_merge.engine.resident import ResidentMerger
 
 NOISE_STD = 0.002
 TARGET = 2.0  # fused merge time per candidate <= 2x the read bound
@@ -122,7 +122,7 @@ def cpu_reference_check(rm: ResidentMerger, recipe: dict, canon_keys: list[str])
 def run_cuda(args: argparse.Namespace, results: Path, command: str) -> int:
     import triton
 
-    from vlm_merge.fused import BLOCK
+    from vlm_merge.engine.fused import BLOCK
 
     if not torch.cuda.is_available():
         raise SystemExit("--device cuda: CUDA is not available on this machine")

@@ -33,7 +33,7 @@ import torch
 
 from bench.common import MachineFacts
 from vlm_merge.evolve import Evaluator, Genome, config_from_dict, num_layers_of
-from vlm_merge.resident import write_scaffold
+from vlm_merge.engine.resident import write_scaffold
 from vlm_merge.world import datasets, scenes
 
 RESULTS = Path(__file__).parent / "results"

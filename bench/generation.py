@@ -81,7 +81,7 @@ def tiny_model(work: Path):
     """The fixture zoo's LLaVA-1.5 layout (llava-hf), loaded with transformers."""
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
-    from vlm_merge.fixtures import build_fixture_zoo
+    from vlm_merge.testing import build_fixture_zoo
 
     path = build_fixture_zoo(work / "zoo", seed=0).vlms["llava-hf-llama"]
     return AutoModelForImageTextToText.from_pretrained(str(path)).eval(), AutoProcessor.from_pretrained(str(path)), \
@@ -100,8 +100,8 @@ def mistral_7b_shaped(device: str, layers: int, dtype: torch.dtype | None = None
         PreTrainedTokenizerFast,
     )
 
-    from vlm_merge.convert import CHAT_TEMPLATES
-    from vlm_merge.fixtures import (
+    from vlm_merge.io.convert import CHAT_TEMPLATES
+    from vlm_merge.testing import (
         CLIP_IMAGE_STATS,
         IMAGE_TOKEN,
         PAD_TOKEN,

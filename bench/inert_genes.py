@@ -27,7 +27,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from bench.common import MachineFacts, write_results
 from vlm_merge.evolve import Genome, config_from_dict, inert_genes
-from vlm_merge.resident import ResidentMerger
+from vlm_merge.engine.resident import ResidentMerger
 
 RESULTS = Path(__file__).parent / "results"
 LAYERS, TUNED = 32, 16

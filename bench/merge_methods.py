@@ -83,15 +83,15 @@ def config(inputs: Inputs, method: str, path: Path) -> Path:
 
 
 def _load(model_dir: Path, key: str) -> torch.Tensor:
-    from vlm_merge.checkpoint import CheckpointReader
+    from vlm_merge.io.checkpoint import CheckpointReader
 
     with CheckpointReader(model_dir) as r:
         return r.get(key).clone()
 
 
 def check(method: str, out_dir: Path, inputs: Inputs) -> str:
-    from vlm_merge.anatomy import inspect_checkpoint
-    from vlm_merge.checkpoint import CheckpointReader
+    from vlm_merge.architecture.anatomy import inspect_checkpoint
+    from vlm_merge.io.checkpoint import CheckpointReader
     from vlm_merge.methods import METHODS
 
     notes = []

@@ -1,8 +1,8 @@
 """Chat Vector for VLMs: `ja_vlm_llm = ja_base + scale * (vlm_llm - en_base)`.
 
-Three ways in, one engine (`vlm_merge.backbone` over `vlm_merge.engine`):
+Three ways in, one engine (`vlm_merge.engine.backbone` over `vlm_merge.engine.streaming`):
 - `chat_vector(vlm, en_base, ja_base, out)`: the recipe `chat_vector_recipe(…)` (task arithmetic over
-  the English base, starting from the Japanese base) run by `vlm_merge.merge.merge` in one streaming
+  the English base, starting from the Japanese base) run by `vlm_merge.engine.merge.merge` in one streaming
   pass; the output's `merge_recipe.yaml` replays it with `vlm-merge merge`.
 - `extract_delta(vlm, en_base, file)`: save `vlm_llm - en_base` once as a safetensors file with its
   sources, key map, dtype and the English vocabulary in the metadata; `load_delta(file)` reads it back.
@@ -25,23 +25,23 @@ import torch
 
 import vlm_merge
 from chat_vector.rules import Scales, resolve_skip
-from vlm_merge.anatomy import align, inspect_llm, inspect_vlm, layer_index
-from vlm_merge.backbone import TARGET, VLM, Source, open_sources, plan_backbone, write_backbone
-from vlm_merge.card import model_card
-from vlm_merge.checkpoint import (
+from vlm_merge.architecture.anatomy import align, inspect_llm, inspect_vlm, layer_index
+from vlm_merge.engine.backbone import TARGET, VLM, Source, open_sources, plan_backbone, write_backbone
+from vlm_merge.io.card import model_card
+from vlm_merge.io.checkpoint import (
     DEFAULT_MAX_SHARD_BYTES,
     CheckpointReader,
     dtype_from_name,
     read_safetensors_header,
 )
-from vlm_merge.engine import Merge, MergePlan, OutputTensor, execute
+from vlm_merge.engine.streaming import Merge, MergePlan, OutputTensor, execute
 from vlm_merge.errors import VlmMergeError
-from vlm_merge.merge import merge
+from vlm_merge.engine.merge import merge
 from vlm_merge.methods import add_task_vectors, difference
-from vlm_merge.outputs import check_output, prepare_output_dir, scratch_dir
-from vlm_merge.safe_load import parse_json
+from vlm_merge.io.outputs import check_output, prepare_output_dir, scratch_dir
+from vlm_merge.io.safe_load import parse_json
 from vlm_merge.recipe import VLM_REF, ModelEntry, Recipe, resolve_setting
-from vlm_merge.vocab import RowMap, VocabPlan, VocabSide, load_tokenizer, match_rows
+from vlm_merge.architecture.vocab import RowMap, VocabPlan, VocabSide, load_tokenizer, match_rows
 
 EN_BASE, DELTA = "en_base", "delta"
 METADATA_KEY = "chat_vector"
@@ -134,7 +134,7 @@ def chat_vector(
     (attention, mlp, norms, embeddings, lm_head); `skip` names presets or regexes of tensors that keep
     the Japanese base's value (see `chat_vector.rules`). `dtype` is the output dtype of the language
     model (default: the VLM's). `text_config_from` ("vlm" or "ja_base"/"target") says whose RoPE, sliding
-    window, norm eps, context length, … the output has (see `vlm_merge.backbone.FUNCTION_FIELDS`).
+    window, norm eps, context length, … the output has (see `vlm_merge.engine.backbone.FUNCTION_FIELDS`).
     The output holds `merge_recipe.yaml`: `vlm-merge merge` replays it.
     Merged values that are NaN/inf in the output dtype are an error unless `allow_nonfinite`.
     """

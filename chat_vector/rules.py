@@ -6,7 +6,7 @@ expressions searched (`re.search`) in the canonical key. A skipped tensor keeps 
 value.
 
 Default: `none` — every tensor gets the vector, as in the Chat Vector paper (Huang et al., 2023).
-Embedding and lm_head rows are matched by token string (`vlm_merge.vocab`), so a Japanese base with
+Embedding and lm_head rows are matched by token string (`vlm_merge.architecture.vocab`), so a Japanese base with
 an extended vocabulary gets the vector on the tokens it shares with the English base and keeps its
 own values on the new ones; the reason the paper's follow-ups skipped embeddings (mismatched rows)
 does not apply. The LLaVA-to-Japanese recipe that skipped layernorms is the `norms` preset.

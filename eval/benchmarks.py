@@ -34,7 +34,7 @@ from PIL import Image
 
 from eval.images import open_image, probe_image
 from vlm_merge.errors import VlmMergeError
-from vlm_merge.safe_load import parse_json, read_text
+from vlm_merge.io.safe_load import parse_json, read_text
 
 SCHEMAS = ("vg-vqa", "vqa")
 TABLE_SUFFIXES = (".parquet", ".arrow", ".jsonl", ".json", ".csv")

@@ -34,7 +34,7 @@ from eval.model_loading import describe_model, load_model
 from eval.outputs import Checkpoint, check_resumable, dumps, has_items, write_atomic
 from eval.prompts import get_template, template_text
 from vlm_merge.errors import VlmMergeError
-from vlm_merge.outputs import RunDir
+from vlm_merge.io.outputs import RunDir
 
 DEFAULT_CAPTION_PROMPT = "この画像を日本語で詳しく説明してください。"
 DEFAULT_CAPTION_SETTINGS = GenerationSettings(max_new_tokens=256)

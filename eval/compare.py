@@ -21,9 +21,9 @@ import numpy as np
 
 from eval.outputs import dumps, read_jsonl
 from eval.runner import PREDICTIONS_FILE, SCORES_FILE
-from vlm_merge.outputs import AtomicDir
+from vlm_merge.io.outputs import AtomicDir
 from vlm_merge.errors import VlmMergeError
-from vlm_merge.safe_load import Want, check_fields, load_json
+from vlm_merge.io.safe_load import Want, check_fields, load_json
 
 TABLE_COLUMNS = ("rougeL", "rougeL_ja", "rouge1", "rouge2", "exact_match", "substring_match", "non_japanese")
 RATE_COLUMNS = {"exact_match", "substring_match", "non_japanese"}  # per-sample 0/1: shown in %

@@ -18,7 +18,7 @@ from pathlib import Path
 from PIL import Image, ImageOps
 
 from vlm_merge.errors import VlmMergeError
-from vlm_merge.safe_load import check_regular_file
+from vlm_merge.io.safe_load import check_regular_file
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 MAX_SIDE = 2048  # the largest LLaVA-NeXT grid is 1344 px on a side; nothing needs more

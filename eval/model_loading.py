@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from vlm_merge.checkpoint import CheckpointReader, dtype_from_name, resolve_model_dir
+from vlm_merge.io.checkpoint import CheckpointReader, dtype_from_name, resolve_model_dir
 from vlm_merge.errors import VlmMergeError
 
 LIBRARIES = (

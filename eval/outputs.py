@@ -14,8 +14,8 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from vlm_merge.errors import VlmMergeError
-from vlm_merge.outputs import side_path
-from vlm_merge.safe_load import load_json, parse_json, read_text
+from vlm_merge.io.outputs import side_path
+from vlm_merge.io.safe_load import load_json, parse_json, read_text
 
 MAX_JSONL_BYTES = 1024**3  # predictions / captions files
 
@@ -24,7 +24,7 @@ RUN_FILE = "run.json"
 
 def write_atomic(path: Path, text: str | bytes) -> None:
     """Write `text` to a temporary file beside `path`, fsync, and rename it into place."""
-    tmp = side_path(path, "tmp")  # removed by the next run if this process dies (vlm_merge.outputs.clean_stale)
+    tmp = side_path(path, "tmp")  # removed by the next run if this process dies (vlm_merge.io.outputs.clean_stale)
     data = text.encode("utf-8") if isinstance(text, str) else text
     try:
         with open(tmp, "wb") as fh:
@@ -69,7 +69,7 @@ def read_jsonl(path: Path, required: tuple[str, ...] = (), tolerate_torn_tail: b
 
 
 def has_items(filename: str):
-    """`keep` for `vlm_merge.outputs.RunDir.open`: whether a run dir's checkpoint file holds a finished item."""
+    """`keep` for `vlm_merge.io.outputs.RunDir.open`: whether a run dir's checkpoint file holds a finished item."""
 
     def keep(run_dir: Path) -> bool:
         path = run_dir / filename
@@ -79,7 +79,7 @@ def has_items(filename: str):
 
 
 class Checkpoint:
-    """A run directory (made by `vlm_merge.outputs.RunDir`) holding `run.json` and an append-only JSONL of
+    """A run directory (made by `vlm_merge.io.outputs.RunDir`) holding `run.json` and an append-only JSONL of
     finished items keyed by `key`. A directory whose `run.json` has no finished items beside it (a run that
     failed or was killed before its first item) is taken over by the new run's configuration."""
 

@@ -28,7 +28,7 @@ from eval.outputs import Checkpoint, check_resumable, dumps, has_items, write_at
 from eval.prompts import get_template, prompt_record
 from eval.protocols import Protocol, get_protocol
 from vlm_merge.errors import VlmMergeError
-from vlm_merge.outputs import RunDir
+from vlm_merge.io.outputs import RunDir
 
 log = logging.getLogger(__name__)
 

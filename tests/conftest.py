@@ -6,12 +6,12 @@ import os
 
 import pytest
 
-# The fused GPU kernel (vlm_merge.fused) is tested on the CPU by Triton's interpreter, which must be
+# The fused GPU kernel (vlm_merge.engine.fused) is tested on the CPU by Triton's interpreter, which must be
 # chosen before anything imports triton (torch and transformers may). Nothing runs the kernel unless
 # asked to (`ResidentMerger.open(..., fused=True)`); on the CPU the default stays tensor by tensor.
 os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from vlm_merge.fixtures import FixtureZoo, build_fixture_zoo
+from vlm_merge.testing import FixtureZoo, build_fixture_zoo
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -7,8 +7,8 @@ import torch
 from safetensors.torch import save_file
 
 from tests.conftest import family_of
-from vlm_merge.anatomy import LANGUAGE, PROJECTOR, VISION, align, inspect_llm, inspect_vlm
-from vlm_merge.checkpoint import CheckpointReader
+from vlm_merge.architecture.anatomy import LANGUAGE, PROJECTOR, VISION, align, inspect_llm, inspect_vlm
+from vlm_merge.io.checkpoint import CheckpointReader
 from vlm_merge.errors import VlmMergeError
 
 EXPECTED = {

@@ -10,9 +10,10 @@ import tomllib
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-APPLICATIONS = {"vlm_merge.evolve", "vlm_merge.world", "vlm_merge.demo", "vlm_merge.cli", "vlm_merge.fixtures"}
-EVAL_MAY_IMPORT = {"vlm_merge.checkpoint", "vlm_merge.errors", "vlm_merge.safe_load", "vlm_merge.outputs",
-                   "vlm_merge.tables", "vlm_merge.extras"}
+CORE = {"vlm_merge.io", "vlm_merge.architecture", "vlm_merge.methods", "vlm_merge.recipe", "vlm_merge.engine",
+        "vlm_merge.errors", "vlm_merge.tables", "vlm_merge.extras"}
+APPLICATIONS = {"vlm_merge.evolve", "vlm_merge.world", "vlm_merge.cli", "vlm_merge.testing"}
+EVAL_MAY_IMPORT = {"vlm_merge.io", "vlm_merge.errors", "vlm_merge.tables", "vlm_merge.extras"}
 
 
 def _config() -> dict:
@@ -31,18 +32,27 @@ def test_the_contracts_are_the_expected_ones_with_no_exceptions():
     config = _config()
     assert config["root_packages"] == ["vlm_merge", "eval", "chat_vector"]
     contracts = {c["id"]: c for c in config["contracts"]}
-    assert len(contracts) == len(config["contracts"]) and set(contracts) == {"core", "eval", "chat-vector"}
+    assert len(contracts) == len(config["contracts"])
+    assert set(contracts) == {"core", "core-layers", "applications", "eval", "chat-vector"}
     for c in contracts.values():
-        assert c["type"] == "forbidden", c["id"]
         assert not c.get("ignore_imports") and not c.get("allow_indirect_imports"), c["id"]
-    core = set(contracts["core"]["source_modules"])
-    assert not core & APPLICATIONS and core | APPLICATIONS == _vlm_merge_modules()  # every module has a layer
-    assert set(contracts["core"]["forbidden_modules"]) == APPLICATIONS | {"eval", "chat_vector"}
-    assert contracts["eval"]["source_modules"] == ["eval"]
-    assert EVAL_MAY_IMPORT < core
-    assert set(contracts["eval"]["forbidden_modules"]) == APPLICATIONS | {"chat_vector"} | (core - EVAL_MAY_IMPORT)
-    assert contracts["chat-vector"]["source_modules"] == ["chat_vector"]
-    assert set(contracts["chat-vector"]["forbidden_modules"]) == APPLICATIONS | {"eval"}
+        assert not c.get("exhaustive_ignores") and not c.get("ignore_imports"), c["id"]
+    assert not CORE & APPLICATIONS and CORE | APPLICATIONS == _vlm_merge_modules()  # every module has a layer
+    core = contracts["core"]
+    assert core["type"] == "forbidden" and set(core["source_modules"]) == CORE
+    assert set(core["forbidden_modules"]) == APPLICATIONS | {"eval", "chat_vector"}
+    layers = contracts["core-layers"]
+    assert layers["type"] == "layers" and layers["containers"] == ["vlm_merge"]
+    assert layers["layers"] == ["engine", "recipe", "methods", "architecture", "io"]
+    apps = contracts["applications"]
+    assert apps["type"] == "layers" and apps["containers"] == ["vlm_merge"]
+    assert apps["layers"] == ["cli", "world", "evolve", "engine"]
+    ev = contracts["eval"]
+    assert ev["type"] == "forbidden" and ev["source_modules"] == ["eval"]
+    assert set(ev["forbidden_modules"]) == APPLICATIONS | {"chat_vector"} | (CORE - EVAL_MAY_IMPORT)
+    cv = contracts["chat-vector"]
+    assert cv["type"] == "forbidden" and cv["source_modules"] == ["chat_vector"]
+    assert set(cv["forbidden_modules"]) == APPLICATIONS | {"eval"}
 
 
 def test_lint_imports_keeps_every_contract():

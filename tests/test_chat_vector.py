@@ -12,9 +12,9 @@ from transformers import AutoProcessor, AutoTokenizer
 
 from chat_vector import apply_delta, chat_vector, extract_delta, load_delta
 from tests.conftest import family_of
-from vlm_merge import convert
-from vlm_merge.anatomy import PROJECTOR, VISION, inspect_checkpoint, inspect_vlm
-from vlm_merge.checkpoint import CheckpointReader
+from vlm_merge.io import convert
+from vlm_merge.architecture.anatomy import PROJECTOR, VISION, inspect_checkpoint, inspect_vlm
+from vlm_merge.io.checkpoint import CheckpointReader
 
 VLMS = ["llava-hf-llama", "llava-v5-llama", "llava-next-hf-mistral", "llava-original-llama", "llava-original-mistral"]
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from vlm_merge.checkpoint import (
+from vlm_merge.io.checkpoint import (
     SAFETENSORS_INDEX,
     CheckpointReader,
     CheckpointWriter,
@@ -18,7 +18,7 @@ from vlm_merge.checkpoint import (
     resolve_model_dir,
 )
 from vlm_merge.errors import VlmMergeError
-from vlm_merge.outputs import AtomicDir
+from vlm_merge.io.outputs import AtomicDir
 
 
 def _tensors(seed: int = 0) -> dict[str, torch.Tensor]:

@@ -15,7 +15,7 @@ import pytest
 import torch
 import yaml
 
-from vlm_merge import checkpoint
+from vlm_merge.io import checkpoint
 from tests.conftest import error_line
 from vlm_merge.cli import main
 

@@ -17,20 +17,20 @@ import pytest
 import torch
 
 from eval.fixture_datasets import draw_scene
-from eval.outputs import read_jsonl
 from eval.model_loading import load_model
+from eval.outputs import read_jsonl
 from tests.conftest import error_line
+from vlm_merge.cli.evolve import main
+from vlm_merge.engine.merge import merge
+from vlm_merge.engine.resident import ResidentMerger
 from vlm_merge.errors import VlmMergeError
 from vlm_merge.evolve import (
     CHECKPOINT_FILE,
     LOG_FILE,
     Genome,
     config_from_dict,
-    main,
     run_evolve,
 )
-from vlm_merge.merge import merge
-from vlm_merge.resident import ResidentMerger
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -112,7 +112,7 @@ def test_projection_split_gives_each_projection_and_layer_norm_its_own_gene(zoo,
 
 
 def _resolved(zoo, recipe):
-    from vlm_merge.merge import plan_recipe
+    from vlm_merge.engine.merge import plan_recipe
 
     rp = plan_recipe(recipe)
     rp.sources.close()
@@ -211,7 +211,7 @@ def test_inert_genes_are_held_out_of_the_search_and_the_run_resumes_with_them_he
     cfg = config(zoo, dev, sources={"vlm": str(vlm)},
                  genome={"params": {"weight": [0.0, 1.5]}, "split_modules": "projections", "separate": ["norms", "embeddings"]},
                  cmaes={"popsize": 4, "max_evaluations": 8, "seed": 3})
-    from vlm_merge.threads import torch_threads
+    from vlm_merge.engine.threads import torch_threads
 
     with torch_threads(2):  # the run's evaluators use `threads: 1`; the caller's count comes back
         res = run_evolve(config_from_dict(cfg), tmp_path / "run", progress=False, write_model=False)
@@ -276,7 +276,7 @@ def test_failing_candidates_are_penalised_logged_and_the_run_goes_on(zoo, dev, t
 
 
 def _kill_mid_generation(tmp_path, cfg, sig: int, generation: int) -> tuple[subprocess.Popen, Path, str, int]:
-    """Start `python -m vlm_merge.evolve` on `cfg` and send `sig` once `generation` has logged a candidate.
+    """Start `python -m vlm_merge.cli.evolve` on `cfg` and send `sig` once `generation` has logged a candidate.
 
     The signal lands when this process next runs, so on a busy machine the run may have gone on into a later
     generation, or (rarely) be between two generations; the generation it landed in is read back from the log,
@@ -288,7 +288,7 @@ def _kill_mid_generation(tmp_path, cfg, sig: int, generation: int) -> tuple[subp
     missed = []
     for attempt in range(3):
         out = tmp_path / f"killed{attempt}"
-        proc = subprocess.Popen([sys.executable, "-m", "vlm_merge.evolve", str(path), "--out", str(out), "--quiet"],
+        proc = subprocess.Popen([sys.executable, "-m", "vlm_merge.cli.evolve", str(path), "--out", str(out), "--quiet"],
                                 env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         log = out / LOG_FILE
         deadline = time.time() + 120
@@ -389,7 +389,7 @@ def test_data_errors_fail_before_any_model_is_written_or_loaded(zoo, dev, tmp_pa
     """The fitness file and the test split are read and checked against their metrics first: a wrong path,
     or a test metric its data cannot feed, costs no scaffold write and no source load (minutes at 7B) and no
     search (the test split is otherwise first read after it)."""
-    from vlm_merge import resident
+    from vlm_merge.engine import resident
 
     def no_model_work(*a, **k):
         raise AssertionError("a model was written or loaded before the data was checked")

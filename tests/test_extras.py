@@ -57,6 +57,6 @@ def test_core_commands_run_without_the_extras(monkeypatch, capsys):
 def test_a_core_command_imports_no_other_command_module():
     code = ("import sys\nfrom vlm_merge.cli import main\ntry:\n    main(['validate', '--help'])\nexcept SystemExit:\n    pass\n"
             "print(sorted(m for m in sys.modules if m.split('.')[0] in ('eval', 'PIL', 'matplotlib', 'datasets', 'cma')"
-            " or m in ('vlm_merge.evolve', 'vlm_merge.demo', 'vlm_merge.world.cli')))")
+            " or m in ('vlm_merge.evolve', 'vlm_merge.world.demo', 'vlm_merge.cli.world')))")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert done.stdout.strip().splitlines()[-1] == "[]", done.stdout

@@ -21,7 +21,7 @@ from transformers import (
     CLIPVisionModel,
 )
 
-from vlm_merge.fixtures import CLIP_REPO_ID, IMAGE_TOKEN, PAD_TOKEN, VLMS, FixtureZoo, build_fixture_zoo
+from vlm_merge.testing import CLIP_REPO_ID, IMAGE_TOKEN, PAD_TOKEN, VLMS, FixtureZoo, build_fixture_zoo
 
 HF_VLMS = ["llava-hf-llama", "llava-v5-llama", "llava-next-hf-mistral"]
 TOWER_FC1 = "vision_model.encoder.layers.0.mlp.fc1.weight"

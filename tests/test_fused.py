@@ -1,4 +1,4 @@
-"""The fused resident task-arithmetic kernel (`vlm_merge.fused`), run on the CPU by Triton's interpreter:
+"""The fused resident task-arithmetic kernel (`vlm_merge.engine.fused`), run on the CPU by Triton's interpreter:
 it must write exactly what tensor-by-tensor resident merging writes (which equals `vlm-merge merge`),
 flag NaN/inf candidates, and leave candidates it does not compute to the tensor-by-tensor path.
 
@@ -14,7 +14,7 @@ import torch
 
 from eval.model_loading import load_model
 from vlm_merge.errors import VlmMergeError
-from vlm_merge.resident import CandidateError, ResidentMerger, write_scaffold
+from vlm_merge.engine.resident import CandidateError, ResidentMerger, write_scaffold
 
 
 @pytest.fixture
@@ -103,8 +103,8 @@ def test_fused_kernel_only_where_asked_and_possible(zoo, tmp_path, interpret):
 
 
 def test_sources_the_flat_buffers_cannot_hold_fall_back_to_tensor_by_tensor(zoo, tmp_path, interpret, monkeypatch):
-    from vlm_merge import resident
-    from vlm_merge.fused import FusedTaskArithmetic
+    from vlm_merge.engine import resident
+    from vlm_merge.engine.fused import FusedTaskArithmetic
 
     def bf16_buffers(keys, params, base_role, model_roles, anchor_role, dtypes, round_to):  # float32 sources
         return real(keys, params, base_role, model_roles, anchor_role, dict.fromkeys(dtypes, torch.bfloat16), round_to)

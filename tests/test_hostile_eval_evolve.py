@@ -21,7 +21,14 @@ import pytest
 import vlm_merge.evolve as evolve
 from tests.conftest import error_line
 from tests.test_evolve import config, dev  # noqa: F401 - `dev` is a fixture
-from vlm_merge.evolve import CHECKPOINT_FILE, CONFIG_FILE, LOG_FILE, config_from_dict, main, run_evolve
+from vlm_merge.cli.evolve import main
+from vlm_merge.evolve import (
+    CHECKPOINT_FILE,
+    CONFIG_FILE,
+    LOG_FILE,
+    config_from_dict,
+    run_evolve,
+)
 
 
 def _tree(root: Path) -> dict[str, bytes]:

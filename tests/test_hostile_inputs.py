@@ -301,7 +301,7 @@ def test_argparse_error_is_one_line(tmp_path, capsys, monkeypatch, argv, phrase)
 
 
 def test_evolve_module_argparse_error_is_one_line(capsys):
-    from vlm_merge.evolve import main as evolve_main
+    from vlm_merge.cli.evolve import main as evolve_main
 
     with pytest.raises(SystemExit) as e:
         evolve_main(["c.yaml", "--workers", "two"])

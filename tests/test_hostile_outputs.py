@@ -24,8 +24,8 @@ from eval.fixture_datasets import write_ja_vg_vqa
 from tests.conftest import error_line
 from vlm_merge.cli import main
 from vlm_merge.errors import VlmMergeError
-from vlm_merge.merge import merge
-from vlm_merge.outputs import STALE_PATTERN
+from vlm_merge.engine.merge import merge
+from vlm_merge.io.outputs import STALE_PATTERN
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -48,7 +48,7 @@ def pausing(real):
 
 
 if where == "compute":  # a merged tensor computed whole, or streamed in row pieces
-    import vlm_merge.engine as module
+    import vlm_merge.engine.streaming as module
     names = ("compute", "stream_merge")
 else:
     from transformers import GenerationMixin as module

@@ -29,12 +29,13 @@ from transformers import AutoConfig, AutoProcessor, AutoTokenizer
 from chat_vector import chat_vector
 from eval.prompts import build_prompt, prompt_record
 from tests.real_layouts.replica import build_replica, install_in_hf_cache
-from vlm_merge import cli, convert
-from vlm_merge.anatomy import BUFFERS, inspect_checkpoint, inspect_vlm, is_buffer
-from vlm_merge.checkpoint import CheckpointReader
-from vlm_merge.engine import Copy, MergePlan, OutputTensor
+from vlm_merge import cli
+from vlm_merge.io import convert
+from vlm_merge.architecture.anatomy import BUFFERS, inspect_checkpoint, inspect_vlm, is_buffer
+from vlm_merge.io.checkpoint import CheckpointReader
+from vlm_merge.engine.streaming import Copy, MergePlan, OutputTensor
 from vlm_merge.errors import VlmMergeError
-from vlm_merge.merge import validate
+from vlm_merge.engine.merge import validate
 
 LLAVA15, LLAVA15_ORIG, CLIP = "llava-hf/llava-1.5-7b-hf", "liuhaotian/llava-v1.5-7b", "openai/clip-vit-large-patch14-336"
 LLAMA2, ELYZA, SWALLOW = "meta-llama/Llama-2-7b-hf", "elyza/ELYZA-japanese-Llama-2-7b", "tokyotech-llm/Swallow-7b-hf"
@@ -127,7 +128,7 @@ def test_evovlm_pair_config_conflicts_reported_and_the_rule_followed(rep, outs, 
     assert "_name_or_path" not in text and "_name_or_path" not in _config(outs["evo"])
     card = (outs["evo"] / "README.md").read_text()
     assert "text_config_from: vlm" in card and "rope_theta differs: 1000000.0 in" in card and "10000.0 in" in card
-    with caplog.at_level(logging.WARNING, logger="vlm_merge.backbone"):
+    with caplog.at_level(logging.WARNING, logger="vlm_merge.engine.backbone"):
         chat_vector(rep[LLAVA16_MISTRAL], rep[MISTRAL_INSTRUCT], rep[SHISA], tmp_path / "t", progress=False,
                     text_config_from="target")
     lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("text config ")]
@@ -142,7 +143,7 @@ def test_evovlm_pair_config_conflicts_reported_and_the_rule_followed(rep, outs, 
     said = [line for line in capsys.readouterr().out.splitlines() if line.startswith("warning: text config")]
     assert len(said) == 2 and "1000000.0 in llava-hf--llava-v1.6-mistral-7b-hf" in said[0]
     caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="vlm_merge.backbone"):
+    with caplog.at_level(logging.WARNING, logger="vlm_merge.engine.backbone"):
         rp, _ = validate(tmp_path / "t" / "merge_recipe.yaml", text_config_from="vlm")
     assert rp.backbone.text_config_from == "vlm" and rp.backbone.config["text_config"]["rope_theta"] == 1e6
     assert sum(r.getMessage().startswith("text config ") for r in caplog.records) == 2
@@ -151,7 +152,7 @@ def test_evovlm_pair_config_conflicts_reported_and_the_rule_followed(rep, outs, 
 
 
 def test_agreeing_sources_are_not_reported(rep, caplog):
-    with caplog.at_level(logging.WARNING, logger="vlm_merge.backbone"):
+    with caplog.at_level(logging.WARNING, logger="vlm_merge.engine.backbone"):
         rp, _ = validate({"merge_method": "task_arithmetic", "vlm": str(rep[LLAVA15]), "base_model": str(rep[LLAMA2]),
                           "target": str(rep[ELYZA]), "models": [{"model": "vlm", "parameters": {"weight": 1.0}}]})
     assert not [r for r in caplog.records if r.getMessage().startswith("text config ")]

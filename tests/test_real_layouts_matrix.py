@@ -27,7 +27,7 @@ from transformers import AutoProcessor, AutoTokenizer
 import transformers
 from eval.prompts import chat_messages
 from tests.real_layouts.replica import CORPUS_DIR, build_replica, install_in_hf_cache
-from vlm_merge.checkpoint import CheckpointReader
+from vlm_merge.io.checkpoint import CheckpointReader
 from vlm_merge.cli import main
 
 LLAMA2, ELYZA, SWALLOW = "meta-llama/Llama-2-7b-hf", "elyza/ELYZA-japanese-Llama-2-7b", "tokyotech-llm/Swallow-7b-hf"

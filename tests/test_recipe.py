@@ -9,10 +9,10 @@ import torch
 import yaml
 
 from chat_vector import chat_vector
-from vlm_merge.checkpoint import CheckpointReader
+from vlm_merge.io.checkpoint import CheckpointReader
 from vlm_merge.cli import main
 from vlm_merge.errors import VlmMergeError
-from vlm_merge.merge import merge, validate
+from vlm_merge.engine.merge import merge, validate
 from vlm_merge.methods import METHODS, tensor_seed
 from vlm_merge.recipe import load_recipe, resolve_setting
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from vlm_merge import vocab
+from vlm_merge.architecture import vocab
 from vlm_merge.errors import VlmMergeError
-from vlm_merge.vocab import VocabSide, fill_vocab_rows, pad_multiple, plan_vocab, target_mean
+from vlm_merge.architecture.vocab import VocabSide, fill_vocab_rows, pad_multiple, plan_vocab, target_mean
 
 
 def test_rows_matched_by_string_not_position():

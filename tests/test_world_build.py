@@ -11,7 +11,7 @@ import torch
 
 @pytest.fixture(scope="module")
 def smoke_zoo(tmp_path_factory):
-    from vlm_merge.world.cli import add_world_commands
+    from vlm_merge.cli.world import add_world_commands
 
     parser = argparse.ArgumentParser()
     add_world_commands(parser.add_subparsers(dest="command"))
@@ -72,7 +72,7 @@ def test_same_seed_same_weights(smoke_zoo, tmp_path):
     from safetensors.torch import load_file
 
     from vlm_merge.world.build import build_zoo
-    from vlm_merge.world.cli import SMOKE
+    from vlm_merge.cli.world import SMOKE
     from vlm_merge.world.train import WorldSettings
 
     again = build_zoo(tmp_path / "again", 3, WorldSettings(**SMOKE), progress=False, dev_check=20)
@@ -86,7 +86,7 @@ def test_frozen_blocks_and_frozen_vocab_stay_put(tmp_path):
     from safetensors.torch import load_file
 
     from vlm_merge.world.build import build_zoo
-    from vlm_merge.world.cli import SMOKE
+    from vlm_merge.cli.world import SMOKE
     from vlm_merge.world.train import WorldSettings
 
     zoo = build_zoo(tmp_path / "zoo", 4, WorldSettings(**SMOKE | {"ja_block_lr_scale": 0.0, "vlm_train_vocab": False}),
@@ -111,7 +111,7 @@ def test_layer_split_fine_tunes_touch_disjoint_layers(tmp_path):
     from safetensors.torch import load_file
 
     from vlm_merge.world.build import build_zoo
-    from vlm_merge.world.cli import SMOKE
+    from vlm_merge.cli.world import SMOKE
     from vlm_merge.world.train import WorldSettings
 
     settings = SMOKE | {"ja_train_layers": [0], "vlm_train_layers": [1], "vlm_train_vocab": False}
@@ -137,7 +137,7 @@ def test_vlm_train_modules_restricts_the_vlm_delta_to_the_named_parameters(tmp_p
     from safetensors.torch import load_file
 
     from vlm_merge.world.build import build_zoo
-    from vlm_merge.world.cli import SMOKE
+    from vlm_merge.cli.world import SMOKE
     from vlm_merge.world.train import WorldSettings
 
     settings = SMOKE | {"vlm_train_layers": [0], "vlm_train_modules": ["self_attn"], "vlm_train_vocab": False}
@@ -179,7 +179,7 @@ def test_an_ungrouped_build_trains_every_part_on_other_batches(smoke_zoo, tmp_pa
     from safetensors.torch import load_file
 
     from vlm_merge.world.build import build_zoo
-    from vlm_merge.world.cli import SMOKE
+    from vlm_merge.cli.world import SMOKE
     from vlm_merge.world.train import WorldSettings
 
     assert WorldSettings().group_by_length  # the smoke zoo's batches are grouped; this build's are not
@@ -199,7 +199,7 @@ def test_a_phrasebook_words_every_stream_of_the_build(tmp_path):
 
     from vlm_merge.world import datasets, scenes
     from vlm_merge.world.build import build_zoo
-    from vlm_merge.world.cli import SMOKE
+    from vlm_merge.cli.world import SMOKE
     from vlm_merge.world.train import WorldSettings
 
     defaults = WorldSettings()
@@ -228,7 +228,7 @@ def test_the_vlm_stage_stops_after_the_target_in_enough_checks_in_a_row(tmp_path
     """Early stopping on English dev: with a target every check reaches, the stage stops at the first check
     (`vlm_target_checks` 1) or the second (2, the default: one noisy 150-question check is not enough)."""
     from vlm_merge.world.build import build_zoo
-    from vlm_merge.world.cli import SMOKE
+    from vlm_merge.cli.world import SMOKE
     from vlm_merge.world.train import WorldSettings
 
     settings = WorldSettings(**SMOKE | {"vlm_steps": 40, "vlm_target": 0.0, "vlm_target_checks": in_a_row})
@@ -243,7 +243,7 @@ def test_vision_tower_is_the_same_on_one_and_two_threads():
     sums do depend on it, always runs on one thread, and the caller's thread count is restored."""
     from dataclasses import replace
 
-    from vlm_merge.threads import torch_threads
+    from vlm_merge.engine.threads import torch_threads
     from vlm_merge.world import train
 
     s = replace(train.WorldSettings(), vision_steps=20)

@@ -27,7 +27,7 @@ from safetensors.torch import save_file
 from sentencepiece import sentencepiece_model_pb2
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers
 
-from vlm_merge.fixtures import write_hf_cache
+from vlm_merge.testing import write_hf_cache
 
 CORPUS_DIR = Path(__file__).resolve().parent
 INIT_STD = 0.02

@@ -6,7 +6,7 @@
 - `train` / `build`: training every part on CPU and saving HF checkpoints (`build_zoo`);
 - `evaluate`: content accuracy, exact match, Japanese ROUGE-L, paired bootstrap;
 - `experiment`: the bar (controls vs Chat Vector at the dev-chosen scale) over seeds;
-- `cli`: `vlm-merge zoo build|bar` (`add_world_commands`).
+- `vlm_merge.cli.world`: `vlm-merge zoo build|bar` (`add_world_commands`).
 """
 
 from importlib import resources
@@ -38,7 +38,7 @@ def read_zoo_meta(path: Path) -> dict:
     """A zoo's zoo.json (a `--zoo` is user input): read by safe_load, `data` a mapping of split -> relative file,
     `seed` a whole number."""
     from vlm_merge.errors import VlmMergeError
-    from vlm_merge.safe_load import Want, check_fields, load_json
+    from vlm_merge.io.safe_load import Want, check_fields, load_json
 
     meta = load_json(path, "zoo description")
     check_fields(meta, {"data": Want((dict,), required=True), "seed": Want((int,), required=True)}, str(path))

@@ -80,7 +80,7 @@ def write_datasets(out_dir: str | Path, seed: int, book: scenes.Phrasebook) -> d
 def read_rows(path: str | Path) -> list[dict]:
     """The rows of a zoo's JSONL data file (read by safe_load: a `--zoo` is user input)."""
     from vlm_merge.errors import VlmMergeError
-    from vlm_merge.safe_load import parse_json, read_text
+    from vlm_merge.io.safe_load import parse_json, read_text
 
     rows = [parse_json(line, f"{path}:{n}") for n, line in enumerate(read_text(path, "data file").splitlines(), 1)
             if line.strip()]

@@ -21,7 +21,7 @@ from pathlib import Path
 from tokenizers import Tokenizer
 from transformers import LlamaForCausalLM
 
-from vlm_merge.threads import torch_threads
+from vlm_merge.engine.threads import torch_threads
 from vlm_merge.world import build, text, train
 
 STAGES = ("ja-base", "en-vlm")

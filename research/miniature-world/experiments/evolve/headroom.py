@@ -26,7 +26,7 @@ import numpy as np
 
 from vlm_merge.evolve import Evaluator, Genome, chat_vector_recipe, config_from_dict, num_layers_of
 from vlm_merge.recipe import ModelEntry
-from vlm_merge.resident import write_scaffold
+from vlm_merge.engine.resident import write_scaffold
 
 BOUNDS = {"weight": [0.0, 3.0], "density": [0.01, 1.0], "gamma": [0.0, 0.1], "epsilon": [0.0, 0.1], "t": [0.0, 1.0]}
 PARTS = {"projections": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "input_layernorm",

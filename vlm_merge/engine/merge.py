@@ -15,14 +15,14 @@ from pathlib import Path
 import torch
 
 import vlm_merge
-from vlm_merge.anatomy import PROJECTOR, VISION, layer_index, lm_role
-from vlm_merge.backbone import VLM, BackbonePlan, Sources, open_sources, plan_backbone, write_backbone
-from vlm_merge.card import model_card
-from vlm_merge.checkpoint import DEFAULT_MAX_SHARD_BYTES, dtype_from_name
-from vlm_merge.engine import Copy, Merge
+from vlm_merge.architecture.anatomy import PROJECTOR, VISION, layer_index, lm_role
+from vlm_merge.engine.backbone import VLM, BackbonePlan, Sources, open_sources, plan_backbone, write_backbone
+from vlm_merge.io.card import model_card
+from vlm_merge.io.checkpoint import DEFAULT_MAX_SHARD_BYTES, dtype_from_name
+from vlm_merge.engine.streaming import Copy, Merge
 from vlm_merge.errors import VlmMergeError
 from vlm_merge.methods import METHODS, Method, tensor_seed
-from vlm_merge.outputs import prepare_output_dir
+from vlm_merge.io.outputs import prepare_output_dir
 from vlm_merge.recipe import Recipe, check_layer_lists, load_recipe, recipe_from_dict, resolve_setting
 
 RESOLVED_RECIPE = "merge_recipe.yaml"
@@ -133,7 +133,7 @@ def plan_recipe(
     """Check a recipe against its sources and resolve every tensor's parameters (no tensor data read).
 
     `text_config_from` ("vlm" or "target") overrides the recipe's: whose function-changing text config
-    fields (RoPE, sliding window, …; `vlm_merge.backbone.FUNCTION_FIELDS`) the output has."""
+    fields (RoPE, sliding window, …; `vlm_merge.engine.backbone.FUNCTION_FIELDS`) the output has."""
     recipe = as_recipe(recipe)
     if text_config_from is not None:
         recipe = recipe_from_dict({**recipe.to_dict(), "text_config_from": text_config_from}, recipe.source_file)

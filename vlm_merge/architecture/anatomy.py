@@ -14,7 +14,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from vlm_merge.checkpoint import CheckpointReader, TensorInfo
+from vlm_merge.io.checkpoint import CheckpointReader, TensorInfo
 from vlm_merge.errors import VlmMergeError
 
 VISION, PROJECTOR, LANGUAGE, OTHER, BUFFERS = "vision_tower", "projector", "language_model", "other", "buffers"

@@ -28,7 +28,7 @@ from typing import BinaryIO
 import torch
 
 from vlm_merge.errors import VlmMergeError
-from vlm_merge.safe_load import Want, check_fields, check_regular_file, field, load_json, parse_json
+from vlm_merge.io.safe_load import Want, check_fields, check_regular_file, field, load_json, parse_json
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 SAFETENSORS_SINGLE = "model.safetensors"

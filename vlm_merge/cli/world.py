@@ -1,6 +1,6 @@
 """`vlm-merge zoo …`: build the miniature world, measure the bar.
 
-Wire into `vlm_merge.cli.build_parser` with `add_world_commands(sub)` where `sub` is its subparsers object.
+Registered by `vlm_merge.cli` (its `COMMAND_GROUPS`) with `add_world_commands(sub)` on its subparsers.
 """
 
 from __future__ import annotations
@@ -52,7 +52,7 @@ def cmd_zoo_bar(args: argparse.Namespace) -> int:
     from eval.outputs import dumps, write_atomic
     from vlm_merge.errors import VlmMergeError
     from vlm_merge.world.build import build_zoo
-    from vlm_merge.outputs import check_output, output_error
+    from vlm_merge.io.outputs import check_output, output_error
     from vlm_merge.world.experiment import SCALES, format_record, measure_bar
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")

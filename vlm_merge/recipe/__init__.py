@@ -42,7 +42,7 @@ from typing import Any
 import yaml
 
 from vlm_merge.errors import VlmMergeError
-from vlm_merge.safe_load import load_yaml
+from vlm_merge.io.safe_load import load_yaml
 
 VLM_REF = "vlm"
 KNOWN_KEYS = (

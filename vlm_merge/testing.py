@@ -72,7 +72,7 @@ from transformers import (
     PreTrainedModel,
 )
 
-from vlm_merge.convert import CHAT_TEMPLATES
+from vlm_merge.io.convert import CHAT_TEMPLATES
 
 CLIP_REPO_ID = "openai/clip-vit-large-patch14-336"
 IMAGE_TOKEN = "<image>"

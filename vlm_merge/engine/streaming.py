@@ -24,16 +24,16 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from vlm_merge.anatomy import is_buffer
-from vlm_merge.checkpoint import (
+from vlm_merge.architecture.anatomy import is_buffer
+from vlm_merge.io.checkpoint import (
     DEFAULT_MAX_SHARD_BYTES,
     CheckpointReader,
     CheckpointWriter,
     PlannedTensor,
 )
 from vlm_merge.errors import VlmMergeError
-from vlm_merge.threads import torch_threads
-from vlm_merge.vocab import VocabPlan, fill_vocab_rows, needs_mean, target_mean, vocab_rows
+from vlm_merge.engine.threads import torch_threads
+from vlm_merge.architecture.vocab import VocabPlan, fill_vocab_rows, needs_mean, target_mean, vocab_rows
 
 # Elementwise merges run over 64K-element slices (256 KiB in float32): small enough to stay in cache
 # and to be served by the allocator without faulting fresh pages (1 MiB slices ran 6x slower here).
@@ -462,7 +462,7 @@ def execute(
             pool.shutdown(wait=True, cancel_futures=True)
             read_pool.shutdown(wait=True, cancel_futures=True)
             writer.abort()
-            raise  # the caller's output rule (vlm_merge.outputs) turns write errors into one line
+            raise  # the caller's output rule (vlm_merge.io.outputs) turns write errors into one line
         finally:
             pool.shutdown(wait=True)
             read_pool.shutdown(wait=True)

@@ -46,7 +46,7 @@ generation; `subset: {mode: halving, size: K, eta: 2}` scores everyone on K ques
 scored under. A candidate that fails (invalid parameter combination, NaN/inf weights, a generation
 error) scores `penalty`, is logged with its error, and the run goes on.
 
-Speed. The sources are loaded once (`vlm_merge.resident.ResidentMerger`) into one live model; each
+Speed. The sources are loaded once (`vlm_merge.engine.resident.ResidentMerger`) into one live model; each
 candidate's language model is written into it in place and evaluated in-process, and image features
 are computed once per image for the whole run. `workers: N` evaluates a generation's candidates on N
 Ray actors, each holding its own resident sources (one GPU each on CUDA, else one CPU slot).
@@ -90,9 +90,9 @@ import numpy as np
 import yaml
 
 from vlm_merge.errors import VlmMergeError
-from vlm_merge.outputs import clean_stale, output_error, prepare_output_dir, remove, side_path
+from vlm_merge.io.outputs import clean_stale, output_error, prepare_output_dir, remove, side_path
 from vlm_merge.recipe import VLM_REF, ModelEntry, Recipe, read_yaml
-from vlm_merge.safe_load import load_json
+from vlm_merge.io.safe_load import load_json
 
 CONFIG_FILE = "config.yaml"
 LOG_FILE = "log.jsonl"
@@ -547,7 +547,7 @@ class Genome:
 
     @classmethod
     def of(cls, config: EvolveConfig, num_layers: int) -> Genome:
-        from vlm_merge.merge import model_entries
+        from vlm_merge.engine.merge import model_entries
         from vlm_merge.methods import METHODS
 
         method = METHODS[config.method]
@@ -630,7 +630,7 @@ def inert_genes(genome: Genome, merger) -> dict[str, str]:
     recipe), each with why. A gene sets the tensors whose resolved parameters change when it alone moves from
     its x0 value to the far bound; it is inert if it sets none, or only tensors no parameter can change
     (`ResidentMerger.inert`). A gene whose move makes the recipe invalid is kept."""
-    from vlm_merge.resident import CandidateError
+    from vlm_merge.engine.resident import CandidateError
 
     x0 = genome.x0()
     fixed = merger.inert()
@@ -674,8 +674,8 @@ def recipe_sha256(recipe: Recipe) -> str:
 
 def num_layers_of(config: EvolveConfig) -> int:
     """Decoder layers of the merge's reference model (headers only)."""
-    from vlm_merge.anatomy import inspect_llm, inspect_vlm
-    from vlm_merge.checkpoint import CheckpointReader
+    from vlm_merge.architecture.anatomy import inspect_llm, inspect_vlm
+    from vlm_merge.io.checkpoint import CheckpointReader
 
     s = config.sources
     ref_path = s.vlm or s.target or s.base_model or s.models[0]
@@ -769,7 +769,7 @@ class Evaluator:
         from eval.model_loading import load_model
         from eval.protocols import get_protocol
         from eval.runner import encode_benchmark_images
-        from vlm_merge.resident import ResidentMerger
+        from vlm_merge.engine.resident import ResidentMerger
 
         if config.threads is not None:  # for the whole process (a Ray actor's is its own); `run_evolve` restores it
             torch.set_num_threads(config.threads)
@@ -794,7 +794,7 @@ class Evaluator:
 
     def score(self, recipe: Recipe | dict, question_ids: Sequence[str] | None = None) -> Scored:
         """Merge `recipe` into the live model and score it; failures score the penalty with the error."""
-        from vlm_merge.resident import CandidateError
+        from vlm_merge.engine.resident import CandidateError
 
         f = self.config.fitness
         qs = self.pool if question_ids is None else [self.by_id[q] for q in question_ids]
@@ -1147,7 +1147,7 @@ def run_evolve(
     (`out/config.yaml` is used) and if given must equal the saved one. `workers` overrides the config.
     The run's evaluators set torch's thread count to `threads:`; the caller's count is restored afterwards.
     """
-    from vlm_merge.threads import torch_threads
+    from vlm_merge.engine.threads import torch_threads
 
     with torch_threads(None):
         try:
@@ -1240,7 +1240,7 @@ def _run_evolve(config, out, resume: bool, force: bool, progress: bool, workers:
                 questions, test_questions = check_data(cfg)
                 qpool = [q.question_id for q in questions[1]]
                 if not scaffold.exists():
-                    from vlm_merge.resident import write_scaffold
+                    from vlm_merge.engine.resident import write_scaffold
 
                     write_scaffold(genome.decode(genome.x0()), scaffold)
                 pool = (RayPool(cfg, scaffold, cfg.workers) if cfg.workers > 0  # each actor reads its own
@@ -1301,7 +1301,7 @@ def _run_evolve(config, out, resume: bool, force: bool, progress: bool, workers:
     test = None
     if cfg.test is not None and best is not None:
         if not scaffold.exists():
-            from vlm_merge.resident import write_scaffold
+            from vlm_merge.engine.resident import write_scaffold
 
             write_scaffold(genome.decode(genome.x0()), scaffold)
         test = held_out_report(cfg, out, genome.decode(best["x"]), scaffold, test_questions)
@@ -1455,7 +1455,7 @@ def _finish(cfg: EvolveConfig, genome: Genome, out: Path, records: list[dict], b
         recipe = genome.decode(best["x"])
         _write_atomic(out / BEST_RECIPE_FILE, f"# vlm-merge evolve: best of {evals} candidates, fitness {best['fitness']:.6g}\n" + recipe.to_yaml())
         if write_model:
-            from vlm_merge.merge import merge
+            from vlm_merge.engine.merge import merge
 
             model_dir = merge(out / BEST_RECIPE_FILE, out / MODEL_DIR, force=True, progress=False)
     _write_atomic(out / SUMMARY_FILE, json.dumps(summary, indent=2, ensure_ascii=False) + "\n")
@@ -1579,64 +1579,3 @@ def plot_fitness(records: Sequence[dict], path: Path, references: Mapping[str, f
     fig.savefig(buf, format="png", dpi=100)
     plt.close(fig)
     _write_atomic(path, buf.getvalue())
-
-
-# ================================================================================================
-# CLI
-
-
-def cmd_evolve(args) -> int:
-    import sys
-
-    if args.config is None and not args.resume:
-        raise VlmMergeError("evolve: give CONFIG.yaml, or --resume with the run directory")
-    out = args.out or (args.resume if isinstance(args.resume, str) else None)
-    if out is None:
-        raise VlmMergeError("evolve: --out DIR is required")
-    try:
-        res = run_evolve(args.config, out, resume=bool(args.resume), force=args.force, progress=not args.quiet, workers=args.workers)
-    except EvolveInterrupted as e:
-        print(f"vlm-merge: {e}", file=sys.stderr)
-        return 130
-    b = res.best
-    print(f"{res.evaluations} candidates in {res.generations} generations"
-          + (f" over {len(res.best['x'])} genes ({len(res.held_genes)} inert genes held, see summary.json)" if b and res.held_genes else "")
-          + "; "
-          + (f"best fitness {b['fitness']:.6g} (evaluation {b['evaluation']}); " if b else "no candidate succeeded; ")
-          + f"outputs in {res.out}")
-    return 0
-
-
-def add_evolve_commands(subparsers) -> None:
-    """Register `vlm-merge evolve` on the CLI's subparsers."""
-    s = subparsers.add_parser("evolve", help="evolutionary merge: CMA-ES over per-layer merge parameters with a VQA fitness")
-    s.add_argument("config", nargs="?", help="evolve config YAML (sources, method, genome, fitness, cmaes)")
-    s.add_argument("--out", help="run directory (log, checkpoint, best recipe, model, plot)")
-    s.add_argument("--resume", nargs="?", const=True, default=False, metavar="DIR",
-                   help="continue the run in DIR (or in --out) from its last checkpoint")
-    s.add_argument("--workers", type=int, help="Ray actors evaluating candidates in parallel (overrides the config)")
-    s.add_argument("--force", action="store_true", help="replace an existing run directory")
-    s.add_argument("--quiet", action="store_true", help="no progress line")
-    s.set_defaults(func=cmd_evolve)
-
-
-def main(argv: list[str] | None = None) -> int:
-    """`python -m vlm_merge.evolve ...`: the `vlm-merge evolve` command on its own."""
-    import sys
-
-    from vlm_merge.cli import OneLineParser
-
-    parser = OneLineParser(prog="vlm-merge")
-    add_evolve_commands(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(["evolve", *(sys.argv[1:] if argv is None else argv)])
-    try:
-        return args.func(args)
-    except VlmMergeError as e:
-        print(f"vlm-merge: error: {e}", file=sys.stderr)
-        return 2
-
-
-if __name__ == "__main__":  # run through the imported module (one copy of its classes, e.g. EvolveInterrupted)
-    from vlm_merge.evolve import main as _main
-
-    raise SystemExit(_main())

@@ -9,7 +9,7 @@ engine into a temporary directory, adds config, tokenizer, processor and model c
 the directory into place.
 
 Output layout: a VLM in a transformers layout keeps its own key names; an original-LLaVA VLM is
-written in the llava-hf layout (see `vlm_merge.convert`) so transformers' classes load it.
+written in the llava-hf layout (see `vlm_merge.io.convert`) so transformers' classes load it.
 """
 
 from __future__ import annotations
@@ -24,8 +24,8 @@ from pathlib import Path
 
 import torch
 
-from vlm_merge import convert
-from vlm_merge.anatomy import (
+from vlm_merge.io import convert
+from vlm_merge.architecture.anatomy import (
     BUFFERS,
     LANGUAGE,
     OTHER,
@@ -39,12 +39,12 @@ from vlm_merge.anatomy import (
     inspect_vlm,
     lm_role,
 )
-from vlm_merge.checkpoint import DEFAULT_MAX_SHARD_BYTES, CheckpointReader, resolve_model_dir
-from vlm_merge.engine import Copy, Merge, MergePlan, OutputTensor, TensorFn, execute
+from vlm_merge.io.checkpoint import DEFAULT_MAX_SHARD_BYTES, CheckpointReader, resolve_model_dir
+from vlm_merge.engine.streaming import Copy, Merge, MergePlan, OutputTensor, TensorFn, execute
 from vlm_merge.errors import VlmMergeError
-from vlm_merge.outputs import AtomicDir
-from vlm_merge.safe_load import load_json, read_text
-from vlm_merge.vocab import VocabPlan, VocabSide, load_tokenizer, pad_multiple, plan_vocab
+from vlm_merge.io.outputs import AtomicDir
+from vlm_merge.io.safe_load import load_json, read_text
+from vlm_merge.architecture.vocab import VocabPlan, VocabSide, load_tokenizer, pad_multiple, plan_vocab
 
 log = logging.getLogger(__name__)
 

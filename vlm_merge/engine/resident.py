@@ -14,7 +14,7 @@ output dtype. The live model then holds the weights `vlm-merge merge` would writ
 touched, so image features computed once stay valid for every candidate.
 
 On a CUDA device, `task_arithmetic` candidates (the Chat Vector form and per-layer weights) run as one
-fused kernel over all tensors (`vlm_merge.fused`): the live parameters become views of one flat output
+fused kernel over all tensors (`vlm_merge.engine.fused`): the live parameters become views of one flat output
 buffer, then the sources are read straight into one flat buffer per role (so the sources take their own
 bytes on the device and nothing more). Other methods, and recipes whose sources do not fit that layout
 (a role stored in mixed dtypes), run tensor by tensor with torch on the device.
@@ -31,10 +31,10 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from vlm_merge.engine import Copy, Merge, chunked, gather_vocab
+from vlm_merge.engine.streaming import Copy, Merge, chunked, gather_vocab
 from vlm_merge.errors import VlmMergeError
-from vlm_merge.fused import PARAMS_PLAIN, FusedTaskArithmetic, triton_available
-from vlm_merge.merge import (
+from vlm_merge.engine.fused import PARAMS_PLAIN, FusedTaskArithmetic, triton_available
+from vlm_merge.engine.merge import (
     RecipePlan,
     TensorParams,
     as_recipe,
@@ -155,7 +155,7 @@ class ResidentMerger:
     ) -> ResidentMerger:
         """Plan `recipe` and load its language-model sources onto `device` (default: the model's).
 
-        `fused`: run task arithmetic as one kernel (`vlm_merge.fused`); None = on CUDA where it can,
+        `fused`: run task arithmetic as one kernel (`vlm_merge.engine.fused`); None = on CUDA where it can,
         False = never (tensor by tensor), True = required (VlmMergeError where it cannot; on the CPU only
         under Triton's interpreter, for tests)."""
         recipe = as_recipe(recipe)
@@ -316,7 +316,7 @@ def write_scaffold(recipe: Recipe | dict | str, out, *, vision_tower: str | None
     processor, its vision side copied, its language model the target's (aligned) tensors. Independent
     of parameter values, so it is written whatever the first candidate is (every candidate overwrites
     the language model)."""
-    from vlm_merge.backbone import write_backbone
+    from vlm_merge.engine.backbone import write_backbone
 
     rp = plan_recipe(as_recipe(recipe), vision_tower=vision_tower, cache_dir=cache_dir)
     try:

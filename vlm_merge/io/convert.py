@@ -15,7 +15,7 @@ import re
 from pathlib import Path
 
 from vlm_merge.errors import VlmMergeError
-from vlm_merge.safe_load import load_json
+from vlm_merge.io.safe_load import load_json
 
 # (regex on an original key, replacement) -> llava-hf key. First match wins.
 ORIGINAL_TO_HF: tuple[tuple[str, str], ...] = (
