@@ -102,7 +102,3 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("vlm-merge: interrupted; nothing was written", file=sys.stderr)
         return 130
-
-
-if __name__ == "__main__":
-    sys.exit(main())
