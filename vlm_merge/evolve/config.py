@@ -79,6 +79,7 @@ def _rebased(ref: str | None, info: ValidationInfo) -> str | None:
 
 
 def _one_of(choices: tuple[str, ...]):
+    """A check that a string is one of `choices`."""
     def check(v: str) -> str:
         if v not in choices:
             raise _invalid(f"{v!r} is not one of {', '.join(choices)}")
@@ -87,18 +88,21 @@ def _one_of(choices: tuple[str, ...]):
 
 
 def _models_list(v: Any) -> Any:
+    """`sources.models` is a non-empty YAML list."""
     if not isinstance(v, (list, tuple)) or not v:
         raise _invalid(f"expected a non-empty list of models, e.g. [vlm], got {_shown(v)}")
     return v
 
 
 def _a_list(v: Any) -> Any:
+    """A YAML list (not a string, a mapping or a set); left out (None): empty."""
     if v is not None and not isinstance(v, (list, tuple)):
         raise _invalid(f"expected a list, got {_shown(v)}")
     return () if v is None else v
 
 
 def _a_method(v: str) -> str:
+    """A registered merge method (`vlm_merge.methods.METHODS`)."""
     from vlm_merge.methods import METHODS
 
     return _one_of(tuple(METHODS))(v)
@@ -279,6 +283,7 @@ class EvolveConfig(_Section):
         return clean(self.model_dump())
 
     def to_yaml(self) -> str:
+        """The config as the run's `config.yaml`."""
         return yaml.safe_dump(self.to_dict(), sort_keys=False, allow_unicode=True)
 
     def sha256(self) -> str:
@@ -368,11 +373,13 @@ MESSAGES = {
 
 
 def _shown(value: Any, width: int = 80) -> str:
+    """`value` as the error line shows it: its repr, cut to `width` characters."""
     text = repr(value)
     return text if len(text) <= width else text[: width - 3] + "..."
 
 
 def _path(loc: tuple[str | int, ...]) -> str:
+    """A pydantic error location as a field path: `genome.params.weight[0]`."""
     out = ""
     for i, part in enumerate(loc):
         if isinstance(part, int):

@@ -21,6 +21,9 @@ from vlm_merge.recipe import VLM_REF, ModelEntry, Recipe
 
 @dataclass(frozen=True)
 class Gene:
+    """One coordinate of the search: the value x in [0, 1] of parameter `param` (of `model`) on `group` [/ `module`],
+    decoded linearly to [low, high]."""
+
     name: str  # e.g. "weight[vlm]@layers0-3/mlp"
     param: str
     model: int | None  # index into the recipe's models (per-model parameters); None: shared
@@ -30,9 +33,11 @@ class Gene:
     high: float
 
     def decode(self, x: float) -> float:
+        """The parameter value of gene value `x`."""
         return self.low + float(x) * (self.high - self.low)
 
     def encode(self, value: float) -> float:
+        """The gene value of parameter value `value`, clipped to [0, 1]."""
         return min(1.0, max(0.0, (float(value) - self.low) / (self.high - self.low)))
 
 
@@ -54,6 +59,7 @@ class Genome:
 
     @classmethod
     def of(cls, config: EvolveConfig, num_layers: int) -> Genome:
+        """Every gene of `config` for a model of `num_layers` decoder layers (none held)."""
         from vlm_merge.engine.merge import model_entries
         from vlm_merge.methods import METHODS
 
@@ -79,6 +85,7 @@ class Genome:
         return len(self.genes)
 
     def x0(self) -> list[float]:
+        """The searched genes' start values (`cmaes.x0`: one gene value, or real values by parameter name; others 0.5)."""
         x0 = self.config.cmaes.x0
         if isinstance(x0, dict):
             return [g.encode(x0[g.param]) if g.param in x0 else 0.5 for g in self.genes]
@@ -97,6 +104,7 @@ class Genome:
             raise VlmMergeError(f"genome: {len(x)} values for {len(self.genes)} genes")
 
     def _setting(self, genes: list[tuple[Gene, float]]) -> Any:
+        """One parameter's recipe setting from its genes: a number, a per-layer list, or filter conditions."""
         gran = self.config.genome.layer_granularity
         by = {(g.group, g.module): g.decode(v) for g, v in genes}
         filters = MODULE_SPLITS[self.config.genome.split_modules]
@@ -162,6 +170,7 @@ def inert_genes(genome: Genome, merger) -> dict[str, str]:
 
 
 def _label(ref: str) -> str:
+    """A source's name in gene names: `vlm`, or the last part of its path."""
     return ref if ref == VLM_REF else Path(ref).name or ref
 
 
@@ -176,6 +185,7 @@ def _recipe_skeleton(cfg: EvolveConfig) -> Recipe:
 
 
 def recipe_sha256(recipe: Recipe) -> str:
+    """A short hash of `recipe`'s YAML (logged with each candidate)."""
     return hashlib.sha256(recipe.to_yaml().encode()).hexdigest()[:16]
 
 

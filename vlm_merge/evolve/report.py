@@ -20,12 +20,14 @@ from vlm_merge.recipe import VLM_REF, Recipe
 
 
 def progress_text(gen: int, evals: int, total: int, best: dict | None, per_cand: float | None) -> str:
+    """The progress bar's postfix: generation, evaluations, best fitness, seconds per candidate."""
     b = f"{best['fitness']:.4g}" if best else "-"
     s = f"{per_cand:.2f}s/cand" if per_cand is not None else "-"
     return f"gen {gen} | evals {evals}/{total} | best {b} | {s}"
 
 
 def protocol_text(config: EvolveConfig) -> str:
+    """How candidates are scored under `config` (what is summed, on which questions, the penalty), in words."""
     f, sub = config.fitness, config.fitness.subset
     what = "mean answer log-likelihood (teacher forcing)" if f.kind == "loglik" else " + ".join(f"{w:g}*{c}" for c, w in f.metrics.items())
     if sub.mode == "random":
@@ -40,6 +42,8 @@ def protocol_text(config: EvolveConfig) -> str:
 
 def write_summary(cfg: EvolveConfig, genome: Genome, out: Path, records: list[dict], best: dict | None, gen: int, evals: int,
             write_model: bool, stop: str | None, held: Mapping[str, str]) -> Path | None:
+    """Write `summary.json`, the fitness plot and `best_recipe.yaml`, and (`write_model`) merge the best model into
+    `model/`; returns that directory (None without a best candidate or model)."""
     import vlm_merge
 
     summary = {

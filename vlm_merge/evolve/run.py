@@ -87,6 +87,7 @@ def run_evolve(
 
 
 def _run_evolve(config, out, resume: bool, force: bool, progress: bool, workers: int | None, write_model: bool) -> EvolveResult:
+    """`run_evolve` inside its thread-count guard: set up or resume the run directory, search, then report."""
     from tqdm.auto import tqdm
 
     out = Path(out)

@@ -83,6 +83,7 @@ def best_record(records: Sequence[dict]) -> dict | None:
 
 def write_checkpoint(path: Path, search_state: dict, gen: int, evals: int, records: list[dict], finished: bool, cfg: EvolveConfig,
                 held: Mapping[str, str], stop: str | None = None) -> None:
+    """Write `checkpoint.json` atomically: the counters, the best record, the log length and the search's state."""
     state = {
         "version": CHECKPOINT_VERSION, "config_sha256": cfg.sha256(), "generation": gen, "evaluations": evals,
         "log_lines": len(records), "finished": finished, "stop": stop, "best": best_record(records), "held_genes": dict(held),

@@ -73,6 +73,7 @@ class Search:
 
     @property
     def popsize(self) -> int:
+        """Candidates per generation (cma's default for the number of genes unless `cmaes.popsize`)."""
         return self.es.popsize
 
     def stop(self) -> dict:
@@ -90,6 +91,7 @@ class Search:
         self.told.append(values)
 
     def state(self) -> dict:
+        """The search as plain data for the checkpoint: the told values and the generator's state."""
         return {"told": self.told, "randn_state": self.randn.rng.bit_generator.state}
 
     @classmethod
@@ -121,6 +123,7 @@ REPLAY_ATOL = 1e-9  # a replayed genome may differ from the logged one by this m
 
 
 def _is_number(v: Any) -> bool:
+    """Whether `v` (read from a file) is a finite number (not a bool)."""
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 

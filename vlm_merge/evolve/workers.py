@@ -81,6 +81,7 @@ class LocalPool:
 
 
 def _cuda() -> bool:
+    """Whether torch sees a CUDA device (then each Ray actor takes one GPU)."""
     import torch
 
     return torch.cuda.is_available()
