@@ -1,6 +1,14 @@
 """Chat Vector for vision-language models: `ja_vlm_llm = ja_base + scale * (vlm_llm - en_base)`."""
 
-from chat_vector.api import ChatVectorDelta, apply_delta, chat_vector, extract_delta, load_delta
+from chat_vector.api import (
+    ChatVectorDelta,
+    apply_delta,
+    chat_vector,
+    chat_vector_recipe,
+    extract_delta,
+    load_delta,
+    make_scales,
+)
 from chat_vector.rules import DEFAULT_SKIP, MODULES, SKIP_PRESETS, Scales
 
 __all__ = [
@@ -11,6 +19,8 @@ __all__ = [
     "Scales",
     "apply_delta",
     "chat_vector",
+    "chat_vector_recipe",
     "extract_delta",
     "load_delta",
+    "make_scales",
 ]

@@ -78,7 +78,8 @@ def _release_memory() -> None:
         torch.cuda.empty_cache()
 
 
-def _model_dtype(model) -> torch.dtype:
+def model_dtype(model) -> torch.dtype:
+    """The dtype of `model`'s first floating-point parameter (float32 if it has none): what its inputs are cast to."""
     return next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
 
 
@@ -89,7 +90,7 @@ def encode_images(
     """Vision tower + projector features of each image, computed once, in order (CPU tensors)."""
     encoder = _image_encoder(model)
     accepted = set(inspect.signature(encoder).parameters)
-    dtype, out = _model_dtype(model), []
+    dtype, out = model_dtype(model), []
     batch = max(1, batch_size)
     pending = deque(range(0, len(images), batch))
     with tqdm(total=len(images), desc="encoding images", unit="img", disable=not progress) as bar:
@@ -151,7 +152,7 @@ class _Generator:
     def __init__(self, model, processor, settings: GenerationSettings):
         self.model, self.processor, self.settings = model, processor, settings
         self.tokenizer = processor.tokenizer
-        self.dtype = _model_dtype(model)
+        self.dtype = model_dtype(model)
         eos = model.generation_config.eos_token_id
         if eos is None:
             eos = self.tokenizer.eos_token_id

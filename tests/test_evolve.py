@@ -365,12 +365,23 @@ def test_config_errors_are_one_line_and_exit_2(zoo, dev, tmp_path, capsys):
         ({"genome": {"fixed": {"weight_typo": 1.0}}}, r"genome.fixed.weight_typo: is not a parameter of task_arithmetic"),
         ({"method": "ties", "genome": {"fixed": {"density": "abc"}}}, r"genome.fixed.density: density: 'abc' out of range"),
         ({"method": "ties", "genome": {"fixed": {"normalize": "x"}}}, r"genome.fixed.normalize: normalize: 'x' out of range"),
+        ({"cmaes": {"sigma0": 0}}, r"^evolve config cmaes.sigma0: 0 is below 1e-06; give at least 1e-06$"),
+        ({"fitness": {"metrics": {"loglik": float("nan")}}}, r"fitness.metrics.loglik: expected a finite number, got nan"),
+        ({"fitness": {"protocol": None}}, r"fitness.protocol: expected a string, got None"),
+        ({"genome": {"separate": ["embedding"]}}, r"genome.separate\[0\]: 'embedding' is not one of embeddings, norms, lm_head"),
+        ({"cmaes": {"x0": {"weight": "a"}}}, r"^evolve config cmaes.x0.weight: expected a number, got 'a'$"),
+        # a typo is named, not the key it leaves missing
+        ({"test": {"benchmarks": str(dev)}}, r"^evolve config test.benchmarks: unknown key; remove it or correct its spelling "
+                                             r"\(known: benchmark, data, split, limit, metric, chat_vector_scale\)$"),
     ]
     for over, msg in bad:
         with pytest.raises(VlmMergeError, match=msg) as e:
             config_from_dict(config(zoo, dev, **over))
         assert "\n" not in str(e.value)
     path = tmp_path / "bad.yaml"
+    path.write_text(json.dumps(config(zoo, dev, cmaes={"popsize": "8"})))  # the line names the file, field and value
+    assert main([str(path), "--out", str(tmp_path / "o")]) == 2
+    assert error_line(capsys) == f"vlm-merge: error: evolve config {path}: cmaes.popsize: expected an integer, got '8'"
     path.write_text("sources: [1, 2\n")
     assert main([str(path), "--out", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err.strip()

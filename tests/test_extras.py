@@ -12,6 +12,7 @@ import pytest
 from tests.conftest import error_line
 from vlm_merge import extras
 from vlm_merge.cli import COMMAND_GROUPS, main
+from vlm_merge.errors import VlmMergeError
 
 
 def test_every_extra_is_installed_here():
@@ -60,3 +61,30 @@ def test_a_core_command_imports_no_other_command_module():
             " or m in ('vlm_merge.evolve', 'vlm_merge.world.demo', 'vlm_merge.cli.world')))")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert done.stdout.strip().splitlines()[-1] == "[]", done.stdout
+
+
+def test_run_evolve_without_its_extra_is_one_line_before_anything_is_written(monkeypatch, tmp_path):
+    """The Python API says what the CLI says; Ray, which only `workers > 0` needs, is not asked for here (the
+    demo extra runs in-process searches without it): without it the run goes on to read its config."""
+    from vlm_merge.evolve import run_evolve
+
+    monkeypatch.setattr(extras, "_installed", lambda name: name not in ("cma", "ray"))
+    with pytest.raises(VlmMergeError) as e:
+        run_evolve({}, tmp_path / "run")
+    assert str(e.value) == ("vlm_merge.evolve.run_evolve needs the evolve extra: pip install 'vlm-merge[evolve]' "
+                            "(not installed: cma)")
+    assert not (tmp_path / "run").exists()
+    monkeypatch.setattr(extras, "_installed", lambda name: name != "ray")
+    with pytest.raises(VlmMergeError, match=r"^evolve config sources: a required key is missing; add it$"):
+        run_evolve({}, tmp_path / "run")
+
+
+def test_run_demo_without_its_extra_is_one_line_before_anything_is_written(monkeypatch, tmp_path):
+    from vlm_merge.world.demo import run_demo
+
+    monkeypatch.setattr(extras, "_installed", lambda name: name != "fugashi")
+    with pytest.raises(VlmMergeError) as e:
+        run_demo(tmp_path / "demo", quick=True, progress=False)
+    assert str(e.value) == ("vlm_merge.world.demo.run_demo needs the demo extra: pip install 'vlm-merge[demo]' "
+                            "(not installed: fugashi)")
+    assert not (tmp_path / "demo").exists()

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-import vlm_merge.evolve as evolve
+import vlm_merge.evolve.rundir as rundir
 from tests.conftest import error_line
 from tests.test_evolve import config, dev  # noqa: F401 - `dev` is a fixture
 from vlm_merge.cli.evolve import main
@@ -153,7 +153,7 @@ def _sigint_hook(monkeypatch, where: str) -> None:
             return real(self, *a, **k)
         monkeypatch.setattr(cma.CMAEvolutionStrategy, meth, wrapped)
         return
-    real_write = evolve._write_atomic
+    real_write = rundir.write_atomic  # the checkpoint's writer
 
     def write(path, data):
         is_ckpt = Path(path).name == CHECKPOINT_FILE
@@ -162,7 +162,7 @@ def _sigint_hook(monkeypatch, where: str) -> None:
         real_write(path, data)
         if is_ckpt and where == "checkpoint written":
             fire()
-    monkeypatch.setattr(evolve, "_write_atomic", write)
+    monkeypatch.setattr(rundir, "write_atomic", write)
 
 
 @pytest.mark.parametrize("where", ["cma tell", "checkpoint write starts", "checkpoint written", "cma ask"])

@@ -56,9 +56,10 @@ def missing_requirements(extra: str) -> list[str]:
     return missing
 
 
-def require_extra(extra: str, what: str) -> None:
+def require_extra(extra: str, what: str, *, unneeded: tuple[str, ...] = ()) -> None:
     """Raise the one-line error if `extra`'s distributions are not all installed; `what` names the command
-    or function that needs them (`'vlm-merge eval'`, `eval.evaluate`)."""
-    if missing := missing_requirements(extra):
+    or function that needs them (`'vlm-merge eval'`, `eval.evaluate`). `unneeded`: distributions of the extra
+    that `what` does without this time (Ray, for an evolve run in one process)."""
+    if missing := [name for name in missing_requirements(extra) if name not in unneeded]:
         raise VlmMergeError(f"{what} needs the {extra} extra: pip install '{DISTRIBUTION}[{extra}]' "
                             f"(not installed: {', '.join(missing)})")

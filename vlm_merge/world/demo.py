@@ -37,6 +37,7 @@ import numpy as np
 import torch
 
 from vlm_merge.errors import VlmMergeError
+from vlm_merge.extras import require_extra
 from vlm_merge.io.outputs import AtomicDir
 
 if TYPE_CHECKING:
@@ -531,7 +532,9 @@ def _versions() -> dict[str, str]:
 
 def run_demo(out: str | Path, *, force: bool = False, zoo: str | Path | None = None,
              settings: DemoSettings = DemoSettings(), quick: bool = False, progress: bool = True) -> Path:
-    """Run the demo on `zoo` (default: the shipped one) and write the report directory `out`; returns it."""
+    """Run the demo on `zoo` (default: the shipped one) and write the report directory `out`; returns it.
+    Without the `demo` extra installed: the one-line error naming it, before anything else."""
+    require_extra("demo", "vlm_merge.world.demo.run_demo")
     from tqdm.auto import tqdm
 
     from eval.captioning import caption
