@@ -12,7 +12,7 @@ from transformers import AutoProcessor, AutoTokenizer
 
 from chat_vector import apply_delta, chat_vector, extract_delta, load_delta
 from tests.conftest import family_of
-from vlm_merge.io import convert
+from vlm_merge.architecture.layouts import layout_named, to_hf
 from vlm_merge.architecture.anatomy import PROJECTOR, VISION, inspect_checkpoint, inspect_vlm
 from vlm_merge.io.checkpoint import CheckpointReader
 
@@ -70,11 +70,11 @@ def test_vision_tower_and_projector_byte_identical(zoo, merged, name):
     pairs = []
     for part in (VISION, PROJECTOR):
         for key in vlm.parts[part]:
-            new = convert.rename(key, convert.ORIGINAL_TO_HF) if vlm.layout.name == "llava-original" else key
+            new = to_hf(key, vlm.layout) if vlm.layout.name == "llava-original" else key
             pairs.append((vlm_r, key, new))
     if not vlm.parts[VISION]:  # LLaVA-1.5 original: the tower comes from its CLIP checkpoint
         clip = CheckpointReader(zoo.clip)
-        pairs += [(clip, k, convert.rename(k, convert.CLIP_TO_HF)) for k in clip.keys() if k.startswith("vision_model.")]
+        pairs += [(clip, k, to_hf(k, layout_named("clip"))) for k in clip.keys() if k.startswith("vision_model.")]
     assert len(pairs) > 30
     for reader, key, new in pairs:
         assert reader.read_bytes(key) == out_r.read_bytes(new), key
