@@ -38,6 +38,11 @@ extra embedding rows for ``<image>``/``<pad>`` and padding to a multiple of 16),
 vision tower of the llama-family VLMs, which LLaVA-1.5 kept frozen; LLaVA-1.6 fine-tuned it, so the mistral
 family's tower is CLIP + noise). ``hf_cache`` holds the same files in the Hugging Face hub cache layout
 (blobs + snapshot symlinks + ``refs/main``) under that repo id, so ``mm_vision_tower`` resolves offline.
+
+Key layouts are not kept here: a fixture's weights are built under llava-hf (transformers 4.x) names and
+rendered in its layout by the layout table (``vlm_merge.architecture.layouts``; ``VlmSpec.layout`` names a row).
+The module is one public file (as transformers' ``testing_utils``) of about 580 lines: tokenizers, configs,
+weights, writers and the zoo, each section short; splitting it would only spread the fixtures' shared constants.
 """
 
 import hashlib
