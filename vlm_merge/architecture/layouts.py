@@ -132,7 +132,7 @@ LAYOUTS: tuple[Layout, ...] = (
         detect=None,
         hf_prefixes=(("vision_tower.vision_model.", "vision_model."),),
         vision=("vision_model.",),
-        text_config_key="vision_config",
+        text_config_key=None,  # no language model
     ),
 )
 
