@@ -193,3 +193,20 @@ def test_checkpoint_saved_by_transformers_5_is_understood(zoo, tmp_path):
     out = chat_vector(saved, en, ja, tmp_path / "out", progress=False)
     loaded, info = AutoModelForImageTextToText.from_pretrained(str(out), output_loading_info=True)
     assert not any(info.values()), info
+
+
+def test_the_preset_is_the_cores_and_chat_vector_reexports_it():
+    import chat_vector
+    import chat_vector.api
+    import chat_vector.rules
+    from vlm_merge.recipe import presets
+
+    for name in ("chat_vector_recipe", "make_scales", "Scales", "SKIP_PRESETS", "MODULES", "DEFAULT_SKIP"):
+        assert getattr(chat_vector, name) is getattr(presets, name), name
+    assert chat_vector.api.chat_vector_recipe is presets.chat_vector_recipe and chat_vector.api.make_scales is presets.make_scales
+    assert chat_vector.rules.resolve_skip is presets.resolve_skip
+    recipe = presets.chat_vector_recipe("v", "en", "ja", presets.make_scales(0.5, skip="norms"))
+    assert (recipe.merge_method, recipe.vlm, recipe.base_model, recipe.target) == ("task_arithmetic", "v", "en", "ja")
+    assert [m.model for m in recipe.models] == ["vlm"]
+    weight = recipe.models[0].parameters["weight"]
+    assert weight[0] == {"filter_regex": presets.SKIP_PRESETS["norms"][0], "value": 0.0} and weight[-1] == {"value": 0.5}
