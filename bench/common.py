@@ -24,6 +24,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from vlm_merge.architecture.layouts import HF_LM, hf_key
+
 INDEX_NAME = "model.safetensors.index.json"
 GiB = 1024**3
 
@@ -129,30 +131,18 @@ def _numel(shape: tuple[int, ...]) -> int:
 def canonical_key(key: str) -> tuple[str, str]:
     """Map a checkpoint key to (part, canonical key), part in {"lm", "vision"}.
 
-    Accepts LlamaForCausalLM keys, llava-hf transformers-4.x keys
-    (``language_model.model.*``) and transformers-5.x keys
-    (``model.language_model.*``, ``model.vision_tower.*``). Canonical LM keys
-    are LlamaForCausalLM keys; canonical vision keys are 4.x llava keys.
+    The key's llava-hf (transformers 4.x) name from the layout table
+    (:func:`vlm_merge.architecture.layouts.hf_key`: LLM, llava-hf 4.x, 4.52 and
+    transformers 5 module names alike); canonical LM keys are LlamaForCausalLM
+    keys, canonical vision keys are 4.x llava keys.
     """
-    for prefix, repl in (
-        ("language_model.model.", "model."),
-        ("language_model.lm_head.", "lm_head."),
-        ("model.language_model.", "model."),
-        ("model.vision_tower.", "vision_tower."),
-        ("model.multi_modal_projector.", "multi_modal_projector."),
-    ):
-        if key.startswith(prefix):
-            key = repl + key[len(prefix):]
-            break
-    if key.startswith("vision_tower.") and not key.startswith("vision_tower.vision_model."):
-        key = "vision_tower.vision_model." + key[len("vision_tower."):]  # 5.x in-memory layout
-    part = "lm" if key.startswith(("model.", "lm_head.")) else "vision"
-    return part, key
+    hf = hf_key(key)
+    return ("lm", hf.removeprefix(HF_LM)) if hf.startswith(HF_LM) else ("vision", hf)
 
 
 def vlm_key(llama_key: str) -> str:
     """The transformers-4.x llava-hf key of a LlamaForCausalLM key."""
-    return "language_model." + llama_key
+    return HF_LM + llama_key
 
 
 # --------------------------------------------------------------------------- sharded safetensors

@@ -4,10 +4,13 @@ application, and have no exceptions (so they cannot be emptied or loosened silen
 
 from __future__ import annotations
 
+import ast
 import subprocess
 import sys
 import tomllib
 from pathlib import Path
+
+import vlm_merge.engine
 
 ROOT = Path(__file__).resolve().parents[1]
 CORE = {"vlm_merge.io", "vlm_merge.architecture", "vlm_merge.methods", "vlm_merge.recipe", "vlm_merge.engine",
@@ -64,3 +67,53 @@ def test_lint_imports_keeps_every_contract():
     for c in contracts:
         assert f"{c['name']} KEPT" in out, out
     assert f"Contracts: {len(contracts)} kept, 0 broken." in out, out
+
+
+# chat_vector's imports from vlm_merge: the engine as a package (its public API, never a submodule) and these
+# public modules of the core; no name starting with "_" from anywhere.
+CHAT_VECTOR_MAY_IMPORT = {
+    "vlm_merge", "vlm_merge.engine", "vlm_merge.errors", "vlm_merge.io.card", "vlm_merge.io.checkpoint",
+    "vlm_merge.io.outputs", "vlm_merge.io.safe_load", "vlm_merge.architecture.anatomy", "vlm_merge.architecture.vocab",
+    "vlm_merge.recipe", "vlm_merge.recipe.presets",
+}  # fmt: skip
+
+
+def _imports(path: Path) -> list[tuple[str, str | None]]:
+    """(module, imported name or None for `import module`) for every import statement of a file, lazy ones included."""
+    out: list[tuple[str, str | None]] = []
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Import):
+            out += [(alias.name, None) for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            assert node.level == 0 and node.module, f"{path}: relative import"
+            out += [(node.module, alias.name) for alias in node.names]
+    return out
+
+
+def test_chat_vector_uses_only_the_public_api_of_the_engine():
+    files = sorted((ROOT / "chat_vector").glob("*.py"))
+    assert {p.name for p in files} >= {"__init__.py", "api.py", "rules.py"}
+    seen = set()
+    for path in files:
+        for module, name in _imports(path):
+            if not module.startswith("vlm_merge"):
+                continue
+            where = f"chat_vector/{path.name}: {module}" + (f".{name}" if name else "")
+            assert module in CHAT_VECTOR_MAY_IMPORT, f"{where}: not a public module chat_vector may use"
+            assert not any(part.startswith("_") for part in module.split(".")), where
+            assert name is None or not name.startswith("_"), f"{where}: private name"
+            if module == "vlm_merge.engine":
+                assert name in vlm_merge.engine.__all__, f"{where}: not in vlm_merge.engine.__all__"
+            seen.add(module)
+    assert "vlm_merge.engine" in seen and not any(m.startswith("vlm_merge.engine.") for m in seen)
+
+
+def test_the_engine_api_is_documented_and_complete():
+    for name in vlm_merge.engine.__all__:
+        obj = getattr(vlm_merge.engine, name)
+        doc = (obj.__doc__ or "").strip()
+        # a dataclass without a docstring gets its signature as __doc__
+        assert isinstance(obj, str) or (doc and not doc.startswith(f"{name}(")), f"vlm_merge.engine.{name} has no docstring"
+    for name in ("merge", "validate", "open_sources", "plan_backbone", "write_backbone", "extract_task_vector",
+                 "apply_task_vector", "ResidentMerger", "write_scaffold", "torch_threads", "describe_parts"):
+        assert name in vlm_merge.engine.__all__, name

@@ -12,7 +12,7 @@ from transformers import AutoProcessor, AutoTokenizer
 
 from chat_vector import apply_delta, chat_vector, extract_delta, load_delta
 from tests.conftest import family_of
-from vlm_merge.io import convert
+from vlm_merge.architecture.layouts import layout_named, to_hf
 from vlm_merge.architecture.anatomy import PROJECTOR, VISION, inspect_checkpoint, inspect_vlm
 from vlm_merge.io.checkpoint import CheckpointReader
 
@@ -70,11 +70,11 @@ def test_vision_tower_and_projector_byte_identical(zoo, merged, name):
     pairs = []
     for part in (VISION, PROJECTOR):
         for key in vlm.parts[part]:
-            new = convert.rename(key, convert.ORIGINAL_TO_HF) if vlm.layout.name == "llava-original" else key
+            new = to_hf(key, vlm.layout) if vlm.layout.name == "llava-original" else key
             pairs.append((vlm_r, key, new))
     if not vlm.parts[VISION]:  # LLaVA-1.5 original: the tower comes from its CLIP checkpoint
         clip = CheckpointReader(zoo.clip)
-        pairs += [(clip, k, convert.rename(k, convert.CLIP_TO_HF)) for k in clip.keys() if k.startswith("vision_model.")]
+        pairs += [(clip, k, to_hf(k, layout_named("clip"))) for k in clip.keys() if k.startswith("vision_model.")]
     assert len(pairs) > 30
     for reader, key, new in pairs:
         assert reader.read_bytes(key) == out_r.read_bytes(new), key
@@ -193,3 +193,20 @@ def test_checkpoint_saved_by_transformers_5_is_understood(zoo, tmp_path):
     out = chat_vector(saved, en, ja, tmp_path / "out", progress=False)
     loaded, info = AutoModelForImageTextToText.from_pretrained(str(out), output_loading_info=True)
     assert not any(info.values()), info
+
+
+def test_the_preset_is_the_cores_and_chat_vector_reexports_it():
+    import chat_vector
+    import chat_vector.api
+    import chat_vector.rules
+    from vlm_merge.recipe import presets
+
+    for name in ("chat_vector_recipe", "make_scales", "Scales", "SKIP_PRESETS", "MODULES", "DEFAULT_SKIP"):
+        assert getattr(chat_vector, name) is getattr(presets, name), name
+    assert chat_vector.api.chat_vector_recipe is presets.chat_vector_recipe and chat_vector.api.make_scales is presets.make_scales
+    assert chat_vector.rules.resolve_skip is presets.resolve_skip
+    recipe = presets.chat_vector_recipe("v", "en", "ja", presets.make_scales(0.5, skip="norms"))
+    assert (recipe.merge_method, recipe.vlm, recipe.base_model, recipe.target) == ("task_arithmetic", "v", "en", "ja")
+    assert [m.model for m in recipe.models] == ["vlm"]
+    weight = recipe.models[0].parameters["weight"]
+    assert weight[0] == {"filter_regex": presets.SKIP_PRESETS["norms"][0], "value": 0.0} and weight[-1] == {"value": 0.5}

@@ -26,16 +26,10 @@ from tests.real_layouts.replica import (
     load_entry,
     real_size_bytes,
 )
+from vlm_merge.architecture.layouts import from_hf, layout_named
 
 ENTRIES = entry_names()
-# transformers 4.x (<= 4.51) VLM key names -> the names transformers 5 builds
-HF4_TO_HF5 = (
-    ("language_model.model.", "model.language_model."),
-    ("language_model.lm_head.", "lm_head."),
-    ("vision_tower.vision_model.", "model.vision_tower."),
-    ("multi_modal_projector.", "model.multi_modal_projector."),
-    ("image_newline", "model.image_newline"),
-)
+HF5_MODULES = layout_named("llava-hf-v5-modules")  # the layout table's names of what transformers 5 builds
 SAVED_BUFFERS = re.compile(r"(\.rotary_emb\.inv_freq|embeddings\.position_ids)$")  # persistent in old transformers
 NOT_IN_TRANSFORMERS = re.compile(r"^model\.mm_projector\.")  # original LLaVA's projector
 TEXT_ONLY_FIELDS = ("mm_", "image_aspect_ratio", "tune_mm", "freeze_mm", "use_mm_proj")
@@ -53,10 +47,7 @@ def _check_class(entry) -> tuple[type, object]:
 
 
 def _to_hf5(key: str) -> str:
-    for old, new in HF4_TO_HF5:
-        if key.startswith(old):
-            return new + key[len(old) :]
-    return key
+    return from_hf(key, HF5_MODULES) or key
 
 
 def _is_hf4_vlm(entry) -> bool:

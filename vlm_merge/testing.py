@@ -38,6 +38,11 @@ extra embedding rows for ``<image>``/``<pad>`` and padding to a multiple of 16),
 vision tower of the llama-family VLMs, which LLaVA-1.5 kept frozen; LLaVA-1.6 fine-tuned it, so the mistral
 family's tower is CLIP + noise). ``hf_cache`` holds the same files in the Hugging Face hub cache layout
 (blobs + snapshot symlinks + ``refs/main``) under that repo id, so ``mm_vision_tower`` resolves offline.
+
+Key layouts are not kept here: a fixture's weights are built under llava-hf (transformers 4.x) names and
+rendered in its layout by the layout table (``vlm_merge.architecture.layouts``; ``VlmSpec.layout`` names a row).
+The module is one public file (as transformers' ``testing_utils``) of about 580 lines: tokenizers, configs,
+weights, writers and the zoo, each section short; splitting it would only spread the fixtures' shared constants.
 """
 
 import hashlib
@@ -72,6 +77,7 @@ from transformers import (
     PreTrainedModel,
 )
 
+from vlm_merge.architecture.layouts import HF_LM, from_hf, layout_named, to_hf
 from vlm_merge.io.convert import CHAT_TEMPLATES
 
 CLIP_REPO_ID = "openai/clip-vit-large-patch14-336"
@@ -401,63 +407,35 @@ def write_hf_cache(cache_dir: str | Path, repo_id: str, files_dir: str | Path) -
 
 
 # ---------------------------------------------------------------- VLMs
-# Canonical VLM keys are llava-hf's as saved by transformers 4.x. A layout renames canonical prefixes (first
-# match wins); a None target means the layout does not store those tensors.
-KEY_LAYOUTS: dict[str, tuple[tuple[str, str | None], ...]] = {
-    "hf-4.x": (),
-    "hf-4.52": (
-        ("language_model.model.", "model.language_model."),
-        ("language_model.lm_head.", "lm_head."),
-        ("vision_tower.", "model.vision_tower."),
-        ("multi_modal_projector.", "model.multi_modal_projector."),
-        ("image_newline", "model.image_newline"),
-    ),
-    "original": (
-        ("language_model.model.", "model."),
-        ("language_model.lm_head.", "lm_head."),
-        ("vision_tower.", "model.vision_tower.vision_tower."),
-        ("multi_modal_projector.linear_1.", "model.mm_projector.0."),
-        ("multi_modal_projector.linear_2.", "model.mm_projector.2."),
-        ("image_newline", "model.image_newline"),
-    ),
-    "original-no-tower": (
-        ("vision_tower.", None),
-        ("language_model.model.", "model."),
-        ("language_model.lm_head.", "lm_head."),
-        ("multi_modal_projector.linear_1.", "model.mm_projector.0."),
-        ("multi_modal_projector.linear_2.", "model.mm_projector.2."),
-    ),
-}
-
-
 @dataclass(frozen=True)
 class VlmSpec:
     """How one VLM fixture is stored."""
 
     family: str  # "llama" (LLaVA-1.5 recipe) | "mistral" (LLaVA-1.6 recipe)
     flavour: str  # key of HF_VLM_FLAVOURS, or "original" (haotian-liu config, no added tokens)
-    layout: str  # key of KEY_LAYOUTS
+    layout: str  # a row of the layout table (vlm_merge.architecture.layouts)
     fmt: str  # "safetensors" | "bin"
     shards: int
+    vision_tower: bool = True  # False: no tower stored (LLaVA-1.5 loads it from mm_vision_tower)
 
 
 VLMS = {
-    "llava-hf-llama": VlmSpec("llama", "llava", "hf-4.x", "safetensors", 2),
-    "llava-v5-llama": VlmSpec("llama", "llava", "hf-4.52", "safetensors", 1),
-    "llava-next-hf-mistral": VlmSpec("mistral", "llava_next", "hf-4.x", "safetensors", 2),
-    "llava-original-llama": VlmSpec("llama", "original", "original-no-tower", "bin", 2),
-    "llava-original-mistral": VlmSpec("mistral", "original", "original", "safetensors", 2),
+    "llava-hf-llama": VlmSpec("llama", "llava", "llava-hf", "safetensors", 2),
+    "llava-v5-llama": VlmSpec("llama", "llava", "llava-hf-v5", "safetensors", 1),
+    "llava-next-hf-mistral": VlmSpec("mistral", "llava_next", "llava-hf", "safetensors", 2),
+    "llava-original-llama": VlmSpec("llama", "original", "llava-original", "bin", 2, vision_tower=False),
+    "llava-original-mistral": VlmSpec("mistral", "original", "llava-original", "safetensors", 2),
 }
 
 
-def rename_keys(state: Mapping[str, torch.Tensor], layout: str) -> dict[str, torch.Tensor]:
-    """Render canonical (llava-hf 4.x) VLM keys in `layout` (a key of KEY_LAYOUTS), dropping what it does not store."""
-    out = {}
-    for name, tensor in state.items():
-        prefix, target = next(((p, t) for p, t in KEY_LAYOUTS[layout] if name.startswith(p)), ("", ""))
-        if target is not None:
-            out[target + name[len(prefix) :]] = tensor
-    return out
+def rename_keys(state: Mapping[str, torch.Tensor], layout: str, vision_tower: bool = True) -> dict[str, torch.Tensor]:
+    """Render llava-hf 4.x VLM keys in `layout` (a row of the layout table); without `vision_tower`, drop the tower."""
+    row, hf_tower = layout_named(layout), layout_named("llava-hf").vision
+    return {
+        from_hf(name, row) or name: tensor
+        for name, tensor in state.items()
+        if vision_tower or not name.startswith(hf_tower)
+    }
 
 
 def vlm_state_dict(
@@ -466,7 +444,8 @@ def vlm_state_dict(
     """Canonical-key weights of the family's LLaVA: tuned `llm` (rows for <image>/<pad>/padding), tower, projector."""
     tag = f"llava-{family}"
     text_hidden, vision_hidden = TEXT_FIELDS[family]["hidden_size"], VISION_FIELDS["hidden_size"]
-    tower = {f"vision_tower.{name}": tensor for name, tensor in clip.items() if name.startswith("vision_model.")}
+    tower_keys = {name: to_hf(name, layout_named("clip")) for name in clip}  # CLIPModel's vision_model.* only
+    tower = {new: clip[name] for name, new in tower_keys.items() if new is not None}
     new_shapes = {
         "multi_modal_projector.linear_1.weight": (text_hidden, vision_hidden),
         "multi_modal_projector.linear_1.bias": (text_hidden,),
@@ -478,7 +457,7 @@ def vlm_state_dict(
         tower = tune_state_dict(tower, seed, tag)
     text = tune_state_dict(llm, seed, tag, vocab_rows=vocab_sizes()["vlm-rows"])
     return {
-        **{f"language_model.{name}": tensor for name, tensor in text.items()},
+        **{HF_LM + name: tensor for name, tensor in text.items()},
         **tower,
         **random_state_dict(new_shapes, seed, tag),
     }
@@ -558,7 +537,7 @@ def write_vlm(out_dir: str | Path, spec: VlmSpec, state: Mapping[str, torch.Tens
             name: tensor[:rows] if name.endswith(("embed_tokens.weight", "lm_head.weight")) else tensor
             for name, tensor in state.items()
         }
-    write_state_dict(rename_keys(state, spec.layout), out, spec.fmt, spec.shards)
+    write_state_dict(rename_keys(state, spec.layout, spec.vision_tower), out, spec.fmt, spec.shards)
     (_write_original_vlm_files if spec.flavour == "original" else _write_hf_vlm_files)(out, spec)
 
 

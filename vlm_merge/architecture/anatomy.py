@@ -1,10 +1,10 @@
 """VLM anatomy: which tensors of a checkpoint are the vision encoder, the projector and the language model.
 
-Key layouts are data: each `Layout` row says how to recognise a checkpoint and how its keys map onto
-the parts. Language-model keys are related to a standalone LLM's keys ("canonical" keys:
-`model.layers.N.…`, `model.embed_tokens.weight`, `model.norm.weight`, `lm_head.weight`) by a prefix
-substitution, so one table row describes a whole layout. Unknown VLMs fall back to finding the prefix
-under which a given base LLM's keys appear with equal shapes.
+Key layouts are data, in one table (`vlm_merge.architecture.layouts`): each row says how to recognise a
+checkpoint and how its keys map onto the parts. Language-model keys are related to a standalone LLM's keys
+("canonical" keys: `model.layers.N.…`, `model.embed_tokens.weight`, `model.norm.weight`, `lm_head.weight`)
+by a prefix substitution, so one table row describes a whole layout. Unknown VLMs fall back to finding the
+prefix under which a given base LLM's keys appear with equal shapes.
 """
 
 from __future__ import annotations
@@ -14,8 +14,9 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from vlm_merge.io.checkpoint import CheckpointReader, TensorInfo
+from vlm_merge.architecture.layouts import HF_LM, Layout, detect_layout
 from vlm_merge.errors import VlmMergeError
+from vlm_merge.io.checkpoint import CheckpointReader, TensorInfo
 
 VISION, PROJECTOR, LANGUAGE, OTHER, BUFFERS = "vision_tower", "projector", "language_model", "other", "buffers"
 
@@ -37,61 +38,6 @@ def is_buffer(key: str) -> bool:
     """Whether `key` names a non-parameter buffer (see `BUFFER_PATTERNS`), not a weight."""
     return _BUFFER_RE.search(key) is not None
 
-
-@dataclass(frozen=True)
-class Layout:
-    """One key layout. `lm_prefixes` maps a VLM key prefix to the canonical LLM key prefix."""
-
-    name: str
-    description: str
-    detect: str  # regex; a checkpoint whose keys match it (and has vision keys) has this layout
-    lm_prefixes: tuple[tuple[str, str], ...]
-    projector: tuple[str, ...]
-    vision: tuple[str, ...]
-    other: tuple[str, ...] = ()
-    text_config_key: str | None = "text_config"  # None: text fields are at the config's top level
-
-
-LAYOUTS: tuple[Layout, ...] = (
-    Layout(
-        name="llava-original",
-        description="original LLaVA (haotian-liu: LlavaLlamaForCausalLM / LlavaMistralForCausalLM)",
-        detect=r"^model\.mm_projector\.",
-        lm_prefixes=(("model.", "model."), ("lm_head.", "lm_head.")),
-        projector=("model.mm_projector.",),
-        vision=("model.vision_tower.",),
-        other=("model.image_newline",),
-        text_config_key=None,
-    ),
-    Layout(
-        name="llava-hf",
-        description="llava-hf as saved by transformers 4.x / 5.x (language_model.model.*)",
-        detect=r"^language_model\.model\.",
-        lm_prefixes=(("language_model.model.", "model."), ("language_model.lm_head.", "lm_head.")),
-        projector=("multi_modal_projector.",),
-        vision=("vision_tower.",),
-        other=("image_newline",),
-    ),
-    Layout(
-        name="llava-hf-v5",
-        description="transformers >= 4.52 layout (model.language_model.*)",
-        detect=r"^model\.language_model\.",
-        lm_prefixes=(("model.language_model.", "model."), ("lm_head.", "lm_head.")),
-        projector=("model.multi_modal_projector.",),
-        vision=("model.vision_tower.",),
-        other=("model.image_newline",),
-    ),
-)
-
-LLM_LAYOUT = Layout(
-    name="llm",
-    description="standalone causal LM (LlamaForCausalLM, MistralForCausalLM, …)",
-    detect=r"^model\.layers\.",
-    lm_prefixes=(("model.", "model."), ("lm_head.", "lm_head.")),
-    projector=(),
-    vision=(),
-    text_config_key=None,
-)
 
 # Canonical LLM key -> role within the language model.
 _LM_ROLES: tuple[tuple[str, str], ...] = (
@@ -171,16 +117,6 @@ class Anatomy:
         return rows
 
 
-def _match_layout(keys: list[str]) -> Layout | None:
-    for layout in LAYOUTS:
-        rx = re.compile(layout.detect)
-        if any(rx.match(k) for k in keys):
-            return layout
-    if any(re.match(LLM_LAYOUT.detect, k) for k in keys):
-        return LLM_LAYOUT
-    return None
-
-
 def _classify(keys: list[str], layout: Layout) -> tuple[dict[str, list[str]], dict[str, str]]:
     parts: dict[str, list[str]] = {VISION: [], PROJECTOR: [], LANGUAGE: [], OTHER: [], BUFFERS: []}
     lm_keys: dict[str, str] = {}
@@ -214,16 +150,10 @@ def inspect_checkpoint(reader: CheckpointReader) -> Anatomy:
     """Name the parts of a checkpoint using the layout table (generic VLMs need `align_generic`)."""
     keys = reader.keys()
     config = reader.config()
-    layout = _match_layout(keys)
-    if layout is None:
-        layout = Layout(
-            name="unknown",
-            description="no known layout; pass --base to locate the language model by shape",
-            detect="",
-            lm_prefixes=(),
-            projector=(),
-            vision=(),
-        )
+    layout = detect_layout(keys) or Layout(
+        name="unknown", description="no known layout; pass --base to locate the language model by shape", detect=None,
+        hf_prefixes=(),
+    )
     parts, lm_keys = _classify(keys, layout)
     return Anatomy(reader.path, layout, parts, lm_keys, reader.infos(), config, _text_config(config, layout))
 
@@ -253,16 +183,15 @@ def locate_language_model(vlm: CheckpointReader, base: CheckpointReader) -> Anat
         )
     prefix = best[1]
     heads = [k[: -len("lm_head.weight")] for k in vlm_infos if k.endswith("lm_head.weight")]
-    lm_prefixes = [(prefix, "model.")] + [(h + "lm_head.", "lm_head.") for h in heads[:1]]
-    lm_set = {p for p, _ in lm_prefixes}
+    lm_prefixes = [(HF_LM + "model.", prefix)] + [(HF_LM + "lm_head.", h + "lm_head.") for h in heads[:1]]
+    lm_set = {p for _, p in lm_prefixes}
     # Everything else is the vision side; keep the top-level module names as its prefixes.
     rest = Counter(k.split(".")[0] + "." for k in vlm_infos if not is_buffer(k) and not any(k.startswith(p) for p in lm_set))
     layout = Layout(
         name="generic",
         description=f"generic: language model found under {prefix!r} by matching {base.path.name}",
-        detect="",
-        lm_prefixes=tuple(lm_prefixes),
-        projector=(),
+        detect=None,
+        hf_prefixes=tuple(lm_prefixes),
         vision=tuple(sorted(rest)),
     )
     parts, lm_keys = _classify(vlm.keys(), layout)

@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 
 from vlm_merge.io import convert
+from vlm_merge.architecture.layouts import layout_named, to_hf
 from vlm_merge.architecture.anatomy import (
     BUFFERS,
     LANGUAGE,
@@ -75,6 +76,8 @@ TRANSFORMERS_PROCESSORS = {
 
 @dataclass
 class Source:
+    """One opened checkpoint of a merge under its role: reader, anatomy and tokenizer (or known vocabulary)."""
+
     role: str
     reader: CheckpointReader
     anatomy: Anatomy
@@ -251,6 +254,8 @@ def _keep(role: str) -> TensorFn:
 
 @dataclass
 class BackbonePlan:
+    """A planned backbone merge: the engine's tensor plan, its sources, the output config and vocabulary."""
+
     plan: MergePlan
     sources: Sources
     config: dict
@@ -305,7 +310,7 @@ def plan_backbone(
     def out_key(key: str) -> str:
         if not original:
             return key
-        new = convert.rename(key, convert.ORIGINAL_TO_HF)
+        new = to_hf(key, ref.anatomy.layout)
         assert new is not None, key
         return new
 
@@ -314,7 +319,7 @@ def plan_backbone(
         # tower takes the projector's dtype (one dtype throughout; transformers 4.x half-casts mixed checkpoints).
         tower_dtype = next((ref.anatomy.infos[k].dtype for k in ref.anatomy.parts[PROJECTOR]), None)
         for key in sources.clip.keys():
-            new = convert.rename(key, convert.CLIP_TO_HF)
+            new = to_hf(key, layout_named("clip"))
             if new is not None and not is_buffer(key):
                 info = sources.clip.info(key)
                 out_dtype = tower_dtype if tower_dtype is not None and info.dtype.is_floating_point else info.dtype

@@ -38,6 +38,8 @@ class TensorParams:
 
 @dataclass
 class RecipePlan:
+    """A recipe planned against its sources: the resolved recipe, the method, every tensor's parameters and the backbone plan."""
+
     recipe: Recipe  # resolved: absolute sources, defaults written out
     method: Method
     sources: Sources

@@ -2,10 +2,11 @@
 
 Original LLaVA checkpoints (`LlavaLlamaForCausalLM`, `LlavaMistralForCausalLM`) cannot be loaded by
 transformers' own classes, so a merged model built from one is written in the llava-hf layout that
-`LlavaForConditionalGeneration` / `LlavaNextForConditionalGeneration` load. The key renames and the
-config fields are tables here; the vision tower comes from the checkpoint when it embeds one
-(`model.vision_tower.vision_tower.vision_model.*`, LLaVA-1.6) or else from the CLIP checkpoint named
-by `mm_vision_tower` (LLaVA-1.5).
+`LlavaForConditionalGeneration` / `LlavaNextForConditionalGeneration` load. The config fields and processor
+files are tables here; the key renames are rows of the layout table (`vlm_merge.architecture.layouts`, applied
+by the engine: `llava-original` -> llava-hf, and `clip` for the tower). The vision tower comes from the
+checkpoint when it embeds one (`model.vision_tower.vision_tower.vision_model.*`, LLaVA-1.6) or else from the
+CLIP checkpoint named by `mm_vision_tower` (LLaVA-1.5).
 """
 
 from __future__ import annotations
@@ -16,18 +17,6 @@ from pathlib import Path
 
 from vlm_merge.errors import VlmMergeError
 from vlm_merge.io.safe_load import load_json
-
-# (regex on an original key, replacement) -> llava-hf key. First match wins.
-ORIGINAL_TO_HF: tuple[tuple[str, str], ...] = (
-    (r"^model\.mm_projector\.0\.", "multi_modal_projector.linear_1."),
-    (r"^model\.mm_projector\.2\.", "multi_modal_projector.linear_2."),
-    (r"^model\.vision_tower\.vision_tower\.vision_model\.", "vision_tower.vision_model."),
-    (r"^model\.image_newline$", "image_newline"),
-    (r"^model\.", "language_model.model."),
-    (r"^lm_head\.", "language_model.lm_head."),
-)
-# Keys of a standalone CLIP checkpoint that become the llava-hf vision tower.
-CLIP_TO_HF: tuple[tuple[str, str], ...] = ((r"^vision_model\.", "vision_tower.vision_model."),)
 
 # Original architecture -> (llava-hf architecture, model_type, processor class, image processor class).
 ARCHITECTURES: dict[str, tuple[str, str, str, str]] = {
@@ -61,13 +50,6 @@ CHAT_TEMPLATES: dict[str, str] = {
 TEXT_MODEL_TYPES = {"LlavaLlamaForCausalLM": "llama", "LlavaMistralForCausalLM": "mistral"}
 # Top-level fields of an original config that are LLaVA's, not the language model's.
 _LLAVA_FIELDS = re.compile(r"^(mm_|image_|tune_|freeze_|unfreeze_|use_mm_|tokenizer_model_max_length|tokenizer_padding_side)")
-
-
-def rename(key: str, table: tuple[tuple[str, str], ...]) -> str | None:
-    for pattern, repl in table:
-        if re.search(pattern, key):
-            return re.sub(pattern, repl, key, count=1)
-    return None
 
 
 def text_model_type(config: dict) -> str:
