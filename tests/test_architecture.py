@@ -117,3 +117,15 @@ def test_the_engine_api_is_documented_and_complete():
     for name in ("merge", "validate", "open_sources", "plan_backbone", "write_backbone", "extract_task_vector",
                  "apply_task_vector", "ResidentMerger", "write_scaffold", "torch_threads", "describe_parts"):
         assert name in vlm_merge.engine.__all__, name
+
+
+def test_applications_use_the_engine_through_its_public_api():
+    """evolve, world and cli import `vlm_merge.engine` as a package (names in its `__all__`), never a submodule."""
+    files = [p for d in ("evolve", "world", "cli") for p in sorted((ROOT / "vlm_merge" / d).glob("*.py"))]
+    assert len(files) > 10
+    for path in files:
+        for module, name in _imports(path):
+            where = f"{path.relative_to(ROOT)}: {module}" + (f".{name}" if name else "")
+            assert not module.startswith("vlm_merge.engine."), f"{where}: an engine submodule"
+            if module == "vlm_merge.engine":
+                assert name in vlm_merge.engine.__all__, f"{where}: not in vlm_merge.engine.__all__"

@@ -34,7 +34,7 @@ def _parse_module_scales(items: list[str] | None) -> dict[str, float]:
 
 def cmd_inspect(args: argparse.Namespace) -> int:
     from vlm_merge.architecture.anatomy import align, inspect_checkpoint, inspect_llm, inspect_vlm
-    from vlm_merge.engine.backbone import config_conflicts, describe_parts, vision_tower_status, vlm_text_config
+    from vlm_merge.engine import config_conflicts, describe_parts, vision_tower_status, vlm_text_config
     from vlm_merge.io.checkpoint import CheckpointReader
 
     reader = CheckpointReader(args.path, args.cache_dir)
@@ -109,7 +109,7 @@ def cmd_chat_vector(args: argparse.Namespace) -> int:
 
 
 def cmd_merge(args: argparse.Namespace) -> int:
-    from vlm_merge.engine.merge import merge
+    from vlm_merge.engine import merge
 
     out = merge(
         args.recipe, args.out, dtype=args.dtype, device=args.device, force=args.force,
@@ -122,7 +122,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    from vlm_merge.engine.merge import validate
+    from vlm_merge.engine import validate
 
     rp, rows = validate(args.recipe, vision_tower=args.vision_tower, cache_dir=args.cache_dir,
                         text_config_from=args.text_config_from)
@@ -140,7 +140,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 def add_core_commands(sub) -> None:
     """Register the core commands on the CLI's subparsers."""
-    from chat_vector.rules import DEFAULT_SKIP, SKIP_PRESETS
+    from vlm_merge.recipe.presets import DEFAULT_SKIP, SKIP_PRESETS
 
 
     s = sub.add_parser("inspect", help="name the parts of a checkpoint (vision tower, projector, language model)")

@@ -133,7 +133,7 @@ class Evaluator:
         from eval.model_loading import load_model
         from eval.protocols import get_protocol
         from eval.runner import encode_benchmark_images
-        from vlm_merge.engine.resident import ResidentMerger
+        from vlm_merge.engine import ResidentMerger
 
         if config.threads is not None:  # for the whole process (a Ray actor's is its own); `run_evolve` restores it
             torch.set_num_threads(config.threads)
@@ -158,7 +158,7 @@ class Evaluator:
 
     def score(self, recipe: Recipe | dict, question_ids: Sequence[str] | None = None) -> Scored:
         """Merge `recipe` into the live model and score it; failures score the penalty with the error."""
-        from vlm_merge.engine.resident import CandidateError
+        from vlm_merge.engine import CandidateError
 
         f = self.config.fitness
         qs = self.pool if question_ids is None else [self.by_id[q] for q in question_ids]

@@ -60,7 +60,7 @@ class Genome:
     @classmethod
     def of(cls, config: EvolveConfig, num_layers: int) -> Genome:
         """Every gene of `config` for a model of `num_layers` decoder layers (none held)."""
-        from vlm_merge.engine.merge import model_entries
+        from vlm_merge.engine import model_entries
         from vlm_merge.methods import METHODS
 
         method = METHODS[config.method]
@@ -145,7 +145,7 @@ def inert_genes(genome: Genome, merger) -> dict[str, str]:
     recipe), each with why. A gene sets the tensors whose resolved parameters change when it alone moves from
     its x0 value to the far bound; it is inert if it sets none, or only tensors no parameter can change
     (`ResidentMerger.inert`). A gene whose move makes the recipe invalid is kept."""
-    from vlm_merge.engine.resident import CandidateError
+    from vlm_merge.engine import CandidateError
 
     x0 = genome.x0()
     fixed = merger.inert()

@@ -60,7 +60,7 @@ def write_summary(cfg: EvolveConfig, genome: Genome, out: Path, records: list[di
         recipe = genome.decode(best["x"])
         write_atomic(out / BEST_RECIPE_FILE, f"# vlm-merge evolve: best of {evals} candidates, fitness {best['fitness']:.6g}\n" + recipe.to_yaml())
         if write_model:
-            from vlm_merge.engine.merge import merge
+            from vlm_merge.engine import merge
 
             model_dir = merge(out / BEST_RECIPE_FILE, out / MODEL_DIR, force=True, progress=False)
     write_atomic(out / SUMMARY_FILE, json.dumps(summary, indent=2, ensure_ascii=False) + "\n")
@@ -73,8 +73,8 @@ TEST_REPORT_MD, TEST_REPORT_JSON, TEST_PREDICTIONS_DIR = "test_report.md", "test
 def chat_vector_recipe(cfg: EvolveConfig, scale: float) -> Recipe:
     """`chat_vector.chat_vector_recipe` at `scale` on this run's sources (scale 0: the target in the VLM shell),
     with the run's tokenizer source and recipe seed so the resident merger accepts it."""
-    from chat_vector import chat_vector_recipe as cv_recipe
-    from chat_vector import make_scales
+    from vlm_merge.recipe.presets import chat_vector_recipe as cv_recipe
+    from vlm_merge.recipe.presets import make_scales
 
     s = cfg.sources
     return replace(cv_recipe(s.vlm, s.base_model, s.target, make_scales(scale), dtype=cfg.dtype),

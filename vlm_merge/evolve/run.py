@@ -74,7 +74,7 @@ def run_evolve(
     Without the `evolve` extra installed: the one-line error naming it, before anything else (Ray, which only
     `workers > 0` needs, is asked for by the Ray pool, so an in-process run, e.g. the demo's, goes without it).
     """
-    from vlm_merge.engine.threads import torch_threads
+    from vlm_merge.engine import torch_threads
     from vlm_merge.extras import require_extra
 
     require_extra("evolve", "vlm_merge.evolve.run_evolve", unneeded=("ray",))
@@ -156,7 +156,7 @@ def _run_evolve(config, out, resume: bool, force: bool, progress: bool, workers:
                 questions, test_questions = check_data(cfg)
                 qpool = [q.question_id for q in questions[1]]
                 if not scaffold.exists():
-                    from vlm_merge.engine.resident import write_scaffold
+                    from vlm_merge.engine import write_scaffold
 
                     write_scaffold(genome.decode(genome.x0()), scaffold)
                 pool = (RayPool(cfg, scaffold, cfg.workers) if cfg.workers > 0  # each actor reads its own
@@ -218,7 +218,7 @@ def _run_evolve(config, out, resume: bool, force: bool, progress: bool, workers:
     test = None
     if cfg.test is not None and best is not None:
         if not scaffold.exists():
-            from vlm_merge.engine.resident import write_scaffold
+            from vlm_merge.engine import write_scaffold
 
             write_scaffold(genome.decode(genome.x0()), scaffold)
         test = held_out_report(cfg, out, genome.decode(best["x"]), scaffold, test_questions)

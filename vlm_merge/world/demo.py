@@ -125,7 +125,7 @@ def open_zoo(path: str | Path | None = None) -> Zoo:
 def inspect_zoo(zoo: Zoo) -> dict:
     """The parts of every model (`vlm-merge inspect`'s anatomy) and the VLM's alignment with each base."""
     from vlm_merge.architecture.anatomy import align, inspect_llm, inspect_vlm
-    from vlm_merge.engine.backbone import describe_parts
+    from vlm_merge.engine import describe_parts
     from vlm_merge.io.checkpoint import CheckpointReader
 
     rows, parts, alignment = [], {}, {}
@@ -547,7 +547,7 @@ def run_demo(out: str | Path, *, force: bool = False, zoo: str | Path | None = N
         run_evolve,
     )
     from vlm_merge.evolve import protocol_text as fitness_text
-    from vlm_merge.engine.threads import torch_threads
+    from vlm_merge.engine import torch_threads
     from vlm_merge.world import evaluate
     from vlm_merge.world.experiment import chat_vector_model
 

@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 from eval.outputs import write_atomic
-from vlm_merge.engine.threads import torch_threads
+from vlm_merge.engine import torch_threads
 from vlm_merge.world import evaluate, read_zoo_meta
 
 log = logging.getLogger(__name__)

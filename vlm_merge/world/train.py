@@ -26,7 +26,7 @@ from tokenizers import Tokenizer
 from tqdm.auto import tqdm
 from transformers import CLIPVisionConfig, CLIPVisionModel, LlamaConfig, LlamaForCausalLM, LlavaConfig, LlavaForConditionalGeneration
 
-from vlm_merge.engine.threads import torch_threads
+from vlm_merge.engine import torch_threads
 from vlm_merge.world import scenes, text
 
 log = logging.getLogger(__name__)
