@@ -17,8 +17,9 @@ from PIL import Image
 
 from tests.conftest import error_line
 from vlm_merge.cli import main
-from vlm_merge.world.demo import CONTROLS, MERGES, QUICK, SANITY, headline, verdict
 from vlm_merge.world import SHIPPED_ZOO, datasets, evaluate
+from vlm_merge.world.demo import QUICK
+from vlm_merge.world.report import CONTROLS, MERGES, SANITY, headline, verdict
 
 pytestmark = pytest.mark.skipif(not (SHIPPED_ZOO / "zoo.json").exists(), reason="no prebuilt zoo under assets/")
 MODELS = (SANITY, *CONTROLS, *MERGES)

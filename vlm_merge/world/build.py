@@ -24,9 +24,9 @@ from transformers import (
     LlavaForConditionalGeneration,
 )
 
+from vlm_merge.engine import torch_threads
 from vlm_merge.io.convert import CHAT_TEMPLATES
 from vlm_merge.io.outputs import AtomicDir
-from vlm_merge.engine import torch_threads
 from vlm_merge.world import datasets, evaluate, scenes, text, train
 from vlm_merge.world.train import WorldSettings
 

@@ -24,7 +24,14 @@ import numpy as np
 import torch
 from tokenizers import Tokenizer
 from tqdm.auto import tqdm
-from transformers import CLIPVisionConfig, CLIPVisionModel, LlamaConfig, LlamaForCausalLM, LlavaConfig, LlavaForConditionalGeneration
+from transformers import (
+    CLIPVisionConfig,
+    CLIPVisionModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+    LlavaConfig,
+    LlavaForConditionalGeneration,
+)
 
 from vlm_merge.engine import torch_threads
 from vlm_merge.world import scenes, text
