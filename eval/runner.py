@@ -19,7 +19,7 @@ from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from eval.benchmarks import Benchmark, Question, load_benchmark
+from eval.benchmarks import Benchmark, Question, load_benchmark, scoring_meta
 from eval.decoding import GenerationSettings
 from eval.generation import EncodedImage, encode_images, generate
 from eval.metrics import Aggregate, Scorer, check_meta, score_predictions
@@ -126,7 +126,7 @@ def evaluate(
     run = RunDir(out_dir, force, paths) if out_dir else None  # checked now, created after the other checks
     benchmark = bench if isinstance(bench, Benchmark) else load_benchmark(bench, data, cache_dir=cache_dir)
     questions = benchmark.select(proto.questions, limit)
-    check_meta(scorers if scorers is not None else proto.metrics, [q.meta for q in questions])  # before any work
+    check_meta(scorers if scorers is not None else proto.metrics, [scoring_meta(q) for q in questions])  # before any work
     if encoded_images is None:
         benchmark.check_images(questions)  # every image file there and an image, before the model loads
     bench_meta = {**benchmark.describe(), "questions_evaluated": len(questions), "limit": limit,
@@ -165,7 +165,7 @@ def evaluate(
         records = [done[q.question_id] for q in questions]
         report = score_predictions([r["answer"] for r in records], [r["prediction"] for r in records],
                                    scorers if scorers is not None else proto.metrics, seed=seed,
-                                   meta=[q.meta for q in questions])
+                                   meta=[scoring_meta(q) for q in questions])
         predictions = [{**r, **{k: round(v, 6) for k, v in s.items()}} for r, s in zip(records, report.per_sample)]
         metadata.update({
             "scores": {name: agg.as_dict() for name, agg in report.aggregate.items()},
