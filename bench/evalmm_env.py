@@ -4,9 +4,9 @@ eval-mm is never a dependency of vlm-merge. `ensure_evalmm` creates ``bench/.ven
 use. eval-mm 0.4.1 declares ``requires-python >= 3.12.1`` while the project's venv is 3.11 and the local CPU torch
 wheel (/opt/wheels) is cp311 only, so the side environment is a Python 3.12 venv (pyenv's, or ``EVALMM_PYTHON``)
 with eval-mm installed ``--no-deps`` plus the packages its metrics and package ``__init__`` import
-(`EVALMM_DEPS`, the ``[project] dependencies`` of eval-mm 0.4.1's pyproject.toml minus torch / webdataset / av /
-scipy / sacrebleu, which no module imported by ``eval_mm.metrics`` for rougel, exact-match, substring-match,
-llm-as-a-judge and heron-bench needs): that way no resolver can pull a CUDA build of torch.
+(`EVALMM_DEPS`, the ``[project] dependencies`` of eval-mm 0.4.1's pyproject.toml minus torch / webdataset / av, which
+no module ``import eval_mm.metrics`` loads imports, and sacrebleu without its ``[ja]`` extra): that way no resolver
+can pull a CUDA build of torch.
 """
 
 from __future__ import annotations
@@ -21,7 +21,8 @@ from pathlib import Path
 EVALMM_VERSION = "0.4.1"
 # eval-mm 0.4.1's pyproject.toml pins datasets==2.18.0; the rest are its lower bounds
 EVALMM_DEPS = ("datasets==2.18.0", "requests>=2.32.3", "python-dotenv>=1.0.1", "openai>=1.42.0", "rouge-score>=0.1.2",
-               "emoji>=2.12.1", "fugashi>=1.3.2", "unidic-lite>=1.0.8", "backoff>=2.2.1", "loguru>=0.7.3", "pillow")
+               "emoji>=2.12.1", "fugashi>=1.3.2", "unidic-lite>=1.0.8", "backoff>=2.2.1", "loguru>=0.7.3", "pillow",
+               "sacrebleu>=2.4.3", "scipy>=1.15.1")
 ROOT = Path(__file__).resolve().parent / ".venv-evalmm"
 
 

@@ -217,6 +217,8 @@ class OpenAIJudge(Judge):
                 reply = client.chat.completions.create(model=self.model, messages=request.openai_messages(),
                                                        max_tokens=request.max_tokens, temperature=request.temperature,
                                                        **extra)
+            except openai.APIStatusError as e:  # the server's own words (e.g. a prompt longer than its context)
+                return VlmMergeError(f"HTTP {e.status_code}: {_one_line(Exception(e.response.text or e.message))}")
             except openai.OpenAIError as e:
                 return e
             if not reply.choices:

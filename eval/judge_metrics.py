@@ -129,7 +129,8 @@ Output:
 
 
 def evalmm_heron_parse(llm_output: str) -> dict[str, int]:
-    """eval-mm 0.4.1's `parse_score`: the first ```json block (or {...}) with both keys, else both -1."""
+    """eval-mm 0.4.1's `parse_score`: the first ```json block (or {...}) with both keys, else both -1 (also where
+    a value is not a number, on which eval-mm raises)."""
     matches = re.findall(r"```json(.*?)```", llm_output, re.DOTALL) or re.findall(r"\{.*?\}", llm_output, re.DOTALL)
     for json_string in matches:
         json_string = json_string.strip()
@@ -139,7 +140,10 @@ def evalmm_heron_parse(llm_output: str) -> dict[str, int]:
             except json.JSONDecodeError:
                 continue
             if isinstance(parsed, dict) and "score" in parsed and "score_gpt" in parsed:
-                return {"score": int(parsed["score"]), "score_gpt": int(parsed["score_gpt"])}
+                try:
+                    return {"score": int(parsed["score"]), "score_gpt": int(parsed["score_gpt"])}
+                except (TypeError, ValueError):  # eval-mm raises here (e.g. "score": null); a parse failure here
+                    break
             break  # parsed but without both keys: eval-mm moves on to the next match
     return {"score": -1, "score_gpt": -1}
 

@@ -61,6 +61,10 @@ def comparable_key(metadata: dict) -> str:
         "generation": metadata["generation"],
         "metrics": sorted(metadata["scorers"]),
     }
+    judges = {name: [s["judge"].get("identity", s["judge"].get("model")), s.get("prompt_sha256")]
+              for name, s in sorted(metadata["scorers"].items()) if isinstance(s.get("judge"), dict)}
+    if judges:  # a judge metric's number depends on the judge and its prompt (eval.judge_metrics)
+        keep["judges"] = judges
     return hashlib.sha256(json.dumps(keep, sort_keys=True, ensure_ascii=False).encode()).hexdigest()[:12]
 
 

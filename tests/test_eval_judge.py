@@ -43,6 +43,10 @@ def judge_model(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("judge") / "ja-base-chat"
     shutil.copytree(ZOO / "ja-base", out)
     (out / "chat_template.jinja").write_text(CHAT_TEMPLATE, encoding="utf-8")
+    for name, key in (("config.json", "max_position_embeddings"), ("tokenizer_config.json", "model_max_length")):
+        config = json.loads((out / name).read_text())
+        config[key] = 4096  # the judge prompts are ~1000 tokens of this tokenizer (RoPE: no position table to grow)
+        (out / name).write_text(json.dumps(config))
     return out
 
 
