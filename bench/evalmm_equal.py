@@ -6,7 +6,7 @@ judge replies (replayed in order to both: eval-mm through a client object with i
 ours through a `Judge` that answers from the same list): the parsed per-sample scores and the aggregates of
 `llm-as-a-judge` and `heron-bench-evalmm` against eval-mm's `llm-as-a-judge` and `heron-bench`. The inputs cover
 what the two normalisations and parsers must agree on: full-width letters and digits, emoji, repeated spaces,
-empty predictions, substring and exact hits, JSON in code fences, loose JSON, replies that do not parse.
+prolonged-sound marks and tildes (which neologdn folds and NFKC keeps), empty predictions, substring and exact hits, JSON in code fences, loose JSON, replies that do not parse.
 
     .venv/bin/python -m bench.evalmm_equal      # installs bench/.venv-evalmm on first use (a few minutes)
 
@@ -29,9 +29,11 @@ from eval.metrics import score_predictions
 from vlm_merge.tables import format_table
 
 REFS = ["私は猫です。", "たかしが公園で遊んでいた。", "池のほとりです。", "赤い車", "ＡＢＣ株式会社", "3本",
-        "東京タワーです", "白い犬が２匹います。", "富士山", "晴れ 😀", "寿司", "京都の  金閣寺", "はい", "", "信号は青"]
+        "東京タワーです", "白い犬が２匹います。", "富士山", "晴れ 😀", "寿司", "京都の  金閣寺", "すごーーーい景色", "",
+        "信号は青〜"]
 PREDS = ["私は猫です。", "たかしが公園にいたようだ。", "ここは湖の岸です。", "赤い車です", "ABC株式会社です", "３本",
-         "東京タワー", "白い犬が2匹います。", "", "晴れ", "お寿司です 🍣", "京都の 金閣寺", "いいえ", "何もない", "青"]
+         "東京タワー", "白い犬が2匹います。", "", "晴れ", "お寿司です 🍣", "京都の 金閣寺", "すごーい景色です", "何もない",
+         "信号は青"]
 QUESTIONS = [f"質問{i}は何ですか？" for i in range(len(REFS))]
 CONTEXTS = [f"画像{i}の説明。" for i in range(len(REFS))]
 CATEGORIES = ["conv", "detail", "complex"] * 5
@@ -150,6 +152,13 @@ def main() -> int:
             ok &= same
         ok &= same_scores
     print(format_table(["metric (eval-mm name)", "quantity", "ours vs eval-mm 0.4.1", "verdict"], rows))
+    # for contrast: the Sakana-normalised metrics on the same inputs are not eval-mm's (what the evalmm-* ones are for)
+    sakana = score_predictions(REFS, PREDS, ["rouge-ja", "exact-match", "substring-match"], resamples=10).summary()
+    print(f"for contrast, Sakana-normalised: rouge-ja rougeL {sakana['rougeL']:.6f} vs eval-mm rougel "
+          f"{ref['rougel']['details']['rougel']:.6f}; exact-match {sakana['exact_match']:.6f} vs "
+          f"{ref['exact-match']['details']['exact_match']:.6f}; substring-match {sakana['substring_match']:.6f} vs "
+          f"{ref['substring-match']['details']['substring_match']:.6f}")
+    print("ALL EQUAL" if ok else "DIFFERENCES FOUND")
     return 0 if ok else 1
 
 
