@@ -142,6 +142,8 @@ def cmd_score(args: argparse.Namespace) -> int:
     form = "llm-jp-eval-mm" if is_evalmm_record(records[0]) else "vlm-merge"
     if form == "llm-jp-eval-mm":
         records = read_evalmm_predictions(records, str(path))
+    else:  # ours: answer and prediction on every line (the answer may come from --bench)
+        records = read_jsonl(path, ("prediction",) if args.bench else ("answer", "prediction"))
     if args.bench:
         records = _join_benchmark(records, args.bench, args.data, path)
     for n, r in enumerate(records, 1):
