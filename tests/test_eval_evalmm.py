@@ -55,7 +55,7 @@ def test_score_reads_evalmm_prediction_files(tmp_path, capsys):
     assert json.loads(capsys.readouterr().out)["scores"]["evalmm_exact_match"]["mean"] == 0.5  # 3 is green, 5 is blue
     bare.write_text(json.dumps({"question_id": 99, "text": "x"}) + "\n", encoding="utf-8")
     assert main(["score", str(bare), "--bench", "japanese-heron-bench", "--data", str(heron)]) == 2
-    assert "question_id 99 is not in benchmark japanese-heron-bench" in error_line(capsys)
+    assert "question_id '99' is not in benchmark japanese-heron-bench" in error_line(capsys)
 
 
 def test_evalmm_records_use_evalmm_names_and_types():
