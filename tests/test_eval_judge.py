@@ -191,3 +191,39 @@ def test_eval_heron_from_the_cli_with_a_server_judge(server, judge_model, zoo, t
     again = json.loads((out / "scores.json").read_text())
     assert again["scorers"]["heron-bench"]["from_cache"] == 4 and again["scores"] == scores["scores"]
     capsys.readouterr()
+
+
+def test_retries_with_backoff_on_5xx_then_one_line(judge_model, tmp_path):
+    """Failure injection (not a judge): an endpoint that always answers 503 (Retry-After: 0) is asked
+    1 + max_retries times per request, then the run fails in one line with the server's words."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    hits = []
+
+    class Unavailable(BaseHTTPRequestHandler):
+        def do_POST(self):  # noqa: N802 - http.server's name
+            hits.append(self.path)
+            self.rfile.read(int(self.headers["Content-Length"]))
+            body = b'{"error": {"message": "overloaded"}}'
+            self.send_response(503)
+            self.send_header("Retry-After", "0")
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Unavailable)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    try:
+        judge = _api_judge(judge_model, f"http://127.0.0.1:{httpd.server_port}/v1", tmp_path / "c", max_retries=2,
+                           timeout=5)
+        with pytest.raises(VlmMergeError, match=r"1 of 1 requests failed after retries \(first: HTTP 503: .*overloaded"):
+            judge.judge([JudgeRequest.chat("s", "u")])
+        assert hits == ["/v1/chat/completions"] * 3
+        assert not list((tmp_path / "c").rglob("*.json"))  # a failure is never cached
+    finally:
+        httpd.shutdown()
