@@ -119,11 +119,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
     print(_format_scores(meta["scores"], list(meta["scores"])))
     print(f"predictions: {result.out_dir / 'predictions.jsonl'}\nscores: {result.out_dir / SCORES_FILE}")
     if args.evalmm:
-        from eval.evalmm import PREDICTION_FILE, evalmm_records
+        from eval.evalmm import EVALUATION_FILE, PREDICTION_FILE, evalmm_evaluation, evalmm_records
         from eval.outputs import jsonl, write_atomic
 
         write_atomic(result.out_dir / PREDICTION_FILE, jsonl(evalmm_records(result.predictions)))
-        print(f"llm-jp-eval-mm predictions: {result.out_dir / PREDICTION_FILE}")
+        write_atomic(result.out_dir / EVALUATION_FILE, jsonl([evalmm_evaluation(result.predictions)]))
+        print(f"llm-jp-eval-mm files: {result.out_dir / PREDICTION_FILE}, {result.out_dir / EVALUATION_FILE}")
     return 0
 
 
@@ -260,7 +261,8 @@ def add_eval_commands(sub) -> None:
     s.add_argument("--seed", type=int, default=0, help="bootstrap seed (default 0)")
     s.add_argument("--out", required=True, help="run directory: predictions.jsonl, scores.json, run.json")
     s.add_argument("--evalmm", action="store_true",
-                   help="also write llm-jp-eval-mm's prediction.jsonl (question_id, text, answer, input_text, scores)")
+                   help="also write llm-jp-eval-mm's prediction.jsonl (question_id, text, answer, input_text, scores) "
+                        "and evaluation.jsonl")
     _judge_options(s)
     s.set_defaults(func=cmd_eval)
 

@@ -14,7 +14,8 @@ Prediction files (eval-mm's `examples/sample.py`): `<result_dir>/<task_id>/<mode
 object per question, `{"question_id", "text"}` after inference and `{"question_id", "text", "answer",
 "input_text", <metric>: <per-sample score>, ...}` after scoring; `evaluation.jsonl` holds one line
 `{<metric>: {"overall_score", "details"}}`. `read_evalmm_predictions` turns either form into our records
-(`answer`, `prediction`, `question`); `evalmm_records` turns our run's predictions into eval-mm's final form.
+(`answer`, `prediction`, `question`); `evalmm_records` / `evalmm_evaluation` turn our run's predictions into eval-mm's
+scored `prediction.jsonl` lines and its `evaluation.jsonl` line.
 """
 
 from __future__ import annotations
@@ -29,7 +30,8 @@ from eval.metrics import Meta, Scorer
 from vlm_merge.errors import VlmMergeError
 
 EVALMM_VERSION = "0.4.1"
-PREDICTION_FILE = "prediction.jsonl"  # eval-mm's name
+PREDICTION_FILE = "prediction.jsonl"  # eval-mm's names
+EVALUATION_FILE = "evaluation.jsonl"
 # our metric name -> eval-mm's metric name (its ScorerRegistry) and the per-sample column that carries it here
 EVALMM_METRICS = {
     "evalmm-rougel": ("rougel", "evalmm_rougel"),
@@ -132,3 +134,27 @@ def evalmm_records(predictions: Sequence[dict]) -> list[dict]:
                                 if theirs == "heron-bench" else int(p[column]))
         lines.append(line)
     return lines
+
+
+def evalmm_evaluation(predictions: Sequence[dict]) -> dict[str, dict]:
+    """eval-mm's `evaluation.jsonl` line ({metric: {overall_score, details}}, as its scorers' `aggregate` make them)
+    for the metrics with an eval-mm counterpart that the predictions were scored with."""
+    from eval.judge_metrics import evalmm_heron_details
+
+    if not predictions:
+        return {}
+    out: dict[str, dict] = {}
+    detail_names = {"rougel": "rougel", "exact-match": "exact_match", "substring-match": "substring_match",
+                    "llm-as-a-judge": "llm_as_a_judge"}
+    for theirs, column in EVALMM_METRICS.values():
+        if column not in predictions[0]:
+            continue
+        if theirs == "heron-bench":
+            scores = [{"score": int(p[column]), "score_gpt": int(p["heron_evalmm_score_gpt"])} for p in predictions]
+            details = evalmm_heron_details(scores, [str((p.get("meta") or {}).get("category")) for p in predictions])
+            details = {k: float(v) for k, v in details.items()}
+            out[theirs] = {"overall_score": details["overall_rel"], "details": details}
+        else:
+            mean = sum(p[column] for p in predictions) / len(predictions)
+            out[theirs] = {"overall_score": mean, "details": {detail_names[theirs]: mean}}
+    return out

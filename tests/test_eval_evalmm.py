@@ -64,3 +64,18 @@ def test_evalmm_records_use_evalmm_names_and_types():
     assert evalmm_records(ours) == [{"question_id": "7", "text": "p", "answer": "a", "input_text": "q", "rougel": 12.5,
                                      "exact-match": 1, "llm-as-a-judge": 4,
                                      "heron-bench": {"score": 6, "score_gpt": 9}}]
+
+
+def test_evalmm_evaluation_line():
+    from eval.evalmm import evalmm_evaluation
+    from eval.judge_metrics import evalmm_heron_details
+
+    preds = [{"evalmm_rougel": 50.0, "evalmm_exact_match": 1.0, "heron_evalmm_score": s, "heron_evalmm_score_gpt": g,
+              "meta": {"category": c}} for s, g, c in ((6, 9, "conv"), (-1, -1, "detail"), (8, 8, "complex"))]
+    line = evalmm_evaluation(preds)
+    assert line["rougel"] == {"overall_score": 50.0, "details": {"rougel": 50.0}}
+    assert line["exact-match"]["details"] == {"exact_match": 1.0}
+    details = evalmm_heron_details([{"score": 6, "score_gpt": 9}, {"score": -1, "score_gpt": -1},
+                                    {"score": 8, "score_gpt": 8}], ["conv", "detail", "complex"])
+    assert line["heron-bench"]["overall_score"] == pytest.approx(details["overall_rel"])
+    assert line["heron-bench"]["details"]["parse_error_count"] == 1.0 and "detail_rel" not in line["heron-bench"]["details"]

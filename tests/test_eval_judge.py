@@ -173,7 +173,7 @@ def test_eval_heron_from_the_cli_with_a_server_judge(server, judge_model, zoo, t
     data = write_heron_dir(tmp_path / "heron")
     out, cache = tmp_path / "run", tmp_path / "cache"
     argv = ["eval", "--model", str(zoo.vlms["llava-hf-llama"]), "--bench", "japanese-heron-bench", "--data", str(data),
-            "--protocol", "heron", "--max-new-tokens", "4", "--limit", "4", "--out", str(out), "--quiet",
+            "--protocol", "heron", "--metrics", "heron-bench,heron-bench-evalmm,evalmm-rougel", "--max-new-tokens", "4", "--limit", "4", "--out", str(out), "--quiet",
             "--device", "cpu", "--judge-model", str(judge_model), "--judge-base-url", server,
             "--judge-cache", str(cache), "--judge-max-tokens", str(MAX_TOKENS), "--evalmm"]
     assert main(argv) == 0
@@ -184,12 +184,17 @@ def test_eval_heron_from_the_cli_with_a_server_judge(server, judge_model, zoo, t
                                                for line in (out / "predictions.jsonl").read_text().splitlines())
     assert "heron" in scores["scores"] and scores["protocol"]["name"] == "heron"
     evalmm = [json.loads(line) for line in (out / "prediction.jsonl").read_text().splitlines()]
-    assert [set(r) for r in evalmm] == [{"question_id", "text", "answer", "input_text"}] * 4
+    assert [set(r) for r in evalmm] == [{"question_id", "text", "answer", "input_text", "rougel", "heron-bench"}] * 4
+    evaluation = json.loads((out / "evaluation.jsonl").read_text())  # eval-mm's names; Heron's own metric has no twin
+    assert set(evaluation) == {"rougel", "heron-bench"}
+    assert evaluation["heron-bench"]["details"]["parse_error_count"] == scores["scorers"]["heron-bench-evalmm"]["parse_failures"]
+    assert evaluation["heron-bench"]["overall_score"] == pytest.approx(scores["scores"]["heron_evalmm"]["mean"])
     # resumed with the server unreachable: nothing generated, nothing asked, same scores
     argv[argv.index(server)] = _dead_url()
     assert main(argv) == 0
     again = json.loads((out / "scores.json").read_text())
-    assert again["scorers"]["heron-bench"]["from_cache"] == 4 and again["scores"] == scores["scores"]
+    assert again["scorers"]["heron-bench"]["from_cache"] == 4 and again["scorers"]["heron-bench-evalmm"]["from_cache"] == 4
+    assert again["scores"] == scores["scores"]
     capsys.readouterr()
 
 
