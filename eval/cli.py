@@ -31,6 +31,16 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+        if value < 0:
+            raise ValueError
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a non-negative integer") from None
+    return value
+
+
 def _positive_float(text: str) -> float:
     try:
         value = float(text)
@@ -230,7 +240,7 @@ def _judge_options(s: argparse.ArgumentParser) -> None:
     g.add_argument("--judge-api-key-env", default="OPENAI_API_KEY",
                    help="environment variable holding the API key (default OPENAI_API_KEY; a local server needs none)")
     g.add_argument("--judge-concurrency", type=_positive_int, default=8, help="requests in flight at once (default 8)")
-    g.add_argument("--judge-retries", type=int, default=5,
+    g.add_argument("--judge-retries", type=_non_negative_int, default=5,
                    help="retries with exponential backoff on 429 / 5xx / timeouts / connection errors (default 5)")
     g.add_argument("--judge-timeout", type=_positive_float, default=120.0, help="seconds per request (default 120)")
     g.add_argument("--judge-cache", default=None,
