@@ -232,3 +232,31 @@ def test_retries_with_backoff_on_5xx_then_one_line(judge_model, tmp_path):
         assert not list((tmp_path / "c").rglob("*.json"))  # a failure is never cached
     finally:
         httpd.shutdown()
+
+
+def test_eval_ja_vg_vqa_with_llm_as_a_judge_beside_rouge_and_a_local_judge(judge_model, zoo, tmp_path, capsys):
+    """`--judge-model DIR` without a base URL is a local transformers judge; llm-as-a-judge sits beside ROUGE-L and
+    reads each question's text (the runner hands scorers the question with its columns)."""
+    from eval.fixture_datasets import write_ja_vg_vqa
+
+    data = write_ja_vg_vqa(tmp_path / "vg", n_images=2)
+    out, cache = tmp_path / "run", tmp_path / "cache"
+    argv = ["eval", "--model", str(zoo.vlms["llava-hf-llama"]), "--bench", "ja-vg-vqa-500", "--data", str(data),
+            "--protocol", "llm-jp", "--metrics", "rouge-ja,llm-as-a-judge", "--max-new-tokens", "4", "--limit", "2",
+            "--out", str(out), "--quiet", "--device", "cpu", "--judge-model", str(judge_model),
+            "--judge-cache", str(cache), "--judge-max-tokens", "4"]
+    assert main(argv) == 0
+    scores = json.loads((out / "scores.json").read_text())
+    record = scores["scorers"]["llm-as-a-judge"]
+    assert record["judge"]["backend"] == "transformers" and record["judgments"] == 2 and record["prompt_tokens"] > 0
+    assert {"rougeL", "llm_as_a_judge", "llm_as_a_judge_parsed"} <= set(scores["scores"])
+    # each judgment is cached under the key of eval-mm's prompt holding that question, answer and prediction
+    from eval.judge_metrics import LLM_JUDGE_INSTRUCTION, LLM_JUDGE_SYSTEM
+
+    identity = make_judge(str(judge_model)).identity
+    rows = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
+    expected = {JudgmentCache.key(identity, JudgeRequest.chat(LLM_JUDGE_SYSTEM, LLM_JUDGE_INSTRUCTION.format(
+        Question=r["question"], Answer=r["answer"], Prediction=r["prediction"]), max_tokens=4, temperature=0.0, seed=0))
+        for r in rows}
+    assert {p.stem for p in cache.rglob("*.json")} == expected and len(expected) == 2
+    capsys.readouterr()
