@@ -35,7 +35,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from eval.heron import heron_dir_rows, heron_fields, is_heron_dir
+from eval.heron import heron_dir_rows, heron_fields, image_identity, is_heron_dir
 from eval.images import open_image, probe_image
 from vlm_merge.errors import VlmMergeError
 from vlm_merge.io.safe_load import parse_json, read_text
@@ -384,7 +384,7 @@ def _questions(table: _Table, schema: str, source: str) -> list[Question]:
     for i, row in enumerate(table.rows()):
         if schema == "heron":
             q, a, meta = heron_fields(row, source, i)
-            same_image = first_row_of_url.setdefault(_image_identity(table.image(i)), i)
+            same_image = first_row_of_url.setdefault(image_identity(table.image(i)), i)
             questions.append(Question(str(row.get("question_id", i)), f"{same_image}", q, a, 0, meta))
         elif schema == "vg-vqa":
             for j, qa in enumerate(_qas_list(row["qas"])):
@@ -408,15 +408,6 @@ def _questions(table: _Table, schema: str, source: str) -> list[Question]:
         dup = next(x for x in ids if ids.count(x) > 1)
         raise VlmMergeError(f"{source}: question id {dup!r} appears more than once; question ids must be unique")
     return questions
-
-
-def _image_identity(cell: object) -> str:
-    """What tells two rows' images apart: the path a cell names, or a hash of its bytes."""
-    if isinstance(cell, dict):
-        cell = cell.get("bytes") or cell.get("path")
-    if isinstance(cell, bytes):
-        return hashlib.sha256(cell).hexdigest()
-    return f"path:{cell}"
 
 
 def _image_files(table: _Table) -> list[Path]:

@@ -17,6 +17,7 @@ turingmotors/heron `playground/data/japanese-heron-bench/questions_ja.jsonl`, co
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 from vlm_merge.errors import VlmMergeError
@@ -82,3 +83,13 @@ def heron_fields(row: dict, source: str, i: int) -> tuple[str, str, dict]:
             raise VlmMergeError(f"{source}: row {i}: no {key!r}; Heron-Bench rows carry category and context")
     meta = {k: v for k, v in row.items() if k not in NOT_META and isinstance(v, (str, int, float, bool))}
     return question, answer, meta
+
+
+def image_identity(cell: object) -> str:
+    """What tells two rows' images apart (questions on one image share its key): the path a cell names, or a hash
+    of its bytes (llm-jp's parquet embeds every row's image)."""
+    if isinstance(cell, dict):
+        cell = cell.get("bytes") or cell.get("path")
+    if isinstance(cell, bytes):
+        return hashlib.sha256(cell).hexdigest()
+    return f"path:{cell}"

@@ -110,6 +110,7 @@ def evaluate(
     dtype: str | None = "auto",
     seed: int = 0,
     scorers: Sequence[Scorer] | None = None,
+    judge=None,
     progress: bool = True,
 ) -> EvalResult:
     """Score `model` (a live model with `processor`, or a path) on `bench` under `protocol`.
@@ -118,7 +119,8 @@ def evaluate(
     the protocol (recorded).
     `encoded_images` (from `encode_benchmark_images`) skips the vision tower. `seed` seeds the bootstrap.
     `scorers` (from `eval.metrics.make_scorers(protocol.metrics)`) saves re-creating the tokenizer and
-    language ID model when a search calls `evaluate` many times.
+    language ID model when a search calls `evaluate` many times. `judge` (`eval.make_judge(...)`) is the LLM judge
+    of judge metrics named in `metrics` / the protocol (`heron-bench`, `llm-as-a-judge`, ...).
     """
     proto = get_protocol(protocol).with_overrides(
         template=template, metrics=metrics, max_new_tokens=max_new_tokens, num_beams=num_beams,
@@ -169,7 +171,7 @@ def evaluate(
         records = [done[q.question_id] for q in questions]
         report = score_predictions([r["answer"] for r in records], [r["prediction"] for r in records],
                                    scorers if scorers is not None else proto.metrics, seed=seed,
-                                   meta=[scoring_meta(q) for q in questions])
+                                   meta=[scoring_meta(q) for q in questions], judge=judge)
         predictions = [{**r, **{k: round(v, 6) for k, v in s.items()}} for r, s in zip(records, report.per_sample)]
         metadata.update({
             "scores": {name: agg.as_dict() for name, agg in report.aggregate.items()},

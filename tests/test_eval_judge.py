@@ -260,3 +260,21 @@ def test_eval_ja_vg_vqa_with_llm_as_a_judge_beside_rouge_and_a_local_judge(judge
         for r in rows}
     assert {p.stem for p in cache.rglob("*.json")} == expected and len(expected) == 2
     capsys.readouterr()
+
+
+def test_evaluate_api_heron_with_a_local_judge(judge_model, zoo, tmp_path):
+    """From Python: `evaluate(..., protocol="heron", judge=make_judge(...))`; the Heron ratios are the published
+    statistic of the per-sample scores the run wrote."""
+    from eval.judge_metrics import heron_overall
+    from eval.runner import evaluate
+
+    data = write_heron_dir(tmp_path / "heron")
+    judge = make_judge(str(judge_model), cache_dir=tmp_path / "cache", max_tokens=4)
+    result = evaluate(str(zoo.vlms["llava-hf-llama"]), "japanese-heron-bench", data=data, protocol="heron", judge=judge,
+                      max_new_tokens=4, limit=5, out_dir=tmp_path / "run", device="cpu", progress=False)
+    rows = result.predictions
+    exact = heron_overall([r["heron_model"] for r in rows], [r["heron_reference"] for r in rows],
+                          [r["meta"]["category"] for r in rows])
+    assert result.scores["heron"].mean == pytest.approx(exact["overall"], nan_ok=True)
+    assert result.metadata["scorers"]["heron-bench"]["judgments"] == 5
+    assert result.summary().keys() == {"heron", "heron_conv", "heron_detail", "heron_complex"}
