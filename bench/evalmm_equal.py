@@ -92,7 +92,7 @@ class ReplayJudge(Judge):
     def describe(self) -> dict[str, object]:
         return {"backend": "replay"}
 
-    def _ask(self, requests: list[JudgeRequest]) -> list[Judgment]:
+    def _ask(self, requests: list[JudgeRequest], answered) -> list[Judgment]:
         assert len(requests) == len(self.replies)
         return [Judgment(r) for r in self.replies]
 

@@ -15,7 +15,8 @@ token counts). Two backends:
 (model name, or a local model's path and config / weight-file hash) and the request (messages, max tokens,
 temperature, seed): the prompt holds the question and the answer, so re-scoring the same predictions, or resuming
 an interrupted scoring, sends nothing again. A request that fails after the retries is not cached; the others are,
-and the error is one line saying how many failed.
+and the error is one line saying how many failed. Each judgment is cached as soon as it is answered, so an
+interrupted run keeps what was answered.
 """
 
 from __future__ import annotations
@@ -24,8 +25,8 @@ import hashlib
 import json
 import os
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -127,8 +128,9 @@ class Judge(ABC):
         """The judge as recorded in score files."""
 
     @abstractmethod
-    def _ask(self, requests: Sequence[JudgeRequest]) -> list[Judgment | Exception]:
-        """Ask the model; a failed request is its exception."""
+    def _ask(self, requests: Sequence[JudgeRequest], answered: Callable[[int, Judgment], None]) -> list[Judgment | Exception]:
+        """Ask the model; a failed request is its exception. `answered(i, judgment)` is called as each request is
+        answered (it caches the judgment at once, so an interrupted run keeps what was answered)."""
 
     def judge(self, requests: Sequence[JudgeRequest]) -> list[Judgment]:
         if self.max_tokens is not None:
@@ -140,14 +142,14 @@ class Judge(ABC):
             if hit is not None:
                 found[k] = hit
         todo = {k: r for k, r in zip(keys, requests) if k not in found}
-        answers = self._ask(list(todo.values())) if todo else []
+        todo_keys = list(todo)
+        answers = self._ask(list(todo.values()), lambda i, j: self.cache.put(todo_keys[i], j)) if todo else []
         failures = []
-        for k, answer in zip(todo, answers):
+        for k, answer in zip(todo_keys, answers):
             if isinstance(answer, Exception):
                 failures.append(answer)
-                continue
-            self.cache.put(k, answer)
-            found[k] = answer
+            else:
+                found[k] = answer
         if failures:
             raise VlmMergeError(
                 f"judge {self.identity}: {len(failures)} of {len(todo)} requests failed after retries "
@@ -206,7 +208,7 @@ class OpenAIJudge(Judge):
             key = LOCAL_SERVER_KEY
         return openai.OpenAI(api_key=key, base_url=self.base_url, max_retries=self.max_retries, timeout=self.timeout)
 
-    def _ask(self, requests: Sequence[JudgeRequest]) -> list[Judgment | Exception]:
+    def _ask(self, requests: Sequence[JudgeRequest], answered: Callable[[int, Judgment], None]) -> list[Judgment | Exception]:
         import openai
 
         client = self._client()
@@ -227,8 +229,15 @@ class OpenAIJudge(Judge):
             return Judgment(reply.choices[0].message.content or "",
                             int(getattr(usage, "prompt_tokens", 0) or 0), int(getattr(usage, "completion_tokens", 0) or 0))
 
+        out: list[Judgment | Exception] = [VlmMergeError("not asked")] * len(requests)
         with ThreadPoolExecutor(max_workers=min(self.concurrency, len(requests))) as pool:
-            return list(pool.map(one, requests))
+            futures = {pool.submit(one, r): i for i, r in enumerate(requests)}
+            for future in as_completed(futures):
+                i = futures[future]
+                out[i] = future.result()
+                if isinstance(out[i], Judgment):
+                    answered(i, out[i])
+        return out
 
 
 @dataclass
@@ -272,7 +281,7 @@ class TransformersJudge(Judge):
             self._loaded = (tokenizer, model)
         return self._loaded
 
-    def _ask(self, requests: Sequence[JudgeRequest]) -> list[Judgment | Exception]:
+    def _ask(self, requests: Sequence[JudgeRequest], answered: Callable[[int, Judgment], None]) -> list[Judgment | Exception]:
         import torch
 
         tokenizer, model = self._load()
@@ -286,6 +295,7 @@ class TransformersJudge(Judge):
                                            pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)
             new = generated[0, ids.shape[1]:]
             out.append(Judgment(tokenizer.decode(new, skip_special_tokens=True), int(ids.shape[1]), int(new.shape[0])))
+            answered(len(out) - 1, out[-1])
         return out
 
 
