@@ -8,6 +8,7 @@ it is one line naming the extra: `pip install 'vlm-merge[eval]'`):
 - `load_benchmark`, `BENCHMARKS` (eval.benchmarks); `PROTOCOLS` (eval.protocols); `TEMPLATES` (eval.prompts)
 - `generate`, `generate_answers`, `encode_images`, `GenerationSettings` (eval.generation, eval.decoding)
 - `score_predictions`, `all_scorers` (built-in and registered scorers) (eval.metrics)
+- `make_judge` (an LLM judge: OpenAI-compatible endpoint or local model, with its judgment cache) (eval.judge)
 """
 
 from importlib import import_module
@@ -29,6 +30,7 @@ _EXPORTS = {
     "GenerationSettings": "eval.decoding",
     "score_predictions": "eval.metrics",
     "all_scorers": "eval.metrics",
+    "make_judge": "eval.judge",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -7,6 +7,9 @@ the QA among its image's QAs) and a way to fetch an image by key. Two row schema
   {qa_id, question, answer, a_objects, q_objects}; question ids are the `qa_id`s.
 - `vqa` (JA-VLM-Bench-In-the-Wild, custom sets): one row per question with `image` (or `image_path`),
   `question`, `answer`; question ids are a `question_id` column or the row number (as llm-jp-eval-mm).
+- `heron` (Japanese-Heron-Bench, `eval.heron`): turing-motors' `questions_ja.jsonl` + `answers_gpt4.jsonl` +
+  `images/`, or llm-jp's parquet whose `answer` is a dict keyed by model name; each question's `category` and
+  `context` are kept for the judge; questions on the same image share its key.
 
 Where the data comes from (never downloaded):
 
@@ -32,11 +35,12 @@ from pathlib import Path
 
 from PIL import Image
 
+from eval.heron import heron_dir_rows, heron_fields, image_identity, is_heron_dir
 from eval.images import open_image, probe_image
 from vlm_merge.errors import VlmMergeError
 from vlm_merge.io.safe_load import parse_json, read_text
 
-SCHEMAS = ("vg-vqa", "vqa")
+SCHEMAS = ("vg-vqa", "vqa", "heron")
 TABLE_SUFFIXES = (".parquet", ".arrow", ".jsonl", ".json", ".csv")
 MAX_TABLE_BYTES = 1024**3  # a JSONL/CSV benchmark file read as text; larger sets belong in parquet
 
@@ -60,6 +64,10 @@ BENCHMARKS: dict[str, BenchmarkSpec] = {
         BenchmarkSpec(
             "ja-vlm-bench-in-the-wild", "SakanaAI/JA-VLM-Bench-In-the-Wild", "test", "vqa",
             "50 questions over 42 images of Japanese culture and scenes; EvoVLM-JP evaluation set",
+        ),
+        BenchmarkSpec(
+            "japanese-heron-bench", "Silviase/Japanese-Heron-Bench", "train", "heron",
+            "103 questions (conv / detail / complex) over 21 images of Japan, GPT-4 reference answers; LLM-judged",
         ),
     )
 }
@@ -247,7 +255,21 @@ def _split_files(root: Path, split: str, suffixes: Sequence[str]) -> list[Path]:
     return chosen
 
 
+def _heron_dir_table(root: Path) -> _Table:
+    rows, files = heron_dir_rows(root)
+    return _Table(columns=list(dict.fromkeys(k for row in rows for k in row)),
+                  rows=lambda: [{k: v for k, v in row.items() if k != "image"} for row in rows],
+                  image=lambda i: rows[i]["image"], files=files, base_dir=root, length=len(rows))
+
+
+def scoring_meta(q: Question) -> dict[str, str | int | float | bool]:
+    """What scorers read of a question besides its reference: the question text and its other columns."""
+    return {"question": q.question, **q.meta}
+
+
 def _table_from_path(path: Path, split: str) -> _Table:
+    if is_heron_dir(path):
+        return _heron_dir_table(path)
     if path.is_dir():
         import datasets
 
@@ -350,7 +372,7 @@ def _qas_list(qas: object) -> list[dict]:
 def _questions(table: _Table, schema: str, source: str) -> list[Question]:
     columns = set(table.columns)
     image_col_present = "image" in columns or "image_path" in columns
-    required = {"vg-vqa": {"qas"}, "vqa": {"question", "answer"}}[schema]
+    required = {"vg-vqa": {"qas"}, "vqa": {"question", "answer"}, "heron": {"answer", "category", "context"}}[schema]
     missing = sorted(required - columns) + ([] if image_col_present else ["image"])
     if missing:
         raise VlmMergeError(
@@ -360,7 +382,11 @@ def _questions(table: _Table, schema: str, source: str) -> list[Question]:
     questions: list[Question] = []
     first_row_of_url: dict[str, int] = {}  # rows sharing an image_url share one image key (In-the-Wild)
     for i, row in enumerate(table.rows()):
-        if schema == "vg-vqa":
+        if schema == "heron":
+            q, a, meta = heron_fields(row, source, i)
+            same_image = first_row_of_url.setdefault(image_identity(table.image(i)), i)
+            questions.append(Question(str(row.get("question_id", i)), f"{same_image}", q, a, 0, meta))
+        elif schema == "vg-vqa":
             for j, qa in enumerate(_qas_list(row["qas"])):
                 if not isinstance(qa, dict) or "question" not in qa or "answer" not in qa:
                     raise VlmMergeError(f"{source}: row {i}: qas[{j}] lacks question/answer ({qa!r})")
@@ -400,7 +426,8 @@ def _image_files(table: _Table) -> list[Path]:
 
 
 def _benchmark(name: str, table: _Table, schema: str | None, source: str, split: str, revision: str | None) -> Benchmark:
-    schema = schema or ("vg-vqa" if "qas" in table.columns else "vqa")
+    schema = schema or ("vg-vqa" if "qas" in table.columns else "heron" if {"category", "context"} <= set(table.columns)
+                        and "question" not in table.columns else "vqa")
     questions = _questions(table, schema, source)
     base = table.base_dir
     fingerprint = _sha256_files(sorted(table.files) + _image_files(table), base)
@@ -452,6 +479,8 @@ def load_benchmark(
     else:
         repo_id = spec.hf_id
     snapshot = _hub_cache_snapshot(repo_id, cache_dir)
+    if snapshot is not None and is_heron_dir(snapshot):
+        return _benchmark(name, _heron_dir_table(snapshot), spec.schema, f"hf-cache:{repo_id}", split, snapshot.name)
     if snapshot is not None:
         files = _split_files(snapshot, split, (".parquet", ".arrow"))
         table = _table_from_files(files, snapshot)

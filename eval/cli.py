@@ -31,6 +31,16 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+        if value < 0:
+            raise ValueError
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a non-negative integer") from None
+    return value
+
+
 def _positive_float(text: str) -> float:
     try:
         value = float(text)
@@ -78,15 +88,36 @@ def _interrupted(checkpoint: Path, replacing: bool) -> int:
     return 130
 
 
+def _judge(args: argparse.Namespace):
+    """The judge `--judge-model` names (None without one)."""
+    if not args.judge_model:
+        return None
+    from eval.judge import DEFAULT_CACHE, make_judge
+
+    cache = DEFAULT_CACHE if args.judge_cache is None else None if args.judge_cache == "none" else args.judge_cache
+    return make_judge(args.judge_model, base_url=args.judge_base_url, api_key_env=args.judge_api_key_env,
+                      concurrency=args.judge_concurrency, max_retries=args.judge_retries, timeout=args.judge_timeout,
+                      cache_dir=cache, device=args.judge_device, max_tokens=args.judge_max_tokens)
+
+
+def _metric_list(text: str | None) -> list[str] | None:
+    return [m.strip() for m in text.split(",") if m.strip()] if text else None
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
+    from eval.metrics import make_scorers
+    from eval.protocols import get_protocol
     from eval.runner import PREDICTIONS_FILE, SCORES_FILE, evaluate
 
+    metrics = _metric_list(args.metrics)
+    judge = _judge(args)
+    scorers = make_scorers(metrics or get_protocol(args.protocol).metrics, judge)  # a judge metric without a judge: now
     replacing = _replacing(args.out, args.force)
     try:
         result = evaluate(
             args.model, args.bench, protocol=args.protocol, template=args.template, max_new_tokens=args.max_new_tokens,
             num_beams=args.num_beams, repetition_penalty=args.repetition_penalty, limit=args.limit,
-            metrics=[m.strip() for m in args.metrics.split(",") if m.strip()] if args.metrics else None,
+            metrics=metrics, scorers=scorers,
             batch_size=args.batch_size, out_dir=args.out, force=args.force, data=args.data, cache_dir=args.cache_dir,
             device=args.device, dtype=args.dtype, seed=args.seed, progress=not args.quiet, model_name=args.name,
         )
@@ -97,6 +128,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
           f"questions ({meta['resumed_from_checkpoint']} resumed) · model {meta['model']['name']}")
     print(_format_scores(meta["scores"], list(meta["scores"])))
     print(f"predictions: {result.out_dir / 'predictions.jsonl'}\nscores: {result.out_dir / SCORES_FILE}")
+    if args.evalmm:
+        from eval.evalmm import EVALUATION_FILE, PREDICTION_FILE, evalmm_evaluation, evalmm_records
+        from eval.outputs import jsonl, write_atomic
+
+        write_atomic(result.out_dir / PREDICTION_FILE, jsonl(evalmm_records(result.predictions)))
+        write_atomic(result.out_dir / EVALUATION_FILE, jsonl([evalmm_evaluation(result.predictions)]))
+        print(f"llm-jp-eval-mm files: {result.out_dir / PREDICTION_FILE}, {result.out_dir / EVALUATION_FILE}")
     return 0
 
 
@@ -106,19 +144,49 @@ def cmd_score(args: argparse.Namespace) -> int:
     from eval.outputs import read_jsonl
     from vlm_merge.errors import VlmMergeError
 
+    from eval.evalmm import is_evalmm_record, read_evalmm_predictions
+
     path = Path(args.predictions)
-    records = read_jsonl(path, ("answer", "prediction"))
+    records = read_jsonl(path)
+    if not records:
+        raise VlmMergeError(f"{path}: no predictions")
+    form = "llm-jp-eval-mm" if is_evalmm_record(records[0]) else "vlm-merge"
+    if form == "llm-jp-eval-mm":
+        records = read_evalmm_predictions(records, str(path))
+    else:  # ours: answer and prediction on every line (the answer may come from --bench)
+        records = read_jsonl(path, ("prediction",) if args.bench else ("answer", "prediction"))
+    if args.bench:
+        records = _join_benchmark(records, args.bench, args.data, path)
     for n, r in enumerate(records, 1):
         for key in ("answer", "prediction"):
-            if not isinstance(r[key], str):
-                raise VlmMergeError(f"{path}: record {n}: {key!r} is {type(r[key]).__name__}, not a string")
-    metrics = [m.strip() for m in args.metrics.split(",") if m.strip()]
+            if not isinstance(r.get(key), str):
+                hint = "; pass --bench (and --data) to take answers from the benchmark" if key == "answer" else ""
+                raise VlmMergeError(f"{path}: record {n}: {key!r} is {type(r.get(key)).__name__}, not a string{hint}")
+    metrics = _metric_list(args.metrics) or []
+    meta = [{**({"question": r["question"]} if isinstance(r.get("question"), str) else {}), **(r.get("meta") or {})}
+            for r in records]
     report = score_predictions([r["answer"] for r in records], [r["prediction"] for r in records], metrics,
-                               seed=args.seed, meta=[r.get("meta") or {} for r in records])
-    out = {"file": str(path), "n": len(records), "scores": report.to_json()["aggregate"], "scorers": report.scorers,
-           "bootstrap": report.bootstrap, "libraries": library_versions()}
+                               seed=args.seed, meta=meta, judge=_judge(args))
+    out = {"file": str(path), "format": form, "n": len(records), "scores": report.to_json()["aggregate"],
+           "scorers": report.scorers, "bootstrap": report.bootstrap, "libraries": library_versions()}
     print(json.dumps(out, ensure_ascii=False, indent=2))
     return 0
+
+
+def _join_benchmark(records: list[dict], bench: str, data: str | None, path: Path) -> list[dict]:
+    """Predictions joined by question_id with the benchmark's questions: answer, question and the question's other
+    columns (a Heron-Bench judge needs each question's context and category)."""
+    from eval.benchmarks import load_benchmark
+    from vlm_merge.errors import VlmMergeError
+
+    questions = {q.question_id: q for q in load_benchmark(bench, data).questions}
+    joined = []
+    for n, r in enumerate(records, 1):
+        q = questions.get(str(r.get("question_id")))
+        if q is None:
+            raise VlmMergeError(f"{path}: record {n}: question_id {r.get('question_id')!r} is not in benchmark {bench}")
+        joined.append({**r, "answer": q.answer, "question": q.question, "meta": {**q.meta, **(r.get("meta") or {})}})
+    return joined
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
@@ -163,6 +231,25 @@ def _model_options(s: argparse.ArgumentParser) -> None:
     s.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
+def _judge_options(s: argparse.ArgumentParser) -> None:
+    g = s.add_argument_group("LLM judge (metrics heron-bench, heron-bench-evalmm, llm-as-a-judge)")
+    g.add_argument("--judge-model", help="judge model name at an OpenAI-compatible endpoint (e.g. gpt-4o-2024-11-20), "
+                                         "or a local model directory (a transformers judge)")
+    g.add_argument("--judge-base-url", help="OpenAI-compatible endpoint, e.g. http://localhost:8000/v1 (vLLM, "
+                                            "llama.cpp, Ollama, transformers serve; default OpenAI's)")
+    g.add_argument("--judge-api-key-env", default="OPENAI_API_KEY",
+                   help="environment variable holding the API key (default OPENAI_API_KEY; a local server needs none)")
+    g.add_argument("--judge-concurrency", type=_positive_int, default=8, help="requests in flight at once (default 8)")
+    g.add_argument("--judge-retries", type=_non_negative_int, default=5,
+                   help="retries with exponential backoff on 429 / 5xx / timeouts / connection errors (default 5)")
+    g.add_argument("--judge-timeout", type=_positive_float, default=120.0, help="seconds per request (default 120)")
+    g.add_argument("--judge-cache", default=None,
+                   help="judgment cache directory (default ~/.cache/vlm-merge/judge; 'none' to disable)")
+    g.add_argument("--judge-max-tokens", type=_positive_int,
+                   help="cap the judge's reply length (default: the metric's published max_tokens, 1024)")
+    g.add_argument("--judge-device", default="cpu", help="device of a local transformers judge (default cpu)")
+
+
 def add_eval_commands(sub) -> None:
     """Register eval, score, compare and caption on `vlm-merge`'s subparsers."""
     s = sub.add_parser("eval", help="score a model on a Japanese VLM benchmark (resumable)")
@@ -183,13 +270,23 @@ def add_eval_commands(sub) -> None:
                                      "(content-accuracy: the miniature world's files)")
     s.add_argument("--seed", type=int, default=0, help="bootstrap seed (default 0)")
     s.add_argument("--out", required=True, help="run directory: predictions.jsonl, scores.json, run.json")
+    s.add_argument("--evalmm", action="store_true",
+                   help="also write llm-jp-eval-mm's prediction.jsonl (question_id, text, answer, input_text, scores) "
+                        "and evaluation.jsonl")
+    _judge_options(s)
     s.set_defaults(func=cmd_eval)
 
-    s = sub.add_parser("score", help="re-score a predictions JSONL (fields answer, prediction) and print JSON")
-    s.add_argument("predictions", help="JSONL with answer and prediction per line")
+    s = sub.add_parser("score", help="re-score a predictions JSONL (ours, or llm-jp-eval-mm's prediction.jsonl) "
+                                     "and print JSON")
+    s.add_argument("predictions", help="JSONL with answer and prediction per line, or llm-jp-eval-mm's "
+                                       "prediction.jsonl (question_id, text[, answer, input_text])")
+    s.add_argument("--bench", help="take answers, questions and question columns from this benchmark by question_id "
+                                   "(needed for llm-jp-eval-mm files without answers, and for heron-bench)")
+    s.add_argument("--data", help="where --bench's files are (as for eval)")
     s.add_argument("--metrics", default=",".join(DEFAULT_SCORERS),
                    help=f"comma-separated: {', '.join(all_scorers())} (default: {', '.join(DEFAULT_SCORERS)})")
     s.add_argument("--seed", type=int, default=0, help="bootstrap seed (default 0)")
+    _judge_options(s)
     s.set_defaults(func=cmd_score)
 
     s = sub.add_parser("compare", help="tables and plots of several eval runs (scores, answer lengths)")

@@ -102,6 +102,7 @@ class Scorer(ABC):
     fields: ClassVar[tuple[str, ...]]
     description: ClassVar[str]
     needs: ClassVar[tuple[str, ...]] = ()  # question columns (meta) the scorer reads besides the reference
+    needs_hint: ClassVar[str] = ""  # where data with those columns comes from (in the error for data without)
 
     @abstractmethod
     def score(self, refs: Sequence[str], preds: Sequence[str], meta: Sequence[Meta] | None = None) -> dict[str, list[float]]:
@@ -113,8 +114,8 @@ class Scorer(ABC):
     ) -> dict[str, Aggregate]:
         return {name: bootstrap_aggregate(scores[name], resamples, seed) for name in self.fields}
 
-    def settings(self) -> dict[str, str]:
-        """What a score depends on besides the text (recorded in score files)."""
+    def settings(self) -> dict[str, object]:
+        """What a score depends on besides the text, JSON values (recorded in score files)."""
         return {}
 
 
@@ -210,21 +211,32 @@ def registered_scorers() -> Mapping[str, type[Scorer]]:
             raise VlmMergeError(f"{where} cannot be loaded: {e}; reinstall the package that declares it") from None
         if not (isinstance(cls, type) and issubclass(cls, Scorer)) or cls.name != ep.name:
             raise VlmMergeError(f"{where} must name a Scorer subclass whose name is {ep.name!r}")
-        if ep.name in BUILTIN_SCORERS or ep.name in found:
+        if ep.name in BUILTIN_SCORERS or ep.name in extra_scorers() or ep.name in found:
             raise VlmMergeError(f"{where}: the name is already taken by another scorer; rename one of them")
         found[ep.name] = cls
     return MappingProxyType(found)
 
 
+def extra_scorers() -> dict[str, type[Scorer]]:
+    """eval's other scorers: llm-jp-eval-mm's metrics (`eval.evalmm`) and the LLM-judge metrics
+    (`eval.judge_metrics`, which need a judge), imported on first use."""
+    from eval.evalmm import EVALMM_SCORERS
+    from eval.judge_metrics import JUDGE_SCORERS
+
+    return {**EVALMM_SCORERS, **JUDGE_SCORERS}
+
+
 def all_scorers() -> dict[str, type[Scorer]]:
-    """Every metric name -> its scorer: the built-ins, then the registered ones (`registered_scorers`)."""
-    return {**BUILTIN_SCORERS, **registered_scorers()}
+    """Every metric name -> its scorer: the built-ins, eval's others, then the registered ones (`registered_scorers`)."""
+    return {**BUILTIN_SCORERS, **extra_scorers(), **registered_scorers()}
 
 
 def get_scorer(name: str) -> type[Scorer]:
-    """The scorer of a metric name; the entry-point group is read only for a name that is not built in."""
+    """The scorer of a metric name; the entry-point group is read only for a name that is not eval's own."""
     if name in BUILTIN_SCORERS:
         return BUILTIN_SCORERS[name]
+    if name in extra_scorers():
+        return extra_scorers()[name]
     if name not in registered_scorers():
         raise VlmMergeError(f"unknown metric {name!r}: choose from {', '.join(all_scorers())}")
     return registered_scorers()[name]
@@ -236,7 +248,7 @@ class ScoreReport:
 
     per_sample: list[dict[str, float]]
     aggregate: dict[str, Aggregate]
-    scorers: dict[str, dict[str, str]]  # scorer name -> settings
+    scorers: dict[str, dict[str, object]]  # scorer name -> settings
     bootstrap: dict[str, int]
 
     def summary(self) -> dict[str, float]:
@@ -251,8 +263,9 @@ class ScoreReport:
         }
 
 
-def make_scorers(names: Sequence[str] = DEFAULT_SCORERS) -> list[Scorer]:
-    """Instantiate scorers by metric name; `rouge-ja-strict` shares the `rouge-ja` tokenizer."""
+def make_scorers(names: Sequence[str] = DEFAULT_SCORERS, judge=None) -> list[Scorer]:
+    """Instantiate scorers by metric name; `rouge-ja-strict` shares the `rouge-ja` tokenizer; the LLM-judge metrics
+    get `judge` (an `eval.judge.Judge`; without one they raise the one-line error naming --judge-model)."""
     classes = [get_scorer(n) for n in names]
     rouge = RougeJa() if {RougeJa, StrictJapaneseRouge} & set(classes) else None  # MeCab only when used
     made: list[Scorer] = []
@@ -261,6 +274,8 @@ def make_scorers(names: Sequence[str] = DEFAULT_SCORERS) -> list[Scorer]:
             made.append(rouge)
         elif cls is StrictJapaneseRouge:
             made.append(StrictJapaneseRouge(rouge=rouge))
+        elif getattr(cls, "needs_judge", False):
+            made.append(cls(judge=judge))
         else:
             made.append(cls())
     return made
@@ -278,7 +293,7 @@ def check_meta(scorers: Sequence[Scorer | str], meta: Sequence[Meta]) -> None:
             if missing:
                 raise VlmMergeError(
                     f"{cls.name}: question {i} has no {missing[0]!r} column; it scores data with "
-                    f"{', '.join(cls.needs)} columns (the miniature world's files), use another metric here")
+                    f"{', '.join(cls.needs)} columns{cls.needs_hint}, use another metric here")
 
 
 def score_predictions(
@@ -288,12 +303,14 @@ def score_predictions(
     resamples: int = BOOTSTRAP_RESAMPLES,
     seed: int = BOOTSTRAP_SEED,
     meta: Sequence[Meta] | None = None,
+    judge=None,
 ) -> ScoreReport:
     """Score `preds` against `refs` with every scorer; per-sample rows plus aggregates. `meta`: each
-    question's other columns, for scorers that read them (the world's content-accuracy)."""
+    question's other columns, for scorers that read them (the world's content-accuracy; the judges' question,
+    context, category). `judge`: the `eval.judge.Judge` of LLM-judge metrics named by string."""
     if len(refs) != len(preds):
         raise VlmMergeError(f"{len(refs)} references but {len(preds)} predictions")
-    objs = make_scorers(scorers) if all(isinstance(s, str) for s in scorers) else list(scorers)
+    objs = make_scorers(scorers, judge) if all(isinstance(s, str) for s in scorers) else list(scorers)
     columns: dict[str, list[float]] = {}
     aggregate: dict[str, Aggregate] = {}
     for scorer in objs:

@@ -11,6 +11,10 @@
   the mean per-sample ROUGE-L. (llm-jp-eval-mm now normalises with NFKC instead of neologdn; scores
   here use Sakana's normalisation for both protocols, so they are comparable with each other.)
 
+- `heron`: Japanese-Heron-Bench: every question, the model's own chat template, greedy, at most 256 new tokens
+  (llm-jp-eval-mm's defaults), scored by `heron-bench` (Heron's judge protocol, `eval.judge_metrics`; a judge is
+  required: `--judge-model`).
+
 Overriding any setting (template, decoding) is recorded in the score file as an override, and such
 a run is only compared with runs that have the same overrides.
 """
@@ -94,6 +98,17 @@ PROTOCOLS: dict[str, Protocol] = {
             gpu_dtype="float16",
             headline=("rougeL", "rougeL_ja"),
             reference="llm-jp/llm-jp-eval-mm tasks ja_vg_vqa_500, ja_vlm_bench_in_the_wild; examples/sample.py",
+        ),
+        Protocol(
+            name="heron",
+            questions="all",
+            template="chat",
+            generation=GenerationSettings(max_new_tokens=256, num_beams=1, repetition_penalty=1.0),
+            gpu_dtype="float16",
+            headline=("heron", "heron_conv", "heron_detail", "heron_complex"),
+            reference="turingmotors/heron heron/eval/eval_heron_bench.py (judge) + llm-jp-eval-mm examples/sample.py "
+                      "(generation); needs --judge-model",
+            metrics=("heron-bench",),
         ),
     )
 }

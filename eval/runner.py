@@ -19,7 +19,7 @@ from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from eval.benchmarks import Benchmark, Question, load_benchmark
+from eval.benchmarks import Benchmark, Question, load_benchmark, scoring_meta
 from eval.decoding import GenerationSettings
 from eval.generation import EncodedImage, encode_images, generate
 from eval.metrics import Aggregate, Scorer, check_meta, score_predictions
@@ -61,6 +61,10 @@ def comparable_key(metadata: dict) -> str:
         "generation": metadata["generation"],
         "metrics": sorted(metadata["scorers"]),
     }
+    judges = {name: [s["judge"].get("identity", s["judge"].get("model")), s.get("prompt_sha256")]
+              for name, s in sorted(metadata["scorers"].items()) if isinstance(s.get("judge"), dict)}
+    if judges:  # a judge metric's number depends on the judge and its prompt (eval.judge_metrics)
+        keep["judges"] = judges
     return hashlib.sha256(json.dumps(keep, sort_keys=True, ensure_ascii=False).encode()).hexdigest()[:12]
 
 
@@ -106,6 +110,7 @@ def evaluate(
     dtype: str | None = "auto",
     seed: int = 0,
     scorers: Sequence[Scorer] | None = None,
+    judge=None,
     progress: bool = True,
 ) -> EvalResult:
     """Score `model` (a live model with `processor`, or a path) on `bench` under `protocol`.
@@ -114,7 +119,8 @@ def evaluate(
     the protocol (recorded).
     `encoded_images` (from `encode_benchmark_images`) skips the vision tower. `seed` seeds the bootstrap.
     `scorers` (from `eval.metrics.make_scorers(protocol.metrics)`) saves re-creating the tokenizer and
-    language ID model when a search calls `evaluate` many times.
+    language ID model when a search calls `evaluate` many times. `judge` (`eval.make_judge(...)`) is the LLM judge
+    of judge metrics named in `metrics` / the protocol (`heron-bench`, `llm-as-a-judge`, ...).
     """
     proto = get_protocol(protocol).with_overrides(
         template=template, metrics=metrics, max_new_tokens=max_new_tokens, num_beams=num_beams,
@@ -126,7 +132,7 @@ def evaluate(
     run = RunDir(out_dir, force, paths) if out_dir else None  # checked now, created after the other checks
     benchmark = bench if isinstance(bench, Benchmark) else load_benchmark(bench, data, cache_dir=cache_dir)
     questions = benchmark.select(proto.questions, limit)
-    check_meta(scorers if scorers is not None else proto.metrics, [q.meta for q in questions])  # before any work
+    check_meta(scorers if scorers is not None else proto.metrics, [scoring_meta(q) for q in questions])  # before any work
     if encoded_images is None:
         benchmark.check_images(questions)  # every image file there and an image, before the model loads
     bench_meta = {**benchmark.describe(), "questions_evaluated": len(questions), "limit": limit,
@@ -165,7 +171,7 @@ def evaluate(
         records = [done[q.question_id] for q in questions]
         report = score_predictions([r["answer"] for r in records], [r["prediction"] for r in records],
                                    scorers if scorers is not None else proto.metrics, seed=seed,
-                                   meta=[q.meta for q in questions])
+                                   meta=[scoring_meta(q) for q in questions], judge=judge)
         predictions = [{**r, **{k: round(v, 6) for k, v in s.items()}} for r, s in zip(records, report.per_sample)]
         metadata.update({
             "scores": {name: agg.as_dict() for name, agg in report.aggregate.items()},

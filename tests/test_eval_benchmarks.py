@@ -148,4 +148,4 @@ def test_unknown_benchmark_and_missing_image(tmp_path):
     bench = load_benchmark(tmp_path / "s.jsonl")
     with pytest.raises(VlmMergeError, match="missing.png: no such file"):
         bench.image("0")
-    assert set(BENCHMARKS) == {"ja-vg-vqa-500", "ja-vlm-bench-in-the-wild"}
+    assert set(BENCHMARKS) == {"ja-vg-vqa-500", "ja-vlm-bench-in-the-wild", "japanese-heron-bench"}

@@ -19,6 +19,7 @@ from eval.metrics import (
     RougeJa,
     StrictJapaneseRouge,
     all_scorers,
+    extra_scorers,
     bootstrap_aggregate,
     check_meta,
     get_scorer,
@@ -128,7 +129,9 @@ def test_content_accuracy_is_the_worlds_scorer_registered_by_entry_point():
     assert "content-accuracy" not in BUILTIN_SCORERS
     assert dict(registered_scorers()) == {"content-accuracy": ContentAccuracy}
     assert get_scorer("content-accuracy") is ContentAccuracy
-    assert list(all_scorers()) == [*BUILTIN_SCORERS, "content-accuracy"]
+    assert list(all_scorers()) == [*BUILTIN_SCORERS, *extra_scorers(), "content-accuracy"]
+    assert set(extra_scorers()) == {"evalmm-rougel", "evalmm-exact-match", "evalmm-substring-match", "heron-bench",
+                                    "heron-bench-evalmm", "llm-as-a-judge"}
     code = ("import sys; from eval.metrics import score_predictions as s; s(['a'], ['a'], ['exact-match']); "
             "assert 'vlm_merge.world' not in sys.modules, 'a built-in metric imported the world'; "
             "r = s([''], ['red'], ['content-accuracy'], meta=[{'attribute': 'color', 'value': 'red', 'lang': 'en'}]); "

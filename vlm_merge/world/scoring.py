@@ -26,6 +26,7 @@ class ContentAccuracy(Scorer):
         "1 if the answer names the asked value and no other (miniature-world rows: attribute, value, lang columns)"
     )
     needs: ClassVar[tuple[str, ...]] = ("attribute", "value", "lang")
+    needs_hint: ClassVar[str] = " (the miniature world's files)"
 
     def score(self, refs: Sequence[str], preds: Sequence[str], meta: Sequence[Meta] | None = None) -> dict[str, list[float]]:
         rows = list(meta) if meta is not None else [{} for _ in preds]
