@@ -12,11 +12,11 @@ from collections.abc import Mapping, Sequence
 from functools import partial
 
 from vlm_merge.methods.arithmetic import linear
-from vlm_merge.methods.base import REQUIRED, Method, Param
+from vlm_merge.methods.base import REQUIRED, Method, ModelCheck, Param
 from vlm_merge.methods.gta import generalized_task_arithmetic
 from vlm_merge.methods.sparsification import RANDOM_SPARSIFICATIONS, Sparsification
 from vlm_merge.methods.selective import arcee_fusion, nearswap, ram, ramplus_tl, sce
-from vlm_merge.methods.spherical import _slerp_models, karcher, multislerp, nuslerp, slerp
+from vlm_merge.methods.spherical import slerp_models, karcher, multislerp, nuslerp, slerp
 from vlm_merge.methods.stock import model_stock
 
 
@@ -88,7 +88,7 @@ def _gta(
     ties: bool = False,
     normalize: bool = False,
     extra: tuple[Param, ...] = (),
-    checks=(),
+    checks: tuple[ModelCheck, ...] = (),
     doc: str,
 ) -> Method:
     """One generalized-task-arithmetic row: `sparsification` of each task vector (None: none),
@@ -151,7 +151,7 @@ METHODS: dict[str, Method] = {
             supports_anchor=False, doc=linear.__doc__,
         ),
         Method(
-            name="slerp", fn=_slerp_models,
+            name="slerp", fn=slerp_models,
             params=(Param("t", REQUIRED, 0.0, 1.0, arg="t", doc="Interpolation factor: 0 = first model, 1 = second."),),
             needs_base=False, min_models=2, max_models=2, random=False, elementwise=False,
             supports_anchor=False, doc=slerp.__doc__,

@@ -63,7 +63,8 @@ def slerp(v0: torch.Tensor, v1: torch.Tensor, t: float) -> torch.Tensor:
     return out.view(v0.shape)
 
 
-def _slerp_models(models: Sequence[torch.Tensor], t: float) -> torch.Tensor:
+def slerp_models(models: Sequence[torch.Tensor], t: float) -> torch.Tensor:
+    """`slerp` of a list of exactly two models (the registry's calling convention)."""
     if len(models) != 2:
         raise ValueError(f"models: slerp needs exactly 2 models, got {len(models)}")
     return slerp(models[0], models[1], t)
