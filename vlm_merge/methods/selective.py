@@ -82,7 +82,7 @@ def sce(base: torch.Tensor, models: Sequence[torch.Tensor], *, select_topk: floa
 def _ram_counts(base: torch.Tensor, models: Sequence[torch.Tensor], epsilon: float):
     """Task vectors with entries |d| <= epsilon zeroed, and the number of models contributing each element."""
     tvs = [difference(m, base) for m in models]
-    counts = torch.zeros(base.shape, dtype=torch.int64, device=base.device)
+    counts = torch.zeros(base.shape, dtype=torch.float32, device=base.device)  # small integers: exact
     for d in tvs:
         nz = d.abs() > epsilon
         counts.add_(nz)
@@ -99,12 +99,11 @@ def ram(base: torch.Tensor, models: Sequence[torch.Tensor], *, epsilon: float = 
     """
     b = base.to(torch.float32)
     tvs, counts = _ram_counts(b, models, epsilon)
-    unique = (counts == 1).to(torch.float32)
-    overlap = (counts > 1).to(torch.float32)
-    div = counts.clamp(min=1)
+    unique, overlap = counts == 1, counts > 1
+    div = counts.clamp_(min=1)
     out = torch.zeros_like(b)
     for d in tvs:
-        out.add_(d * unique + d * overlap / div)
+        out.add_(d * unique + d.mul_(overlap).div_(div))
     return out.add_(b)
 
 
@@ -125,17 +124,17 @@ def ramplus_tl(
     """
     b = base.to(torch.float32)
     tvs, counts = _ram_counts(b, models, epsilon)
-    unique_b, overlap_b = counts == 1, counts > 1
-    unique, overlap = unique_b.to(torch.float32), overlap_b.to(torch.float32)
-    div = counts.clamp(min=1)
+    unique, overlap = counts == 1, counts > 1
+    div = counts.clamp_(min=1)
     out = torch.zeros_like(b)
     for d in tvs:
         nz = d != 0  # z_ij: the zeroed task vector is nonzero exactly where |d| > epsilon
-        shared = (nz & overlap_b).sum()
-        uniq = (nz & unique_b).sum()
+        shared = (nz & overlap).sum()
+        uniq = (nz & unique).sum()
+        del nz
         rho = shared / uniq.clamp(min=epsilon)
         lam = 1 + r * rho.clamp(min=0, max=alpha)
-        out.add_(d * unique * lam + d * overlap / div)
+        out.add_(d * unique * lam + d.mul_(overlap).div_(div))
     return out.add_(b)
 
 

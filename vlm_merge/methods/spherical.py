@@ -76,24 +76,27 @@ _NUSLERP_NORM_EPS = 1e-7  # mergekit nuslerp's _normalize(eps=1e-7)
 
 
 def _nuslerp_pair(t: float, v0: torch.Tensor, v1: torch.Tensor, *, dim: int, flatten: bool) -> torch.Tensor:
-    """mergekit's `nuslerp(t, v0, v1, dim, flatten)` on float32 tensors, operation for operation."""
+    """mergekit's `nuslerp(t, v0, v1, dim, flatten)` on float32 tensors, operation for operation
+    (with `flatten`, in place in v0 and v1)."""
     out_shape = v0.shape
     if flatten:
         v0, v1 = v0.reshape(-1), v1.reshape(-1)
     elif dim != -1:
         v0, v1 = v0.transpose(dim, -1), v1.transpose(dim, -1)
     u0 = v0 / torch.linalg.vector_norm(v0, dim=-1, keepdim=True).clamp(min=_NUSLERP_NORM_EPS)
-    u1 = v1 / torch.linalg.vector_norm(v1, dim=-1, keepdim=True).clamp(min=_NUSLERP_NORM_EPS)
-    cos_theta = torch.sum(u0 * u1, dim=-1, keepdim=True).clamp(-1, 1)
-    del u0, u1
+    u0.mul_(v1 / torch.linalg.vector_norm(v1, dim=-1, keepdim=True).clamp(min=_NUSLERP_NORM_EPS))
+    cos_theta = torch.sum(u0, dim=-1, keepdim=True).clamp(-1, 1)
+    del u0
     colinear = (1 - cos_theta.square()) <= NUSLERP_EPS**2
     theta = torch.acos(torch.where(colinear, 0, cos_theta))
     sin_theta = torch.sin(theta)
     if flatten and bool(colinear):
-        result = (1 - t) * v0 + t * v1
+        result = v0.mul_(1 - t).add_(v1.mul_(t))
+    elif flatten:  # v0, v1 are copies the caller owns: the same operations, in place
+        result = v0.mul_(torch.sin((1 - t) * theta)).add_(v1.mul_(torch.sin(t * theta))).div_(sin_theta)
     else:
         result = (torch.sin((1 - t) * theta) * v0 + torch.sin(t * theta) * v1) / sin_theta
-        if not flatten and bool(colinear.any()):
+        if bool(colinear.any()):
             result = torch.where(colinear, (1 - t) * v0 + t * v1, result)
     if dim != -1 and not flatten:
         result = result.transpose(dim, -1)
