@@ -207,37 +207,48 @@ def karcher(models: Sequence[torch.Tensor], *, max_iter: int = 10, tol: float = 
     """
     if not models:
         raise ValueError("models: karcher needs at least 1 model")
-    tensors = [m.to(torch.float32) for m in models]
-    if len(tensors) == 1:
-        return tensors[0].clone()
-    alphas = [1.0 / len(tensors)] * len(tensors)
-    norms = [torch.linalg.vector_norm(t) for t in tensors]
-    valid = [i for i, n in enumerate(norms) if n.item() > tol]
+    if len(models) == 1:
+        return models[0].to(torch.float32, copy=True)
+    alphas = [1.0 / len(models)] * len(models)
+    norms, units = [], []
+    for m in models:  # each model once: its float32 copy becomes its unit vector (if it has one)
+        u = m.to(torch.float32, copy=True)
+        norms.append(torch.linalg.vector_norm(u))
+        units.append(u.div_(norms[-1]) if norms[-1].item() > tol else None)
+    valid = [i for i, u in enumerate(units) if u is not None]
     if not valid:
-        return torch.zeros(tensors[0].shape, dtype=torch.float32, device=tensors[0].device)
+        return torch.zeros(models[0].shape, dtype=torch.float32, device=models[0].device)
     alpha_sum = sum(alphas[i] for i in valid)
     coeffs = [alphas[i] / alpha_sum for i in valid]
-    units = [tensors[i] / norms[i] for i in valid]  # valid norms are > tol > 0
-    del tensors
+    units = [units[i] for i in valid]
+    # The same operations as mergekit's, in place with one scratch tensor (float addition commutes).
+    scratch = torch.empty_like(units[0])
     mean = torch.zeros_like(units[0])
     for a, u in zip(coeffs, units):
-        mean += a * u
+        mean.add_(torch.mul(u, a, out=scratch))
     mean_norm = torch.linalg.vector_norm(mean)
-    mean = units[0].clone() if mean_norm.item() < tol else mean / mean_norm
+    if mean_norm.item() < tol:
+        mean.copy_(units[0])
+    else:
+        mean.div_(mean_norm)
+    tangent = torch.empty_like(mean)
     for _ in range(max_iter):
-        tangent = torch.zeros_like(mean)
+        tangent.zero_()
         for a, u in zip(coeffs, units):
             dot = torch.clamp(torch.dot(mean.flatten(), u.flatten()), -1.0, 1.0)
             theta = torch.arccos(dot)
             if theta.item() < tol:
                 continue
-            tangent += a * (theta / torch.sin(theta)) * (u - dot * mean)
+            coef = a * (theta / torch.sin(theta))
+            # tangent += coef * (u - dot * mean)
+            tangent.add_(torch.mul(mean, dot, out=scratch).neg_().add_(u).mul_(coef))
         tangent_norm = torch.linalg.vector_norm(tangent)
         if tangent_norm.item() < tol:
             break
-        mean = torch.cos(tangent_norm) * mean + torch.sin(tangent_norm) * (tangent / tangent_norm)
+        # mean = cos(|g|) mean + sin(|g|) (g / |g|)
+        mean.mul_(torch.cos(tangent_norm)).add_(tangent.div_(tangent_norm).mul_(torch.sin(tangent_norm)))
         unit_norm = torch.linalg.vector_norm(mean)
         if unit_norm.item() > tol:
-            mean = mean / unit_norm
+            mean.div_(unit_norm)
     scale = sum(a * n for a, n in zip(alphas, norms))
-    return scale * mean
+    return mean.mul_(scale)
