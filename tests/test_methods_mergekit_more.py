@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from vlm_merge.engine.merge import merge
 from vlm_merge.io.checkpoint import CheckpointReader
-from vlm_merge.methods import METHODS, tensor_seed, validate_params
+from vlm_merge.methods import METHODS, sparsification, tensor_seed, validate_params
 
 NEW = ["nuslerp", "multislerp", "karcher", "sce", "arcee_fusion", "nearswap", "ram", "ramplus_tl"]
 S8, C8 = math.sin(math.pi / 8), math.cos(math.pi / 8)  # sin(pi/8), sin(3 pi/8)
@@ -300,6 +300,17 @@ def test_equal_to_mergekit_algorithms(shape):
     for t in (0.01, 0.1, 1.0):
         assert close(run("nearswap", base, ms[:1], params={"t": t}), ref_nearswap(base, ms[0], t)), t
     assert close(run("arcee_fusion", base, ms[:1], seed=5), ref_arcee_fusion(base, ms[0], 5))
+
+
+def test_chunked_passes_match(monkeypatch):
+    """Tiny chunks (sce's variance and election spans, arcee_fusion's row blocks) change nothing."""
+    base, ms = rand_inputs((9, 6), seed=11)
+    calls = [("sce", ms, {"select_topk": 0.4}), ("arcee_fusion", ms[:1], {}), ("ram", ms, {"epsilon": 0.05})]
+    expected = [run(n, base, xs, params=p, seed=1) for n, xs, p in calls]
+    monkeypatch.setattr(sparsification, "CHUNK", 5)
+    for (n, xs, p), want in zip(calls, expected):
+        assert torch.equal(run(n, base, xs, params=p, seed=1), want), n
+    assert close(expected[1], ref_arcee_fusion(base, ms[0], 1))
 
 
 def test_arcee_fusion_samples_quantiles_from_the_seed_above_a_million_elements():

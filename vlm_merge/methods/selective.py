@@ -169,17 +169,24 @@ def arcee_fusion(
 
     The quantiles are taken with `torch.kthvalue`, not a sort; the sample indices are
     `torch.randint(|I|, (1e6,))` from the generator (mergekit draws them from torch's global RNG).
+    The KL divergences are computed in blocks of rows (three float32 tensors of the input's size in
+    all: the model's copy, which becomes the change, the importance and the base's).
     """
     if len(models) != 1:
         raise ValueError(f"models: arcee_fusion needs exactly 1 model besides the base, got {len(models)}")
     b = base.to(torch.float32)
-    m = models[0].to(torch.float32)
-    p = torch.softmax(m, dim=-1) + 1e-8
-    q = torch.softmax(b, dim=-1) + 1e-8
-    kl = torch.sum(p * torch.log(p / q), dim=-1, keepdim=True)
-    del p, q
-    delta = m - b
-    importance = delta.abs().mul_(kl)
+    m = models[0].to(torch.float32, copy=True)
+    cols = b.shape[-1] if b.dim() else 1
+    rows_b, rows_m = b.reshape(-1, cols), m.view(-1, cols)
+    kl = torch.empty(rows_b.shape[0], 1, dtype=torch.float32, device=b.device)
+    step = max(1, sparsification.CHUNK // max(1, cols))
+    for r in range(0, rows_b.shape[0], step):  # row blocks: softmax and KL are per row
+        p = torch.softmax(rows_m[r : r + step], dim=-1) + 1e-8
+        q = torch.softmax(rows_b[r : r + step], dim=-1) + 1e-8
+        kl[r : r + step] = torch.sum(p * torch.log(p / q), dim=-1, keepdim=True)
+    delta = m.sub_(b)
+    importance = delta.abs()
+    importance.view(-1, cols).mul_(kl)
     flat = importance.reshape(-1)
     if flat.numel() > ARCEE_FUSION_SAMPLE:
         gen = make_generator(generator)
