@@ -102,6 +102,9 @@ def make_tensors() -> dict[str, torch.Tensor]:
     base = torch.randn(1100, 1000, generator=g)
     out["big.base"] = base
     out["big.m0"] = base + 0.1 * torch.randn(1100, 1000, generator=g)
+    # above vlm_merge.methods.CHUNK (4194304 elements): karcher's norms and dots summed in 2 chunks
+    for i in range(2):
+        out[f"huge.m{i}"] = torch.randn(2100, 2000, generator=g)
     return out
 
 
@@ -248,6 +251,7 @@ def new_method_cases(cases: list[dict]) -> None:
          model_params=[{"weight": 0.6}, {"weight": 0.4}])  # fmt: skip
     case("multislerp/antipodal(lerp)", "multislerp", ["col.v0", "col.neg"], base=False,
          model_params=[{"weight": 0.5}, {"weight": 0.5}])  # fmt: skip
+    case("karcher/4.2M-elements(2 chunks)", "karcher", ["huge.m0", "huge.m1"], base=False)
     case("arcee_fusion/1.1M-elements(sampled quantiles)", "arcee_fusion", ["big.base", "big.m0"], base=True, seed=43)
 
 

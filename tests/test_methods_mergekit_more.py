@@ -303,7 +303,8 @@ def test_equal_to_mergekit_algorithms(shape):
 
 
 def test_chunked_passes_match(monkeypatch):
-    """Tiny chunks (sce's variance and election spans, arcee_fusion's row blocks) change nothing."""
+    """Tiny chunks (sce's variance and election spans, arcee_fusion's row blocks) change nothing;
+    karcher's chunked sums change its result by round-off only."""
     base, ms = rand_inputs((9, 6), seed=11)
     calls = [("sce", ms, {"select_topk": 0.4}), ("arcee_fusion", ms[:1], {}), ("ram", ms, {"epsilon": 0.05})]
     expected = [run(n, base, xs, params=p, seed=1) for n, xs, p in calls]
@@ -311,6 +312,9 @@ def test_chunked_passes_match(monkeypatch):
     for (n, xs, p), want in zip(calls, expected):
         assert torch.equal(run(n, base, xs, params=p, seed=1), want), n
     assert close(expected[1], ref_arcee_fusion(base, ms[0], 1))
+    # karcher sums its norms and dot products chunk by chunk: equal to round-off
+    assert close(run("karcher", None, [base, *ms]), ref_karcher([base, *ms]))
+    assert close(run("karcher", None, ms, params={"max_iter": 3}), ref_karcher(ms, max_iter=3))
 
 
 def test_arcee_fusion_samples_quantiles_from_the_seed_above_a_million_elements():

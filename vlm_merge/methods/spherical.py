@@ -204,51 +204,76 @@ def karcher(models: Sequence[torch.Tensor], *, max_iter: int = 10, tol: float = 
                 (terms with theta_i < tol left out)
             stop if |g| < tol;  mu <- normalize(cos(|g|) mu + sin(|g|) g / |g|)
         out = (sum_i a_i n_i) mu      (all n_i <= tol: zeros; one model: that model)
+
+    Memory: the unit vectors are recomputed chunk by chunk from the inputs at each pass, never held
+    whole (beside the output only the tangent is a float32 tensor of the input's size). Norms and
+    dot products of tensors above `sparsification.CHUNK` elements are summed chunk by chunk, which
+    changes them from mergekit's by float32 round-off only.
     """
     if not models:
         raise ValueError("models: karcher needs at least 1 model")
     if len(models) == 1:
         return models[0].to(torch.float32, copy=True)
+    n = models[0].numel()
+    flats = [m.reshape(-1) for m in models]
+    step = sparsification.CHUNK
+    spans = [slice(s, min(n, s + step)) for s in range(0, n, step)]
+
+    def norm(x: torch.Tensor) -> torch.Tensor:
+        return norm_of(x, spans)
+
+    norms = [norm(f) for f in flats]
     alphas = [1.0 / len(models)] * len(models)
-    norms, units = [], []
-    for m in models:  # each model once: its float32 copy becomes its unit vector (if it has one)
-        u = m.to(torch.float32, copy=True)
-        norms.append(torch.linalg.vector_norm(u))
-        units.append(u.div_(norms[-1]) if norms[-1].item() > tol else None)
-    valid = [i for i, u in enumerate(units) if u is not None]
+    valid = [i for i, nrm in enumerate(norms) if nrm.item() > tol]
     if not valid:
         return torch.zeros(models[0].shape, dtype=torch.float32, device=models[0].device)
     alpha_sum = sum(alphas[i] for i in valid)
     coeffs = [alphas[i] / alpha_sum for i in valid]
-    units = [units[i] for i in valid]
-    # The same operations as mergekit's, in place with one scratch tensor (float addition commutes).
-    scratch = torch.empty_like(units[0])
-    mean = torch.zeros_like(units[0])
-    for a, u in zip(coeffs, units):
-        mean.add_(torch.mul(u, a, out=scratch))
-    mean_norm = torch.linalg.vector_norm(mean)
+
+    def unit(k: int, sl: slice) -> torch.Tensor:
+        """u_k on the span `sl`: the model's elements / its norm, recomputed from the input."""
+        i = valid[k]
+        return flats[i][sl].to(torch.float32).div(norms[i])
+
+    # mergekit's operations elementwise, in place; the units are never held whole.
+    mean = torch.zeros(n, dtype=torch.float32, device=models[0].device)
+    for sl in spans:
+        for k, a in enumerate(coeffs):
+            mean[sl].add_(unit(k, sl).mul_(a))
+    mean_norm = norm(mean)
     if mean_norm.item() < tol:
-        mean.copy_(units[0])
+        for sl in spans:
+            mean[sl] = unit(0, sl)
     else:
         mean.div_(mean_norm)
     tangent = torch.empty_like(mean)
     for _ in range(max_iter):
-        tangent.zero_()
-        for a, u in zip(coeffs, units):
-            dot = torch.clamp(torch.dot(mean.flatten(), u.flatten()), -1.0, 1.0)
+        dots = [sum(torch.dot(mean[sl], unit(k, sl)) for sl in spans) for k in range(len(coeffs))]
+        terms = []
+        for k, a in enumerate(coeffs):
+            dot = torch.clamp(dots[k], -1.0, 1.0)
             theta = torch.arccos(dot)
-            if theta.item() < tol:
-                continue
-            coef = a * (theta / torch.sin(theta))
-            # tangent += coef * (u - dot * mean)
-            tangent.add_(torch.mul(mean, dot, out=scratch).neg_().add_(u).mul_(coef))
-        tangent_norm = torch.linalg.vector_norm(tangent)
+            if theta.item() >= tol:
+                terms.append((k, dot, a * (theta / torch.sin(theta))))
+        tangent.zero_()
+        for sl in spans:
+            for k, dot, coef in terms:  # tangent += coef * (u - dot * mean)
+                tangent[sl].add_(torch.mul(mean[sl], dot).neg_().add_(unit(k, sl)).mul_(coef))
+        tangent_norm = norm(tangent)
         if tangent_norm.item() < tol:
             break
         # mean = cos(|g|) mean + sin(|g|) (g / |g|)
         mean.mul_(torch.cos(tangent_norm)).add_(tangent.div_(tangent_norm).mul_(torch.sin(tangent_norm)))
-        unit_norm = torch.linalg.vector_norm(mean)
+        unit_norm = norm(mean)
         if unit_norm.item() > tol:
             mean.div_(unit_norm)
-    scale = sum(a * n for a, n in zip(alphas, norms))
-    return mean.mul_(scale)
+    scale = sum(a * nrm for a, nrm in zip(alphas, norms))
+    return mean.mul_(scale).view(models[0].shape)
+
+
+def norm_of(flat: torch.Tensor, spans: list[slice]) -> torch.Tensor:
+    """|x| in float32 of a flat tensor of any float dtype, chunk by chunk over `spans` (one span:
+    `vector_norm` of its float32 copy, as mergekit computes it)."""
+    if len(spans) == 1:
+        return torch.linalg.vector_norm(flat.to(torch.float32))
+    return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(flat[sl].to(torch.float32)) for sl in spans]))
