@@ -176,6 +176,8 @@ def arcee_fusion(
         raise ValueError(f"models: arcee_fusion needs exactly 1 model besides the base, got {len(models)}")
     b = base.to(torch.float32)
     m = models[0].to(torch.float32, copy=True)
+    if m.numel() == 0:
+        return m
     cols = b.shape[-1] if b.dim() else 1
     rows_b, rows_m = b.reshape(-1, cols), m.view(-1, cols)
     kl = torch.empty(rows_b.shape[0], 1, dtype=torch.float32, device=b.device)

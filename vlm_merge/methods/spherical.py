@@ -215,6 +215,8 @@ def karcher(models: Sequence[torch.Tensor], *, max_iter: int = 10, tol: float = 
     if len(models) == 1:
         return models[0].to(torch.float32, copy=True)
     n = models[0].numel()
+    if n == 0:
+        return torch.zeros(models[0].shape, dtype=torch.float32, device=models[0].device)
     flats = [m.reshape(-1) for m in models]
     step = sparsification.CHUNK
     spans = [slice(s, min(n, s + step)) for s in range(0, n, step)]
