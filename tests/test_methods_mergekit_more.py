@@ -303,10 +303,11 @@ def test_equal_to_mergekit_algorithms(shape):
 
 
 def test_chunked_passes_match(monkeypatch):
-    """Tiny chunks (sce's variance and election spans, arcee_fusion's row blocks) change nothing;
+    """Tiny chunks (sce's variance and election spans, arcee_fusion's row blocks, ram's spans) change nothing;
     karcher's chunked sums change its result by round-off only."""
     base, ms = rand_inputs((9, 6), seed=11)
-    calls = [("sce", ms, {"select_topk": 0.4}), ("arcee_fusion", ms[:1], {}), ("ram", ms, {"epsilon": 0.05})]
+    calls = [("sce", ms, {"select_topk": 0.4}), ("arcee_fusion", ms[:1], {}), ("ram", ms, {"epsilon": 0.05}),
+             ("ramplus_tl", ms, {"epsilon": 0.05, "r": 0.5, "alpha": 0.5})]
     expected = [run(n, base, xs, params=p, seed=1) for n, xs, p in calls]
     monkeypatch.setattr(sparsification, "CHUNK", 5)
     for (n, xs, p), want in zip(calls, expected):

@@ -3,7 +3,8 @@ SCE (variance selection, sign election, energy weights), RAM and RAM+ (overlap a
 (interpolation towards the model where it is close to the base) and Arcee Fusion (importance-gated
 replacement), as in mergekit 0.1.5's `sce`, `ram`, `ramplus_tl`, `nearswap` and `arcee_fusion`.
 
-All take a base and work on float32 copies; the inputs are never modified.
+All take a base and work on float32 copies; the inputs are never modified. RAM and RAM+ work span by
+span (`sparsification.CHUNK` elements): beside the output, only span-sized float32 scratch.
 """
 
 from __future__ import annotations
@@ -79,15 +80,32 @@ def sce(base: torch.Tensor, models: Sequence[torch.Tensor], *, select_topk: floa
     return out.view(base.shape).add_(b)
 
 
-def _ram_counts(base: torch.Tensor, models: Sequence[torch.Tensor], epsilon: float):
-    """Task vectors with entries |d| <= epsilon zeroed, and the number of models contributing each element."""
-    tvs = [difference(m, base) for m in models]
-    counts = torch.zeros(base.shape, dtype=torch.float32, device=base.device)  # small integers: exact
+def _ram_span(base: torch.Tensor, models: Sequence[torch.Tensor], sl: slice, epsilon: float):
+    """On the flat span `sl`: the base (float32), the task vectors with entries |d| <= epsilon
+    zeroed, and the number of models contributing each element (float32: small integers, exact)."""
+    b = base.reshape(-1)[sl].to(torch.float32)
+    tvs = [difference(m.reshape(-1)[sl], b) for m in models]
+    counts = torch.zeros_like(b)
     for d in tvs:
         nz = d.abs() > epsilon
         counts.add_(nz)
         d.mul_(nz)
-    return tvs, counts
+    return b, tvs, counts
+
+
+def _ram_merge(base: torch.Tensor, models: Sequence[torch.Tensor], epsilon: float, lambdas: Sequence[object]):
+    """b + sum_i z_i d_i (lambda_i [c == 1] + [c > 1] / c), span by span."""
+    out = torch.empty(base.numel(), dtype=torch.float32, device=base.device)
+    for sl in _spans(base.numel()):
+        b, tvs, counts = _ram_span(base, models, sl, epsilon)
+        unique, overlap = counts == 1, counts > 1
+        div = counts.clamp_(min=1)
+        acc = torch.zeros_like(b)
+        for d, lam in zip(tvs, lambdas):
+            unique_part = d * unique if lam is None else d * unique * lam
+            acc.add_(unique_part + d.mul_(overlap).div_(div))
+        out[sl] = acc.add_(b)
+    return out.view(base.shape)
 
 
 def ram(base: torch.Tensor, models: Sequence[torch.Tensor], *, epsilon: float = 1e-5) -> torch.Tensor:
@@ -97,14 +115,7 @@ def ram(base: torch.Tensor, models: Sequence[torch.Tensor], *, epsilon: float = 
         d_i = m_i - b,   z_ij = [|d_ij| > epsilon],   c_j = sum_i z_ij
         out_j = b_j + sum_i z_ij d_ij * ([c_j == 1] + [c_j > 1] / c_j)
     """
-    b = base.to(torch.float32)
-    tvs, counts = _ram_counts(b, models, epsilon)
-    unique, overlap = counts == 1, counts > 1
-    div = counts.clamp_(min=1)
-    out = torch.zeros_like(b)
-    for d in tvs:
-        out.add_(d * unique + d.mul_(overlap).div_(div))
-    return out.add_(b)
+    return _ram_merge(base, models, epsilon, [None] * len(models))
 
 
 def ramplus_tl(
@@ -122,20 +133,17 @@ def ramplus_tl(
         rho_i = shared_i / max(unique_i, epsilon),   lambda_i = 1 + r * clamp(rho_i, 0, alpha)
         out_j = b_j + sum_i z_ij d_ij * (lambda_i [c_j == 1] + [c_j > 1] / c_j)
     """
-    b = base.to(torch.float32)
-    tvs, counts = _ram_counts(b, models, epsilon)
-    unique, overlap = counts == 1, counts > 1
-    div = counts.clamp_(min=1)
-    out = torch.zeros_like(b)
-    for d in tvs:
-        nz = d != 0  # z_ij: the zeroed task vector is nonzero exactly where |d| > epsilon
-        shared = (nz & overlap).sum()
-        uniq = (nz & unique).sum()
-        del nz
-        rho = shared / uniq.clamp(min=epsilon)
-        lam = 1 + r * rho.clamp(min=0, max=alpha)
-        out.add_(d * unique * lam + d.mul_(overlap).div_(div))
-    return out.add_(b)
+    shared = [torch.zeros((), dtype=torch.int64, device=base.device) for _ in models]
+    uniq = [torch.zeros((), dtype=torch.int64, device=base.device) for _ in models]
+    for sl in _spans(base.numel()):  # first pass: the per-model counts (integers: exact in any order)
+        _, tvs, counts = _ram_span(base, models, sl, epsilon)
+        unique, overlap = counts == 1, counts > 1
+        for i, d in enumerate(tvs):
+            nz = d != 0  # z_ij: the zeroed task vector is nonzero exactly where |d| > epsilon
+            shared[i] += (nz & overlap).sum()
+            uniq[i] += (nz & unique).sum()
+    lambdas = [1 + r * (sh / un.clamp(min=epsilon)).clamp(min=0, max=alpha) for sh, un in zip(shared, uniq)]
+    return _ram_merge(base, models, epsilon, lambdas)
 
 
 def nearswap(base: torch.Tensor, models: Sequence[torch.Tensor], *, t: float) -> torch.Tensor:
