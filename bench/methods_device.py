@@ -36,6 +36,14 @@ PARAMS: dict[str, tuple[list[dict], dict]] = {
     "della_linear": ([{"weight": 0.6, "density": 0.5, "epsilon": 0.1}] * 3, {}),
     "slerp": ([{}, {}], {"t": 0.3}),
     "model_stock": ([{}, {}, {}], {}),
+    "nuslerp": ([{"weight": 0.4}, {"weight": 0.6}], {}),
+    "multislerp": ([{"weight": 0.2}, {"weight": 0.5}, {"weight": 0.3}], {}),
+    "karcher": ([{}, {}, {}], {}),
+    "sce": ([{}, {}, {}], {"select_topk": 0.5}),
+    "arcee_fusion": ([{}], {}),
+    "nearswap": ([{}], {"t": 0.001}),
+    "ram": ([{}, {}, {}], {"epsilon": 0.001}),
+    "ramplus_tl": ([{}, {}, {}], {"epsilon": 0.001}),
 }
 
 
@@ -58,7 +66,7 @@ def timed(fn, device: torch.device) -> tuple[float, torch.Tensor]:
 def merge_on(method, base, models, per_model, shared, seed, device: torch.device):
     """`method` over the inputs moved to `device`, as a call without arguments."""
     b, ms = base.to(device), [x.to(device) for x in models]
-    return lambda: method.merge(b if method.needs_base else None, ms, per_model, shared, seed=seed)
+    return lambda: method.merge(b if method.uses_base else None, ms, per_model, shared, seed=seed)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -2,7 +2,7 @@
 
     .venv/bin/python -m bench.methods_vs_mergekit [--mergekit-python bench/.venv-mergekit/bin/python]
 
-For every method both tools share, builds seeded random float32 tensors (2-D, 1-D, 4-D, and a
+For every method both tools share (all of mergekit's but passthrough), builds seeded random float32 tensors (2-D, 1-D, 4-D, and a
 bf16-rounded set whose task vectors have many equal magnitudes, to exercise tie-breaking), saves
 them, and runs mergekit in a subprocess of its own venv: `mergekit.merge_methods.merge_tensors`
 (the registered method, i.e. the path mergekit-yaml takes per tensor) and `mergekit.sparsify.sparsify`
@@ -97,6 +97,14 @@ def make_tensors() -> dict[str, torch.Tensor]:
     v = torch.randn(50, 40, generator=g)
     out["col.v0"] = v
     out["col.v1"] = 2 * v + 1e-4 * torch.randn(50, 40, generator=g)
+    out["col.neg"] = -v  # antipodal to col.v0: multislerp's linear fallback
+    # above arcee_fusion's 1e6-element quantile sample
+    base = torch.randn(1100, 1000, generator=g)
+    out["big.base"] = base
+    out["big.m0"] = base + 0.1 * torch.randn(1100, 1000, generator=g)
+    # above vlm_merge.methods.CHUNK (4194304 elements): karcher's norms and dots summed in 2 chunks
+    for i in range(2):
+        out[f"huge.m{i}"] = torch.randn(2100, 2000, generator=g)
     return out
 
 
@@ -165,6 +173,7 @@ def build_cases() -> list[dict]:
         info=None, inputs=["col.v0", "col.v1"], mk_base_index=0, ours_model_params=[{}, {}],
         ours_params={"t": 0.4}, mk_params={"t": 0.4}, ours_has_base=False,
     ))  # fmt: skip
+    new_method_cases(cases)
     # ties-heavy inputs (bf16 task vectors): see tie_variants below
     first_tie_case = len(cases)
     w3 = [1.0, 0.5, 0.8]
@@ -190,6 +199,60 @@ def build_cases() -> list[dict]:
                     inputs=[f"{tag}.m0"], mk_params={"method": name, "rescale": rescale, **p},
                 ))  # fmt: skip
     return tie_variants(cases, first_tie_case)
+
+
+def new_method_cases(cases: list[dict]) -> None:
+    """mergekit 0.1.5's nuslerp, multislerp, karcher, sce, arcee_fusion, nearswap, ram, ramplus_tl."""
+
+    def case(cid, method, inputs, *, base, model_params=None, params=None, mk_params=None, seed=None):
+        model_params = model_params or [{} for _ in inputs[1 if base else 0 :]]
+        params = params or {}
+        if mk_params is None:
+            mk_params = dict(params)
+            for key in {k for p in model_params for k in p}:
+                mk_params[key] = [p[key] for p in model_params]
+        cases.append(dict(
+            id=cid, kind="merge", method=method, mk_method=method, seed=seed, info=None, inputs=inputs,
+            mk_base_index=0 if base else None, ours_model_params=model_params, ours_params=params,
+            mk_params=mk_params, ours_has_base=base,
+        ))  # fmt: skip
+
+    for tag in ("2d", "1d", "4d"):
+        b, m = f"{tag}.base", [f"{tag}.m{i}" for i in range(3)]
+        w2 = [{"weight": 0.3}, {"weight": 0.9}]
+        case(f"nuslerp/{tag}/base", "nuslerp", [b, m[0], m[1]], base=True, model_params=w2)
+        case(f"nuslerp/{tag}/no-base", "nuslerp", [m[0], m[1]], base=False, model_params=w2)
+        case(f"nuslerp/{tag}/rows", "nuslerp", [b, m[0], m[1]], base=True, model_params=w2,
+             params={"nuslerp_flatten": False})  # fmt: skip
+        case(f"nuslerp/{tag}/row_wise", "nuslerp", [b, m[0], m[1]], base=True, model_params=w2,
+             params={"nuslerp_flatten": False, "nuslerp_row_wise": True})  # fmt: skip
+        case(f"nuslerp/{tag}/zero-weights", "nuslerp", [m[0], m[1]], base=False,
+             model_params=[{"weight": 0.5}, {"weight": -0.5}])  # fmt: skip
+        w3 = [{"weight": 0.2}, {"weight": 0.5}, {"weight": 0.3}]
+        case(f"multislerp/{tag}/base", "multislerp", [b, *m], base=True, model_params=w3)
+        case(f"multislerp/{tag}/no-base", "multislerp", m, base=False, model_params=w3)
+        case(f"multislerp/{tag}/unnormalized", "multislerp", [b, *m], base=True,
+             model_params=[{"weight": 0.4}, {"weight": 1.0}, {"weight": 0.3}], params={"normalize_weights": False})  # fmt: skip
+        case(f"multislerp/{tag}/one-model", "multislerp", [b, m[0]], base=True, model_params=[{"weight": 0.7}])
+        case(f"karcher/{tag}", "karcher", m, base=False)
+        case(f"karcher/{tag}/with-base-input", "karcher", [b, m[0], m[1]], base=False)
+        case(f"karcher/{tag}/max_iter=3,tol=1e-6", "karcher", m, base=False, params={"max_iter": 3, "tol": 1e-6})
+        for k in (1.0, 0.5, 0.1):
+            case(f"sce/{tag}/select_topk={k}", "sce", [b, *m], base=True, params={"select_topk": k})
+        case(f"arcee_fusion/{tag}", "arcee_fusion", [b, m[0]], base=True, seed=41)
+        for t in (0.02, 0.1, 0.5):
+            case(f"nearswap/{tag}/t={t}", "nearswap", [b, m[0]], base=True, params={"t": t})
+        for eps in (1e-5, 0.1):
+            case(f"ram/{tag}/epsilon={eps}", "ram", [b, *m], base=True, params={"epsilon": eps})
+        case(f"ramplus_tl/{tag}", "ramplus_tl", [b, *m], base=True)
+        case(f"ramplus_tl/{tag}/r=0.5,alpha=0.3,epsilon=0.1", "ramplus_tl", [b, *m], base=True,
+             params={"r": 0.5, "alpha": 0.3, "epsilon": 0.1})  # fmt: skip
+    case("nuslerp/nearly-colinear", "nuslerp", ["col.v0", "col.v1"], base=False,
+         model_params=[{"weight": 0.6}, {"weight": 0.4}])  # fmt: skip
+    case("multislerp/antipodal(lerp)", "multislerp", ["col.v0", "col.neg"], base=False,
+         model_params=[{"weight": 0.5}, {"weight": 0.5}])  # fmt: skip
+    case("karcher/4.2M-elements(2 chunks)", "karcher", ["huge.m0", "huge.m1"], base=False)
+    case("arcee_fusion/1.1M-elements(sampled quantiles)", "arcee_fusion", ["big.base", "big.m0"], base=True, seed=43)
 
 
 TIE_NOTE = "equal magnitudes at the cut: mergekit's unstable torch sort vs our index order"

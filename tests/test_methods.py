@@ -18,11 +18,36 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import vlm_merge.methods as M
+from vlm_merge.methods import gta, sparsification
 from vlm_merge.methods import METHODS, Method, Param, tensor_seed, validate_params
 
 SHAPES = [(7, 5), (11,), (3, 4, 2)]
 TASK_VECTOR_METHODS = ["task_arithmetic", "ties", "dare_ties", "dare_linear", "breadcrumbs", "breadcrumbs_ties", "della", "della_linear"]
 RANDOM_METHODS = ["dare_ties", "dare_linear", "della", "della_linear"]
+# Methods added from mergekit 0.1.5's registry beside the ones above: number of models, per-model
+# and shared parameters of an example call (see also tests/test_methods_mergekit_more.py).
+EXAMPLES = {
+    "nuslerp": (2, {"weight": 0.5}, {}),
+    "multislerp": (3, {"weight": 0.5}, {}),
+    "karcher": (3, {}, {}),
+    "sce": (3, {}, {"select_topk": 0.5}),
+    "arcee_fusion": (1, {}, {}),
+    "nearswap": (1, {}, {"t": 0.05}),
+    "ram": (3, {}, {}),
+    "ramplus_tl": (3, {}, {}),
+    "slerp": (2, {}, {"t": 0.4}),
+}
+
+
+def example_call(name, per_model):
+    """(number of models, per-model parameters, shared parameters) for METHODS[name]: `per_model`
+    filtered to the method's parameters for the task-vector methods, EXAMPLES for the others."""
+    m = METHODS[name]
+    if name in EXAMPLES:
+        n, mp, params = EXAMPLES[name]
+        return n, [dict(mp) for _ in range(n)], params
+    n = 3
+    return n, [{k: v for k, v in per_model.items() if any(q.name == k for q in m.params)} for _ in range(n)], {}
 
 
 def close(a: torch.Tensor, b: torch.Tensor, rel: float = 2e-6) -> bool:
@@ -363,8 +388,8 @@ def test_chunked_passes_match(monkeypatch):
     expected = [merge(n, base, ms, mp, p, seed=3) for n, mp, p in cases]
     refs = [ref_gta(base, ms, [1.0, 0.5, 0.8], lambda i, d: ref_magnitude(d, (0.3, 0.6, 0.45)[i]), True, True, 1.0)]
     assert close(expected[0], refs[0])
-    monkeypatch.setattr(M, "CHUNK", 5)
-    monkeypatch.setattr(M, "COMBINE_CHUNK", 4)
+    monkeypatch.setattr(sparsification, "CHUNK", 5)
+    monkeypatch.setattr(gta, "COMBINE_CHUNK", 4)
     for (n, mp, p), exp in zip(cases, expected):
         assert torch.equal(merge(n, base, ms, mp, p, seed=3), exp), n
     assert close(M.slerp(ms[0], ms[1], 0.3), ref_slerp(ms[0], ms[1], 0.3))
@@ -389,15 +414,16 @@ def test_delta_only_methods_give_the_anchor_where_every_model_equals_the_base():
     base, _ = rand_inputs((6, 4), seed=7)
     anchor = base + torch.linspace(-1.0, 1.0, 24).view(6, 4)
     flagged = [n for n, m in METHODS.items() if m.delta_only]
-    assert set(flagged) == set(TASK_VECTOR_METHODS + ["model_stock"])
+    assert set(flagged) == set(TASK_VECTOR_METHODS + ["model_stock", "sce", "arcee_fusion", "ram", "ramplus_tl"])
     for name in flagged:
         m = METHODS[name]
         for w, dens in ((0.3, 0.2), (1.4, 0.8)):
-            mp = [{k: v for k, v in {"weight": w, "density": dens, "gamma": 0.05, "epsilon": 0.15}.items()
-                   if any(q.name == k for q in m.params)}] * 2
-            models = [base.clone(), base.clone()]
-            assert torch.equal(m.merge(base, models, mp, {}, seed=2), base), (name, w)
-            assert torch.equal(m.merge(base, models, mp, {}, anchor=anchor, seed=2), anchor), (name, w)
+            n, mp, params = example_call(name, {"weight": w, "density": dens, "gamma": 0.05, "epsilon": 0.15})
+            n = min(n, 2)
+            models = [base.clone() for _ in range(n)]
+            assert torch.equal(m.merge(base, models, mp[:n], params, seed=2), base), (name, w)
+            if m.supports_anchor:
+                assert torch.equal(m.merge(base, models, mp[:n], params, anchor=anchor, seed=2), anchor), (name, w)
     assert not METHODS["linear"].delta_only and not METHODS["slerp"].delta_only
 
 
@@ -414,10 +440,9 @@ def test_dtypes_and_inputs_untouched():
         b, xs = base.to(dtype), [m.to(dtype) for m in ms]
         copies = [t.clone() for t in (b, *xs)]
         for name, m in METHODS.items():
-            mp = [{k: v for k, v in {"weight": 0.5, "density": 0.5}.items() if any(q.name == k for q in m.params)}] * 3
-            models = xs[:2] if name == "slerp" else xs
-            params = {"t": 0.4} if name == "slerp" else {}
-            out = m.merge(b, models, mp[: len(models)], params, seed=1)
+            n, mp, params = example_call(name, {"weight": 0.5, "density": 0.5})
+            models = xs[:n]
+            out = m.merge(b, models, mp, params, seed=1)
             assert out.dtype == torch.float32 and out.shape == b.shape, name
             assert all(torch.equal(c, t) for c, t in zip(copies, (b, *xs))), name
         # float32 math on upcast inputs equals the float32 path
@@ -473,6 +498,14 @@ def test_registry_contents_follow_mergekit():
         "linear": {"weight", "normalize"},
         "slerp": {"t"},
         "model_stock": {"filter_wise"},
+        "nuslerp": {"weight", "nuslerp_row_wise", "nuslerp_flatten"},
+        "multislerp": {"weight", "normalize_weights", "eps"},
+        "karcher": {"max_iter", "tol"},
+        "sce": {"select_topk", "int8_mask"},
+        "arcee_fusion": set(),
+        "nearswap": {"t"},
+        "ram": {"epsilon"},
+        "ramplus_tl": {"r", "alpha", "epsilon"},
     }
     assert {n: {p.name for p in m.params} for n, m in METHODS.items()} == expected
     normalize_on = {"ties", "della", "linear"}
@@ -480,9 +513,10 @@ def test_registry_contents_follow_mergekit():
         assert isinstance(m, Method) and all(isinstance(p, Param) for p in m.params)
         if any(p.name == "normalize" for p in m.params):
             assert m.param("normalize").default == (n in normalize_on), n
-        assert m.random == (n in RANDOM_METHODS)
-        assert m.elementwise == (n in ("task_arithmetic", "linear"))
-        assert m.needs_base == (n not in ("linear", "slerp"))
+        assert m.random == (n in RANDOM_METHODS + ["arcee_fusion"])
+        assert m.elementwise == (n in ("task_arithmetic", "linear", "nearswap", "ram"))
+        assert m.needs_base == (n not in ("linear", "slerp", "nuslerp", "multislerp", "karcher"))
+        assert m.optional_base == (n in ("nuslerp", "multislerp"))
     assert (METHODS["slerp"].min_models, METHODS["slerp"].max_models) == (2, 2)
     assert METHODS["model_stock"].min_models == 2
     assert METHODS["dare_ties"].param("rescale").default == "dare"
@@ -579,11 +613,9 @@ def test_no_float64_and_no_whole_tensor_sort():
     base, ms = rand_inputs((64, 48), seed=9)
     n = base.numel()
     for name, m in METHODS.items():
-        mp = [{"weight": 0.5, "density": 0.3, "gamma": 0.05, "epsilon": 0.1}] * 3
-        mp = [{k: v for k, v in p.items() if any(q.name == k for q in m.params)} for p in mp]
-        models = ms[:2] if name == "slerp" else ms
+        k, mp, params = example_call(name, {"weight": 0.5, "density": 0.3, "gamma": 0.05, "epsilon": 0.1})
         with _Recorder() as rec:
-            m.merge(base, models, mp[: len(models)], {"t": 0.3} if name == "slerp" else {}, seed=1)
+            m.merge(base, ms[:k], mp, params, seed=1)
         assert not [c for c in rec.calls if c[1] == torch.float64 and c[2] > 1], name
         sorts = [c for c in rec.calls if c[0].startswith(("aten.sort", "aten.argsort"))]
         if name in ("della", "della_linear"):

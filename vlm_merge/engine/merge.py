@@ -63,7 +63,7 @@ def model_entries(recipe: Recipe, method: Method) -> list[int]:
     if recipe.base_model is None:
         return idx
     base_pos = [i for i in idx if recipe.models[i].model == recipe.base_model]
-    if method.needs_base:  # the base is not a task vector (mergekit skips it too)
+    if method.uses_base:  # the base is not a task vector (mergekit skips it too)
         return [i for i in idx if i not in base_pos]
     return base_pos[:1] + [i for i in idx if i not in base_pos[:1]]
 
@@ -164,7 +164,7 @@ def plan_recipe(
             check_layer_lists(v, num_layers, f"parameters.{k}")
         canon_keys = list(sources.alignments[vocab_ref].pairs)
         params = {c: resolve_tensor_params(recipe, method, entries, c, num_layers) for c in canon_keys}
-        base_role = recipe.base_model if method.needs_base else None
+        base_role = recipe.base_model if method.uses_base else None
         anchor_role = recipe.target if recipe.target is not None else None
         model_roles = tuple(recipe.models[i].model for i in entries)
         used = [r for r in dict.fromkeys([vocab_ref, *([base_role] if base_role else []), *([anchor_role] if anchor_role else []), *model_roles])]
