@@ -315,7 +315,7 @@ def apply_delta(
         setting = scales.weight_setting()
 
         def rule(canon: str):
-            w = resolve_setting(setting, canon, layer_index(canon), num_layers, "scale")
+            w = resolve_setting(setting, canon, layer_index(canon), num_layers)
             return partial(_apply_tensor, w=float(w))
 
         bp = plan_backbone(sources, rule, [TARGET, DELTA], _dtype(dtype), vector_roles=(DELTA,), text_config_from=text_config_from)

@@ -30,17 +30,38 @@ def _tensors_equal(a, b) -> None:
 
 
 def test_resolve_setting_gradients_filters_and_exact_layer_lists():
-    assert resolve_setting([0.0, 1.0], "model.layers.0.mlp.up_proj.weight", 0, 5, "w") == 0.0
-    assert resolve_setting([0.0, 1.0], "model.layers.2.mlp.up_proj.weight", 2, 5, "w") == pytest.approx(0.5)
-    assert resolve_setting([0.0, 1.0], "lm_head.weight", None, 5, "w") == 0.0  # outside layers: position 0
+    assert resolve_setting([0.0, 1.0], "model.layers.0.mlp.up_proj.weight", 0, 5) == 0.0
+    assert resolve_setting([0.0, 1.0], "model.layers.2.mlp.up_proj.weight", 2, 5) == pytest.approx(0.5)
+    assert resolve_setting([0.0, 1.0], "lm_head.weight", None, 5) == 0.0  # outside layers: position 0
     vals = [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8]
-    assert [resolve_setting(vals, f"model.layers.{i}.x", i, 8, "w") for i in range(8)] == vals  # exact
+    assert [resolve_setting(vals, f"model.layers.{i}.x", i, 8) for i in range(8)] == vals  # exact
     cond = [{"filter": "self_attn", "value": 2.0}, {"filter_regex": r"^lm_head\.", "value": 3.0}, {"value": [1.0, 0.0]}]
-    assert resolve_setting(cond, "model.layers.1.self_attn.q_proj.weight", 1, 2, "w") == 2.0
-    assert resolve_setting(cond, "lm_head.weight", None, 2, "w") == 3.0
-    assert resolve_setting(cond, "model.layers.1.mlp.up_proj.weight", 1, 2, "w") == 0.0
-    with pytest.raises(VlmMergeError, match=r"recipe w: has 3 per-layer values but the model has 2 layers"):
-        resolve_setting([1.0, 2.0, 3.0], "model.layers.0.x", 0, 2, "w")
+    assert resolve_setting(cond, "model.layers.1.self_attn.q_proj.weight", 1, 2) == 2.0
+    assert resolve_setting(cond, "lm_head.weight", None, 2) == 3.0
+    assert resolve_setting(cond, "model.layers.1.mlp.up_proj.weight", 1, 2) == 0.0
+    assert resolve_setting([{"filter": "mlp", "value": 1.0}], "model.layers.0.self_attn.q_proj.weight", 0, 2) is None
+
+
+def _evaluate_setting(setting, t: float):
+    """mergekit 0.1.5's `evaluate_setting` for a list of numbers (mergekit/config.py), for comparison."""
+    scaled = t * (len(setting) - 1)
+    i0 = int(scaled)
+    i1 = min(len(setting) - 1, i0 + 1)
+    frac = scaled - i0
+    return (1 - frac) * setting[i0] + frac * setting[i1]
+
+
+@pytest.mark.parametrize("length", [1, 2, 3, 5, 7, 11, 40])
+@pytest.mark.parametrize("num_layers", [1, 2, 4, 5])
+def test_gradient_lists_of_any_length_interpolate_as_mergekit(length, num_layers):
+    """A gradient longer (or shorter) than the layer count is interpolated exactly as mergekit does it; a list
+    of exactly one value per layer gives each layer its value."""
+    values = [round(0.1 + 0.37 * i % 1.3, 3) for i in range(length)]
+    for layer in range(num_layers):
+        t = layer / (num_layers - 1) if num_layers > 1 else 1.0
+        want = values[layer] if length == num_layers else _evaluate_setting(values, t)
+        assert resolve_setting(values, f"model.layers.{layer}.mlp.up_proj.weight", layer, num_layers) == want
+    assert resolve_setting(values, "model.embed_tokens.weight", None, num_layers) == _evaluate_setting(values, 0.0)
 
 
 def test_llm_merge_from_mergekit_yaml_matches_method(zoo, tmp_path):
@@ -148,11 +169,15 @@ BAD_RECIPES = {
         {"models": [{"model": "vlm", "parameters": {"weight": 1.0, "density": 1.5}}]}, "density: 1.5 out of range (0, 1]"),
     "slerp needs two": ({"merge_method": "slerp", "parameters": {"t": 0.5}, "models": [
         {"model": "vlm"}, {"model": "ja"}, {"model": "en"}]}, "slerp needs exactly 2 models"),
-    "layer list too long": (
-        {"models": [{"model": "vlm", "parameters": {"weight": [1.0, 0.5, 0.2], "density": 0.5}}]},
-        "models[0].parameters.weight: has 3 per-layer values but the model has 2 layers"),
+    "bad filter regex": (
+        {"models": [{"model": "vlm", "parameters": {"weight": [{"filter_regex": "mlp(", "value": 1.0}], "density": 0.5}}]},
+        "models[0].parameters.weight[0].filter_regex: 'mlp(': invalid regular expression"),
+    "misspelt key": ({"paramters": {"normalize": True}}, "paramters: unknown key"),
+    "slice that cuts layers": (
+        {"models": None, "slices": [{"sources": [{"model": "vlm", "layer_range": [0, 1]}]}]},
+        "recipe slices: layer_range [0, 1] but the models have 2 layers"),
     "unaligned sources": ({"base_model": "MISTRAL"}, "shape mismatch at 'model.layers.0.self_attn.k_proj.weight'"),
-    "mergekit slices": ({"slices": []}, "recipe slices: is a mergekit feature"),
+    "mergekit modules": ({"modules": {}}, "modules: merging VLM modules separately"),
 }
 
 
