@@ -202,3 +202,20 @@ def test_validate_accepts_every_runnable_example(llamas, tmp_path):
     for example in ("linear", "ties", "bio-merge", "gradient-slerp"):
         rp, rows = validate(_local(example, llamas, tmp_path))
         assert ("language_model: layers", str(9 * LAYERS)) == rows[[r[0] for r in rows].index("language_model: layers")][:2]
+
+
+def test_union_in_a_vlm_recipe_keeps_the_image_token_special(zoo, tmp_path):
+    """With a VLM, union adds the language models' tokens as plain tokens; the image / pad tokens stay special."""
+    from transformers import AutoTokenizer
+
+    vlm, en, ja = zoo.vlms["llava-hf-llama"], zoo.llms["en-llama"], zoo.llms["ja-llama"]
+    data = {"merge_method": "task_arithmetic", "vlm": str(vlm), "base_model": str(en), "target": str(en),
+            "models": [{"model": "vlm", "parameters": {"weight": 1.0}}, {"model": str(ja), "parameters": {"weight": 0.5}}],
+            "tokenizer_source": "union"}
+    out = merge(data, tmp_path / "out", progress=False)
+    tok = AutoTokenizer.from_pretrained(str(out))
+    special = {t.content for t in tok.added_tokens_decoder.values() if t.special}
+    assert {"<image>", "<pad>"} <= special and "あ" in tok.get_vocab() and "あ" not in special
+    config = json.loads((out / "config.json").read_text())
+    assert tok.convert_ids_to_tokens(config["image_token_index"]) == "<image>"
+    assert CheckpointReader(out).info("language_model.model.embed_tokens.weight").shape[0] >= len(tok)

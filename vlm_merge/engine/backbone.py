@@ -231,7 +231,7 @@ def plan_vocabulary(
     """Row alignment of embeddings / lm_head between the target and the roles that enter task vectors.
 
     With a VLM the output also gets its image token (and a pad token) when the target lacks them; with
-    `union` the delta roles' tokens the target lacks (tokenizer_source: union). `pad_to_multiple_of`
+    `union` the language models' tokens the target lacks (tokenizer_source: union). `pad_to_multiple_of`
     overrides the VLM's row multiple.
     """
     if not sources.alignments[sources.target_role].vocab_keys:
@@ -244,7 +244,7 @@ def plan_vocabulary(
         image_token_id=_image_token_id(sources.vlm.anatomy.config) if sources.vlm is not None else None,
         delta_roles={r: sources.source(r).vocab for r in delta_roles},
         multiple=pad_to_multiple_of or multiple,
-        union={r: sources.source(r).vocab for r in delta_roles} if union else None,
+        union={r: sources.source(r).vocab for r in delta_roles if r != VLM} if union else None,  # image / pad: as always
     )
 
 
