@@ -207,3 +207,42 @@ def test_relative_paths_are_relative_to_the_recipe(zoo, tmp_path):
     r = load_recipe(cfg)
     assert r.models[0].model == str((tmp_path / "en").resolve())
     assert r.models[1].model == "ja"  # not a local path: left as a Hugging Face id
+
+
+@pytest.mark.parametrize("models,where,phrase", [
+    ([{"model": "a"}, {"model": "b", "parameters": {"weight": {"x": 1}}}], "models[1].parameters.weight: {'x': 1}:",
+     "expected a number, a list of numbers (per layer) or a list of {filter: …, value: …}"),
+    ([{"model": "a", "parameters": {"weight": [0.5, {"value": 1.0}]}}], "models[0].parameters.weight[0]: 0.5:",
+     "write each condition as {filter: …, value: …}"),
+    ([{"model": "a", "parameters": {"weight": [{"filter": "mlp", "valu": 1.0}]}}], "models[0].parameters.weight[0].valu:",
+     "unknown key"),
+    ([{"model": "a", "parameters": {"weight": []}}], "models[0].parameters.weight: []:", "at least 1 item"),
+    ([{"model": "a", "weight": 1.0}], "models[0].weight:", "unknown key (known: model, parameters)"),
+    ([], "models:", "missing or empty; list the models to merge"),
+])  # fmt: skip
+def test_validation_error_is_one_line_with_file_path_value_and_fix(tmp_path, models, where, phrase):
+    """Every pydantic validation error of a recipe file is one VlmMergeError line: the file, the field path,
+    the value, what is wrong and what to do."""
+    cfg = tmp_path / "r.yaml"
+    cfg.write_text(yaml.safe_dump({"merge_method": "linear", "models": models}))
+    with pytest.raises(VlmMergeError) as e:
+        load_recipe(cfg)
+    line = str(e.value)
+    assert "\n" not in line and line.startswith(f"recipe {cfg}: {where}") and phrase in line, line
+
+
+def test_recipe_objects_are_checked_and_replayable():
+    """`Recipe` is a frozen pydantic dataclass: `dataclasses.replace` checks the copy; to_dict -> from dict is
+    the same recipe (the resolved merge_recipe.yaml round trip)."""
+    import dataclasses
+
+    from pydantic import ValidationError
+
+    from vlm_merge.recipe import ModelEntry, Recipe, recipe_from_dict
+
+    r = Recipe(merge_method="ties", models=(ModelEntry("a", {"weight": [1, 0.5]}),), tokenizer={"source": "union"},
+               out_dtype="bfloat16", chat_template="auto")
+    assert recipe_from_dict(r.to_dict()) == r
+    assert isinstance(r.models[0].parameters["weight"][0], int)  # values keep their YAML types
+    with pytest.raises(ValidationError):
+        dataclasses.replace(r, seed="seven")

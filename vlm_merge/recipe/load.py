@@ -70,8 +70,10 @@ def _key_known(loc: tuple) -> str:
 
 
 def validation_line(error: ValidationError, where: str) -> VlmMergeError:
-    """One line for a recipe's first validation error: where, field path, value, what is wrong, what to do."""
-    e = error.errors(include_url=False)[0]
+    """One line for a recipe's validation error (an unknown key first, else the first): where, field path, value,
+    what is wrong, what to do."""
+    errors = error.errors(include_url=False)
+    e = next((x for x in errors if x["type"] in UNKNOWN), errors[0])  # a misspelt key explains a missing one
     kind, loc = e["type"], tuple(e["loc"])
     path = _path(loc) or WHOLE_RECIPE.get(kind, "")
     prefix = f"{where}: {path}:" if path else f"{where}:"
