@@ -246,3 +246,14 @@ def test_recipe_objects_are_checked_and_replayable():
     assert isinstance(r.models[0].parameters["weight"][0], int)  # values keep their YAML types
     with pytest.raises(ValidationError):
         dataclasses.replace(r, seed="seven")
+
+
+def test_scientific_notation_reads_as_a_number():
+    """PyYAML reads `1e-3` as a string (YAML 1.1); mergekit 0.1.5 and vlm-merge read it as the number."""
+    from vlm_merge.recipe import recipe_from_dict
+
+    data = yaml.safe_load("merge_method: ties\nmodels:\n  - model: a\n    parameters: {density: 1e-3, weight: [5E-1, 1]}\n")
+    assert data["models"][0]["parameters"]["density"] == "1e-3"
+    params = recipe_from_dict(data).models[0].parameters
+    assert params == {"density": 0.001, "weight": [0.5, 1]}
+    assert resolve_setting(params["weight"], "model.layers.1.x", 1, 3) == pytest.approx(0.75)

@@ -50,7 +50,13 @@ SETTING_TAGS = ("scalar", "gradient", "conditions")
 SETTING_SHAPES = "a number, a list of numbers (per layer) or a list of {filter: …, value: …}"
 
 
+# A number YAML 1.1 reads as a string (PyYAML: `1e-3`, `5E+2`), which mergekit 0.1.5 reads as the number.
+NUMBER_TEXT = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)[eE][+-]?\d+")
+
+
 def _scalar(value: Any) -> bool | int | float | str:
+    if isinstance(value, str) and NUMBER_TEXT.fullmatch(value.strip()):
+        return float(value)
     if isinstance(value, (bool, int, float, str)):
         return value
     raise PydanticCustomError("scalar", "expected a number, boolean or string")
