@@ -185,7 +185,8 @@ def test_tokenizer_block_chat_template_out_dtype(zoo, tmp_path):
 
 @pytest.mark.parametrize("changes,phrase", [
     ({"chat_template": "llama9"}, "chat_template: 'llama9' is not a Jinja template"),
-    ({"tokenizer": {"source": "union", "tokens": {"<x>": {"source": {"kind": "zero"}}}}}, "tokenizer.tokens: setting token embeddings"),
+    ({"tokenizer": {"source": "union", "tokens": {"<x>": {"source": {"kind": "zero"}}}}}, "tokenizer.tokens: '<x>' is not in the output's vocabulary"),
+    ({"tokenizer": {"source": "union", "tokens": {"<s>": {"source": "/nowhere"}}}}, "tokenizer.tokens.<s>.source: '/nowhere' is not a model of the recipe"),
     ({"tokenizer": {"source": "union", "pad_to_multiple_of": 0}}, "tokenizer.pad_to_multiple_of: 0: Input should be greater than 0"),
     ({"out_dtype": "int4"}, "out_dtype: 'int4': not a dtype"),
 ])  # fmt: skip
@@ -219,3 +220,31 @@ def test_union_in_a_vlm_recipe_keeps_the_image_token_special(zoo, tmp_path):
     config = json.loads((out / "config.json").read_text())
     assert tok.convert_ids_to_tokens(config["image_token_index"]) == "<image>"
     assert CheckpointReader(out).info("language_model.model.embed_tokens.weight").shape[0] >= len(tok)
+
+
+def test_tokenizer_tokens_set_rows_by_hand(zoo, tmp_path):
+    """mergekit's `tokenizer.tokens`: a union token from zeros or from another model's token id, and a shared
+    token forced to one model's row (no task vector there); every other row merges as before."""
+    from transformers import AutoTokenizer
+
+    en, ja = zoo.llms["en-llama"], zoo.llms["ja-llama"]
+    v_en, v_ja = (AutoTokenizer.from_pretrained(str(p)).get_vocab() for p in (en, ja))
+    new = [t for t in sorted(v_ja, key=v_ja.get) if t not in v_en]
+    shared = [t for t in sorted(v_en, key=v_en.get) if t in v_ja][-2:]  # two ordinary tokens, not specials
+    zero, other, forced = new[0], new[1], shared[0]
+    tokens = {zero: {"source": {"kind": "zero"}}, other: {"source": {"kind": "model_token", "model": str(en), "token_id": 7}},
+              forced: {"source": str(ja), "force": True}}
+    data = {"merge_method": "task_arithmetic", "base_model": str(en),
+            "models": [{"model": str(ja), "parameters": {"weight": 0.5}}], "tokenizer": {"source": "union", "tokens": tokens}}
+    out = merge(data, tmp_path / "out", progress=False)
+    v_out = AutoTokenizer.from_pretrained(str(out)).get_vocab()
+    key = "model.embed_tokens.weight"
+    e, j, o = (CheckpointReader(p).get(key) for p in (en, ja, out))
+    assert torch.equal(o[v_out[zero]], torch.zeros(o.shape[1]))
+    assert torch.equal(o[v_out[other]], e[7])
+    assert torch.equal(o[v_out[forced]], j[v_ja[forced]])
+    t = shared[1]  # not named: merged
+    want = METHODS["task_arithmetic"].merge(e[v_en[t]], [j[v_ja[t]]], [{"weight": 0.5}], {})
+    assert torch.equal(o[v_out[t]], want)
+    again = merge(out / "merge_recipe.yaml", tmp_path / "again", progress=False)
+    assert CheckpointReader(again).read_bytes(key) == CheckpointReader(out).read_bytes(key)

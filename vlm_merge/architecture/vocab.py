@@ -30,6 +30,17 @@ from vlm_merge.errors import VlmMergeError
 DEFAULT_IMAGE_TOKEN = "<image>"
 DEFAULT_PAD_TOKEN = "<pad>"
 VLM_ROWS = "vlm"  # the role of added image / pad token rows: the VLM's language model
+ZERO = "\0zero"  # the "role" of an all-zero row (mergekit's `kind: zero`)
+
+
+@dataclass(frozen=True)
+class TokenSource:
+    """Where one token's row comes from when the recipe says so (mergekit's `tokenizer.tokens`): row `row` of
+    source `role` (role ZERO: zeros); `force`: even where every source has the token."""
+
+    role: str
+    row: int | None = None
+    force: bool = False
 
 
 def load_tokenizer(path: Path, trust_remote_code: bool = False):
@@ -151,6 +162,7 @@ def plan_vocab(
     delta_roles: dict[str, VocabSide],
     multiple: int = 1,
     union: dict[str, VocabSide] | None = None,
+    token_sources: dict[str, TokenSource] | None = None,
 ) -> VocabPlan:
     """Plan the output vocabulary.
 
@@ -162,7 +174,9 @@ def plan_vocab(
     token string; a row enters the task vectors only where every delta role has it. With no tokenizers
     rows are matched by position, which is only allowed when every row count is equal. The output row
     count is padded up to `multiple` (see `pad_multiple`). `union` (tokenizer_source: union) maps the
-    sources whose tokens the output adds to the target's, in order, to their sides.
+    sources whose tokens the output adds to the target's, in order, to their sides. `token_sources` (mergekit's
+    `tokenizer.tokens`) sets the row of a token the target lacks (instead of the first source's that has it), of a
+    token some source lacks, and with `force` of any token: its output row is that row, no task vector there.
     """
     sides = [target, *([vlm] if vlm is not None else []), *delta_roles.values()]
     if union and any(s.vocab is None for s in [target, *union.values()]):
@@ -196,8 +210,20 @@ def plan_vocab(
 
     n_tokens = target.size if target.size is not None else len(target_vocab)
     notes = _unmatched_note(target.rows, n_tokens, len(common_rows))
-    joined = union_tokens(target_vocab, union or {})
-    if vlm is None and not joined:
+    specs = token_sources or {}
+    joined = [(t, specs[t].role, specs[t].row) if t in specs else (t, role, row) for t, role, row in union_tokens(target_vocab, union or {})]
+    missing = sorted(t for t in specs if t not in target_vocab and t not in {j[0] for j in joined})
+    if missing:
+        raise VlmMergeError(f"tokenizer.tokens: {missing[0]!r} is not in the output's vocabulary; use a token it has "
+                            "(or tokenizer source: union to add the models' tokens)")
+    # tokens of the target whose row the recipe sets: every forced one, and those some source lacks
+    set_rows = {target_vocab[t]: spec for t, spec in specs.items() if t in target_vocab and (spec.force or target_vocab[t] not in common)}
+    if set_rows:
+        keep = torch.tensor([r not in set_rows for r in common_rows], dtype=torch.bool)
+        pairs = {role: RowMap(m.out[keep], m.src[keep]) for role, m in pairs.items()}
+    overrides = tuple(AddedToken(t, target_vocab[t], set_rows[target_vocab[t]].row, set_rows[target_vocab[t]].role)
+                      for t in specs if t in target_vocab and target_vocab[t] in set_rows)
+    if vlm is None and not joined and not overrides:
         return VocabPlan(out_rows=target.rows, target_rows=target.rows, pairs=pairs, pad_token=target.pad_token,
                          pad_token_id=target_vocab.get(target.pad_token) if target.pad_token else None, notes=notes)
     want = list(joined)
@@ -214,6 +240,7 @@ def plan_vocab(
                 want.append((token, VLM_ROWS, row if row is not None and row < vlm.rows else None))
     added = tuple(AddedToken(tok, n_tokens + i, row, role) for i, (tok, role, row) in enumerate(want))
     needed = max(target.rows, n_tokens + len(added))
+    added += overrides
     out_rows = -(-needed // multiple) * multiple
     ids = {**target_vocab, **{a.token: a.out_row for a in added}}
     return VocabPlan(
@@ -225,7 +252,7 @@ def plan_vocab(
         image_token_id=ids.get(image_token) if image_token is not None else None,
         pad_token=pad_token,
         pad_token_id=ids.get(pad_token) if pad_token is not None else None,
-        tokens_added_to_tokenizer=tuple(a.token for a in added[len(joined):]),
+        tokens_added_to_tokenizer=tuple(a.token for a in added[len(joined) : len(want)]),
         union_tokens=tuple(token for token, _, _ in joined),
         notes=notes,
     )
@@ -265,7 +292,7 @@ def target_mean(target: torch.Tensor) -> torch.Tensor:
 def needs_mean(plan: VocabPlan, target_rows: int, has_vlm: bool) -> bool:
     """Whether some output row takes the target's mean row (padding, or an added token without a source row)."""
     n = min(plan.target_rows, plan.out_rows, target_rows)
-    return plan.out_rows > n or any(a.row is None or (a.role == VLM_ROWS and not has_vlm) for a in plan.added)
+    return plan.out_rows > n or any((a.row is None and a.role != ZERO) or (a.role == VLM_ROWS and not has_vlm) for a in plan.added)
 
 
 def vocab_rows(
@@ -293,7 +320,9 @@ def vocab_rows(
         out[k:] = mean
     for a in plan.added:
         if start <= a.out_row < stop:
-            if a.row is not None and source_row is not None:
+            if a.role == ZERO:
+                out[a.out_row - start] = 0.0
+            elif a.row is not None and source_row is not None:
                 out[a.out_row - start] = source_row(a.role, a.row)
             else:
                 assert mean is not None

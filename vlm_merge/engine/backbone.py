@@ -44,7 +44,7 @@ from vlm_merge.engine.streaming import Copy, Merge, MergePlan, OutputTensor, Ten
 from vlm_merge.errors import VlmMergeError
 from vlm_merge.io.outputs import AtomicDir
 from vlm_merge.io.safe_load import load_json, read_text
-from vlm_merge.architecture.vocab import VocabPlan, VocabSide, load_tokenizer, pad_multiple, plan_vocab
+from vlm_merge.architecture.vocab import ZERO, TokenSource, VocabPlan, VocabSide, load_tokenizer, pad_multiple, plan_vocab
 
 log = logging.getLogger(__name__)
 
@@ -226,13 +226,14 @@ def _image_token_id(config: dict) -> int | None:
 
 
 def plan_vocabulary(
-    sources: Sources, delta_roles: list[str], union: bool = False, pad_to_multiple_of: int | None = None
+    sources: Sources, delta_roles: list[str], union: bool = False, pad_to_multiple_of: int | None = None,
+    token_sources: dict[str, TokenSource] | None = None,
 ) -> VocabPlan | None:
     """Row alignment of embeddings / lm_head between the target and the roles that enter task vectors.
 
     With a VLM the output also gets its image token (and a pad token) when the target lacks them; with
     `union` the language models' tokens the target lacks (tokenizer_source: union). `pad_to_multiple_of`
-    overrides the VLM's row multiple.
+    overrides the VLM's row multiple; `token_sources` are the recipe's rows of given tokens.
     """
     if not sources.alignments[sources.target_role].vocab_keys:
         return None
@@ -245,6 +246,7 @@ def plan_vocabulary(
         delta_roles={r: sources.source(r).vocab for r in delta_roles},
         multiple=pad_to_multiple_of or multiple,
         union={r: sources.source(r).vocab for r in delta_roles if r != VLM} if union else None,  # image / pad: as always
+        token_sources=token_sources,
     )
 
 
@@ -285,6 +287,7 @@ def plan_backbone(
     text_config_from: str = VLM,
     union: bool = False,
     pad_to_multiple_of: int | None = None,
+    token_sources: dict[str, TokenSource] | None = None,
 ) -> BackbonePlan:
     """The output tensors of a backbone merge: vision parts copied, language model merged by `rule`.
 
@@ -294,7 +297,7 @@ def plan_backbone(
     `elementwise` says whether the rule's functions may be evaluated slice by slice. `text_config_from`
     ("vlm" or "target") names the source of the output's function-changing text config fields
     (`FUNCTION_FIELDS`); sources that disagree on one are logged as warnings and kept in `notes`.
-    `union` and `pad_to_multiple_of`: the output vocabulary (`plan_vocabulary`).
+    `union`, `pad_to_multiple_of` and `token_sources`: the output vocabulary (`plan_vocabulary`).
     """
     if text_config_from not in TEXT_CONFIG_FROM:
         raise VlmMergeError(f"text_config_from {text_config_from!r}: choose {' or '.join(TEXT_CONFIG_FROM)}")
@@ -305,7 +308,7 @@ def plan_backbone(
     ref = sources.reference
     original = ref.anatomy.layout.name == "llava-original"
     target_role = sources.target_role
-    vocab = plan_vocabulary(sources, [r for r in roles if r != target_role], union, pad_to_multiple_of)
+    vocab = plan_vocabulary(sources, [r for r in roles if r != target_role], union, pad_to_multiple_of, token_sources)
     target_keys = sources.target.anatomy.lm_keys
     canon_of = {v: c for c, v in ref.anatomy.lm_keys.items()}
     pairs = sources.alignments[target_role]
@@ -360,7 +363,7 @@ def plan_backbone(
             counts["merged"] += 1
         vlm_rows = (VLM, sources.vlm.anatomy.lm_keys[canon]) if sources.vlm is not None else (None, None)
         union_keys = {r: sources.source(r).anatomy.lm_keys[canon] for r in dict.fromkeys(a.role for a in vocab.added)
-                      if r != VLM} if is_vocab and vocab is not None else {}
+                      if r not in (VLM, ZERO)} if is_vocab and vocab is not None else {}
         op = Merge(inputs, fn, elementwise=elementwise, vocab=is_vocab, target_role=target_role,
                    vlm_rows_role=vlm_rows[0], vlm_rows_key=vlm_rows[1], vector_roles=vector_roles, union_keys=union_keys)
         tensors.append(OutputTensor(out_key(key), shape, out_dtype, op, canon))

@@ -25,7 +25,9 @@ from vlm_merge.engine.streaming import Copy, Merge
 from vlm_merge.errors import VlmMergeError
 from vlm_merge.methods import METHODS, Method, tensor_seed
 from vlm_merge.io.outputs import prepare_output_dir
+from vlm_merge.architecture.vocab import ZERO, TokenSource
 from vlm_merge.recipe import Recipe, load_recipe, recipe_from_dict, resolve_setting
+from vlm_merge.recipe.format import ModelToken, ZeroToken
 from vlm_merge.recipe.load import validation_line
 
 RESOLVED_RECIPE = "merge_recipe.yaml"
@@ -134,6 +136,35 @@ def check_layer_range(recipe: Recipe, num_layers: int) -> None:
         )
 
 
+def token_sources(recipe: Recipe, sources: Sources) -> dict[str, TokenSource] | None:
+    """mergekit's `tokenizer.tokens` as rows of the sources: a model's row of the token itself (`source: MODEL`),
+    of another token or id (`kind: model_token`), or zeros (`kind: zero`)."""
+    tok = recipe.tokenizer
+    if tok is None or not tok.tokens:
+        return None
+    roles = [*([VLM] if sources.vlm is not None else []), *sources.models]
+    out = {}
+    for token, spec in tok.tokens.items():
+        where = f"recipe tokenizer.tokens.{token}.source"
+        src = spec.source
+        if src is None:
+            raise VlmMergeError(f"{where}: missing; give a model, {{kind: model_token, model: …, token: …}} or {{kind: zero}}")
+        if isinstance(src, ZeroToken):
+            out[token] = TokenSource(ZERO, None, spec.force)
+            continue
+        model = src.model if isinstance(src, ModelToken) else src
+        if model not in roles:
+            raise VlmMergeError(f"{where}: {model!r} is not a model of the recipe (its models: {', '.join(roles)})")
+        side = sources.source(model).vocab
+        vocab = side.vocab or {}
+        want = src.token if isinstance(src, ModelToken) and src.token is not None else token
+        row = src.token_id if isinstance(src, ModelToken) and src.token_id is not None else vocab.get(want)
+        if row is None or not 0 <= row < side.rows:
+            raise VlmMergeError(f"{where}: {model} has no row for {want if row is None else row!r}; use a token it has")
+        out[token] = TokenSource(model, row, spec.force)
+    return out
+
+
 def chat_template_text(choice: str | None, sources: Sources) -> str | None:
     """The output's chat template for the recipe's `chat_template` (None: the default, the VLM's or the target
     tokenizer's): a Jinja template as given; "auto": the template most of the sources' tokenizers have (mergekit's
@@ -184,9 +215,6 @@ def plan_recipe(
     if recipe.target is not None and not method.supports_anchor:
         raise VlmMergeError(f"recipe target: {method.name} cannot start from a target model; remove target or use a task-vector method")
     vocab_ref = recipe.vocab_source
-    if recipe.tokenizer is not None and recipe.tokenizer.tokens:
-        raise VlmMergeError("recipe tokenizer.tokens: setting token embeddings by hand is not supported yet; remove it "
-                            "(tokens the output's vocabulary lacks are added with tokenizer source: union)")
     if vocab_ref == VLM:
         raise VlmMergeError("recipe tokenizer_source/target: must be a language model (e.g. the Japanese base), not the VLM")
     entries = model_entries(recipe, method)
@@ -217,7 +245,8 @@ def plan_recipe(
         tok = recipe.tokenizer
         rp.backbone = plan_backbone(sources, rule, used, out_dtype, elementwise=method.elementwise,
                                     text_config_from=resolved.text_config_from or VLM, union=recipe.tokenizer_choice == UNION,
-                                    pad_to_multiple_of=tok.pad_to_multiple_of if tok is not None else None)
+                                    pad_to_multiple_of=tok.pad_to_multiple_of if tok is not None else None,
+                                    token_sources=token_sources(recipe, sources))
         rp.backbone.chat_template = chat_template_text(recipe.chat_template, sources)
         return rp
     except BaseException:

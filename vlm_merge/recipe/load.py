@@ -15,7 +15,18 @@ from pydantic import TypeAdapter, ValidationError
 
 from vlm_merge.errors import VlmMergeError
 from vlm_merge.io.safe_load import load_yaml
-from vlm_merge.recipe.format import NOT_KEYS, RECIPE_KEYS, SETTING_SHAPES, SETTING_TAGS, UNSUPPORTED, VLM_REF, ModelEntry, Recipe, Slice
+from vlm_merge.recipe.format import (
+    NOT_KEYS,
+    RECIPE_KEYS,
+    SETTING_SHAPES,
+    SETTING_TAGS,
+    UNSUPPORTED,
+    VLM_REF,
+    ModelEntry,
+    ModelToken,
+    Recipe,
+    Slice,
+)
 
 _RECIPE = TypeAdapter(Recipe)
 _SLICES = TypeAdapter(list[Slice])
@@ -159,7 +170,13 @@ def rebase_paths(r: Recipe, base: Path) -> Recipe:
     """`r` with its local model paths made absolute, relative to `base` (the recipe file's folder)."""
     tok = r.tokenizer
     if tok is not None:
-        tok = tok.model_copy(update={"source": _rebase(tok.source, base)})
+        tokens = {
+            t: spec.model_copy(update={"source": spec.source.model_copy(update={"model": _rebase(spec.source.model, base)})
+                                       if isinstance(spec.source, ModelToken) else _rebase(spec.source, base)
+                                       if isinstance(spec.source, str) else spec.source})
+            for t, spec in (tok.tokens or {}).items()
+        }
+        tok = tok.model_copy(update={"source": _rebase(tok.source, base), "tokens": tokens or tok.tokens})
     return Recipe(
         merge_method=r.merge_method,
         models=tuple(ModelEntry(_rebase(m.model, base) or m.model, m.parameters) for m in r.models),
