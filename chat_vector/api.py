@@ -218,7 +218,7 @@ def apply_delta(
     try:
         return apply_task_vector(
             d.reader, d.vocab_side, ja_base, out, vlm=vlm_path, weight=weight, card=card, name="the chat vector",
-            where="scale", dtype=_dtype(dtype), vision_tower=vision_tower, cache_dir=cache_dir, force=force,
+            dtype=_dtype(dtype), vision_tower=vision_tower, cache_dir=cache_dir, force=force,
             max_shard_bytes=max_shard_bytes, progress=progress, text_config_from=text_config_from,
         )
     finally:

@@ -30,17 +30,38 @@ def _tensors_equal(a, b) -> None:
 
 
 def test_resolve_setting_gradients_filters_and_exact_layer_lists():
-    assert resolve_setting([0.0, 1.0], "model.layers.0.mlp.up_proj.weight", 0, 5, "w") == 0.0
-    assert resolve_setting([0.0, 1.0], "model.layers.2.mlp.up_proj.weight", 2, 5, "w") == pytest.approx(0.5)
-    assert resolve_setting([0.0, 1.0], "lm_head.weight", None, 5, "w") == 0.0  # outside layers: position 0
+    assert resolve_setting([0.0, 1.0], "model.layers.0.mlp.up_proj.weight", 0, 5) == 0.0
+    assert resolve_setting([0.0, 1.0], "model.layers.2.mlp.up_proj.weight", 2, 5) == pytest.approx(0.5)
+    assert resolve_setting([0.0, 1.0], "lm_head.weight", None, 5) == 0.0  # outside layers: position 0
     vals = [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8]
-    assert [resolve_setting(vals, f"model.layers.{i}.x", i, 8, "w") for i in range(8)] == vals  # exact
+    assert [resolve_setting(vals, f"model.layers.{i}.x", i, 8) for i in range(8)] == vals  # exact
     cond = [{"filter": "self_attn", "value": 2.0}, {"filter_regex": r"^lm_head\.", "value": 3.0}, {"value": [1.0, 0.0]}]
-    assert resolve_setting(cond, "model.layers.1.self_attn.q_proj.weight", 1, 2, "w") == 2.0
-    assert resolve_setting(cond, "lm_head.weight", None, 2, "w") == 3.0
-    assert resolve_setting(cond, "model.layers.1.mlp.up_proj.weight", 1, 2, "w") == 0.0
-    with pytest.raises(VlmMergeError, match=r"recipe w: has 3 per-layer values but the model has 2 layers"):
-        resolve_setting([1.0, 2.0, 3.0], "model.layers.0.x", 0, 2, "w")
+    assert resolve_setting(cond, "model.layers.1.self_attn.q_proj.weight", 1, 2) == 2.0
+    assert resolve_setting(cond, "lm_head.weight", None, 2) == 3.0
+    assert resolve_setting(cond, "model.layers.1.mlp.up_proj.weight", 1, 2) == 0.0
+    assert resolve_setting([{"filter": "mlp", "value": 1.0}], "model.layers.0.self_attn.q_proj.weight", 0, 2) is None
+
+
+def _evaluate_setting(setting, t: float):
+    """mergekit 0.1.5's `evaluate_setting` for a list of numbers (mergekit/config.py), for comparison."""
+    scaled = t * (len(setting) - 1)
+    i0 = int(scaled)
+    i1 = min(len(setting) - 1, i0 + 1)
+    frac = scaled - i0
+    return (1 - frac) * setting[i0] + frac * setting[i1]
+
+
+@pytest.mark.parametrize("length", [1, 2, 3, 5, 7, 11, 40])
+@pytest.mark.parametrize("num_layers", [1, 2, 4, 5])
+def test_gradient_lists_of_any_length_interpolate_as_mergekit(length, num_layers):
+    """A gradient longer (or shorter) than the layer count is interpolated exactly as mergekit does it; a list
+    of exactly one value per layer gives each layer its value."""
+    values = [round(0.1 + 0.37 * i % 1.3, 3) for i in range(length)]
+    for layer in range(num_layers):
+        t = layer / (num_layers - 1) if num_layers > 1 else 1.0
+        want = values[layer] if length == num_layers else _evaluate_setting(values, t)
+        assert resolve_setting(values, f"model.layers.{layer}.mlp.up_proj.weight", layer, num_layers) == want
+    assert resolve_setting(values, "model.embed_tokens.weight", None, num_layers) == _evaluate_setting(values, 0.0)
 
 
 def test_llm_merge_from_mergekit_yaml_matches_method(zoo, tmp_path):
@@ -148,11 +169,15 @@ BAD_RECIPES = {
         {"models": [{"model": "vlm", "parameters": {"weight": 1.0, "density": 1.5}}]}, "density: 1.5 out of range (0, 1]"),
     "slerp needs two": ({"merge_method": "slerp", "parameters": {"t": 0.5}, "models": [
         {"model": "vlm"}, {"model": "ja"}, {"model": "en"}]}, "slerp needs exactly 2 models"),
-    "layer list too long": (
-        {"models": [{"model": "vlm", "parameters": {"weight": [1.0, 0.5, 0.2], "density": 0.5}}]},
-        "models[0].parameters.weight: has 3 per-layer values but the model has 2 layers"),
+    "bad filter regex": (
+        {"models": [{"model": "vlm", "parameters": {"weight": [{"filter_regex": "mlp(", "value": 1.0}], "density": 0.5}}]},
+        "models[0].parameters.weight[0].filter_regex: 'mlp(': invalid regular expression"),
+    "misspelt key": ({"paramters": {"normalize": True}}, "paramters: unknown key"),
+    "slice that cuts layers": (
+        {"models": None, "slices": [{"sources": [{"model": "vlm", "layer_range": [0, 1]}]}]},
+        "recipe slices: layer_range [0, 1] but the models have 2 layers"),
     "unaligned sources": ({"base_model": "MISTRAL"}, "shape mismatch at 'model.layers.0.self_attn.k_proj.weight'"),
-    "mergekit slices": ({"slices": []}, "recipe slices: is a mergekit feature"),
+    "mergekit modules": ({"modules": {}}, "modules: merging VLM modules separately"),
 }
 
 
@@ -182,3 +207,53 @@ def test_relative_paths_are_relative_to_the_recipe(zoo, tmp_path):
     r = load_recipe(cfg)
     assert r.models[0].model == str((tmp_path / "en").resolve())
     assert r.models[1].model == "ja"  # not a local path: left as a Hugging Face id
+
+
+@pytest.mark.parametrize("models,where,phrase", [
+    ([{"model": "a"}, {"model": "b", "parameters": {"weight": {"x": 1}}}], "models[1].parameters.weight: {'x': 1}:",
+     "expected a number, a list of numbers (per layer) or a list of {filter: …, value: …}"),
+    ([{"model": "a", "parameters": {"weight": [0.5, {"value": 1.0}]}}], "models[0].parameters.weight[0]: 0.5:",
+     "write each condition as {filter: …, value: …}"),
+    ([{"model": "a", "parameters": {"weight": [{"filter": "mlp", "valu": 1.0}]}}], "models[0].parameters.weight[0].valu:",
+     "unknown key"),
+    ([{"model": "a", "parameters": {"weight": []}}], "models[0].parameters.weight: []:", "at least 1 item"),
+    ([{"model": "a", "weight": 1.0}], "models[0].weight:", "unknown key (known: model, parameters)"),
+    ([], "models:", "missing or empty; list the models to merge"),
+])  # fmt: skip
+def test_validation_error_is_one_line_with_file_path_value_and_fix(tmp_path, models, where, phrase):
+    """Every pydantic validation error of a recipe file is one VlmMergeError line: the file, the field path,
+    the value, what is wrong and what to do."""
+    cfg = tmp_path / "r.yaml"
+    cfg.write_text(yaml.safe_dump({"merge_method": "linear", "models": models}))
+    with pytest.raises(VlmMergeError) as e:
+        load_recipe(cfg)
+    line = str(e.value)
+    assert "\n" not in line and line.startswith(f"recipe {cfg}: {where}") and phrase in line, line
+
+
+def test_recipe_objects_are_checked_and_replayable():
+    """`Recipe` is a frozen pydantic dataclass: `dataclasses.replace` checks the copy; to_dict -> from dict is
+    the same recipe (the resolved merge_recipe.yaml round trip)."""
+    import dataclasses
+
+    from pydantic import ValidationError
+
+    from vlm_merge.recipe import ModelEntry, Recipe, recipe_from_dict
+
+    r = Recipe(merge_method="ties", models=(ModelEntry("a", {"weight": [1, 0.5]}),), tokenizer={"source": "union"},
+               out_dtype="bfloat16", chat_template="auto")
+    assert recipe_from_dict(r.to_dict()) == r
+    assert isinstance(r.models[0].parameters["weight"][0], int)  # values keep their YAML types
+    with pytest.raises(ValidationError):
+        dataclasses.replace(r, seed="seven")
+
+
+def test_scientific_notation_reads_as_a_number():
+    """PyYAML reads `1e-3` as a string (YAML 1.1); mergekit 0.1.5 and vlm-merge read it as the number."""
+    from vlm_merge.recipe import recipe_from_dict
+
+    data = yaml.safe_load("merge_method: ties\nmodels:\n  - model: a\n    parameters: {density: 1e-3, weight: [5E-1, 1]}\n")
+    assert data["models"][0]["parameters"]["density"] == "1e-3"
+    params = recipe_from_dict(data).models[0].parameters
+    assert params == {"density": 0.001, "weight": [0.5, 1]}
+    assert resolve_setting(params["weight"], "model.layers.1.x", 1, 3) == pytest.approx(0.75)

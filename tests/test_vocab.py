@@ -24,12 +24,12 @@ def test_rows_matched_by_string_not_position():
     assert plan.pairs["vlm"].out.tolist() == [0, 1, 3, 4]  # "あ" (row 2) has no counterpart
     assert plan.pairs["vlm"].src.tolist() == [0, 3, 1, 2]
     assert plan.pairs["en"].src.tolist() == [0, 3, 1, 2]
-    assert [(a.token, a.out_row, a.vlm_row) for a in plan.added] == [("<image>", 5, 4), ("<pad>", 6, 5)]
+    assert [(a.token, a.out_row, a.row, a.role) for a in plan.added] == [("<image>", 5, 4, "vlm"), ("<pad>", 6, 5, "vlm")]
     assert plan.out_rows == 8 and plan.image_token_id == 5 and plan.pad_token_id == 6
     target = torch.arange(10.0).reshape(5, 2)
     vlm_rows = torch.full((8, 2), -1.0)
     vlm_rows[4] = torch.tensor([40.0, 41.0])
-    filled = fill_vocab_rows(target, plan, vlm_rows)
+    filled = fill_vocab_rows(target, plan, {"vlm": vlm_rows})
     assert torch.equal(filled[:5], target)
     assert torch.equal(filled[5], torch.tensor([40.0, 41.0]))  # the VLM's image-token row
     assert torch.equal(filled[6], vlm_rows[5])  # the VLM's pad row

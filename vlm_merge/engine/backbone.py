@@ -45,7 +45,7 @@ from vlm_merge.engine.streaming import Copy, Merge, MergePlan, OutputTensor, Ten
 from vlm_merge.errors import VlmMergeError
 from vlm_merge.io.outputs import AtomicDir
 from vlm_merge.io.safe_load import load_json, read_text
-from vlm_merge.architecture.vocab import VocabPlan, VocabSide, load_tokenizer, pad_multiple, plan_vocab
+from vlm_merge.architecture.vocab import ZERO, TokenSource, VocabPlan, VocabSide, load_tokenizer, pad_multiple, plan_vocab
 
 log = logging.getLogger(__name__)
 
@@ -228,20 +228,28 @@ def _image_token_id(config: dict) -> int | None:
     return None
 
 
-def plan_vocabulary(sources: Sources, delta_roles: list[str]) -> VocabPlan | None:
+def plan_vocabulary(
+    sources: Sources, delta_roles: list[str], union: bool = False, pad_to_multiple_of: int | None = None,
+    token_sources: dict[str, TokenSource] | None = None,
+) -> VocabPlan | None:
     """Row alignment of embeddings / lm_head between the target and the roles that enter task vectors.
 
-    With a VLM the output also gets its image token (and a pad token) when the target lacks them.
+    With a VLM the output also gets its image token (and a pad token) when the target lacks them; with
+    `union` the language models' tokens the target lacks (tokenizer_source: union). `pad_to_multiple_of`
+    overrides the VLM's row multiple; `token_sources` are the recipe's rows of given tokens.
     """
     if not sources.alignments[sources.target_role].vocab_keys:
         return None
     vlm_side = sources.vlm.vocab if sources.vlm is not None else None
+    multiple = pad_multiple(vlm_side.rows, vlm_side.size if vlm_side.size is not None else vlm_side.rows) if vlm_side else 1
     return plan_vocab(
         target=sources.target.vocab,
         vlm=vlm_side,
         image_token_id=_image_token_id(sources.vlm.anatomy.config) if sources.vlm is not None else None,
         delta_roles={r: sources.source(r).vocab for r in delta_roles},
-        multiple=pad_multiple(vlm_side.rows, vlm_side.size if vlm_side.size is not None else vlm_side.rows) if vlm_side else 1,
+        multiple=pad_to_multiple_of or multiple,
+        union={r: sources.source(r).vocab for r in delta_roles if r != VLM} if union else None,  # image / pad: as always
+        token_sources=token_sources,
     )
 
 
@@ -264,6 +272,7 @@ class BackbonePlan:
     summary: dict[str, int] = field(default_factory=dict)  # tensors merged / kept / copied
     text_config_from: str = VLM  # whose function-changing text config fields the output has
     notes: list[str] = field(default_factory=list)  # the sources' text config disagreements
+    chat_template: str | None = None  # the recipe's chat template (None: the VLM's, or the target tokenizer's)
 
     def card_details(self) -> list[str]:
         """Model-card lines on the output's text config: where it comes from and what the sources disagreed on."""
@@ -281,6 +290,9 @@ def plan_backbone(
     vector_roles: tuple[str, ...] = (),
     elementwise: bool = True,
     text_config_from: str = VLM,
+    union: bool = False,
+    pad_to_multiple_of: int | None = None,
+    token_sources: dict[str, TokenSource] | None = None,
 ) -> BackbonePlan:
     """The output tensors of a backbone merge: vision parts copied, language model merged by `rule`.
 
@@ -290,6 +302,7 @@ def plan_backbone(
     `elementwise` says whether the rule's functions may be evaluated slice by slice. `text_config_from`
     ("vlm" or "target") names the source of the output's function-changing text config fields
     (`FUNCTION_FIELDS`); sources that disagree on one are logged as warnings and kept in `notes`.
+    `union`, `pad_to_multiple_of` and `token_sources`: the output vocabulary (`plan_vocabulary`).
     """
     if text_config_from not in TEXT_CONFIG_FROM:
         raise VlmMergeError(f"text_config_from {text_config_from!r}: choose {' or '.join(TEXT_CONFIG_FROM)}")
@@ -300,7 +313,7 @@ def plan_backbone(
     ref = sources.reference
     original = ref.anatomy.layout.name == "llava-original"
     target_role = sources.target_role
-    vocab = plan_vocabulary(sources, [r for r in roles if r != target_role])
+    vocab = plan_vocabulary(sources, [r for r in roles if r != target_role], union, pad_to_multiple_of, token_sources)
     target_keys = sources.target.anatomy.lm_keys
     canon_of = {v: c for c, v in ref.anatomy.lm_keys.items()}
     pairs = sources.alignments[target_role]
@@ -354,8 +367,10 @@ def plan_backbone(
         else:
             counts["merged"] += 1
         vlm_rows = (VLM, sources.vlm.anatomy.lm_keys[canon]) if sources.vlm is not None else (None, None)
+        union_keys = {r: sources.source(r).anatomy.lm_keys[canon] for r in dict.fromkeys(a.role for a in vocab.added)
+                      if r not in (VLM, ZERO)} if is_vocab and vocab is not None else {}
         op = Merge(inputs, fn, elementwise=elementwise, vocab=is_vocab, target_role=target_role,
-                   vlm_rows_role=vlm_rows[0], vlm_rows_key=vlm_rows[1], vector_roles=vector_roles)
+                   vlm_rows_role=vlm_rows[0], vlm_rows_key=vlm_rows[1], vector_roles=vector_roles, union_keys=union_keys)
         tensors.append(OutputTensor(out_key(key), shape, out_dtype, op, canon))
     plan = MergePlan(tensors, sources.readers, vocab)
     lm_dtype = next((t.dtype for t in tensors if t.canonical is not None), dtype)
@@ -627,17 +642,19 @@ def write_model_files(bp: BackbonePlan, tmp: Path) -> None:
     config = {**bp.config, "transformers_version": transformers.__version__}
     (tmp / "config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
     vlm = sources.vlm
-    chat_template = vlm_chat_template(vlm) if vlm is not None else None
+    chat_template = bp.chat_template or (vlm_chat_template(vlm) if vlm is not None else None)
     tok = sources.target.tokenizer
     if tok is not None:
         tok = copy.deepcopy(tok)
+        if vocab is not None and vocab.union_tokens:  # tokenizer_source: union, in their rows' order
+            tok.add_tokens(list(vocab.union_tokens))
         if vocab is not None and vocab.tokens_added_to_tokenizer:
             from tokenizers import AddedToken as HFAddedToken
 
             tok.add_tokens([HFAddedToken(t, special=True, normalized=False) for t in vocab.tokens_added_to_tokenizer], special_tokens=True)
         if vocab is not None and vocab.pad_token and getattr(tok, "pad_token", None) is None:
             tok.pad_token = vocab.pad_token
-        if vlm is not None:
+        if vlm is not None or bp.chat_template is not None:
             tok.chat_template = chat_template
         _write_tokenizer(tok, target_dir, tmp, output_padding_side(vlm) if vlm is not None else None, chat_template)
     if vlm is not None:

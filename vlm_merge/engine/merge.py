@@ -8,11 +8,13 @@ tensor is read, and yields a `RecipePlan`; `merge` writes the model with its res
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
+from pydantic import ValidationError
 
 import vlm_merge
 from vlm_merge.architecture.anatomy import PROJECTOR, VISION, layer_index, lm_role
@@ -23,9 +25,20 @@ from vlm_merge.engine.streaming import Copy, Merge
 from vlm_merge.errors import VlmMergeError
 from vlm_merge.methods import METHODS, Method, tensor_seed
 from vlm_merge.io.outputs import prepare_output_dir
-from vlm_merge.recipe import Recipe, check_layer_lists, load_recipe, recipe_from_dict, resolve_setting
+from vlm_merge.architecture.vocab import ZERO, TokenSource
+from vlm_merge.recipe import Recipe, load_recipe, recipe_from_dict, resolve_setting
+from vlm_merge.recipe.format import ModelToken, ZeroToken
+from vlm_merge.recipe.load import validation_line
 
 RESOLVED_RECIPE = "merge_recipe.yaml"
+UNION = "union"
+# Chat templates a recipe may name (mergekit names a few; others are pasted as Jinja).
+CHAT_TEMPLATES = {
+    "chatml": (
+        "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
+        "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+    ),
+}
 
 
 @dataclass(frozen=True)
@@ -77,8 +90,8 @@ def resolve_tensor_params(
     per_model = []
     for i in entries:
         m = recipe.models[i]
-        per_model.append({k: resolve_setting(v, canon, layer, num_layers, f"models[{i}].parameters.{k}") for k, v in m.parameters.items()})
-    shared = {k: resolve_setting(v, canon, layer, num_layers, f"parameters.{k}") for k, v in recipe.parameters.items()}
+        per_model.append({k: resolve_setting(v, canon, layer, num_layers) for k, v in m.parameters.items()})
+    shared = {k: resolve_setting(v, canon, layer, num_layers) for k, v in recipe.parameters.items()}
     per_model = [{k: v for k, v in pm.items() if v is not None} for pm in per_model]
     shared = {k: v for k, v in shared.items() if v is not None}
     key = None
@@ -115,6 +128,62 @@ def tensor_fn(rp: RecipePlan, canon: str, seed: int):
     return fn
 
 
+def check_layer_range(recipe: Recipe, num_layers: int) -> None:
+    """mergekit's one-slice form must take every layer: [0, num_layers)."""
+    if recipe.layer_range is not None and tuple(recipe.layer_range) != (0, num_layers):
+        start, stop = recipe.layer_range
+        raise VlmMergeError(
+            f"recipe slices: layer_range [{start}, {stop}] but the models have {num_layers} layers; use [0, {num_layers}] "
+            "(cutting or stacking layers, passthrough, is not supported)"
+        )
+
+
+def token_sources(recipe: Recipe, sources: Sources) -> dict[str, TokenSource] | None:
+    """mergekit's `tokenizer.tokens` as rows of the sources: a model's row of the token itself (`source: MODEL`),
+    of another token or id (`kind: model_token`), or zeros (`kind: zero`)."""
+    tok = recipe.tokenizer
+    if tok is None or not tok.tokens:
+        return None
+    roles = [*([VLM] if sources.vlm is not None else []), *sources.models]
+    out = {}
+    for token, spec in tok.tokens.items():
+        where = f"recipe tokenizer.tokens.{token}.source"
+        src = spec.source
+        if src is None:
+            raise VlmMergeError(f"{where}: missing; give a model, {{kind: model_token, model: …, token: …}} or {{kind: zero}}")
+        if isinstance(src, ZeroToken):
+            out[token] = TokenSource(ZERO, None, spec.force)
+            continue
+        model = src.model if isinstance(src, ModelToken) else src
+        if model not in roles:
+            raise VlmMergeError(f"{where}: {model!r} is not a model of the recipe (its models: {', '.join(roles)})")
+        side = sources.source(model).vocab
+        vocab = side.vocab or {}
+        want = src.token if isinstance(src, ModelToken) and src.token is not None else token
+        row = src.token_id if isinstance(src, ModelToken) and src.token_id is not None else vocab.get(want)
+        if row is None or not 0 <= row < side.rows:
+            raise VlmMergeError(f"{where}: {model} has no row for {want if row is None else row!r}; use a token it has")
+        out[token] = TokenSource(model, row, spec.force)
+    return out
+
+
+def chat_template_text(choice: str | None, sources: Sources) -> str | None:
+    """The output's chat template for the recipe's `chat_template` (None: the default, the VLM's or the target
+    tokenizer's): a Jinja template as given; "auto": the template most of the sources' tokenizers have (mergekit's
+    rule); "chatml": ChatML."""
+    if choice is None:
+        return None
+    if choice == "auto":
+        found = [t.strip() for src in [*([sources.vlm] if sources.vlm else []), *sources.models.values()] if isinstance(t := getattr(src.tokenizer, "chat_template", None), str) and t.strip()]
+        return Counter(found).most_common(1)[0][0] if found else None
+    if choice in CHAT_TEMPLATES:
+        return CHAT_TEMPLATES[choice]
+    if "{" not in choice:
+        raise VlmMergeError(f"recipe chat_template: {choice!r} is not a Jinja template; use auto, "
+                            f"{', '.join(CHAT_TEMPLATES)} or paste the template")
+    return choice
+
+
 def as_recipe(recipe: Recipe | dict | str | Path) -> Recipe:
     if isinstance(recipe, Recipe):
         return recipe
@@ -138,7 +207,10 @@ def plan_recipe(
     fields (RoPE, sliding window, …; `vlm_merge.engine.backbone.FUNCTION_FIELDS`) the output has."""
     recipe = as_recipe(recipe)
     if text_config_from is not None:
-        recipe = recipe_from_dict({**recipe.to_dict(), "text_config_from": text_config_from}, recipe.source_file)
+        try:
+            recipe = replace(recipe, text_config_from=text_config_from)
+        except ValidationError as e:
+            raise validation_line(e, "text_config_from") from None
     method = _method(recipe.merge_method)
     if method.needs_base and recipe.base_model is None:
         raise VlmMergeError(f"recipe base_model: missing; {method.name} takes task vectors against a base model")
@@ -150,18 +222,14 @@ def plan_recipe(
     entries = model_entries(recipe, method)
     llm_refs = {r: r for r in recipe.refs() if r != VLM}
     out_dtype = dtype_from_name(dtype) if isinstance(dtype, str) else dtype
-    if out_dtype is None and recipe.dtype is not None:
-        out_dtype = dtype_from_name(recipe.dtype)
+    if out_dtype is None and (recipe.out_dtype or recipe.dtype) is not None:
+        out_dtype = dtype_from_name(recipe.out_dtype or recipe.dtype)  # mergekit: out_dtype, else dtype
     sources = open_sources(
         recipe.vlm, llm_refs, vocab_ref, vision_tower=vision_tower, cache_dir=cache_dir, trust_remote_code=trust_remote_code
     )
     try:
         num_layers = sources.reference.anatomy.num_layers
-        for i, m in enumerate(recipe.models):
-            for k, v in m.parameters.items():
-                check_layer_lists(v, num_layers, f"models[{i}].parameters.{k}")
-        for k, v in recipe.parameters.items():
-            check_layer_lists(v, num_layers, f"parameters.{k}")
+        check_layer_range(recipe, num_layers)
         canon_keys = list(sources.alignments[vocab_ref].pairs)
         params = {c: resolve_tensor_params(recipe, method, entries, c, num_layers) for c in canon_keys}
         base_role = recipe.base_model if method.uses_base else None
@@ -176,8 +244,12 @@ def plan_recipe(
         def rule(canon: str):
             return tensor_fn(rp, canon, recipe.seed)
 
+        tok = recipe.tokenizer
         rp.backbone = plan_backbone(sources, rule, used, out_dtype, elementwise=method.elementwise,
-                                    text_config_from=resolved.text_config_from or VLM)
+                                    text_config_from=resolved.text_config_from or VLM, union=recipe.tokenizer_choice == UNION,
+                                    pad_to_multiple_of=tok.pad_to_multiple_of if tok is not None else None,
+                                    token_sources=token_sources(recipe, sources))
+        rp.backbone.chat_template = chat_template_text(recipe.chat_template, sources)
         return rp
     except BaseException:
         sources.close()
@@ -206,16 +278,20 @@ def _resolved_recipe(recipe: Recipe, method: Method, sources: Sources, out_dtype
         if name not in shared and not method.param(name).required:
             shared[name] = method.param(name).default
     dtype_name = str(out_dtype).removeprefix("torch.") if out_dtype is not None else None
+    resolved_source = UNION if recipe.tokenizer_choice == UNION else path_of(recipe.vocab_source)
     return replace(
         recipe,
         models=tuple(models),
         vlm=str(sources.vlm.reader.path) if sources.vlm is not None else None,
         base_model=path_of(recipe.base_model),
         target=path_of(recipe.target),
-        tokenizer_source=path_of(recipe.vocab_source),
+        tokenizer_source=None if recipe.tokenizer is not None else UNION if recipe.tokenizer_choice == UNION else path_of(recipe.vocab_source),
+        tokenizer=recipe.tokenizer.model_copy(update={"source": resolved_source}) if recipe.tokenizer is not None else None,
         text_config_from=recipe.text_config_from or (VLM if recipe.vlm is not None else "target"),
         parameters=shared,
         dtype=dtype_name,
+        out_dtype=None,  # dtype is the output's
+        layer_range=None,  # checked: every layer
     )
 
 

@@ -38,12 +38,13 @@ from vlm_merge.engine.merge import (
     RecipePlan,
     TensorParams,
     as_recipe,
+    check_layer_range,
     model_entries,
     plan_recipe,
     resolve_tensor_params,
     tensor_fn,
 )
-from vlm_merge.recipe import Recipe, check_layer_lists
+from vlm_merge.recipe import Recipe
 
 
 class CandidateError(VlmMergeError):
@@ -228,11 +229,7 @@ class ResidentMerger:
                 "only parameter values may change between candidates"
             )
         try:
-            for i, m in enumerate(recipe.models):
-                for k, v in m.parameters.items():
-                    check_layer_lists(v, self.num_layers, f"models[{i}].parameters.{k}")
-            for k, v in recipe.parameters.items():
-                check_layer_lists(v, self.num_layers, f"parameters.{k}")
+            check_layer_range(recipe, self.num_layers)
             memo: dict = {}
             return {
                 b.canonical: resolve_tensor_params(recipe, self._rp.method, self._entries, b.canonical, self.num_layers, memo)

@@ -33,7 +33,7 @@ from vlm_merge.io.checkpoint import (
 )
 from vlm_merge.errors import VlmMergeError
 from vlm_merge.engine.threads import torch_threads
-from vlm_merge.architecture.vocab import VocabPlan, fill_vocab_rows, needs_mean, target_mean, vocab_rows
+from vlm_merge.architecture.vocab import VLM_ROWS, VocabPlan, fill_vocab_rows, needs_mean, target_mean, vocab_rows
 
 # Elementwise merges run over 64K-element slices (256 KiB in float32): small enough to stay in cache
 # and to be served by the allocator without faulting fresh pages (1 MiB slices ran 6x slower here).
@@ -69,6 +69,18 @@ class Merge:
     vlm_rows_role: str | None = None  # role whose rows fill tokens new to the output (image/pad)
     vlm_rows_key: str | None = None
     vector_roles: tuple[str, ...] = ()  # roles that are task vectors, not models: unmatched rows are 0
+    union_keys: dict[str, str] = field(default_factory=dict)  # role -> key of sources whose rows fill union tokens
+
+    def row_source(self, role: str) -> tuple[str, str]:
+        """(source role, key) of the rows an added token of `role` ("vlm": image / pad tokens) comes from."""
+        if role == VLM_ROWS and self.vlm_rows_role is not None and self.vlm_rows_key is not None:
+            return self.vlm_rows_role, self.vlm_rows_key
+        return role, self.union_keys[role]
+
+    @property
+    def row_roles(self) -> tuple[str, ...]:
+        """The roles added tokens can take rows from ("vlm" when the op has the VLM's rows)."""
+        return (*((VLM_ROWS,) if self.vlm_rows_role is not None and self.vlm_rows_key is not None else ()), *self.union_keys)
 
 
 @dataclass(frozen=True)
@@ -175,12 +187,11 @@ def gather_vocab(op: Merge, tensors: dict[str, torch.Tensor], plan: VocabPlan, s
     vector (`vector_roles`) gets zeros there.
     """
     assert op.target_role is not None
-    vlm_rows = None
-    if op.vlm_rows_role is not None and op.vlm_rows_key is not None:
-        vlm_rows = tensors.get(op.vlm_rows_role)
-        if vlm_rows is None:
-            vlm_rows = sources[op.vlm_rows_role].get(op.vlm_rows_key)
-    filled = fill_vocab_rows(tensors[op.target_role], plan, vlm_rows)
+    rows = {}
+    for row_role in op.row_roles:
+        role, key = op.row_source(row_role)
+        rows[row_role] = tensors[role] if role in tensors and op.inputs.get(role) == key else sources[role].get(key)
+    filled = fill_vocab_rows(tensors[op.target_role], plan, rows)
     aligned = {op.target_role: filled}
     for role, t in tensors.items():
         if role == op.target_role:
@@ -383,16 +394,16 @@ def aligned_pieces(
     target_role, sources = op.target_role, plan.sources
     target_key = op.inputs[target_role]
     target_info = sources[target_role].info(target_key)
-    has_vlm = op.vlm_rows_role is not None and op.vlm_rows_key is not None
+    has_vlm = VLM_ROWS in op.row_roles
     mean, whole = None, None
     if needs_mean(vocab, target_info.shape[0], has_vlm):
         whole = sources[target_role].read_into(target_key, scratch.buffer(target_role, target_info.nbytes))
         mean = target_mean(whole)
 
-    def vlm_row(i: int) -> torch.Tensor:
-        assert op.vlm_rows_role is not None and op.vlm_rows_key is not None
-        reader = sources[op.vlm_rows_role]
-        return reader.read_into(op.vlm_rows_key, scratch.buffer("\0row", rows_nbytes(reader, op.vlm_rows_key, 1)), (i, i + 1))[0]
+    def source_row(row_role: str, i: int) -> torch.Tensor:
+        role, key = op.row_source(row_role)
+        reader = sources[role]
+        return reader.read_into(key, scratch.buffer("\0row", rows_nbytes(reader, key, 1)), (i, i + 1))[0]
 
     n = min(vocab.target_rows, vocab.out_rows, target_info.shape[0])
     for start, stop in row_ranges(t.shape, t.dtype):
@@ -402,7 +413,7 @@ def aligned_pieces(
             rows = (min(start, n), min(stop, n))
             buf = scratch.buffer(target_role, rows_nbytes(sources[target_role], target_key, rows[1] - rows[0]))
             target = sources[target_role].read_into(target_key, buf, rows)
-        filled = vocab_rows(vocab, (start, stop), target, target_info.shape[0], mean, vlm_row if has_vlm else None)
+        filled = vocab_rows(vocab, (start, stop), target, target_info.shape[0], mean, source_row if op.row_roles else None)
         aligned = {target_role: filled}
         for role, key in op.inputs.items():
             if role == target_role:

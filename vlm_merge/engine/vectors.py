@@ -134,7 +134,6 @@ def apply_task_vector(
     weight: Callable[[int], object],
     card: Callable[[BackbonePlan], str],
     name: str = "the task vector",
-    where: str = "weight",
     dtype: torch.dtype | None = None,
     vision_tower: str | Path | None = None,
     cache_dir: str | Path | None = None,
@@ -146,8 +145,7 @@ def apply_task_vector(
     """Write `target + w * vector` as a VLM with `vlm`'s vision side at `out`; return its path.
 
     `vector` is a saved vector (canonical LLM keys) whose rows are `vector_vocab`; `weight(num_layers)` checks
-    the language model's depth and gives w as a recipe parameter setting (resolved per tensor, errors naming
-    `where`); `card(plan)` gives the model card. `name` names the vector in errors. The sources are closed
+    the language model's depth and gives w as a recipe parameter setting (resolved per tensor); `card(plan)` gives the model card. `name` names the vector in errors. The sources are closed
     afterwards, `vector` included.
     """
     sources = open_sources(vlm, {TARGET: target}, vision_tower=vision_tower, cache_dir=cache_dir)
@@ -159,7 +157,7 @@ def apply_task_vector(
         setting = weight(num_layers)
 
         def rule(canon: str):
-            w = resolve_setting(setting, canon, layer_index(canon), num_layers, where)
+            w = resolve_setting(setting, canon, layer_index(canon), num_layers)
             return partial(_add_vector, w=float(w))
 
         bp = plan_backbone(sources, rule, [TARGET, VECTOR], dtype, vector_roles=(VECTOR,), text_config_from=text_config_from)

@@ -1,0 +1,196 @@
+"""Reading a recipe: a mapping or YAML file validated into a `Recipe`, every problem one `VlmMergeError` line.
+
+A pydantic `ValidationError` becomes `recipe FILE: models[1].parameters.weight: VALUE: what is wrong; what to
+do`. mergekit's one-slice form (`slices:` with one slice whose sources all take the same layer range) is
+read as the `models:` form, the range kept in `Recipe.layer_range` and checked against the model when it
+is merged. Relative model paths are relative to the recipe file.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from pydantic import TypeAdapter, ValidationError
+
+from vlm_merge.errors import VlmMergeError
+from vlm_merge.io.safe_load import load_yaml
+from vlm_merge.recipe.format import (
+    NOT_KEYS,
+    RECIPE_KEYS,
+    SETTING_SHAPES,
+    SETTING_TAGS,
+    UNSUPPORTED,
+    VLM_REF,
+    ModelEntry,
+    ModelToken,
+    Recipe,
+    Slice,
+)
+
+_RECIPE = TypeAdapter(Recipe)
+_SLICES = TypeAdapter(list[Slice])
+
+# What to do, by pydantic error type (the error's own message says what is wrong).
+UNKNOWN = ("extra_forbidden", "unexpected_keyword_argument")
+FIXES = {
+    "extra_forbidden": "remove it or fix its spelling",
+    "unexpected_keyword_argument": "remove it or fix its spelling",
+    "dict_type": "write each condition as {filter: …, value: …} (a list is all numbers or all conditions)",
+    "missing": "add it",
+    "setting": "",
+    "scalar": f"use {SETTING_SHAPES}",
+    "too_short": "give at least one",
+    "regex": "fix the pattern (filter_regex is a Python regular expression; filter is a plain substring)",
+    "dtype": "",
+    "literal_error": "",
+}
+# What a missing key is for.
+MISSING = {
+    "merge_method": "e.g. task_arithmetic, ties, dare_ties, slerp",
+    "models": "list the models to merge",
+    "model": "give the model's path or Hugging Face id",
+    "value": "each condition needs a value",
+}
+# Where a whole-recipe check points, by its error type.
+WHOLE_RECIPE = {"both": "tokenizer", "no_vlm": "vlm"}
+
+
+def _path(loc: tuple) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        elif part in SETTING_TAGS or "[" in str(part):
+            continue  # a union member's tag, not a key
+        else:
+            out += f".{part}" if out else str(part)
+    return out
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _key_known(loc: tuple) -> str:
+    parent = [p for p in loc[:-1] if not isinstance(p, int) and p not in SETTING_TAGS and "[" not in str(p)]
+    if not parent:
+        return f" (known: {', '.join(RECIPE_KEYS)})"
+    return {"models": " (known: model, parameters)", "parameters": ""}.get(parent[-1], "")
+
+
+def validation_line(error: ValidationError, where: str) -> VlmMergeError:
+    """One line for a recipe's validation error (an unknown key first, else the first): where, field path, value,
+    what is wrong, what to do."""
+    errors = error.errors(include_url=False)
+    e = next((x for x in errors if x["type"] in UNKNOWN), errors[0])  # a misspelt key explains a missing one
+    kind, loc = e["type"], tuple(e["loc"])
+    path = _path(loc) or WHOLE_RECIPE.get(kind, "")
+    prefix = f"{where}: {path}:" if path else f"{where}:"
+    if kind in UNKNOWN:
+        return VlmMergeError(f"{prefix} unknown key{_key_known(loc)}; {FIXES[kind]}")
+    if kind == "missing" or (kind == "too_short" and loc and loc[-1] in MISSING):
+        hint = MISSING.get(str(loc[-1]), FIXES[kind]) if loc else FIXES[kind]
+        return VlmMergeError(f"{prefix} missing or empty; {hint}")
+    msg = e["msg"].removeprefix("Value error, ")
+    fix = FIXES.get(kind)
+    value = "" if kind in WHOLE_RECIPE else f" {_short(e['input'])}:"
+    return VlmMergeError(f"{prefix}{value} {msg}" + (f"; {fix}" if fix else ""))
+
+
+def _from_slices(data: dict, where: str) -> dict:
+    """mergekit's `slices:` as the `models:` form, when it is one slice taking one layer range of every source."""
+    if data.get("models") is not None:
+        raise VlmMergeError(f"{where}: slices: give either models: or slices:, not both (as in mergekit)")
+    try:
+        slices = _SLICES.validate_python(data["slices"])
+    except ValidationError as e:
+        raise validation_line(e, where) from None
+    ranges = {s.layer_range for sl in slices for s in sl.sources}
+    if len(slices) != 1 or len(ranges) != 1 or next(iter(ranges))[0] != 0:
+        raise VlmMergeError(
+            f"{where}: slices: {len(slices)} slice(s) with layer ranges {sorted(ranges)}: only one slice taking the same "
+            "layers [0, N) of every source is supported (the models: form); stacking or cutting layers (passthrough) is not"
+        )
+    (sl,) = slices
+    out = {k: v for k, v in data.items() if k != "slices"}
+    out["models"] = [{"model": s.model, "parameters": dict(s.parameters)} for s in sl.sources]
+    if sl.parameters:
+        out["parameters"] = {**(data.get("parameters") or {}), **sl.parameters}
+    if sl.base_model is not None:
+        out["base_model"] = sl.base_model
+    out["layer_range"] = next(iter(ranges))
+    return out
+
+
+def recipe_from_dict(data: Any, source_file: Path | None = None) -> Recipe:
+    """Validate a recipe mapping (methods and parameter ranges are checked when it is planned)."""
+    where = f"recipe {source_file}" if source_file is not None else "recipe"
+    if not isinstance(data, dict):
+        raise VlmMergeError(f"{where}: expected a mapping with merge_method and models, got {_short(data)}")
+    for key, fix in UNSUPPORTED.items():
+        if key in data:
+            raise VlmMergeError(f"{where}: {key}: {fix}")
+    for key in NOT_KEYS:
+        if key in data:
+            raise VlmMergeError(f"{where}: {key}: unknown key (known: {', '.join(RECIPE_KEYS)}); remove it")
+    if "slices" in data:
+        data = _from_slices(data, where)
+    try:
+        return _RECIPE.validate_python({**data, "source_file": source_file})
+    except ValidationError as e:
+        raise validation_line(e, where) from None
+
+
+def read_yaml(path: Path, what: str) -> Any:
+    """Parse a YAML file with `safe_load.load_yaml`'s checks; any problem is a one-line error naming `what`."""
+    return load_yaml(path, what)
+
+
+def load_recipe(path: str | Path) -> Recipe:
+    """Read a recipe (ours or mergekit's) from YAML. Relative model paths are relative to the file."""
+    path = Path(path)
+    data = read_yaml(path, "recipe")
+    recipe = recipe_from_dict(data, source_file=path)
+    return rebase_paths(recipe, path.parent)
+
+
+def _rebase(ref: str | None, base: Path) -> str | None:
+    if ref is None or ref in (VLM_REF, "base", "target", "union"):
+        return ref
+    p = Path(ref).expanduser()
+    if p.is_absolute():
+        return str(p)
+    local = base / p
+    return str(local.resolve()) if local.exists() else ref  # else: a Hugging Face id
+
+
+def rebase_paths(r: Recipe, base: Path) -> Recipe:
+    """`r` with its local model paths made absolute, relative to `base` (the recipe file's folder)."""
+    tok = r.tokenizer
+    if tok is not None:
+        tokens = {
+            t: spec.model_copy(update={"source": spec.source.model_copy(update={"model": _rebase(spec.source.model, base)})
+                                       if isinstance(spec.source, ModelToken) else _rebase(spec.source, base)
+                                       if isinstance(spec.source, str) else spec.source})
+            for t, spec in (tok.tokens or {}).items()
+        }
+        tok = tok.model_copy(update={"source": _rebase(tok.source, base), "tokens": tokens or tok.tokens})
+    return Recipe(
+        merge_method=r.merge_method,
+        models=tuple(ModelEntry(_rebase(m.model, base) or m.model, m.parameters) for m in r.models),
+        base_model=_rebase(r.base_model, base),
+        vlm=_rebase(r.vlm, base),
+        target=_rebase(r.target, base),
+        parameters=r.parameters,
+        tokenizer_source=_rebase(r.tokenizer_source, base),
+        tokenizer=tok,
+        chat_template=r.chat_template,
+        text_config_from=r.text_config_from,
+        dtype=r.dtype,
+        out_dtype=r.out_dtype,
+        seed=r.seed,
+        source_file=r.source_file,
+        layer_range=r.layer_range,
+    )
