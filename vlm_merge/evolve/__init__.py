@@ -1140,18 +1140,20 @@ def run_evolve(
     progress: bool = True,
     workers: int | None = None,
     write_model: bool = True,
+    on_candidates: Callable[[Sequence[dict]], None] | None = None,
 ) -> EvolveResult:
     """Run (or with `resume=True` continue) an evolutionary merge into `out`; see the module docstring.
 
     `config` is an `EvolveConfig`, a mapping, or a YAML path; with `resume=True` it may be None-like
     (`out/config.yaml` is used) and if given must equal the saved one. `workers` overrides the config.
     The run's evaluators set torch's thread count to `threads:`; the caller's count is restored afterwards.
+    `on_candidates` is called with each generation's candidate records once they are logged (run tracking).
     """
     from vlm_merge.engine.threads import torch_threads
 
     with torch_threads(None):
         try:
-            return _run_evolve(config, out, resume, force, progress, workers, write_model)
+            return _run_evolve(config, out, resume, force, progress, workers, write_model, on_candidates)
         except KeyboardInterrupt:
             raise EvolveInterrupted(interrupted_text(Path(out))) from None
 
@@ -1171,7 +1173,8 @@ def interrupted_text(out: Path) -> str:
     return f"interrupted in generation {gen + 1}; checkpoint after generation {gen} in {out}; continue with {resume}"
 
 
-def _run_evolve(config, out, resume: bool, force: bool, progress: bool, workers: int | None, write_model: bool) -> EvolveResult:
+def _run_evolve(config, out, resume: bool, force: bool, progress: bool, workers: int | None, write_model: bool,
+                on_candidates=None) -> EvolveResult:
     from tqdm.auto import tqdm
 
     out = Path(out)
@@ -1286,6 +1289,8 @@ def _run_evolve(config, out, resume: bool, force: bool, progress: bool, workers:
                 records += recs
                 gen, evals = gen_no, evals + len(recs)
                 _checkpoint(ckpt_path, es, gen, evals, records, False, cfg, held)
+            if on_candidates is not None:
+                on_candidates(recs)
             n_this_run += sum(1 for r in recs if not r.get("reused"))
             bar.update(len(recs))
             per = (time.perf_counter() - started) / n_this_run if n_this_run else None
