@@ -214,7 +214,7 @@ def test_public_card_fields_licence_and_no_local_paths(tmp_path, monkeypatch, ca
     (local_ja / "README.md").write_text("---\nlicense: llama2\n---\n")
     sources = {"vlm": "llava-hf/llava-1.5-7b-hf", "base_model": "meta-llama/Llama-2-7b-hf", "target": str(local_ja),
                "models": [str(cache / "models--elyza--ELYZA-japanese-Llama-2-7b" / "snapshots" / SHA)]}
-    details = [f"vocabulary: from {local_ja}", "output layout: llava-hf; merged 10"]
+    details = [f"vocabulary: from {local_ja}", "output layout: llava-hf; merged 10", f"written in {tmp_path}/x"]
     readme = card_mod.model_card("Japanese VLM by Chat Vector", "chat_vector", {}, {"vlm": "x"}, details)
     out = _output(tmp_path, sources, readme)
     evals = [card_mod.EvalRow("JA-VG-VQA-500", "rougeL", "this model", 41.5, 40.1, 42.9, 500)]
@@ -232,7 +232,10 @@ def test_public_card_fields_licence_and_no_local_paths(tmp_path, monkeypatch, ca
     assert recipe["target"] == "local:my-ja-base" and recipe["vlm"] == "llava-hf/llava-1.5-7b-hf"
     assert recipe["models"][0]["model"] == "elyza/ELYZA-japanese-Llama-2-7b"
     assert "| JA-VG-VQA-500 | rougeL | this model | 41.5000 | [40.1000, 42.9000] | 500 |" in text
-    assert "output layout: llava-hf; merged 10" in text and "vocabulary: from" not in text
+    assert "output layout: llava-hf; merged 10" in text and "vocabulary: from local:my-ja-base" in text
+    assert "written in" not in text  # a detail still showing a local path is left out
+    with pytest.raises(VlmMergeError, match="the public card would show the local path '/srv/models/x'; not published"):
+        card_mod.public_card(out, title="merged on /srv/models/x")
     assert card.content.count("# Japanese VLM by Chat Vector") == 1
 
     # sources under different licences: `other`, and a warning naming them

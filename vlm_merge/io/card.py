@@ -34,8 +34,10 @@ PIPELINE_TAG = "image-text-to-text"
 RECIPE_FILE = "merge_recipe.yaml"  # written by vlm_merge.engine.merge beside every merged model
 TEST_REPORT_FILE = "test_report.json"  # an evolve run's held-out report, beside its model/
 SOURCE_KEYS = ("vlm", "base_model", "target")  # a recipe's single-source keys, then `models[i].model`
+ROLE_REFS = ("vlm",)  # a `models` entry may name the recipe's VLM by its role (vlm_merge.recipe.VLM_REF)
 _CACHE_PATH = re.compile(r"models--([\w.-]+)--([\w.-]+)/snapshots/")
 _DETAILS = "## Details"
+_ABSOLUTE_PATH = re.compile(r"(?:^|[\s`'\"(=])(~?/[^\s`'\")/]+/[^\s`'\")]*)")  # /a/b..., ~/a/..., not URLs
 
 
 @dataclass(frozen=True)
@@ -115,7 +117,7 @@ def recipe_sources(recipe: Mapping[str, Any]) -> dict[str, str]:
     """role -> source reference of a recipe as `Recipe.to_dict` writes it."""
     sources = {k: recipe[k] for k in SOURCE_KEYS if isinstance(recipe.get(k), str)}
     for i, m in enumerate(recipe.get("models") or []):
-        if isinstance(m, dict) and isinstance(m.get("model"), str):
+        if isinstance(m, dict) and isinstance(m.get("model"), str) and m["model"] not in ROLE_REFS:
             sources[f"models[{i}]"] = m["model"]
     return sources
 
@@ -204,7 +206,8 @@ def _card_title_and_details(card: Path) -> tuple[str | None, str | None, list[st
 def public_card(model_dir: str | Path, evals: Sequence[EvalRow] = (), cache_dir: str | Path | None = None,
                 title: str | None = None) -> str:
     """The card to publish for vlm-merge output `model_dir`: rebuilt from its `merge_recipe.yaml` and card,
-    every source by Hub id or `local:NAME`; a detail line that would show a local path is left out, and a
+    every source by Hub id or `local:NAME` (in the detail lines too); a detail line that would still show a local
+    path is left out, and a
     card that still holds one (the output's own path, a source's, the home or working directory) is refused."""
     from vlm_merge.io.safe_load import load_yaml
 
@@ -219,10 +222,13 @@ def public_card(model_dir: str | Path, evals: Sequence[EvalRow] = (), cache_dir:
     names = {ref: public_name(ref) for ref in sources.values()}
     old_title, method, details = _card_title_and_details(model_dir / "README.md")
     private = _local_strings(model_dir, sources.values())
-    details = [d for d in details if not any(p in d for p in private)]
+    for ref in sorted(sources.values(), key=len, reverse=True):  # a source path in a detail line becomes its name
+        details = [d.replace(ref, names[ref]) for d in details]
+    details = [d for d in details if not any(p in d for p in private) and not _ABSOLUTE_PATH.search(d)]
     card = render_card(title or old_title or f"{recipe['merge_method']} merge", method or recipe["merge_method"],
                        recipe, sources, details, evals, cache_dir, names)
-    if leaked := [p for p in private if p in card]:
+    leaked = [p for p in private if p in card] + [m.group(1) for m in _ABSOLUTE_PATH.finditer(card)]
+    if leaked:
         raise VlmMergeError(f"{model_dir}: the public card would show the local path {leaked[0]!r}; not published")
     return card
 

@@ -8,7 +8,7 @@ value it is sent, so a tracker made before a run directory exists creates nothin
 
 `EvolveTracking` turns an evolutionary search's candidate records (`log.jsonl` lines) into that:
 per candidate (step = its evaluation number) its fitness, the best fitness so far, merge and eval seconds
-and its scores; per generation (step = generation) a histogram of every gene's values.
+and its scores; per generation (at its last candidate's step) a histogram of every gene's values.
 `log_eval_scores` sends an eval run's scores (mean and interval per metric).
 """
 
@@ -149,6 +149,7 @@ class EvolveTracking:
     tracker: Tracker
     best: float = -math.inf
     _generation: int | None = None
+    _step: int = 0
     _genes: dict[str, list[float]] = field(default_factory=dict)
 
     def __call__(self, records: Sequence[Mapping[str, Any]]) -> None:
@@ -162,16 +163,17 @@ class EvolveTracking:
             if ok:
                 self.best = max(self.best, float(fitness))
             scores = {f"candidate/score/{k}": v for k, v in (r.get("scores") or {}).items()}
+            self._step = int(r.get("evaluation", 0))
             self.tracker.scalars({"candidate/fitness": fitness if ok else math.nan, "search/best_fitness": self.best,
                                   "candidate/merge_s": r.get("merge_s", math.nan), "candidate/eval_s": r.get("eval_s", math.nan),
                                   "candidate/failed": 0.0 if ok else 1.0, "search/generation": gen or 0, **scores},
-                                 int(r.get("evaluation", 0)))
+                                 self._step)
             for name, value in (r.get("genes") or {}).items():
                 self._genes.setdefault(name, []).append(float(value))
 
     def _flush_genes(self) -> None:
-        if self._genes and self._generation is not None:
-            self.tracker.histograms({f"genome/{k}": v for k, v in self._genes.items()}, int(self._generation))
+        if self._genes:  # at the generation's last step (W&B's steps only go up)
+            self.tracker.histograms({f"genome/{k}": v for k, v in self._genes.items()}, self._step)
         self._genes = {}
 
     def finish(self, summary: Mapping[str, Any]) -> None:
