@@ -24,7 +24,8 @@ from tests.conftest import error_line
 from vlm_merge.cli import main
 from vlm_merge.errors import VlmMergeError
 from vlm_merge.io import card as card_mod
-from vlm_merge.io.hub import download_command, fetch_model, parse_hub_ref, push_folder
+from vlm_merge.io.checkpoint import resolve_model_dir
+from vlm_merge.io.hub import download_command, fetch_model, parse_hub_ref, push_folder, with_revision
 
 SHA = "0123456789abcdef0123456789abcdef01234567"
 
@@ -171,6 +172,11 @@ def test_offline_message_names_the_hf_download_command(tmp_path, monkeypatch):
         fetch_model("a/b/c", tmp_path)
     with pytest.raises(VlmMergeError, match="names revision 'x' but --revision is 'y'"):
         parse_hub_ref("org/model@x", "y")
+    assert with_revision("org/model", "v1.0") == "org/model@v1.0" and with_revision(str(tmp_path), None) == str(tmp_path)
+    with pytest.raises(VlmMergeError, match="--revision v1: applies to Hugging Face ids only"):
+        with_revision(str(tmp_path), "v1")
+    with pytest.raises(VlmMergeError, match="a local directory; --revision v1 applies to Hugging Face ids only"):
+        resolve_model_dir(tmp_path, revision="v1")
 
 
 # ---------------------------------------------------------------- the model card

@@ -69,6 +69,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = OneLineParser(prog="vlm-merge")
     add_evolve_commands(parser.add_subparsers(dest="command", required=True))
     args = parser.parse_args(["evolve", *(sys.argv[1:] if argv is None else argv)])
+    if args.offline:
+        import os
+
+        os.environ["HF_HUB_OFFLINE"] = "1"
     try:
         return args.func(args)
     except VlmMergeError as e:

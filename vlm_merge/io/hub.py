@@ -3,12 +3,13 @@ models published.
 
 Download (`fetch_model`). A model reference that is not a local directory is a Hub id, `ORG/NAME` or
 `ORG/NAME@REVISION` (a branch, tag or commit; `--revision` on single-model commands means the same).
-Online, `huggingface_hub.snapshot_download` fetches what vlm-merge reads (`MODEL_PATTERNS`: configs,
-tokenizer, processor and chat-template files, the model card, and the safetensors weights, or the PyTorch
-`.bin` shards when the repo has no safetensors), with huggingface_hub's progress bars; it skips files
-already complete in the cache and resumes partial ones, so a rerun continues an interrupted download.
-Offline (`HF_HUB_OFFLINE=1`, or `--offline`, which sets it for the process) only the cache is read, and an
-uncached id is one line naming the exact `hf download ...` command that fetches it.
+Online, `huggingface_hub.snapshot_download` fetches what vlm-merge reads (`CONFIG_PATTERNS` and
+`WEIGHT_PATTERNS`: configs, tokenizer, processor and chat-template files, the model card, and the
+safetensors weights, or the PyTorch `.bin` shards when the repo has no safetensors), with huggingface_hub's
+progress bars; it skips files already complete in the cache and resumes partial ones, so a rerun continues
+an interrupted download. Offline (`HF_HUB_OFFLINE=1`, or `--offline`, which sets it for the process) only
+the cache is read, and an uncached id is one line naming the exact `hf download ...` command that fetches
+it (configs and safetensors: offline, whether a repo has only `.bin` shards cannot be known).
 
 Publish (`push_folder`). A vlm-merge output goes to the Hub in one `upload_folder` call, after
 `create_repo` (which makes it private with `--private`): the folder's files as they are, except its
@@ -102,7 +103,8 @@ def _has_weights(path: Path) -> bool:
 
 def fetch_model(text: str, cache_dir: str | Path | None = None, revision: str | None = None) -> Path:
     """The local snapshot of Hub model `text` (`ORG/NAME[@REVISION]`): from the cache when offline, else
-    downloaded (or completed) by `snapshot_download` with `MODEL_PATTERNS`. Every failure is one line."""
+    downloaded (or completed) by `snapshot_download` with `CONFIG_PATTERNS` and the safetensors (else `.bin`)
+    `WEIGHT_PATTERNS`. Every failure is one line."""
     from huggingface_hub import snapshot_download
     from huggingface_hub import errors as hf_errors
 
