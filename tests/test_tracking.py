@@ -193,3 +193,24 @@ def test_evolve_cli_reports_to_tensorboard_and_pushes_the_best_model(zoo, dev, t
     card = api.uploaded["README.md"].decode()
     assert str(tmp_path) not in card and str(zoo.root) not in card
     assert "merge_recipe.yaml" in api.uploaded and "config.json" in api.uploaded
+
+
+@pytest.mark.slow  # ~10 s on a loaded 2-core machine: one small eval run
+def test_eval_cli_reports_its_scores_to_tensorboard(zoo, tmp_path, capsys):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from eval.fixture_datasets import write_ja_vg_vqa
+    from vlm_merge.cli import main
+
+    data = write_ja_vg_vqa(tmp_path / "vg", n_images=2)
+    out = tmp_path / "run"
+    assert main(["eval", "--model", str(zoo.vlms["llava-hf-llama"]), "--bench", "ja-vg-vqa-500", "--data", str(data),
+                 "--max-new-tokens", "4", "--limit", "2", "--out", str(out), "--quiet", "--device", "cpu",
+                 "--report-to", "tensorboard"]) == 0, capsys.readouterr().err
+    scores = json.loads((out / "scores.json").read_text())["scores"]
+    acc = EventAccumulator(str(out / "tensorboard"))
+    acc.Reload()
+    assert {t.split("/")[1] for t in acc.Tags()["scalars"]} == set(scores)
+    for metric, agg in scores.items():
+        assert acc.Scalars(f"eval/{metric}/mean")[0].value == pytest.approx(agg["mean"])
+        assert acc.Scalars(f"eval/{metric}/low")[0].value == pytest.approx(agg["low"])
