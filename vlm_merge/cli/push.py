@@ -63,7 +63,7 @@ def cmd_push(args: argparse.Namespace) -> int:
     from vlm_merge.io.card import TEST_REPORT_FILE, eval_rows_from_test_report
     from vlm_merge.io.hub import check_can_push
 
-    check_can_push(args.repo_id)
+    check_can_push(args.repo_id, "push")
     model_dir = Path(args.dir)
     if not model_dir.is_dir():
         raise VlmMergeError(f"{model_dir}: no such directory; pass a vlm-merge output (chat-vector, merge, evolve's model/)")

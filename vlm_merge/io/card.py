@@ -15,6 +15,7 @@ not a Hub id appears as `local:NAME`, and the card is refused if any local path 
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 from collections.abc import Mapping, Sequence
@@ -178,7 +179,8 @@ def _replace_refs_yaml(recipe: Mapping[str, Any], names: Mapping[str, str]) -> s
             return {k: sub(x) for k, x in v.items()}
         return v
 
-    return yaml.safe_dump(sub(dict(recipe)), sort_keys=False, allow_unicode=True, default_flow_style=None)
+    plain = json.loads(json.dumps(dict(recipe), default=str))  # tuples -> lists, anything else as text
+    return yaml.safe_dump(sub(plain), sort_keys=False, allow_unicode=True, default_flow_style=None)
 
 
 def model_card(title: str, method: str, recipe: dict, sources: dict[str, str], details: list[str] | None = None) -> str:

@@ -153,8 +153,8 @@ class HubApi(Protocol):
                       repo_type: str | None = None, ignore_patterns: list[str] | None = None): ...
 
 
-def check_repo_id(repo_id: str) -> str:
-    """`repo_id` if it is a Hub model id of the form ORG/NAME, else the one-line error."""
+def check_repo_id(repo_id: str, what: str = "--push-to-hub") -> str:
+    """`repo_id` if it is a Hub model id of the form ORG/NAME, else the one-line error (`what` names the option)."""
     from huggingface_hub.errors import HFValidationError
     from huggingface_hub.utils import validate_repo_id
 
@@ -164,19 +164,19 @@ def check_repo_id(repo_id: str) -> str:
         validate_repo_id(repo_id)
     except HFValidationError as e:
         reason = str(e).strip().splitlines()[0]
-        raise VlmMergeError(f"--push-to-hub {repo_id!r}: not a Hub repo id of the form ORG/NAME ({reason[:160]})") from None
+        raise VlmMergeError(f"{what} {repo_id!r}: not a Hub repo id of the form ORG/NAME ({reason[:160]})") from None
     return repo_id
 
 
-def check_can_push(repo_id: str) -> str:
+def check_can_push(repo_id: str, what: str = "--push-to-hub") -> str:
     """Everything about a push that can fail before the work it publishes: the id, offline mode, a token."""
     from huggingface_hub import get_token
 
-    check_repo_id(repo_id)
+    check_repo_id(repo_id, what)
     if hub_offline():
-        raise VlmMergeError(f"--push-to-hub {repo_id}: downloads and uploads are off (HF_HUB_OFFLINE or --offline)")
+        raise VlmMergeError(f"{what} {repo_id}: downloads and uploads are off (HF_HUB_OFFLINE or --offline)")
     if not get_token():
-        raise VlmMergeError(f"--push-to-hub {repo_id}: no Hugging Face token; log in with `hf auth login` or set HF_TOKEN")
+        raise VlmMergeError(f"{what} {repo_id}: no Hugging Face token; log in with `hf auth login` or set HF_TOKEN")
     return repo_id
 
 
