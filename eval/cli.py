@@ -108,14 +108,17 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from eval.metrics import make_scorers
     from eval.protocols import get_protocol
     from eval.runner import PREDICTIONS_FILE, SCORES_FILE, evaluate
+    from vlm_merge.io.hub import with_revision
+    from vlm_merge.io.tracking import Tracker, check_report_to, log_eval_scores
 
     metrics = _metric_list(args.metrics)
     judge = _judge(args)
     scorers = make_scorers(metrics or get_protocol(args.protocol).metrics, judge)  # a judge metric without a judge: now
+    tracker = Tracker(check_report_to(args.report_to), Path(args.out).expanduser(), f"eval {Path(args.out).name}")
     replacing = _replacing(args.out, args.force)
     try:
         result = evaluate(
-            args.model, args.bench, protocol=args.protocol, template=args.template, max_new_tokens=args.max_new_tokens,
+            with_revision(args.model, args.revision), args.bench, protocol=args.protocol, template=args.template, max_new_tokens=args.max_new_tokens,
             num_beams=args.num_beams, repetition_penalty=args.repetition_penalty, limit=args.limit,
             metrics=metrics, scorers=scorers,
             batch_size=args.batch_size, out_dir=args.out, force=args.force, data=args.data, cache_dir=args.cache_dir,
@@ -135,6 +138,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
         write_atomic(result.out_dir / PREDICTION_FILE, jsonl(evalmm_records(result.predictions)))
         write_atomic(result.out_dir / EVALUATION_FILE, jsonl([evalmm_evaluation(result.predictions)]))
         print(f"llm-jp-eval-mm files: {result.out_dir / PREDICTION_FILE}, {result.out_dir / EVALUATION_FILE}")
+    log_eval_scores(tracker, meta["scores"], {"benchmark": meta["benchmark"]["name"], "model": meta["model"]["name"],
+                                              "questions": meta["benchmark"]["questions_evaluated"]})
     return 0
 
 
@@ -221,12 +226,13 @@ def cmd_caption(args: argparse.Namespace) -> int:
 
 
 def _model_options(s: argparse.ArgumentParser) -> None:
-    s.add_argument("--model", required=True, help="model directory or Hugging Face id in the local cache")
+    s.add_argument("--model", required=True, help="model directory or Hugging Face id (ORG/NAME[@REVISION])")
     s.add_argument("--name", help="model name shown in tables (default: the directory name)")
     s.add_argument("--device", default="auto", help=DEVICE_HELP)
     s.add_argument("--dtype", default="auto", help=DTYPE_HELP)
     s.add_argument("--batch-size", type=_positive_int, default=8, help="prompts per generate call (default 8)")
-    s.add_argument("--cache-dir", help="Hugging Face hub cache to look ids up in (default: HF_HUB_CACHE)")
+    s.add_argument("--cache-dir", help="Hugging Face hub cache to look ids up in and download to (default: HF_HUB_CACHE)")
+    s.add_argument("--offline", action="store_true", help="never download: Hugging Face ids come from the cache only")
     s.add_argument("--force", action="store_true", help="start over instead of resuming a run in --out")
     s.add_argument("--quiet", action="store_true", help="no progress bars")
 
@@ -274,6 +280,9 @@ def add_eval_commands(sub) -> None:
                    help="also write llm-jp-eval-mm's prediction.jsonl (question_id, text, answer, input_text, scores) "
                         "and evaluation.jsonl")
     _judge_options(s)
+    s.add_argument("--revision", help="branch, tag or commit of a Hugging Face id --model (same as ORG/NAME@REVISION)")
+    s.add_argument("--report-to", action="append", metavar="BACKEND",
+                   help="also send the scores to tensorboard (OUT/tensorboard/) and/or wandb (repeatable or comma-separated)")
     s.set_defaults(func=cmd_eval)
 
     s = sub.add_parser("score", help="re-score a predictions JSONL (ours, or llm-jp-eval-mm's prediction.jsonl) "

@@ -5,8 +5,10 @@ decoding settings, metrics): numbers are only put in one table when they are com
 the same benchmark under other settings land in their own group, with the difference spelled out.
 
 Files written (atomically, as one directory):
-- `comparison.md`: per group, every model's scores (mean and 95% bootstrap interval) and answer lengths;
-- `scores.png`: headline scores per model and group, with bootstrap intervals;
+- `comparison.md`: per group, every model's scores (mean and 95% bootstrap interval: ROUGE, strict-Japanese,
+  match rates, content accuracy, and any other metric a run has, such as a judge's) and answer lengths;
+- `scores.png`: headline scores per model and group, with bootstrap intervals (only metrics that were computed:
+  a run without one gets no bar);
 - `answer_lengths.png`: violins of prediction lengths (characters) per model next to the references'
   (degenerate empty/short answers and runaway answers stand out);
 - `comparison.json`: the same numbers.
@@ -25,8 +27,9 @@ from vlm_merge.io.outputs import AtomicDir
 from vlm_merge.errors import VlmMergeError
 from vlm_merge.io.safe_load import Want, check_fields, load_json
 
-TABLE_COLUMNS = ("rougeL", "rougeL_ja", "rouge1", "rouge2", "exact_match", "substring_match", "non_japanese")
-RATE_COLUMNS = {"exact_match", "substring_match", "non_japanese"}  # per-sample 0/1: shown in %
+TABLE_COLUMNS = ("rougeL", "rougeL_ja", "rouge1", "rouge2", "exact_match", "substring_match", "non_japanese",
+                 "content_accuracy")  # first, in this order; any other metric a run has (a judge's) follows
+RATE_COLUMNS = {"exact_match", "substring_match", "non_japanese", "content_accuracy"}  # per-sample 0/1: shown in %
 _AGGREGATE = Want((dict,), fields={k: Want((int, float), required=True) for k in ("mean", "low", "high")})
 SCORES_FIELDS = {  # what compare reads of a scores.json written by `vlm-merge eval`
     "comparable_key": Want((str,), required=True),
@@ -125,6 +128,19 @@ def _fmt(agg: dict | None, column: str) -> str:
     return f"{agg['mean'] * scale:.2f} [{agg['low'] * scale:.2f}, {agg['high'] * scale:.2f}]"
 
 
+def computed_columns(members: list[Run]) -> list[str]:
+    """The metrics any run of a group has, `TABLE_COLUMNS` first in their order, then the others by name."""
+    have = {m for run in members for m in run.metadata["scores"]}
+    return [c for c in TABLE_COLUMNS if c in have] + sorted(have - set(TABLE_COLUMNS))
+
+
+def plotted_metrics(members: list[Run]) -> list[str]:
+    """The metrics a group's plot draws: its headline metrics that were computed, else its first computed one."""
+    cols = computed_columns(members)
+    headline = [m for m in members[0].metadata.get("headline") or ["rougeL"] if m in cols]
+    return headline or cols[:1]
+
+
 def _lengths(preds: list[dict], field: str) -> np.ndarray:
     return np.array([len(str(p[field])) for p in preds], dtype=float)
 
@@ -144,18 +160,20 @@ def compare(paths: list[str | Path], out: str | Path, force: bool = False) -> Pa
 
     md = ["# Evaluation comparison", "",
           "Scores are means over questions with 95% bootstrap intervals (1000 resamples); ROUGE is F x 100 with "
-          "MeCab tokens, `_ja` = strict Japanese, exact/substring match and non-Japanese rate in %. Only runs with "
+          "MeCab tokens, `_ja` = strict Japanese, exact/substring match, non-Japanese rate and content accuracy in %, "
+          "other metrics (a judge's) as their scorer gives them, `–` where a run did not compute one. Only runs with "
           "the same benchmark data, question selection, protocol, prompt and decoding share a table.", ""]
     summary: dict = {"groups": []}
     for key, members in groups.items():
         meta = members[0].metadata
-        headline = meta.get("headline") or ["rougeL"]
+        headline = plotted_metrics(members)
         md += [f"## {titles[key]}", "", _group_description(meta), ""]
-        cols = [c for c in TABLE_COLUMNS if c in meta["scores"]]
+        cols = computed_columns(members)
         md.append("| model | " + " | ".join(cols) + " | answer chars (median) | run |")
         md.append("|---|" + "---|" * len(cols) + "---|---|")
         entries = []
-        for run in sorted(members, key=lambda r: -r.metadata["scores"].get(headline[0], {}).get("mean", 0.0)):
+        by = headline[0] if headline else None
+        for run in sorted(members, key=lambda r: -r.metadata["scores"].get(by, {}).get("mean", -np.inf)):
             scores = run.metadata["scores"]
             median = float(np.median(_lengths(run.predictions, "prediction")))
             md.append(f"| {run.label} | " + " | ".join(_fmt(scores.get(c), c) for c in cols)
@@ -188,21 +206,23 @@ def _figure(n: int, width_per: float, height: float):
 def _plot_scores(groups: dict[str, list[Run]], titles: dict[str, str], path: Path) -> None:
     fig, axes = _figure(len(groups), 5.5, 4.2)
     for ax, (key, members) in zip(axes, groups.items()):
-        headline = members[0].metadata.get("headline") or ["rougeL"]
+        headline = plotted_metrics(members)
         x = np.arange(len(members))
-        width = 0.8 / len(headline)
-        for j, metric in enumerate(headline):
-            aggs = [m.metadata["scores"].get(metric, {"mean": 0, "low": 0, "high": 0}) for m in members]
+        width = 0.8 / max(1, len(headline))
+        for j, metric in enumerate(headline):  # a run without the metric gets no bar (not a zero)
+            have = [i for i, m in enumerate(members) if metric in m.metadata["scores"]]
+            aggs = [members[i].metadata["scores"][metric] for i in have]
             means = np.array([a["mean"] for a in aggs])
-            err = np.array([[a["mean"] - a["low"] for a in aggs], [a["high"] - a["mean"] for a in aggs]])
-            ax.bar(x + (j - (len(headline) - 1) / 2) * width, means, width, yerr=err, capsize=3, label=metric)
+            err = np.array([[a["mean"] - a["low"] for a in aggs], [a["high"] - a["mean"] for a in aggs]]).reshape(2, -1)
+            ax.bar(x[have] + (j - (len(headline) - 1) / 2) * width, means, width, yerr=err, capsize=3, label=metric)
         top = max((m.metadata["scores"].get(metric, {}).get("high", 0.0) for m in members for metric in headline),
                   default=0.0)
         ax.set_ylim(0, max(1.0, top * 1.15))
         ax.set_xticks(x, [m.label for m in members], rotation=30, ha="right", fontsize=8)
         ax.set_title(titles[key], fontsize=9)
         ax.set_ylabel("score (mean, 95% bootstrap CI)")
-        ax.legend(fontsize=8)
+        if headline:
+            ax.legend(fontsize=8)
     fig.savefig(path, dpi=120)
 
 

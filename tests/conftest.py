@@ -10,6 +10,9 @@ import pytest
 # chosen before anything imports triton (torch and transformers may). Nothing runs the kernel unless
 # asked to (`ResidentMerger.open(..., fused=True)`); on the CPU the default stays tensor by tensor.
 os.environ.setdefault("TRITON_INTERPRET", "1")
+# No test reaches the Hugging Face Hub: ids resolve from local caches (huggingface_hub reads this at import);
+# tests/test_hub.py switches it off where a local server plays the Hub.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from vlm_merge.testing import FixtureZoo, build_fixture_zoo
 

@@ -1,6 +1,7 @@
 """`vlm-merge` command line. Errors in the user's input print one line and exit with status 2.
 
-One module per command group: `core` (inspect, chat-vector, merge, validate: the light install), `demo`,
+One module per command group: `core` (inspect, chat-vector, merge, validate: the light install), `push`
+(publishing to the Hugging Face Hub, also light), `demo`,
 `evolve`, `world` (zoo build / bar); eval's commands live in `eval.cli`. `COMMAND_GROUPS` names each group's
 pip extra, and a group's module is imported only when one of its commands runs (or for `--help`)."""
 
@@ -8,12 +9,14 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from dataclasses import dataclass
 from importlib import import_module
 
 from vlm_merge.cli.core import add_core_commands
 from vlm_merge.cli.parsing import OneLineParser
+from vlm_merge.cli.push import add_push_command
 from vlm_merge.errors import VlmMergeError
 from vlm_merge.extras import missing_requirements, require_extra
 
@@ -76,6 +79,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("-v", "--verbose", action="store_true", help="log details")
     sub = p.add_subparsers(dest="command", required=True)
     add_core_commands(sub)
+    add_push_command(sub)
     if command not in sub.choices:  # a core command imports no other command's module
         grouped = {c for g in COMMAND_GROUPS for c in g.commands}
         for group in COMMAND_GROUPS:
@@ -94,6 +98,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     args = build_parser(command).parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s: %(message)s")
+    if getattr(args, "offline", False):  # read by vlm_merge.io.hub, huggingface_hub's children and Ray workers
+        os.environ["HF_HUB_OFFLINE"] = "1"
     try:
         return args.func(args)
     except VlmMergeError as e:

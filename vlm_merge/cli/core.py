@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 import json
 
-from vlm_merge.cli.parsing import add_output_options, add_text_config_option, parse_size
+from vlm_merge.cli.parsing import add_hub_options, add_output_options, add_text_config_option, parse_size
+from vlm_merge.cli.push import add_push_options, check_push, push_after
 from vlm_merge.errors import VlmMergeError
 from vlm_merge.tables import format_table
 
@@ -35,9 +36,9 @@ def _parse_module_scales(items: list[str] | None) -> dict[str, float]:
 def cmd_inspect(args: argparse.Namespace) -> int:
     from vlm_merge.architecture.anatomy import align, inspect_checkpoint, inspect_llm, inspect_vlm
     from vlm_merge.engine import config_conflicts, describe_parts, vision_tower_status, vlm_text_config
-    from vlm_merge.io.checkpoint import CheckpointReader
+    from vlm_merge.io.checkpoint import CheckpointReader, resolve_model_dir
 
-    reader = CheckpointReader(args.path, args.cache_dir)
+    reader = CheckpointReader(resolve_model_dir(args.path, args.cache_dir, args.revision), args.cache_dir)
     base = CheckpointReader(args.base, args.cache_dir) if args.base else None
     anatomy = inspect_vlm(reader, base) if (base is not None or _looks_multimodal(reader)) else inspect_checkpoint(reader)
     info = describe_parts(anatomy)
@@ -88,6 +89,7 @@ def _looks_multimodal(reader) -> bool:
 def cmd_chat_vector(args: argparse.Namespace) -> int:
     from chat_vector import chat_vector
 
+    check_push(args)
     out = chat_vector(
         args.vlm, args.en_base, args.ja_base, args.out,
         scale=args.scale,
@@ -105,12 +107,14 @@ def cmd_chat_vector(args: argparse.Namespace) -> int:
         allow_nonfinite=args.allow_nonfinite,
     )
     print(f"wrote {out}")
+    push_after(args, out)
     return 0
 
 
 def cmd_merge(args: argparse.Namespace) -> int:
     from vlm_merge.engine import merge
 
+    check_push(args)
     out = merge(
         args.recipe, args.out, dtype=args.dtype, device=args.device, force=args.force,
         max_shard_bytes=parse_size(args.max_shard_size), vision_tower=args.vision_tower, cache_dir=args.cache_dir,
@@ -118,6 +122,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
         allow_nonfinite=args.allow_nonfinite,
     )
     print(f"wrote {out}")
+    push_after(args, out)
     return 0
 
 
@@ -144,11 +149,11 @@ def add_core_commands(sub) -> None:
 
 
     s = sub.add_parser("inspect", help="name the parts of a checkpoint (vision tower, projector, language model)")
-    s.add_argument("path", help="model directory or Hugging Face id in the local cache")
+    s.add_argument("path", help="model directory or Hugging Face id (ORG/NAME[@REVISION])")
     s.add_argument("--base", help="a standalone LLM to align the VLM's language model with")
     s.add_argument("--json", action="store_true", help="print JSON instead of a table")
     s.add_argument("--vision-tower", help="CLIP checkpoint for an original LLaVA that does not embed its tower")
-    s.add_argument("--cache-dir", help="Hugging Face cache to look model ids up in (default: HF_HUB_CACHE)")
+    add_hub_options(s, revision=True)
     s.set_defaults(func=cmd_inspect)
 
     s = sub.add_parser("chat-vector", help="ja_vlm_llm = ja_base + scale * (vlm_llm - en_base)")
@@ -164,6 +169,7 @@ def add_core_commands(sub) -> None:
                    help=f"tensors that keep the Japanese base's value: presets ({', '.join(SKIP_PRESETS)}) "
                         f"and/or regexes on canonical LLM keys, comma-separated (default: {DEFAULT_SKIP})")
     add_output_options(s)
+    add_push_options(s)
     s.set_defaults(func=cmd_chat_vector)
 
     s = sub.add_parser("merge", help="merge by a recipe (ours or mergekit's YAML)")
@@ -171,11 +177,12 @@ def add_core_commands(sub) -> None:
     s.add_argument("out", help="output directory (written atomically)")
     s.add_argument("--device", default="cpu", help="where the merge arithmetic runs: cpu (default) or cuda")
     add_output_options(s)
+    add_push_options(s)
     s.set_defaults(func=cmd_merge)
 
     s = sub.add_parser("validate", help="check a recipe against its sources without merging")
     s.add_argument("recipe")
     s.add_argument("--vision-tower", help="CLIP checkpoint for original-LLaVA VLMs that do not embed theirs")
-    s.add_argument("--cache-dir", help="Hugging Face cache to look model ids up in (default: HF_HUB_CACHE)")
+    add_hub_options(s)
     add_text_config_option(s)
     s.set_defaults(func=cmd_validate)

@@ -45,7 +45,7 @@ def add_output_options(s: argparse.ArgumentParser) -> None:
 
     s.add_argument("--dtype", help="output dtype of the language model (default: the VLM's / the recipe's)")
     s.add_argument("--vision-tower", help="CLIP checkpoint for original-LLaVA VLMs that do not embed theirs")
-    s.add_argument("--cache-dir", help="Hugging Face cache to look model ids up in (default: HF_HUB_CACHE)")
+    add_hub_options(s)
     s.add_argument("--max-shard-size", default=DEFAULT_MAX_SHARD_BYTES, help="e.g. 5GB (default)")
     s.add_argument("--force", action="store_true", help="replace an existing output directory")
     s.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -53,6 +53,16 @@ def add_output_options(s: argparse.ArgumentParser) -> None:
     s.add_argument("--allow-nonfinite", action="store_true",
                    help="write merged tensors even if they hold NaN/inf in the output dtype (default: refuse)")
     add_text_config_option(s)
+
+
+def add_hub_options(s: argparse.ArgumentParser, *, revision: bool = False) -> None:
+    """How a command finds Hugging Face ids: the cache, offline mode and (single-model commands) a revision.
+    `main` turns `--offline` into HF_HUB_OFFLINE=1 for the whole process (and any worker it starts)."""
+    s.add_argument("--cache-dir", help="Hugging Face cache to look model ids up in and download to (default: HF_HUB_CACHE)")
+    s.add_argument("--offline", action="store_true",
+                   help="never download: Hugging Face ids come from the cache only (as HF_HUB_OFFLINE=1)")
+    if revision:
+        s.add_argument("--revision", help="branch, tag or commit of a Hugging Face id (same as ORG/NAME@REVISION)")
 
 
 def add_text_config_option(s: argparse.ArgumentParser) -> None:

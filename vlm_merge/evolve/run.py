@@ -11,6 +11,7 @@ import json
 import math
 import shutil
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -65,12 +66,14 @@ def run_evolve(
     progress: bool = True,
     workers: int | None = None,
     write_model: bool = True,
+    on_candidates: Callable[[Sequence[dict]], None] | None = None,
 ) -> EvolveResult:
     """Run (or with `resume=True` continue) an evolutionary merge into `out`; see the package docstring.
 
     `config` is an `EvolveConfig`, a mapping, or a YAML path; with `resume=True` it may be None-like
     (`out/config.yaml` is used) and if given must equal the saved one. `workers` overrides the config.
     The run's evaluators set torch's thread count to `threads:`; the caller's count is restored afterwards.
+    `on_candidates` is called with each generation's candidate records once they are logged (run tracking).
     Without the `evolve` extra installed: the one-line error naming it, before anything else (Ray, which only
     `workers > 0` needs, is asked for by the Ray pool, so an in-process run, e.g. the demo's, goes without it).
     """
@@ -81,12 +84,13 @@ def run_evolve(
 
     with torch_threads(None):
         try:
-            return _run_evolve(config, out, resume, force, progress, workers, write_model)
+            return _run_evolve(config, out, resume, force, progress, workers, write_model, on_candidates)
         except KeyboardInterrupt:
             raise EvolveInterrupted(interrupted_text(Path(out))) from None
 
 
-def _run_evolve(config, out, resume: bool, force: bool, progress: bool, workers: int | None, write_model: bool) -> EvolveResult:
+def _run_evolve(config, out, resume: bool, force: bool, progress: bool, workers: int | None, write_model: bool,
+                on_candidates: Callable[[Sequence[dict]], None] | None = None) -> EvolveResult:
     """`run_evolve` inside its thread-count guard: set up or resume the run directory, search, then report."""
     from tqdm.auto import tqdm
 
@@ -203,6 +207,8 @@ def _run_evolve(config, out, resume: bool, force: bool, progress: bool, workers:
                 records += recs
                 gen, evals = gen_no, evals + len(recs)
                 write_checkpoint(ckpt_path, es.state(), gen, evals, records, False, cfg, held)
+            if on_candidates is not None:
+                on_candidates(recs)
             n_this_run += fresh
             bar.update(len(recs))
             per = (time.perf_counter() - started) / n_this_run if n_this_run else None

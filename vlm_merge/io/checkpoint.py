@@ -1,7 +1,7 @@
 """Checkpoint I/O: lazy per-tensor reading and streaming, atomic, sharded safetensors writing.
 
-Reading (`CheckpointReader`) accepts what users have on disk: a local directory or a Hugging Face
-cache id (resolved offline), holding safetensors (single file or sharded with
+Reading (`CheckpointReader`) accepts a local directory or a Hugging Face id (read from the cache, or
+downloaded when online: `vlm_merge.io.hub`), holding safetensors (single file or sharded with
 `model.safetensors.index.json`) or PyTorch `.bin` files (single or sharded with
 `pytorch_model.bin.index.json`). Names, shapes and dtypes come from headers only; a tensor's bytes
 are read with `pread` into a fresh or caller-provided buffer, one tensor at a time (no mapping of
@@ -73,29 +73,22 @@ def dtype_from_name(name: str) -> torch.dtype:
         raise VlmMergeError(f"unknown dtype {name!r}: use one of bfloat16, float16, float32") from None
 
 
-def resolve_model_dir(path_or_id: str | Path, cache_dir: str | Path | None = None) -> Path:
-    """Return the local directory of a model given a path or a Hugging Face id already in the cache.
+def resolve_model_dir(path_or_id: str | Path, cache_dir: str | Path | None = None, revision: str | None = None) -> Path:
+    """Return the local directory of a model given a path or a Hugging Face id (`ORG/NAME[@REVISION]`).
 
-    Never downloads: an id is looked up with `local_files_only=True`.
+    An id is read from the cache offline (`HF_HUB_OFFLINE`, `--offline`) and otherwise downloaded or completed
+    by huggingface_hub (`vlm_merge.io.hub.fetch_model`).
     """
     path = Path(path_or_id).expanduser()
     if path.is_dir():
+        if revision:
+            raise VlmMergeError(f"{path}: a local directory; --revision {revision} applies to Hugging Face ids only")
         return path
     if path.exists():
         raise VlmMergeError(f"{path}: is a file; pass the model directory that contains it")
-    text = str(path_or_id)
-    if text.count("/") != 1 or text.startswith((".", "/", "~")):
-        raise VlmMergeError(f"{text}: no such model directory (and not a Hugging Face id of the form org/name)")
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import LocalEntryNotFoundError
+    from vlm_merge.io.hub import fetch_model
 
-    try:
-        return Path(snapshot_download(text, cache_dir=cache_dir, local_files_only=True))
-    except (LocalEntryNotFoundError, FileNotFoundError, OSError, ValueError):
-        raise VlmMergeError(
-            f"{text}: not a local directory and not in the Hugging Face cache; download it first "
-            "(huggingface-cli download) or pass its local path"
-        ) from None
+    return fetch_model(str(path_or_id), cache_dir, revision)
 
 
 @dataclass(frozen=True)
