@@ -152,7 +152,7 @@ BAD_RECIPES = {
         {"models": [{"model": "vlm", "parameters": {"weight": [1.0, 0.5, 0.2], "density": 0.5}}]},
         "models[0].parameters.weight: has 3 per-layer values but the model has 2 layers"),
     "unaligned sources": ({"base_model": "MISTRAL"}, "shape mismatch at 'model.layers.0.self_attn.k_proj.weight'"),
-    "mergekit slices": ({"slices": []}, "recipe slices: is a mergekit feature"),
+    "slices beside models": ({"slices": []}, "a slices recipe has no models: list"),
 }
 
 

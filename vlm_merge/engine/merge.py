@@ -24,6 +24,8 @@ from vlm_merge.errors import VlmMergeError
 from vlm_merge.methods import METHODS, Method, tensor_seed
 from vlm_merge.io.outputs import prepare_output_dir
 from vlm_merge.recipe import Recipe, check_layer_lists, load_recipe, recipe_from_dict, resolve_setting
+from vlm_merge.recipe.slices import SlicesRecipe
+from vlm_merge.engine.stacking import StackValidation, merge_slices, validate_slices
 
 RESOLVED_RECIPE = "merge_recipe.yaml"
 
@@ -113,8 +115,8 @@ def tensor_fn(rp: RecipePlan, canon: str, seed: int):
     return fn
 
 
-def as_recipe(recipe: Recipe | dict | str | Path) -> Recipe:
-    if isinstance(recipe, Recipe):
+def as_recipe(recipe: Recipe | SlicesRecipe | dict | str | Path) -> Recipe | SlicesRecipe:
+    if isinstance(recipe, (Recipe, SlicesRecipe)):
         return recipe
     if isinstance(recipe, dict):
         return recipe_from_dict(recipe)
@@ -243,6 +245,13 @@ def merge(
     if device != "cpu" and not torch.cuda.is_available():
         raise VlmMergeError(f"--device {device}: CUDA is not available on this machine; use --device cpu")
     recipe_file = recipe if isinstance(recipe, (str, Path)) else None
+    recipe = as_recipe(recipe)
+    if isinstance(recipe, SlicesRecipe):  # layer stacking
+        if text_config_from is not None:
+            recipe = replace(recipe, text_config_from=text_config_from)
+        return merge_slices(recipe, out, dtype=dtype, force=force, max_shard_bytes=max_shard_bytes, cache_dir=cache_dir,
+                            progress=progress, trust_remote_code=trust_remote_code, allow_nonfinite=allow_nonfinite,
+                            recipe_file=recipe_file)
     prepare_output_dir(out, force, [recipe_file])
     rp = plan_recipe(recipe, dtype=dtype, vision_tower=vision_tower, cache_dir=cache_dir, trust_remote_code=trust_remote_code,
                      text_config_from=text_config_from)
@@ -272,8 +281,11 @@ def merge(
         rp.sources.close()
 
 
-def validate(recipe: Recipe | dict | str | Path, **kwargs) -> tuple[RecipePlan, list[tuple[str, str, str, str]]]:
+def validate(recipe: Recipe | dict | str | Path, **kwargs) -> tuple[RecipePlan | StackValidation, list[tuple[str, str, str, str]]]:
     """Check a recipe without merging. Rows (part, tensors, how, sources) say what comes from where."""
+    recipe = as_recipe(recipe)
+    if isinstance(recipe, SlicesRecipe):  # layer stacking
+        return validate_slices(recipe, cache_dir=kwargs.get("cache_dir"))
     rp = plan_recipe(recipe, **kwargs)
     rp.sources.close()
     ref = rp.sources.reference.anatomy

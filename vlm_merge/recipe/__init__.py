@@ -37,12 +37,15 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
 from vlm_merge.errors import VlmMergeError
 from vlm_merge.io.safe_load import load_yaml
+
+if TYPE_CHECKING:
+    from vlm_merge.recipe.slices import SlicesRecipe
 
 VLM_REF = "vlm"
 KNOWN_KEYS = (
@@ -50,7 +53,7 @@ KNOWN_KEYS = (
     "dtype", "seed", "out_dtype",
 )  # fmt: skip
 TEXT_CONFIG_SOURCES = ("vlm", "target")
-MERGEKIT_UNSUPPORTED = ("slices", "modules", "tokenizer", "chat_template", "out_dtype")
+MERGEKIT_UNSUPPORTED = ("modules", "tokenizer", "chat_template", "out_dtype")
 
 Setting = Any  # number | bool | str | list[number] | list[Condition-dict]
 
@@ -140,10 +143,15 @@ def _check_setting(where: str, value: Setting) -> None:
     raise _field_error(where, f"unsupported value {value!r}")
 
 
-def recipe_from_dict(data: dict, source_file: Path | None = None) -> Recipe:
-    """Validate the structure of a recipe mapping (methods and parameter ranges are checked later)."""
+def recipe_from_dict(data: dict, source_file: Path | None = None) -> Recipe | SlicesRecipe:
+    """Validate the structure of a recipe mapping (methods and parameter ranges are checked later);
+    one with `slices:` is a layer-stacking recipe (`vlm_merge.recipe.slices`)."""
     if not isinstance(data, dict):
         raise VlmMergeError("recipe: expected a mapping with merge_method and models")
+    if "slices" in data:
+        from vlm_merge.recipe.slices import slices_recipe_from_dict
+
+        return slices_recipe_from_dict(data, source_file)
     for key in MERGEKIT_UNSUPPORTED:
         if key in data:
             raise _field_error(key, "is a mergekit feature vlm-merge does not support; use models:/base_model:/parameters:")
@@ -207,11 +215,13 @@ def read_yaml(path: Path, what: str) -> Any:
     return load_yaml(path, what)
 
 
-def load_recipe(path: str | Path) -> Recipe:
+def load_recipe(path: str | Path) -> Recipe | SlicesRecipe:
     """Read a recipe (ours or mergekit's) from YAML. Relative model paths are relative to the file."""
     path = Path(path)
     data = read_yaml(path, "recipe")
     recipe = recipe_from_dict(data, source_file=path)
+    if not isinstance(recipe, Recipe):
+        return recipe.rebased(path.parent)
     return _rebase_paths(recipe, path.parent)
 
 
