@@ -44,6 +44,8 @@ from vlm_merge.engine.merge import (
     tensor_fn,
 )
 from vlm_merge.recipe import Recipe, check_layer_lists
+from vlm_merge.recipe.slices import SlicesRecipe
+from vlm_merge.engine.stacking import merge_slices
 
 
 class CandidateError(VlmMergeError):
@@ -318,6 +320,8 @@ def write_scaffold(recipe: Recipe | dict | str, out, *, vision_tower: str | None
     the language model)."""
     from vlm_merge.engine.backbone import write_backbone
 
+    if isinstance(recipe, SlicesRecipe):  # a layer route (DFS): the stacked model itself
+        return merge_slices(recipe, out, force=True, progress=False)
     rp = plan_recipe(as_recipe(recipe), vision_tower=vision_tower, cache_dir=cache_dir)
     try:
         bp = rp.backbone

@@ -90,6 +90,7 @@ import numpy as np
 import yaml
 
 from vlm_merge.errors import VlmMergeError
+from vlm_merge.evolve.dfs import SPACES, DfsConfig, DfsGenome, DfsMerger, dfs_config, dfs_vlm
 from vlm_merge.io.outputs import clean_stale, output_error, prepare_output_dir, remove, side_path
 from vlm_merge.recipe import VLM_REF, ModelEntry, Recipe, read_yaml
 from vlm_merge.io.safe_load import load_json
@@ -209,6 +210,8 @@ class EvolveConfig:
     threads: int | None = None  # torch threads in each evaluating process (None: torch's default)
     workers: int = 0  # Ray actors; 0 = evaluate in this process
     recipe_seed: int = 0  # `seed` of every decoded recipe (DARE / DELLA masks)
+    space: str = "ps"  # ps: parameter space; dfs / ps+dfs: a layer route (vlm_merge.evolve.dfs)
+    dfs: DfsConfig | None = None
 
     def to_dict(self) -> dict:
         def clean(v):
@@ -403,7 +406,12 @@ def config_from_dict(data: Any, base_dir: str | Path | None = None) -> EvolveCon
         "threads": lambda x, w: _num(x, w, integer=True, low=1, allow_none=True),
         "workers": lambda x, w: _num(x, w, integer=True, low=0),
         "recipe_seed": lambda x, w: _num(x, w, integer=True),
+        "space": lambda x, w: _str(x, w, SPACES, False), "dfs": lambda x, w: dfs_config(x, base),
     })
+    if cfg.space != "ps" and cfg.dfs is None:
+        cfg = replace(cfg, dfs=dfs_config({}, base))
+    elif cfg.space == "ps" and cfg.dfs is not None:
+        raise _err("dfs", "is set but space is ps; set space: dfs or ps+dfs")
     _check_config(cfg)
     return cfg
 
@@ -781,7 +789,9 @@ class Evaluator:
         self.model, self.processor = load_model(scaffold, device=config.device, dtype=config.model_dtype, gpu_dtype=self.protocol.gpu_dtype,
                                                progress=False)
         self.merger = None
-        if resident:
+        if resident and config.space != "ps":
+            self.merger = DfsMerger.open(self.model, [role for role, _ in DfsGenome.of(config).pool], dfs_vlm(config))
+        elif resident:
             genome = Genome.of(config, num_layers_of(config))
             self.merger = ResidentMerger.open(genome.decode(genome.x0()), self.model)
         self.bench, self.pool = questions or fitness_questions(f)
@@ -817,7 +827,9 @@ class Evaluator:
         return Scored(float(value), scores, t1 - t0, time.perf_counter() - t1, len(qs))
 
     def inert_genes(self) -> dict[str, str]:
-        """`inert_genes` of this run's full genome on the resident sources."""
+        """`inert_genes` of this run's full genome on the resident sources (none in a DFS search)."""
+        if self.config.space != "ps":
+            return {}
         return inert_genes(Genome.of(self.config, self.merger.num_layers), self.merger)
 
     def _scores(self, qs) -> dict[str, float]:
@@ -1209,7 +1221,7 @@ def _run_evolve(config, out, resume: bool, force: bool, progress: bool, workers:
     if workers is not None:
         cfg = replace(cfg, workers=workers)
 
-    genome = Genome.of(cfg, num_layers_of(cfg))
+    genome = DfsGenome.of(cfg) if cfg.space != "ps" else Genome.of(cfg, num_layers_of(cfg))
     log_path, ckpt_path = out / LOG_FILE, out / CHECKPOINT_FILE
     state = _load_checkpoint(ckpt_path, cfg) if resume and ckpt_path.exists() else None
     records = _read_log(log_path)
