@@ -4,12 +4,13 @@ copying weights, and `space: dfs` / `ps+dfs` runs end to end with a replayable b
 from __future__ import annotations
 
 import json
+import signal
 import statistics
 
 import pytest
 import torch
 
-from tests.test_evolve import config, dev  # noqa: F401 - the module-scoped VQA fixture
+from tests.test_evolve import _assert_resumes_like, _kill_mid_generation, config, dev  # noqa: F401 - dev: the VQA fixture
 from vlm_merge.engine.merge import merge
 from vlm_merge.engine.stacking import DfsRoute, dfs_slices_recipe
 from vlm_merge.errors import VlmMergeError
@@ -87,3 +88,54 @@ def test_ps_dfs_pool_takes_the_ps_model(zoo, dev, tmp_path):  # noqa: F811
 
     model = AutoModelForImageTextToText.from_pretrained(tmp_path / "run" / "model")
     assert model.config.text_config.num_hidden_layers == len(genome.route(res.best["x"]).positions)
+
+
+@pytest.mark.slow
+def test_dfs_resume_after_sigkill_matches_an_uninterrupted_run(zoo, dev, tmp_path):  # noqa: F811
+    cfg = _dfs_config(zoo, dev)
+    cfg["fitness"] = {**cfg["fitness"], "limit": None, "batch_size": 2}
+    cfg["cmaes"] = {"popsize": 6, "max_evaluations": 18, "seed": 7}
+    ref = run_evolve(config_from_dict(cfg), tmp_path / "ref", progress=False, write_model=False)
+    proc, out, err, landed = _kill_mid_generation(tmp_path, cfg, signal.SIGKILL, 2)
+    assert proc.returncode == -signal.SIGKILL, err[-2000:]
+    _assert_resumes_like(ref, out, tmp_path / "ref")
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"space": "dfs", "dfs": {"pool": ["target", "nope"]}}, "dfs.pool"),
+        ({"space": "dfs", "dfs": {"repeats": 0}}, "dfs.repeats"),
+        ({"space": "dfs", "dfs": {"scales": "matrix"}}, "dfs.scales"),
+        ({"space": "dfs", "dfs": {"scale_bounds": [1.5, 0.5]}}, "dfs.scale_bounds"),
+        ({"space": "dfs", "dfs": {"max_depth": 0}}, "dfs.max_depth"),
+        ({"space": "dfs", "dfs": {"init": "ps"}}, "dfs.init"),
+        ({"space": "dfs", "dfs": {"widgets": 1}}, "dfs.widgets: unknown key"),
+        ({"space": "ps", "dfs": {}}, "space is ps"),
+        ({"space": "pds"}, "space"),
+    ],
+)
+def test_bad_dfs_configs_are_one_line(zoo, dev, change, message):  # noqa: F811
+    with pytest.raises(VlmMergeError, match=message) as e:
+        config_from_dict({**config(zoo, dev), **change})
+    assert "\n" not in str(e.value)
+
+
+@pytest.mark.slow
+def test_dfs_held_out_report_scores_the_best_route_beside_chat_vector(zoo, dev, tmp_path):  # noqa: F811
+    cfg = _dfs_config(zoo, dev)
+    cfg["fitness"] = {"benchmark": str(dev), "kind": "generate", "metrics": {"rougeL": 1.0}, "limit": 8, "max_new_tokens": 4}
+    cfg["test"] = {"benchmark": str(dev), "metric": "rougeL", "chat_vector_scale": 0.5, "limit": 8}
+    cfg["cmaes"] = {"popsize": 4, "max_evaluations": 4, "seed": 2}
+    res = run_evolve(config_from_dict(cfg), tmp_path / "run", progress=False, write_model=True)
+    rec = json.loads((tmp_path / "run" / "test_report.json").read_text())
+    assert list(rec["models"]) == ["evolved", "chat-vector", "target-shell", "vlm"] and rec["questions"] == 8
+    # the evolved row is the written (folded) model's answers
+    from eval.model_loading import load_model
+    from eval.runner import evaluate
+
+    model, proc = load_model(tmp_path / "run" / "model", device="cpu")
+    got = evaluate(model, str(dev), processor=proc, protocol="llm-jp", max_new_tokens=4, batch_size=8, limit=8, progress=False)
+    per = [json.loads(x) for x in (tmp_path / "run" / "test_predictions" / "evolved.jsonl").read_text().splitlines()]
+    assert [r["prediction"] for r in got.predictions] == [r["prediction"] for r in per]
+    assert res.test == rec
