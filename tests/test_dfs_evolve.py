@@ -139,3 +139,16 @@ def test_dfs_held_out_report_scores_the_best_route_beside_chat_vector(zoo, dev, 
     per = [json.loads(x) for x in (tmp_path / "run" / "test_predictions" / "evolved.jsonl").read_text().splitlines()]
     assert [r["prediction"] for r in got.predictions] == [r["prediction"] for r in per]
     assert res.test == rec
+
+
+@pytest.mark.slow
+def test_dfs_ray_workers_score_like_one_process(zoo, dev, tmp_path):  # noqa: F811
+    import ray  # noqa: F401 - part of the test extra; this test must run, not skip
+
+    cfg = _dfs_config(zoo, dev)
+    serial = run_evolve(config_from_dict(cfg), tmp_path / "serial", progress=False, write_model=False)
+    par = run_evolve(config_from_dict(cfg), tmp_path / "ray", progress=False, write_model=False, workers=2)
+    a = [json.loads(x) for x in (tmp_path / "serial" / LOG_FILE).read_text().splitlines()]
+    b = [json.loads(x) for x in (tmp_path / "ray" / LOG_FILE).read_text().splitlines()]
+    assert [(r["x"], r["fitness"]) for r in a] == [(r["x"], r["fitness"]) for r in b]
+    assert par.best["x"] == serial.best["x"]
