@@ -318,14 +318,19 @@ class DfsMerger:
         """Load the decoder layers of the pool models `roles` (paths, or "vlm": the VLM at `vlm_path`'s
         language model) next to `live` (its device and dtype)."""
         from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
+        from transformers.utils import logging as hf_logging
 
         param = next(live.parameters())
         layers: dict[tuple[str, int], torch.nn.Module] = {}
-        for role in dict.fromkeys(roles):
-            if role == VLM_REF:
-                src = AutoModelForImageTextToText.from_pretrained(vlm_path, dtype=param.dtype)
-            else:
-                src = AutoModelForCausalLM.from_pretrained(role, dtype=param.dtype)
+        bars = hf_logging.is_progress_bar_enabled()
+        hf_logging.disable_progress_bar()
+        try:
+            sources = {role: (AutoModelForImageTextToText.from_pretrained(vlm_path, dtype=param.dtype) if role == VLM_REF
+                              else AutoModelForCausalLM.from_pretrained(role, dtype=param.dtype)) for role in dict.fromkeys(roles)}
+        finally:
+            if bars:
+                hf_logging.enable_progress_bar()
+        for role, src in sources.items():
             for i, layer in enumerate(_decoder(src).layers):
                 layers[(role, i)] = prepare_pool_layer(layer.to(param.device).eval())
         return cls(live, layers)
