@@ -120,6 +120,18 @@ def test_vlm_stack_copies_vision_and_sets_text_config(zoo, tmp_path, name, ja):
     assert ids.shape == (1, 5)
 
 
+def test_original_llava_stack_is_written_in_the_llava_hf_layout(zoo, tmp_path):
+    from transformers import AutoModelForImageTextToText
+
+    ja = str(zoo.llms["ja-llama"])
+    recipe = {"merge_method": "passthrough", "vlm": str(zoo.vlms["llava-original-llama"]), "edges_from": ja, "slices": [
+        {"sources": [{"model": "vlm", "layer_range": [0, 2]}]}, {"sources": [{"model": ja, "layer_range": [1, 2]}]}]}  # fmt: skip
+    out = merge(_write(tmp_path, recipe), tmp_path / "out", progress=False, vision_tower=zoo.clip)
+    model = AutoModelForImageTextToText.from_pretrained(out)
+    assert model.config.text_config.num_hidden_layers == 3
+    assert model.generate(input_ids=torch.tensor([[1, 5, 9]]), max_new_tokens=2, do_sample=False).shape == (1, 5)
+
+
 @pytest.mark.parametrize(
     ("change", "message"),
     [

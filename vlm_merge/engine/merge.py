@@ -251,7 +251,7 @@ def merge(
             recipe = replace(recipe, text_config_from=text_config_from)
         return merge_slices(recipe, out, dtype=dtype, force=force, max_shard_bytes=max_shard_bytes, cache_dir=cache_dir,
                             progress=progress, trust_remote_code=trust_remote_code, allow_nonfinite=allow_nonfinite,
-                            recipe_file=recipe_file)
+                            recipe_file=recipe_file, vision_tower=vision_tower)
     prepare_output_dir(out, force, [recipe_file])
     rp = plan_recipe(recipe, dtype=dtype, vision_tower=vision_tower, cache_dir=cache_dir, trust_remote_code=trust_remote_code,
                      text_config_from=text_config_from)
@@ -285,7 +285,7 @@ def validate(recipe: Recipe | dict | str | Path, **kwargs) -> tuple[RecipePlan |
     """Check a recipe without merging. Rows (part, tensors, how, sources) say what comes from where."""
     recipe = as_recipe(recipe)
     if isinstance(recipe, SlicesRecipe):  # layer stacking
-        return validate_slices(recipe, cache_dir=kwargs.get("cache_dir"))
+        return validate_slices(recipe, cache_dir=kwargs.get("cache_dir"), vision_tower=kwargs.get("vision_tower"))
     rp = plan_recipe(recipe, **kwargs)
     rp.sources.close()
     ref = rp.sources.reference.anatomy

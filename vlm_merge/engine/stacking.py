@@ -220,7 +220,7 @@ def _vocab_role(recipe: SlicesRecipe) -> str:
 
 
 def plan_slices(recipe: SlicesRecipe, *, dtype: str | torch.dtype | None = None, cache_dir: str | Path | None = None,
-                trust_remote_code: bool = False) -> BackbonePlan:
+                trust_remote_code: bool = False, vision_tower: str | Path | None = None) -> BackbonePlan:
     """Open the sources of a `slices:` recipe and plan its output (no tensor data read)."""
     method = _method(recipe.merge_method)
     vocab_ref = _vocab_role(recipe)
@@ -228,7 +228,8 @@ def plan_slices(recipe: SlicesRecipe, *, dtype: str | torch.dtype | None = None,
     if out_dtype is None and recipe.dtype is not None:
         out_dtype = dtype_from_name(recipe.dtype)
     llm_refs = {r: r for r in [vocab_ref, *recipe.refs()] if r != VLM}
-    sources = open_sources(recipe.vlm, llm_refs, vocab_ref, cache_dir=cache_dir, trust_remote_code=trust_remote_code)
+    sources = open_sources(recipe.vlm, llm_refs, vocab_ref, vision_tower=vision_tower, cache_dir=cache_dir,
+                           trust_remote_code=trust_remote_code)
     try:
         picks: list[int] = []
         layer_specs: list[tuple[OutputSlice, str, int, float]] = []  # slice, where, offset, t
@@ -281,10 +282,11 @@ def merge_slices(
     trust_remote_code: bool = False,
     allow_nonfinite: bool = False,
     recipe_file: str | Path | None = None,
+    vision_tower: str | Path | None = None,
 ) -> Path:
     """Write the stacked model of a `slices:` recipe (and its `merge_recipe.yaml`) to `out`; returns `out`."""
     prepare_output_dir(out, force, [recipe_file])
-    bp = plan_slices(recipe, dtype=dtype, cache_dir=cache_dir, trust_remote_code=trust_remote_code)
+    bp = plan_slices(recipe, dtype=dtype, cache_dir=cache_dir, trust_remote_code=trust_remote_code, vision_tower=vision_tower)
     try:
         bp.plan.allow_nonfinite = allow_nonfinite
         return _write(bp, out, recipe.to_yaml(), recipe.merge_method, recipe.to_dict(), force, max_shard_bytes, progress, [recipe_file])
@@ -387,9 +389,10 @@ class StackValidation:
     backbone: BackbonePlan
 
 
-def validate_slices(recipe: SlicesRecipe, *, cache_dir: str | Path | None = None) -> tuple[StackValidation, list[tuple[str, str, str, str]]]:
+def validate_slices(recipe: SlicesRecipe, *, cache_dir: str | Path | None = None, vision_tower: str | Path | None = None,
+                    ) -> tuple[StackValidation, list[tuple[str, str, str, str]]]:  # fmt: skip
     """Check a `slices:` recipe against its sources without merging; rows (part, tensors, how, sources)."""
-    bp = plan_slices(recipe, cache_dir=cache_dir)
+    bp = plan_slices(recipe, cache_dir=cache_dir, vision_tower=vision_tower)
     bp.sources.close()
     groups: dict[tuple[str, str, str], int] = {}
     for t in bp.plan.tensors:
