@@ -120,12 +120,32 @@ def test_arcee_fusion_example(llamas, tmp_path):
             merge(path, tmp_path / "out", progress=False)
 
 
-def test_passthrough_example_is_one_line(llamas, tmp_path, capsys):
-    """Stacking layer ranges (passthrough, DFS) is refused in one line, naming the file and the ranges."""
+def test_passthrough_example_stacks_layers(llamas, tmp_path, capsys):
+    """mergekit's frankenmerge example (passthrough, two slices) stacks layers: its ranges [0, 24] + [20, 40]
+    of 40-layer models become [0, 2] + [1, 2] of the 2-layer fixtures (an overlap of one layer); embeddings
+    come from the first slice's model, the final norm and lm_head from the last's (mergekit 0.1.5)."""
+    path = _local("orcamini-platy-44layer", llamas, tmp_path)
+    text = path.read_text()
+    assert "[0, 24]" in text and "[20, 40]" in text
+    path.write_text(text.replace("[0, 24]", "[0, 2]").replace("[20, 40]", "[1, 2]"))
+    assert main(["validate", str(path)]) == 0
+    assert "passthrough — OK" in capsys.readouterr().out
+    out = merge(path, tmp_path / "out", progress=False)
+    assert json.loads((out / "config.json").read_text())["num_hidden_layers"] == 3
+    ta, tb = CheckpointReader(llamas["a"]), CheckpointReader(llamas["b"])
+    for j, (src, i) in enumerate([(ta, 0), (ta, 1), (tb, 1)]):
+        got = _get(out, f"model.layers.{j}.mlp.down_proj.weight")
+        assert got.dtype == torch.float16 and torch.equal(got, src.get(f"model.layers.{i}.mlp.down_proj.weight").half())
+    assert torch.equal(_get(out, "model.embed_tokens.weight"), ta.get("model.embed_tokens.weight").half())
+    assert torch.equal(_get(out, NORM), tb.get(NORM).half())
+
+
+def test_passthrough_example_beyond_the_models_layers_is_one_line(llamas, tmp_path, capsys):
+    """The example's own ranges on 2-layer models: one line naming the file's slice, its range and the layer count."""
     path = _local("orcamini-platy-44layer", llamas, tmp_path)
     assert main(["validate", str(path)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and f"recipe {path}: slices: 2 slice(s) with layer ranges [(0, 24), (20, 40)]" in err[0], err
+    assert len(err) == 1 and "slices[0].sources[0].layer_range [0, 24]: layer 23" in err[0] and "has 2 decoder layers" in err[0], err
 
 
 def test_union_vocabulary_takes_rows_from_the_models_that_have_the_token(zoo, tmp_path):

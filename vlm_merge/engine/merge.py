@@ -3,7 +3,8 @@
 `plan_recipe` opens and aligns the sources, checks the method, parameters and layer lists before any
 tensor is read, and yields a `RecipePlan`; `merge` writes the model with its resolved recipe
 (`merge_recipe.yaml`, every default written out) and a model card; `validate` is the dry run behind
-`vlm-merge validate`.
+`vlm-merge validate`. A layer-stacking `slices:` recipe (`SlicesRecipe`) is handed to
+`vlm_merge.engine.stacking` by `merge` and `validate`.
 """
 
 from __future__ import annotations
@@ -26,7 +27,8 @@ from vlm_merge.errors import VlmMergeError
 from vlm_merge.methods import METHODS, Method, tensor_seed
 from vlm_merge.io.outputs import prepare_output_dir
 from vlm_merge.architecture.vocab import ZERO, TokenSource
-from vlm_merge.recipe import Recipe, load_recipe, recipe_from_dict, resolve_setting
+from vlm_merge.recipe import Recipe, SlicesRecipe, load_recipe, recipe_from_dict, resolve_setting
+from vlm_merge.engine.stacking import StackValidation, merge_slices, validate_slices
 from vlm_merge.recipe.format import ModelToken, ZeroToken
 from vlm_merge.recipe.load import validation_line
 
@@ -184,8 +186,9 @@ def chat_template_text(choice: str | None, sources: Sources) -> str | None:
     return choice
 
 
-def as_recipe(recipe: Recipe | dict | str | Path) -> Recipe:
-    if isinstance(recipe, Recipe):
+def as_recipe(recipe: Recipe | SlicesRecipe | dict | str | Path) -> Recipe | SlicesRecipe:
+    """`recipe` itself, a mapping validated, or a YAML file read."""
+    if isinstance(recipe, (Recipe, SlicesRecipe)):
         return recipe
     if isinstance(recipe, dict):
         return recipe_from_dict(recipe)
@@ -206,6 +209,9 @@ def plan_recipe(
     `text_config_from` ("vlm" or "target") overrides the recipe's: whose function-changing text config
     fields (RoPE, sliding window, …; `vlm_merge.engine.backbone.FUNCTION_FIELDS`) the output has."""
     recipe = as_recipe(recipe)
+    if isinstance(recipe, SlicesRecipe):
+        raise VlmMergeError("recipe slices: a layer-stacking recipe is merged as a whole (merge / validate), "
+                            "not planned tensor by tensor; give a models: recipe")
     if text_config_from is not None:
         try:
             recipe = replace(recipe, text_config_from=text_config_from)
@@ -295,8 +301,15 @@ def _resolved_recipe(recipe: Recipe, method: Method, sources: Sources, out_dtype
     )
 
 
+def _with_text_config(recipe: SlicesRecipe, text_config_from: str | None) -> SlicesRecipe:
+    try:
+        return recipe if text_config_from is None else replace(recipe, text_config_from=text_config_from)
+    except ValidationError as e:
+        raise validation_line(e, "text_config_from") from None
+
+
 def merge(
-    recipe: Recipe | dict | str | Path,
+    recipe: Recipe | SlicesRecipe | dict | str | Path,
     out: str | Path,
     *,
     dtype: str | torch.dtype | None = None,
@@ -321,6 +334,12 @@ def merge(
     if device != "cpu" and not torch.cuda.is_available():
         raise VlmMergeError(f"--device {device}: CUDA is not available on this machine; use --device cpu")
     recipe_file = recipe if isinstance(recipe, (str, Path)) else None
+    recipe = as_recipe(recipe)
+    if isinstance(recipe, SlicesRecipe):  # layer stacking
+        return merge_slices(_with_text_config(recipe, text_config_from), out, dtype=dtype, device=device, force=force,
+                            max_shard_bytes=max_shard_bytes, cache_dir=cache_dir, progress=progress,
+                            trust_remote_code=trust_remote_code, allow_nonfinite=allow_nonfinite, recipe_file=recipe_file,
+                            vision_tower=vision_tower)
     prepare_output_dir(out, force, [recipe_file])
     rp = plan_recipe(recipe, dtype=dtype, vision_tower=vision_tower, cache_dir=cache_dir, trust_remote_code=trust_remote_code,
                      text_config_from=text_config_from)
@@ -350,8 +369,12 @@ def merge(
         rp.sources.close()
 
 
-def validate(recipe: Recipe | dict | str | Path, **kwargs) -> tuple[RecipePlan, list[tuple[str, str, str, str]]]:
+def validate(recipe: Recipe | SlicesRecipe | dict | str | Path, **kwargs) -> tuple[RecipePlan | StackValidation, list[tuple[str, str, str, str]]]:
     """Check a recipe without merging. Rows (part, tensors, how, sources) say what comes from where."""
+    recipe = as_recipe(recipe)
+    if isinstance(recipe, SlicesRecipe):  # layer stacking
+        return validate_slices(_with_text_config(recipe, kwargs.get("text_config_from")), cache_dir=kwargs.get("cache_dir"),
+                               vision_tower=kwargs.get("vision_tower"))
     rp = plan_recipe(recipe, **kwargs)
     rp.sources.close()
     ref = rp.sources.reference.anatomy

@@ -44,7 +44,8 @@ from vlm_merge.engine.merge import (
     resolve_tensor_params,
     tensor_fn,
 )
-from vlm_merge.recipe import Recipe
+from vlm_merge.recipe import Recipe, SlicesRecipe
+from vlm_merge.engine.stacking import merge_slices
 
 
 class CandidateError(VlmMergeError):
@@ -308,13 +309,15 @@ class ResidentMerger:
 
 
 
-def write_scaffold(recipe: Recipe | dict | str, out, *, vision_tower: str | None = None, cache_dir: str | None = None):
+def write_scaffold(recipe: Recipe | SlicesRecipe | dict | str, out, *, vision_tower: str | None = None, cache_dir: str | None = None):
     """Write the model a resident search starts from: the recipe's output layout, config, tokenizer and
     processor, its vision side copied, its language model the target's (aligned) tensors. Independent
     of parameter values, so it is written whatever the first candidate is (every candidate overwrites
-    the language model)."""
+    the language model). A layer route (`SlicesRecipe`, a DFS search) writes the stacked model itself."""
     from vlm_merge.engine.backbone import write_backbone
 
+    if isinstance(recipe, SlicesRecipe):
+        return merge_slices(recipe, out, force=True, progress=False, cache_dir=cache_dir, vision_tower=vision_tower)
     rp = plan_recipe(as_recipe(recipe), vision_tower=vision_tower, cache_dir=cache_dir)
     try:
         bp = rp.backbone

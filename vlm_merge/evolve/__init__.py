@@ -3,7 +3,8 @@
 The package's modules, in the order a run uses them: `config` (the config models), `genome` (genes <->
 recipe), `fitness` (scoring a candidate), `workers` (local or Ray pools), `search` (CMA-ES, rebuilt on
 resume), `rundir` (the run directory: log, checkpoint), `run` (the loop: `run_evolve`), `report`
-(summary, plot, held-out report). The command is `vlm_merge.cli.evolve`.
+(summary, plot, held-out report), `dfs` (`space: dfs | ps+dfs`: a search over layer routes, data-flow-space
+merging, arXiv 2403.13187; its genome decodes to a `slices:` recipe). The command is `vlm_merge.cli.evolve`.
 
 A run (`run_evolve(config, out)`, or `vlm-merge evolve CONFIG.yaml --out DIR`) searches the parameters
 of a merge recipe for the language backbone of a VLM so that a benchmark score is maximised, then

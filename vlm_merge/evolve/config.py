@@ -47,6 +47,9 @@ MODULE_SPLITS: dict[str, dict[str, str]] = {
                     "down": r"down_proj", "attention_norm": r"input_layernorm", "mlp_norm": r"post_attention_layernorm"},
 }
 SEPARATE_FILTERS = {"embeddings": {"filter": "embed_tokens"}, "norms": {"filter_regex": r"norm\.weight$"}, "lm_head": {"filter": "lm_head"}}
+SPACES = ("ps", "dfs", "ps+dfs")  # `space`: parameter space, or a layer route (`vlm_merge.evolve.dfs`)
+DFS_POOL = ("target", "vlm", "ps")  # `dfs.pool` names
+DFS_SCALES = ("transition", "position")  # `dfs.scales`
 DEFAULT_BOUNDS = {"weight": (0.0, 1.5), "density": (0.1, 1.0), "t": (0.0, 1.0), "gamma": (0.0, 0.1), "epsilon": (0.0, 0.1), "lambda": (0.5, 1.5)}
 
 
@@ -250,6 +253,31 @@ class CmaConfig(_Section):
         return v
 
 
+class DfsConfig(_Section):
+    """`dfs:` a layer-route search (`space: dfs | ps+dfs`; `vlm_merge.evolve.dfs` says what each key does)."""
+
+    pool: Annotated[tuple[Annotated[Text, AfterValidator(_one_of(DFS_POOL))], ...], Field(min_length=1)] = ("target", "vlm")
+    ps_model: PathRef | None = None
+    repeats: Integer = Field(2, ge=1, le=16)
+    scales: Annotated[Text, AfterValidator(_one_of(DFS_SCALES))] = "transition"
+    scale_bounds: tuple[Number, Number] = (0.5, 1.5)
+    max_depth: Integer | None = Field(None, ge=1)
+    init: Text | None = None  # None: the pool's first model
+
+    @model_validator(mode="after")
+    def _consistent(self) -> DfsConfig:
+        if len(set(self.pool)) != len(self.pool):
+            raise _invalid(f"{list(self.pool)!r}: name each model once", ".pool")
+        lo, hi = self.scale_bounds
+        if not 0 < lo < hi:
+            raise _invalid(f"{[lo, hi]!r}: give [low, high] with 0 < low < high", ".scale_bounds")
+        if self.init is not None and self.init not in self.pool:
+            raise _invalid(f"{self.init!r} is not in the pool {list(self.pool)}", ".init")
+        if ("ps" in self.pool) != (self.ps_model is not None):
+            raise _invalid("the pool names 'ps' exactly when ps_model (the PS-merged model's directory) is set", ".ps_model")
+        return self
+
+
 class EvolveConfig(_Section):
     """A whole evolve config (the run's `config.yaml`); see the `vlm_merge.evolve` docstring for what each part does."""
 
@@ -265,6 +293,15 @@ class EvolveConfig(_Section):
     threads: Integer | None = Field(None, ge=1)  # torch threads in each evaluating process (None: torch's default)
     workers: Integer = Field(0, ge=0)  # Ray actors; 0 = evaluate in this process
     recipe_seed: Integer = 0  # `seed` of every decoded recipe (DARE / DELLA masks)
+    space: Annotated[Text, AfterValidator(_one_of(SPACES))] = "ps"  # ps: parameter space; dfs / ps+dfs: a layer route
+    dfs: DfsConfig | None = None  # space dfs / ps+dfs: the route's genome (defaults when left out)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _dfs_defaults(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("space", "ps") != "ps" and data.get("dfs") is None:
+            return {**data, "dfs": {}}
+        return data
 
     @model_validator(mode="after")
     def _consistent(self) -> EvolveConfig:
@@ -280,7 +317,10 @@ class EvolveConfig(_Section):
                 return {k: clean(x) for k, x in v.items()}
             return v
 
-        return clean(self.model_dump())
+        d = clean(self.model_dump())
+        if self.space == "ps" and self.dfs is None:  # a parameter-space run's config (and hash) as before DFS
+            del d["space"], d["dfs"]
+        return d
 
     def to_yaml(self) -> str:
         """The config as the run's `config.yaml`."""
@@ -330,6 +370,8 @@ def _check_rules(cfg: EvolveConfig) -> None:
         raise _invalid("kind loglik has the one column 'loglik'; use metrics: {loglik: 1.0}", "fitness.metrics")
     if VLM_REF in cfg.sources.models and cfg.sources.vlm is None:
         raise _invalid("names 'vlm' but sources.vlm is not set", "sources.models")
+    if cfg.space == "ps" and cfg.dfs is not None:
+        raise _invalid("is set but space is ps; set space: dfs or ps+dfs, or remove dfs", "dfs")
     if cfg.fitness.subset.mode != "none" and cfg.fitness.subset.size < 1:
         raise _invalid(f"mode {cfg.fitness.subset.mode} needs a size of at least 1", "fitness.subset.size")
     if cfg.test is not None:
@@ -350,7 +392,7 @@ def _check_rules(cfg: EvolveConfig) -> None:
 # the section model at each path (an unknown key's message lists that section's keys)
 SECTIONS: dict[tuple[str, ...], type[_Section]] = {
     (): EvolveConfig, ("sources",): SourcesConfig, ("genome",): GenomeConfig, ("fitness",): FitnessConfig,
-    ("fitness", "subset"): SubsetConfig, ("cmaes",): CmaConfig, ("test",): TestConfig,
+    ("fitness", "subset"): SubsetConfig, ("cmaes",): CmaConfig, ("test",): TestConfig, ("dfs",): DfsConfig,
 }
 # pydantic's error type -> what the line says ({value}: the value shown; other names: the error's context)
 MESSAGES = {

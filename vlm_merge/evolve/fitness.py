@@ -145,7 +145,11 @@ class Evaluator:
         self.model, self.processor = load_model(scaffold, device=config.device, dtype=config.model_dtype, gpu_dtype=self.protocol.gpu_dtype,
                                                progress=False)
         self.merger = None
-        if resident:
+        if resident and config.space != "ps":  # a layer route: the pool's layers, switched per candidate
+            from vlm_merge.evolve.dfs import DfsGenome, DfsMerger, dfs_vlm
+
+            self.merger = DfsMerger.open(self.model, [role for role, _ in DfsGenome.of(config).pool], dfs_vlm(config))
+        elif resident:
             genome = Genome.of(config, num_layers_of(config))
             self.merger = ResidentMerger.open(genome.decode(genome.x0()), self.model)
         self.bench, self.pool = questions or fitness_questions(f)
@@ -181,7 +185,9 @@ class Evaluator:
         return Scored(float(value), scores, t1 - t0, time.perf_counter() - t1, len(qs))
 
     def inert_genes(self) -> dict[str, str]:
-        """`inert_genes` of this run's full genome on the resident sources."""
+        """`inert_genes` of this run's full genome on the resident sources (none in a DFS search)."""
+        if self.config.space != "ps":
+            return {}
         return inert_genes(Genome.of(self.config, self.merger.num_layers), self.merger)
 
     def _scores(self, qs) -> dict[str, float]:

@@ -99,7 +99,7 @@ def held_out_report(cfg: EvolveConfig, out: Path, best_recipe: Recipe, scaffold:
         ("evolved", "the best recipe of the search", cfg.model_copy(update={"fitness": test_fit}), best_recipe),
         ("chat-vector", f"Chat Vector, scale {t.chat_vector_scale:g}: target + scale * (vlm - base_model)",
          cfg.model_copy(update={"fitness": test_fit, "method": "task_arithmetic",
-                               "sources": cfg.sources.model_copy(update={"models": (VLM_REF,)}),
+                               "sources": cfg.sources.model_copy(update={"models": (VLM_REF,)}), "space": "ps", "dfs": None,
                                "genome": GenomeConfig(params={"weight": DEFAULT_BOUNDS["weight"]})}), chat_vector_recipe(cfg, t.chat_vector_scale)),
         ("target-shell", "control: the target language model in the VLM shell (Chat Vector scale 0)", None, chat_vector_recipe(cfg, 0.0)),
         ("vlm", "control: the VLM as it is", None, None),

@@ -129,7 +129,12 @@ def _run_evolve(config, out, resume: bool, force: bool, progress: bool, workers:
     if workers is not None:
         cfg = cfg.model_copy(update={"workers": workers})
 
-    genome = Genome.of(cfg, num_layers_of(cfg))
+    if cfg.space != "ps":  # a layer route (data-flow space)
+        from vlm_merge.evolve.dfs import DfsGenome
+
+        genome = DfsGenome.of(cfg)
+    else:
+        genome = Genome.of(cfg, num_layers_of(cfg))
     log_path, ckpt_path = out / LOG_FILE, out / CHECKPOINT_FILE
     state = load_checkpoint(ckpt_path, cfg) if resume and ckpt_path.exists() else None
     records = read_log(log_path)

@@ -1,10 +1,12 @@
 """Merge recipes: a YAML file naming the sources, the method and its parameters.
 
-The format is mergekit 0.1.5's (`models:` or a one-slice `slices:` / `base_model` / `merge_method` /
+The format is mergekit 0.1.5's (`models:` or `slices:` / `base_model` / `merge_method` /
 `parameters` / `dtype` / `out_dtype` / `tokenizer_source` or `tokenizer:` / `chat_template`) plus keys of
 ours (`vlm`, `target`, `text_config_from`, `seed`); `format` holds its pydantic models, `load` reads and
 checks a file (each problem one line naming the file, field path, value and what to do), `resolve` gives
-a setting's value for one tensor:
+a setting's value for one tensor, `slices` holds layer-stacking recipes (`SlicesRecipe`: mergekit's
+`slices:` with several slices, cut or repeated layers, passthrough; one slice over every layer is the
+`models:` form):
 
 ```yaml
 merge_method: ties
@@ -50,9 +52,10 @@ from vlm_merge.recipe.format import (
 )
 from vlm_merge.recipe.load import load_recipe, read_yaml, rebase_paths, recipe_from_dict
 from vlm_merge.recipe.resolve import interpolate, layer_position, resolve_setting
+from vlm_merge.recipe.slices import PASSTHROUGH, SlicesRecipe
 
 __all__ = [
-    "TEXT_CONFIG_SOURCES", "VLM_REF", "Condition", "ModelEntry", "Recipe", "Setting", "Slice", "SliceSource",
+    "PASSTHROUGH", "TEXT_CONFIG_SOURCES", "VLM_REF", "Condition", "ModelEntry", "Recipe", "Setting", "Slice", "SliceSource", "SlicesRecipe",
     "TokenizerSpec", "TokenSpec", "interpolate", "layer_position", "load_recipe", "read_yaml", "rebase_paths",
     "recipe_from_dict", "resolve_setting",
 ]  # fmt: skip

@@ -4,8 +4,9 @@ A recipe is a `Recipe`: the method, the sources (`models`, `base_model`, and our
 parameter settings (per model and shared), the output's tokenizer (`tokenizer_source` or mergekit's
 `tokenizer:` block), `chat_template`, `dtype` / `out_dtype`, ours: `text_config_from`, `seed`.
 `Recipe` and `ModelEntry` are frozen pydantic dataclasses: built from Python or from a file, every field is
-checked the same way, and `dataclasses.replace` gives a checked copy. mergekit's `slices:` form is read by
-`vlm_merge.recipe.load` (`Slice`, `SliceSource`) into the `models:` form when it is one.
+checked the same way, and `dataclasses.replace` gives a checked copy. mergekit's `slices:` (`Slice`,
+`SliceSource`) is read by `vlm_merge.recipe.load` into the `models:` form when it is one, else into a
+layer-stacking `vlm_merge.recipe.slices.SlicesRecipe`.
 
 A parameter setting (`Setting`) is, as in mergekit: a scalar (number, boolean, string); a non-empty list of
 scalars, a gradient across the decoder layers; or a non-empty list of conditions `{filter: …, value: …}`
@@ -30,6 +31,7 @@ from pydantic import (
     Field,
     PlainValidator,
     Tag,
+    field_validator,
     model_validator,
     with_config,
 )
@@ -185,17 +187,44 @@ class SliceSource(BaseModel):
 
     model_config = STRICT
     model: str
-    layer_range: tuple[int, int]
+    layer_range: tuple[Annotated[int, Field(strict=True)], Annotated[int, Field(strict=True)]]
     parameters: Parameters = Field(default_factory=dict)
+
+    @field_validator("layer_range")
+    @classmethod
+    def _half_open(cls, v: tuple[int, int]) -> tuple[int, int]:
+        if not 0 <= v[0] < v[1]:
+            raise PydanticCustomError("layer_range", "expected [START, STOP] with 0 <= START < STOP (STOP exclusive, as in mergekit)")
+        return v
+
+    @property
+    def layers(self) -> range:
+        """The source layers, in order."""
+        return range(*self.layer_range)
 
 
 class Slice(BaseModel):
-    """mergekit's `slices[]`: output layers made from aligned layer ranges of its sources."""
+    """mergekit's `slices[]`: output layers made from aligned layer ranges of its sources (every source spans
+    as many layers)."""
 
     model_config = STRICT
     sources: Annotated[list[SliceSource], Field(min_length=1)]
     base_model: str | None = None
     parameters: Parameters = Field(default_factory=dict)
+
+    @field_validator("sources")
+    @classmethod
+    def _aligned(cls, v: list[SliceSource]) -> list[SliceSource]:
+        lengths = sorted({len(s.layers) for s in v})
+        if len(lengths) > 1:
+            raise PydanticCustomError("lengths", "layer ranges of different lengths {lengths}; every source of a slice spans as many layers",
+                                      {"lengths": str(lengths)})
+        return v
+
+    @property
+    def num_layers(self) -> int:
+        """The output layers this slice makes."""
+        return len(self.sources[0].layers)
 
 
 @dataclass(frozen=True, config=CHECKED)

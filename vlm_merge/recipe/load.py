@@ -1,13 +1,16 @@
 """Reading a recipe: a mapping or YAML file validated into a `Recipe`, every problem one `VlmMergeError` line.
 
 A pydantic `ValidationError` becomes `recipe FILE: models[1].parameters.weight: VALUE: what is wrong; what to
-do`. mergekit's one-slice form (`slices:` with one slice whose sources all take the same layer range) is
-read as the `models:` form, the range kept in `Recipe.layer_range` and checked against the model when it
-is merged. Relative model paths are relative to the recipe file.
+do`. mergekit's one-slice form (`slices:` with one slice whose sources all take the same layer range
+[0, N), merged by a method) is read as the `models:` form, the range kept in `Recipe.layer_range` and
+checked against the model when it is merged; any other `slices:` recipe (several slices, cut or stacked
+layers, passthrough) is a layer-stacking `SlicesRecipe` (`vlm_merge.recipe.slices`). Relative model paths
+are relative to the recipe file.
 """
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -27,9 +30,11 @@ from vlm_merge.recipe.format import (
     Recipe,
     Slice,
 )
+from vlm_merge.recipe.slices import PASSTHROUGH, SLICES_KEYS, SlicesRecipe
 
 _RECIPE = TypeAdapter(Recipe)
-_SLICES = TypeAdapter(list[Slice])
+_SLICES = TypeAdapter(dict[str, list[Slice]])  # {"slices": …}: error paths start at slices
+_STACK = TypeAdapter(SlicesRecipe)
 
 # What to do, by pydantic error type (the error's own message says what is wrong).
 UNKNOWN = ("extra_forbidden", "unexpected_keyword_argument")
@@ -41,6 +46,8 @@ FIXES = {
     "setting": "",
     "scalar": f"use {SETTING_SHAPES}",
     "too_short": "give at least one",
+    "layer_range": "",
+    "lengths": "",
     "regex": "fix the pattern (filter_regex is a Python regular expression; filter is a plain substring)",
     "dtype": "",
     "literal_error": "",
@@ -51,6 +58,8 @@ MISSING = {
     "models": "list the models to merge",
     "model": "give the model's path or Hugging Face id",
     "value": "each condition needs a value",
+    "slices": "list the slices, each {sources: [{model: PATH, layer_range: [START, STOP]}]}",
+    "sources": "list the slice's sources, each {model: PATH, layer_range: [START, STOP]}",
 }
 # Where a whole-recipe check points, by its error type.
 WHOLE_RECIPE = {"both": "tokenizer", "no_vlm": "vlm"}
@@ -73,14 +82,15 @@ def _short(value: Any) -> str:
     return text if len(text) <= 80 else text[:77] + "..."
 
 
-def _key_known(loc: tuple) -> str:
+def _key_known(loc: tuple, known: tuple[str, ...]) -> str:
     parent = [p for p in loc[:-1] if not isinstance(p, int) and p not in SETTING_TAGS and "[" not in str(p)]
     if not parent:
-        return f" (known: {', '.join(RECIPE_KEYS)})"
-    return {"models": " (known: model, parameters)", "parameters": ""}.get(parent[-1], "")
+        return f" (known: {', '.join(known)})"
+    return {"models": " (known: model, parameters)", "parameters": "", "slices": " (known: sources, base_model, parameters)",
+            "sources": " (known: model, layer_range, parameters)"}.get(parent[-1], "")
 
 
-def validation_line(error: ValidationError, where: str) -> VlmMergeError:
+def validation_line(error: ValidationError, where: str, known: tuple[str, ...] = RECIPE_KEYS) -> VlmMergeError:
     """One line for a recipe's validation error (an unknown key first, else the first): where, field path, value,
     what is wrong, what to do."""
     errors = error.errors(include_url=False)
@@ -89,7 +99,7 @@ def validation_line(error: ValidationError, where: str) -> VlmMergeError:
     path = _path(loc) or WHOLE_RECIPE.get(kind, "")
     prefix = f"{where}: {path}:" if path else f"{where}:"
     if kind in UNKNOWN:
-        return VlmMergeError(f"{prefix} unknown key{_key_known(loc)}; {FIXES[kind]}")
+        return VlmMergeError(f"{prefix} unknown key{_key_known(loc, known)}; {FIXES[kind]}")
     if kind == "missing" or (kind == "too_short" and loc and loc[-1] in MISSING):
         hint = MISSING.get(str(loc[-1]), FIXES[kind]) if loc else FIXES[kind]
         return VlmMergeError(f"{prefix} missing or empty; {hint}")
@@ -99,33 +109,49 @@ def validation_line(error: ValidationError, where: str) -> VlmMergeError:
     return VlmMergeError(f"{prefix}{value} {msg}" + (f"; {fix}" if fix else ""))
 
 
-def _from_slices(data: dict, where: str) -> dict:
-    """mergekit's `slices:` as the `models:` form, when it is one slice taking one layer range of every source."""
-    if data.get("models") is not None:
-        raise VlmMergeError(f"{where}: slices: give either models: or slices:, not both (as in mergekit)")
+def _one_slice(data: dict, where: str) -> Slice | None:
+    """mergekit's `slices:` when it is the `models:` form: one slice taking the same layers [0, N) of every
+    source, merged by a method (N is checked against the models when the recipe is planned); else None."""
     try:
-        slices = _SLICES.validate_python(data["slices"])
+        slices = _SLICES.validate_python({"slices": data["slices"]})["slices"]
     except ValidationError as e:
         raise validation_line(e, where) from None
     ranges = {s.layer_range for sl in slices for s in sl.sources}
-    if len(slices) != 1 or len(ranges) != 1 or next(iter(ranges))[0] != 0:
-        raise VlmMergeError(
-            f"{where}: slices: {len(slices)} slice(s) with layer ranges {sorted(ranges)}: only one slice taking the same "
-            "layers [0, N) of every source is supported (the models: form); stacking or cutting layers (passthrough) is not"
-        )
-    (sl,) = slices
+    if len(slices) != 1 or len(ranges) != 1 or next(iter(ranges))[0] != 0 or data.get("merge_method") == PASSTHROUGH:
+        return None
+    return slices[0]
+
+
+def _models_form(data: dict, sl: Slice) -> dict:
+    """The one-slice recipe `data` as the `models:` form."""
     out = {k: v for k, v in data.items() if k != "slices"}
     out["models"] = [{"model": s.model, "parameters": dict(s.parameters)} for s in sl.sources]
     if sl.parameters:
         out["parameters"] = {**(data.get("parameters") or {}), **sl.parameters}
     if sl.base_model is not None:
         out["base_model"] = sl.base_model
-    out["layer_range"] = next(iter(ranges))
+    out["layer_range"] = sl.sources[0].layer_range
     return out
 
 
-def recipe_from_dict(data: Any, source_file: Path | None = None) -> Recipe:
-    """Validate a recipe mapping (methods and parameter ranges are checked when it is planned)."""
+def _stack(data: dict, source_file: Path | None, where: str) -> SlicesRecipe:
+    """A layer-stacking recipe (`out_dtype`, as in mergekit, wins over `dtype`)."""
+    for key in data:
+        if key not in SLICES_KEYS:
+            hint = "use tokenizer_source (a stack takes one source's vocabulary)" if key == "tokenizer" else "remove it"
+            raise VlmMergeError(f"{where}: {key}: unknown key in a slices recipe (known: {', '.join(SLICES_KEYS)}); {hint}")
+    fields = {k: v for k, v in data.items() if k != "out_dtype"}
+    if data.get("out_dtype") is not None:
+        fields["dtype"] = data["out_dtype"]
+    try:
+        return _STACK.validate_python({**fields, "source_file": source_file})
+    except ValidationError as e:
+        raise validation_line(e, where, SLICES_KEYS) from None
+
+
+def recipe_from_dict(data: Any, source_file: Path | None = None) -> Recipe | SlicesRecipe:
+    """Validate a recipe mapping (methods and parameter ranges are checked when it is planned); a `slices:`
+    recipe that is not the `models:` form is a layer-stacking `SlicesRecipe`."""
     where = f"recipe {source_file}" if source_file is not None else "recipe"
     if not isinstance(data, dict):
         raise VlmMergeError(f"{where}: expected a mapping with merge_method and models, got {_short(data)}")
@@ -136,7 +162,12 @@ def recipe_from_dict(data: Any, source_file: Path | None = None) -> Recipe:
         if key in data:
             raise VlmMergeError(f"{where}: {key}: unknown key (known: {', '.join(RECIPE_KEYS)}); remove it")
     if "slices" in data:
-        data = _from_slices(data, where)
+        if data.get("models") is not None:
+            raise VlmMergeError(f"{where}: slices: give either models: or slices:, not both (as in mergekit)")
+        sl = _one_slice(data, where)
+        if sl is None:
+            return _stack(data, source_file, where)
+        data = _models_form(data, sl)
     try:
         return _RECIPE.validate_python({**data, "source_file": source_file})
     except ValidationError as e:
@@ -148,7 +179,7 @@ def read_yaml(path: Path, what: str) -> Any:
     return load_yaml(path, what)
 
 
-def load_recipe(path: str | Path) -> Recipe:
+def load_recipe(path: str | Path) -> Recipe | SlicesRecipe:
     """Read a recipe (ours or mergekit's) from YAML. Relative model paths are relative to the file."""
     path = Path(path)
     data = read_yaml(path, "recipe")
@@ -166,8 +197,20 @@ def _rebase(ref: str | None, base: Path) -> str | None:
     return str(local.resolve()) if local.exists() else ref  # else: a Hugging Face id
 
 
-def rebase_paths(r: Recipe, base: Path) -> Recipe:
+def _rebase_stack(r: SlicesRecipe, base: Path) -> SlicesRecipe:
+    def src(s):
+        return s.model_copy(update={"model": _rebase(s.model, base) or s.model})
+
+    slices = tuple(s.model_copy(update={"base_model": _rebase(s.base_model, base), "sources": [src(x) for x in s.sources]})
+                   for s in r.slices)
+    return replace(r, slices=slices, vlm=_rebase(r.vlm, base), base_model=_rebase(r.base_model, base),
+                   edges_from=_rebase(r.edges_from, base), tokenizer_source=_rebase(r.tokenizer_source, base))
+
+
+def rebase_paths(r: Recipe | SlicesRecipe, base: Path) -> Recipe | SlicesRecipe:
     """`r` with its local model paths made absolute, relative to `base` (the recipe file's folder)."""
+    if isinstance(r, SlicesRecipe):
+        return _rebase_stack(r, base)
     tok = r.tokenizer
     if tok is not None:
         tokens = {
