@@ -18,7 +18,7 @@ import numpy as np
 from vlm_merge.errors import VlmMergeError
 from vlm_merge.evolve.config import EvolveConfig, FitnessConfig, config_error, held_out_fitness, score_columns
 from vlm_merge.evolve.genome import Genome, inert_genes, num_layers_of
-from vlm_merge.recipe import Recipe
+from vlm_merge.recipe import Recipe, SlicesRecipe
 
 
 def fitness_questions(f: FitnessConfig, where: str = "fitness.metrics"):
@@ -160,7 +160,7 @@ class Evaluator:
             self.loglik = LogLikelihood(self.model, self.processor, self.protocol.template)
         self.encoded = encode_benchmark_images(self.model, self.processor, self.bench, self.pool, batch_size=f.batch_size)
 
-    def score(self, recipe: Recipe | dict, question_ids: Sequence[str] | None = None) -> Scored:
+    def score(self, recipe: Recipe | SlicesRecipe | dict, question_ids: Sequence[str] | None = None) -> Scored:
         """Merge `recipe` into the live model and score it; failures score the penalty with the error."""
         from vlm_merge.engine import CandidateError
 

@@ -16,7 +16,7 @@ from vlm_merge.evolve.config import DEFAULT_BOUNDS, EvolveConfig, GenomeConfig, 
 from vlm_merge.evolve.fitness import Evaluator, fitness_questions, generation_text
 from vlm_merge.evolve.genome import Genome
 from vlm_merge.evolve.rundir import BEST_RECIPE_FILE, MODEL_DIR, PLOT_FILE, SUMMARY_FILE, write_atomic
-from vlm_merge.recipe import VLM_REF, Recipe
+from vlm_merge.recipe import VLM_REF, Recipe, SlicesRecipe
 
 
 def progress_text(gen: int, evals: int, total: int, best: dict | None, per_cand: float | None) -> str:
@@ -81,7 +81,7 @@ def chat_vector_recipe(cfg: EvolveConfig, scale: float) -> Recipe:
                    tokenizer_source=s.tokenizer_source, seed=cfg.recipe_seed)
 
 
-def held_out_report(cfg: EvolveConfig, out: Path, best_recipe: Recipe, scaffold: Path, questions=None) -> dict:
+def held_out_report(cfg: EvolveConfig, out: Path, best_recipe: Recipe | SlicesRecipe, scaffold: Path, questions=None) -> dict:
     """Score the best recipe, Chat Vector (`test.chat_vector_scale`), the target in the VLM shell (scale 0)
     and the VLM itself on the `test:` split with the fitness protocol (generated answers), and compare the
     best with each by a paired bootstrap over questions. Writes `test_report.{md,json}` and per-model
@@ -95,7 +95,7 @@ def held_out_report(cfg: EvolveConfig, out: Path, best_recipe: Recipe, scaffold:
     t = cfg.test
     assert t is not None
     test_fit = held_out_fitness(cfg)
-    runs: list[tuple[str, str, EvolveConfig, Recipe | None]] = [
+    runs: list[tuple[str, str, EvolveConfig, Recipe | SlicesRecipe | None]] = [
         ("evolved", "the best recipe of the search", cfg.model_copy(update={"fitness": test_fit}), best_recipe),
         ("chat-vector", f"Chat Vector, scale {t.chat_vector_scale:g}: target + scale * (vlm - base_model)",
          cfg.model_copy(update={"fitness": test_fit, "method": "task_arithmetic",
