@@ -74,7 +74,7 @@ def chat_vector(
     (attention, mlp, norms, embeddings, lm_head); `skip` names presets or regexes of tensors that keep
     the Japanese base's value (see `chat_vector.rules`). `dtype` is the output dtype of the language
     model (default: the VLM's). `text_config_from` ("vlm" or "ja_base"/"target") says whose RoPE, sliding
-    window, norm eps, context length, … the output has (see `vlm_merge.engine.backbone.FUNCTION_FIELDS`).
+    window, norm eps, context length, … the output has (see `vlm_merge.engine.model_files.FUNCTION_FIELDS`).
     The output holds `merge_recipe.yaml`: `vlm-merge merge` replays it.
     Merged values that are NaN/inf in the output dtype are an error unless `allow_nonfinite`.
     """

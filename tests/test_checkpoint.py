@@ -9,14 +9,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from vlm_merge.io.checkpoint import (
-    SAFETENSORS_INDEX,
-    CheckpointReader,
-    CheckpointWriter,
-    PlannedTensor,
-    read_safetensors_header,
-    resolve_model_dir,
-)
+from vlm_merge.io.checkpoint import SAFETENSORS_INDEX, CheckpointReader, read_safetensors_header, resolve_model_dir
+from vlm_merge.io.checkpoint_writer import CheckpointWriter, PlannedTensor
 from vlm_merge.errors import VlmMergeError
 from vlm_merge.io.outputs import AtomicDir
 

@@ -15,9 +15,9 @@ import pytest
 import torch
 import yaml
 
-from vlm_merge.io import checkpoint
 from tests.conftest import error_line
 from vlm_merge.cli import main
+from vlm_merge.io import checkpoint_writer
 
 
 class Evil:
@@ -152,7 +152,7 @@ def test_disk_full_midway_leaves_nothing(zoo, tmp_path, capsys, monkeypatch):
         return write
 
     for method in ("write", "write_rows"):
-        monkeypatch.setattr(checkpoint.CheckpointWriter, method, failing(getattr(checkpoint.CheckpointWriter, method)))
+        monkeypatch.setattr(checkpoint_writer.CheckpointWriter, method, failing(getattr(checkpoint_writer.CheckpointWriter, method)))
     out = tmp_path / "out"
     assert main(_cv_args(zoo, out)) == 2
     line = error_line(capsys)

@@ -19,20 +19,8 @@ The streaming engine itself (`streaming`: `MergePlan` of `Copy` / `Merge` tensor
 (`fused`) are internal: the functions above build and run their plans.
 """
 
-from vlm_merge.engine.backbone import (
-    TARGET,
-    VLM,
-    BackbonePlan,
-    Source,
-    Sources,
-    config_conflicts,
-    describe_parts,
-    open_sources,
-    plan_backbone,
-    vision_tower_status,
-    vlm_text_config,
-    write_backbone,
-)
+from vlm_merge.engine.backbone import TARGET, VLM, BackbonePlan, Source, Sources, describe_parts, open_sources, plan_backbone, vision_tower_status, write_backbone
+from vlm_merge.engine.model_files import config_conflicts, vlm_text_config
 from vlm_merge.engine.merge import RESOLVED_RECIPE, RecipePlan, merge, model_entries, plan_recipe, validate
 from vlm_merge.engine.resident import CandidateError, ResidentMerger, write_scaffold
 from vlm_merge.engine.stacking import (

@@ -207,7 +207,7 @@ def plan_recipe(
     """Check a recipe against its sources and resolve every tensor's parameters (no tensor data read).
 
     `text_config_from` ("vlm" or "target") overrides the recipe's: whose function-changing text config
-    fields (RoPE, sliding window, …; `vlm_merge.engine.backbone.FUNCTION_FIELDS`) the output has."""
+    fields (RoPE, sliding window, …; `vlm_merge.engine.model_files.FUNCTION_FIELDS`) the output has."""
     recipe = as_recipe(recipe)
     if isinstance(recipe, SlicesRecipe):
         raise VlmMergeError("recipe slices: a layer-stacking recipe is merged as a whole (merge / validate), "

@@ -25,12 +25,8 @@ import torch
 from tqdm.auto import tqdm
 
 from vlm_merge.architecture.anatomy import is_buffer
-from vlm_merge.io.checkpoint import (
-    DEFAULT_MAX_SHARD_BYTES,
-    CheckpointReader,
-    CheckpointWriter,
-    PlannedTensor,
-)
+from vlm_merge.io.checkpoint import DEFAULT_MAX_SHARD_BYTES, CheckpointReader
+from vlm_merge.io.checkpoint_writer import CheckpointWriter, PlannedTensor
 from vlm_merge.errors import VlmMergeError
 from vlm_merge.engine.threads import torch_threads
 from vlm_merge.architecture.vocab import VLM_ROWS, VocabPlan, fill_vocab_rows, needs_mean, target_mean, vocab_rows

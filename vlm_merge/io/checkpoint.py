@@ -1,4 +1,4 @@
-"""Checkpoint I/O: lazy per-tensor reading and streaming, atomic, sharded safetensors writing.
+"""Checkpoint reading: lazy per-tensor reading and streaming of safetensors and `.bin` checkpoints.
 
 Reading (`CheckpointReader`) accepts a local directory or a Hugging Face id (read from the cache, or
 downloaded when online: `vlm_merge.io.hub`), holding safetensors (single file or sharded with
@@ -8,7 +8,7 @@ are read with `pread` into a fresh or caller-provided buffer, one tensor at a ti
 whole files, so memory holds only the tensors in use). `.bin` files are only ever opened with
 `torch.load(weights_only=True)`.
 
-Writing (`CheckpointWriter`) takes the full list of output tensors (name, shape, dtype) up front, so
+Writing lives in `vlm_merge.io.checkpoint_writer`: `CheckpointWriter` takes the full list of output tensors (name, shape, dtype) up front, so
 each shard's safetensors header is written before its data and every tensor's bytes go straight to
 disk as soon as they are computed: memory holds one output tensor, not a shard. Everything is
 written into a temporary directory beside the target and renamed into place only when complete.
@@ -16,19 +16,24 @@ written into a temporary directory beside the target and renamed into place only
 
 from __future__ import annotations
 
-import json
+import math
 import os
 import pickle
 import struct
-from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
 
 import torch
 
 from vlm_merge.errors import VlmMergeError
-from vlm_merge.io.safe_load import Want, check_fields, check_regular_file, field, load_json, parse_json
+from vlm_merge.io.safe_load import (
+    Want,
+    check_fields,
+    check_regular_file,
+    field,
+    load_json,
+    parse_json,
+)
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 SAFETENSORS_SINGLE = "model.safetensors"
@@ -51,7 +56,7 @@ _ST_DTYPES: dict[str, torch.dtype] = {
     "F8_E4M3": torch.float8_e4m3fn,
     "F8_E5M2": torch.float8_e5m2,
 }
-_TORCH_TO_ST = {v: k for k, v in _ST_DTYPES.items()}
+TORCH_TO_SAFETENSORS = {v: k for k, v in _ST_DTYPES.items()}  # torch dtype -> safetensors dtype name (the writer)
 # Every dtype the safetensors format defines (its `Dtype` enum); those not above are valid but unsupported here.
 _ST_FORMAT_DTYPES = (*_ST_DTYPES, "F4", "F6_E2M3", "F6_E3M2", "F8_E8M0", "U16", "U32", "U64", "C64")
 
@@ -414,7 +419,7 @@ class CheckpointReader:
         if self.format != "safetensors":
             t = self._bin_tensor(info)
             return t if rows is None else t[rows[0] : rows[1]]
-        nbytes = PlannedTensor(name, shape, info.dtype).nbytes
+        nbytes = math.prod(shape) * info.dtype.itemsize
         offset = info.offset + (rows[0] * (info.nbytes // info.shape[0]) if rows is not None and rows[0] else 0)
         view = buffer[:nbytes]
         if nbytes:
@@ -460,156 +465,3 @@ class CheckpointReader:
 # ------------------------------------------------------------------------------------------
 # Writing
 # ------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class PlannedTensor:
-    """A tensor the writer will receive, declared before writing starts."""
-
-    name: str
-    shape: tuple[int, ...]
-    dtype: torch.dtype
-
-    @property
-    def nbytes(self) -> int:
-        n = self.dtype.itemsize
-        for s in self.shape:
-            n *= s
-        return n
-
-
-def plan_shards(tensors: list[PlannedTensor], max_shard_bytes: int) -> list[list[PlannedTensor]]:
-    """Split tensors, in order, into shards of at most `max_shard_bytes` (a bigger tensor gets its own)."""
-    shards: list[list[PlannedTensor]] = [[]]
-    size = 0
-    for t in tensors:
-        if shards[-1] and size + t.nbytes > max_shard_bytes:
-            shards.append([])
-            size = 0
-        shards[-1].append(t)
-        size += t.nbytes
-    return shards if shards[0] else []
-
-
-def _safetensors_header(shard: list[PlannedTensor], metadata: dict[str, str]) -> bytes:
-    header: dict[str, object] = {"__metadata__": metadata}
-    offset = 0
-    for t in shard:
-        header[t.name] = {"dtype": _TORCH_TO_ST[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + t.nbytes]}
-        offset += t.nbytes
-    raw = json.dumps(header, separators=(",", ":")).encode()
-    raw += b" " * (-len(raw) % 8)
-    return struct.pack("<Q", len(raw)) + raw
-
-
-class CheckpointWriter:
-    """Streams tensors, in the declared order, into sharded safetensors files in `directory`.
-
-    Use inside an `AtomicDir`: `directory` is the temporary directory. Shard `k` of `n` is named
-    `model-0000k-of-0000n.safetensors` (a single shard is `model.safetensors`), plus the index.
-    """
-
-    def __init__(
-        self,
-        directory: Path,
-        tensors: Iterable[PlannedTensor],
-        max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
-        metadata: dict[str, str] | None = None,
-    ):
-        self.directory = directory
-        self.shards = plan_shards(list(tensors), max_shard_bytes)
-        self.metadata = {"format": "pt", **(metadata or {})}
-        n = len(self.shards)
-        self.names = (
-            [SAFETENSORS_SINGLE] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
-        )
-        self._order: Iterator[tuple[int, PlannedTensor]] = (
-            (i, t) for i, shard in enumerate(self.shards) for t in shard
-        )
-        self._shard_index = -1
-        self._file: BinaryIO | None = None
-        self._rows: tuple[PlannedTensor, int] | None = None  # the tensor `write_rows` is in, rows written
-
-    def write(self, name: str, tensor: torch.Tensor) -> None:
-        """Write the next tensor; it must match the declared name, shape and dtype."""
-        planned = self._next(name)
-        if planned.name != name or tuple(tensor.shape) != planned.shape or tensor.dtype != planned.dtype:
-            raise RuntimeError(
-                f"writer expected {planned.name} {planned.shape} {planned.dtype}, got {name} {tuple(tensor.shape)} {tensor.dtype}"
-            )
-        assert self._file is not None
-        if tensor.numel():
-            self._file.write(tensor.contiguous().view(torch.uint8).numpy().data)
-
-    def write_rows(self, name: str, start: int, rows: torch.Tensor) -> None:
-        """Write rows [start, start + len(rows)) of a tensor, in order: start 0 begins the next declared tensor,
-        each later call continues where the previous one stopped, and the tensor is done with its last row."""
-        if start == 0:
-            self._rows = (self._next(name), 0)
-        if self._rows is None:
-            raise RuntimeError(f"writer received rows of {name!r} from {start} before its first row")
-        planned, done = self._rows
-        shape = tuple(rows.shape)
-        if (planned.name != name or not planned.shape or start != done or rows.dtype != planned.dtype
-                or shape[1:] != planned.shape[1:] or done + shape[0] > planned.shape[0]):
-            raise RuntimeError(
-                f"writer expected rows of {planned.name} {planned.shape} {planned.dtype} from {done}, "
-                f"got {name} {shape} {rows.dtype} from {start}"
-            )
-        assert self._file is not None
-        if rows.numel():
-            self._file.write(rows.contiguous().view(torch.uint8).numpy().data)
-        done += shape[0]
-        self._rows = None if done == planned.shape[0] else (planned, done)
-
-    def _next(self, name: str) -> PlannedTensor:
-        """The next declared tensor (its shard opened), for a write of `name`."""
-        if self._rows is not None:
-            raise RuntimeError(f"writer received {name!r} before the rows of {self._rows[0].name!r} were all written")
-        try:
-            i, planned = next(self._order)
-        except StopIteration:
-            raise RuntimeError(f"writer received undeclared tensor {name!r}") from None
-        if i != self._shard_index:
-            self._open_shard(i)
-        return planned
-
-    def write_bytes(self, name: str, data: bytes | memoryview) -> None:
-        """Write the next tensor as raw bytes (byte-identical copies)."""
-        planned = self._next(name)
-        if planned.name != name or len(data) != planned.nbytes:
-            raise RuntimeError(f"writer expected {planned.name} ({planned.nbytes} bytes), got {name} ({len(data)} bytes)")
-        assert self._file is not None
-        self._file.write(data)
-
-    def _open_shard(self, i: int) -> None:
-        self._close_file()
-        self._shard_index = i
-        self._file = open(self.directory / self.names[i], "wb")
-        self._file.write(_safetensors_header(self.shards[i], self.metadata))
-
-    def _close_file(self) -> None:
-        if self._file is not None:
-            self._file.close()
-            self._file = None
-
-    def close(self) -> None:
-        """Finish the last shard and write the index (for more than one shard)."""
-        if self._rows is not None:
-            self._close_file()
-            raise RuntimeError(f"writer closed with {self._rows[1]} of {self._rows[0].shape[0]} rows of {self._rows[0].name!r} written")
-        left = next(self._order, None)
-        if left is not None:
-            self._close_file()
-            raise RuntimeError(f"writer closed before tensor {left[1].name!r} was written")
-        self._close_file()
-        if len(self.shards) > 1:
-            weight_map = {t.name: self.names[i] for i, shard in enumerate(self.shards) for t in shard}
-            total = sum(t.nbytes for shard in self.shards for t in shard)
-            index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-            (self.directory / SAFETENSORS_INDEX).write_text(json.dumps(index, indent=2) + "\n")
-
-    def abort(self) -> None:
-        if self._file is not None:
-            self._file.close()
-            self._file = None
