@@ -89,6 +89,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
             metrics=[m.strip() for m in args.metrics.split(",") if m.strip()] if args.metrics else None,
             batch_size=args.batch_size, out_dir=args.out, force=args.force, data=args.data, cache_dir=args.cache_dir,
             device=args.device, dtype=args.dtype, seed=args.seed, progress=not args.quiet, model_name=args.name,
+            backend=args.backend, mmproj=args.mmproj, processor_dir=args.processor,
         )
     except KeyboardInterrupt:
         return _interrupted(Path(args.out).expanduser() / PREDICTIONS_FILE, replacing)
@@ -183,6 +184,11 @@ def add_eval_commands(sub) -> None:
                                      "(content-accuracy: the miniature world's files)")
     s.add_argument("--seed", type=int, default=0, help="bootstrap seed (default 0)")
     s.add_argument("--out", required=True, help="run directory: predictions.jsonl, scores.json, run.json")
+    s.add_argument("--backend", choices=("transformers", "llama.cpp"), default="transformers",
+                   help="who answers: transformers (default) or llama.cpp (--model a .gguf file, with --mmproj)")
+    s.add_argument("--mmproj", help="llama.cpp backend: the vision tower + projector GGUF (export-gguf's mmproj-*.gguf)")
+    s.add_argument("--processor", help="llama.cpp backend: the HF processor directory that builds prompts and token "
+                                       "ids (default: the processor/ folder export-gguf writes beside the GGUF)")
     s.set_defaults(func=cmd_eval)
 
     s = sub.add_parser("score", help="re-score a predictions JSONL (fields answer, prediction) and print JSON")

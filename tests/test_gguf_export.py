@@ -93,7 +93,8 @@ def test_cli_writes_atomically_and_records_version(tmp_path, capsys):
     record = json.loads((out / "export.json").read_text())
     assert record["llama_cpp_format"] == LLAMA_CPP_VERSION
     assert record["models"]["f16"]["tensor_types"] == {"F16": 30, "F32": 9}
-    assert sorted(p.name for p in out.iterdir()) == ["export.json", "mmproj-f16.gguf", "model-f16.gguf"]
+    assert sorted(p.name for p in out.iterdir()) == ["export.json", "mmproj-f16.gguf", "model-f16.gguf", "processor"]
+    assert (out / "processor" / "tokenizer.json").read_bytes() == (EN_VLM / "tokenizer.json").read_bytes()
     assert main(["export-gguf", str(EN_VLM), "--out", str(out)]) == 2  # exists, no --force
     assert "exists" in capsys.readouterr().err
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 from collections import Counter
 from pathlib import Path
 
@@ -24,6 +25,11 @@ QUANT_TYPES: dict[str, str] = {
 }
 DEFAULT_QUANTS = ("q8_0", "q6_k", "q5_k_m", "q4_k_m", "q3_k_m", "q2_k")
 EXPORT_JSON = "export.json"
+# the HF processor / tokenizer files copied to DIR/processor/: eval --backend llama.cpp builds the transformers
+# backend's prompts and token ids with them
+PROCESSOR_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
+                   "added_tokens.json", "chat_template.jinja", "chat_template.json", "preprocessor_config.json",
+                   "processor_config.json")
 
 
 def parse_quants(text: str | None) -> list[str]:
@@ -82,6 +88,10 @@ def run_export(model: str, out: str | Path, ftype: str = "f16", quants: list[str
     source = resolve_model_dir(model)
     with AtomicDir(out, force, [source]) as tmp:
         files = export_gguf(source, tmp, ftype)
+        (tmp / "processor").mkdir()
+        for name in PROCESSOR_FILES:
+            if (source / name).is_file():
+                shutil.copyfile(source / name, tmp / "processor" / name)
         levels = {ftype: files.model}
         for q in quants:
             levels[q] = tmp / f"model-{q}.gguf"

@@ -1,0 +1,160 @@
+"""export-gguf verified by llama.cpp itself (llama-cpp-python 0.3.36, built by `make llamacpp`; a missing build is a
+collection error, never a skip): the exported F16 model loads and answers, its text-only logits match transformers'
+on the miniature world's Japanese test questions, the mmproj's image embeddings match transformers' projector
+output, and the quantised levels load, with the GGML types llama.cpp really chose."""
+
+from __future__ import annotations
+
+import ctypes
+import json
+
+import llama_cpp
+import llama_cpp.mtmd_cpp as mtmd
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from transformers import AutoProcessor, AutoTokenizer, LlavaForConditionalGeneration
+
+from vlm_merge.cli import main
+from vlm_merge.world import shipped_zoo
+
+ZOO = shipped_zoo()
+EN_VLM = ZOO / "en-vlm"
+N_PROMPTS = 24
+# F16 weights against transformers' float32: the largest logit difference allowed, relative to the logits' spread
+LOGIT_TOLERANCE = 0.02
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    out = tmp_path_factory.mktemp("gguf") / "en-vlm"
+    assert main(["export-gguf", str(EN_VLM), "--out", str(out), "--quant", "q8_0,q4_k_m,q2_k"]) == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def hf():
+    model = LlavaForConditionalGeneration.from_pretrained(EN_VLM, dtype=torch.float32).eval()
+    return model, AutoTokenizer.from_pretrained(EN_VLM), AutoProcessor.from_pretrained(EN_VLM)
+
+
+def _prompts(n: int) -> list[str]:
+    rows = [json.loads(line) for line in (ZOO / "data" / "ja-test.jsonl").read_text(encoding="utf-8").splitlines()]
+    return [f"USER: {r['question']} ASSISTANT:" for r in rows[:n]]
+
+
+def _llama(path, **kw) -> llama_cpp.Llama:
+    return llama_cpp.Llama(model_path=str(path), n_ctx=256, n_threads=1, logits_all=True, verbose=False, **kw)
+
+
+def test_f16_logits_match_transformers(exported, hf):
+    model, tok, _ = hf
+    llm = _llama(exported / "model-f16.gguf")
+    worst, agree, total = 0.0, 0, 0
+    for prompt in _prompts(N_PROMPTS):
+        ids = tok(prompt).input_ids
+        llm.reset()
+        llm.eval(ids)
+        got = np.array(llm.scores[: len(ids)])
+        with torch.no_grad():
+            want = model(input_ids=torch.tensor([ids])).logits[0].numpy()
+        worst = max(worst, float(np.abs(got - want).max() / want.std()))
+        agree += int((got.argmax(-1) == want.argmax(-1)).sum())
+        total += len(ids)
+    assert worst < LOGIT_TOLERANCE, worst
+    assert agree / total > 0.99, (agree, total)
+
+
+def test_f16_answers_like_transformers(exported, hf):
+    """Greedy answers to text-only prompts: llama.cpp's tokens are transformers' tokens."""
+    model, tok, _ = hf
+    llm = _llama(exported / "model-f16.gguf")
+    same = 0
+    prompts = _prompts(8)
+    for prompt in prompts:
+        ids = tok(prompt).input_ids
+        llm.reset()
+        out = []
+        for t in llm.generate(ids, temp=0.0, top_k=1):
+            if t == llm.token_eos() or len(out) == 8:
+                break
+            out.append(t)
+        with torch.no_grad():
+            want = model.generate(input_ids=torch.tensor([ids]), max_new_tokens=8, do_sample=False)[0, len(ids):]
+        want = [t for t in want.tolist() if t != tok.eos_token_id][: len(out)]
+        assert out, prompt
+        same += out == want
+    assert same >= len(prompts) - 1
+
+
+def test_tokenizer_agreement(exported, hf):
+    """llama.cpp's own tokenizer (SentencePiece-style bigram merging by score) against the HF tokenizer: identical
+    on most of the world's prompts (the world's tokenizer splits Japanese words with a pre-tokenizer regex llama.cpp
+    does not have); the eval backend feeds llama.cpp the HF tokenizer's ids for this reason."""
+    _, tok, _ = hf
+    llm = _llama(exported / "model-f16.gguf", vocab_only=True)
+    prompts = _prompts(N_PROMPTS)
+    same = sum(llm.tokenize(p.encode(), add_bos=True, special=True) == tok(p).input_ids for p in prompts)
+    assert same >= len(prompts) // 2, same
+
+
+def _mmproj_embeddings(exported, image: Image.Image) -> np.ndarray:
+    params = mtmd.mtmd_context_params_default()
+    params.use_gpu = False
+    params.n_threads = 1
+    llm = _llama(exported / "model-f16.gguf")
+    ctx = mtmd.mtmd_init_from_file(str(exported / "mmproj-f16.gguf").encode(), llm.model, params)
+    assert ctx and mtmd.mtmd_support_vision(ctx)
+    rgb = np.ascontiguousarray(np.asarray(image.convert("RGB"), dtype=np.uint8))
+    bitmap = mtmd.mtmd_bitmap_init(rgb.shape[1], rgb.shape[0], rgb.ctypes.data_as(ctypes.POINTER(ctypes.c_ubyte)))
+    chunks = mtmd.mtmd_input_chunks_init()
+    text = mtmd.mtmd_input_text()
+    text.text = mtmd.mtmd_default_marker()
+    text.add_special = False
+    text.parse_special = True
+    bitmaps = (mtmd.mtmd_bitmap_p_ctypes * 1)(bitmap)
+    assert mtmd.mtmd_tokenize(ctx, chunks, ctypes.byref(text), bitmaps, 1) == 0
+    image_chunk = next(mtmd.mtmd_input_chunks_get(chunks, i) for i in range(mtmd.mtmd_input_chunks_size(chunks))
+                       if mtmd.mtmd_input_chunk_get_type(mtmd.mtmd_input_chunks_get(chunks, i))
+                       == mtmd.MTMD_INPUT_CHUNK_TYPE_IMAGE)
+    n = mtmd.mtmd_input_chunk_get_n_tokens(image_chunk)
+    assert mtmd.mtmd_encode_chunk(ctx, image_chunk) == 0
+    embd = np.ctypeslib.as_array(mtmd.mtmd_get_output_embd(ctx), shape=(n * 128,)).reshape(n, 128).copy()
+    mtmd.mtmd_input_chunks_free(chunks)
+    mtmd.mtmd_bitmap_free(bitmap)
+    mtmd.mtmd_free(ctx)
+    return embd
+
+
+def test_mmproj_embeddings_match_transformers(exported, hf):
+    """An image at the tower's own 48x48 size (no resizing on either side): clip.cpp's LLaVA graph + projector
+    gives transformers' image features (the CLS token dropped, the last layer, Linear-GELU-Linear)."""
+    model, _, processor = hf
+    image = Image.open(ZOO / "data" / "images" / "test-0000.png").convert("RGB")
+    assert image.size == (48, 48)
+    got = _mmproj_embeddings(exported, image)
+    pixels = processor.image_processor(images=image, return_tensors="pt").pixel_values
+    with torch.no_grad():
+        want = model.get_image_features(pixel_values=pixels)
+    want = (want[0] if isinstance(want, (list, tuple)) else getattr(want, "pooler_output", want)).reshape(-1, 128)
+    assert got.shape == tuple(want.shape) == (9, 128)
+    rel = float(np.abs(got - want.numpy()).max() / want.numpy().std())
+    assert rel < 0.05, rel
+
+
+def test_quantised_levels(exported):
+    """Every level loads in llama.cpp and answers; the miniature model's 128-wide rows are below the K-quants'
+    256-wide blocks, so llama.cpp fell back to other types for them, as export.json records."""
+    record = json.loads((exported / "export.json").read_text())
+    assert record["llama_cpp_python"] == "0.3.36"
+    types = {level: m["tensor_types"] for level, m in record["models"].items()}
+    assert types["q8_0"].get("Q8_0", 0) >= 28  # every 2-D weight
+    assert not any(t.endswith("_K") for t in types["q4_k_m"])  # no K-quant fits a 128-wide row
+    assert not any(t.endswith("_K") for t in types["q2_k"])
+    sizes = [record["models"][q]["bytes"] for q in ("f16", "q8_0", "q4_k_m")]
+    assert sizes == sorted(sizes, reverse=True)
+    for level in ("q8_0", "q4_k_m", "q2_k"):
+        llm = _llama(exported / f"model-{level}.gguf")
+        llm.eval([1, 20, 21])
+        assert np.isfinite(np.array(llm.scores[:3])).all()
