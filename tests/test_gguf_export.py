@@ -123,3 +123,26 @@ def test_bad_quant_name(tmp_path, capsys):
     assert main(["export-gguf", str(EN_VLM), "--out", str(tmp_path / "o"), "--quant", "q4_k_m,q9"]) == 2
     assert "'q9' is not a llama.cpp quantisation type" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.slow
+def test_real_llava_next_mistral_layout(tmp_path):
+    """A replica of llava-hf/llava-v1.6-mistral-7b-hf (real config, tokenizer and vocabulary; 2 layers): the config's
+    left-out defaults come from transformers, the vocabulary is padded to the embedding's 32064 rows, the added
+    image / pad tokens are control tokens, the byte-fallback pieces byte tokens, the scores SentencePiece's."""
+    from tests.real_layouts.replica import build_replica
+
+    model = build_replica("llava-hf/llava-v1.6-mistral-7b-hf", tmp_path / "replica", layers=2)
+    (tmp_path / "out").mkdir()
+    files = export_gguf(model, tmp_path / "out")
+    meta = read_gguf_metadata(files.model)
+    assert files.family == "llava-next"
+    assert meta["llama.attention.head_count_kv"] == 8 and meta["llama.vocab_size"] == 32064
+    tokens = gguf.GGUFReader(files.model).fields["tokenizer.ggml.tokens"].contents()
+    types = meta["tokenizer.ggml.token_type"]
+    assert len(tokens) == 32064 and tokens[32000] == "<image>" and types[32000] == gguf.TokenType.CONTROL
+    assert tokens[3] == "<0x00>" and types[3] == gguf.TokenType.BYTE and types[32063] == gguf.TokenType.UNUSED
+    assert meta["tokenizer.ggml.scores"][300] < meta["tokenizer.ggml.scores"][299]
+    assert "[INST]" in meta["tokenizer.chat_template"]
+    mm = read_gguf_metadata(files.mmproj)
+    assert len(mm["clip.vision.image_grid_pinpoints"]) == 10 and "v.image_newline" in mm["tensor_types"]

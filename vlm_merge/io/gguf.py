@@ -140,6 +140,21 @@ class Vocabulary:
     chat_template: str | None
 
 
+def _sentencepiece_scores(path: Path) -> list[float]:
+    """The piece scores of a SentencePiece model (what convert_hf_to_gguf writes for Llama / Mistral tokenizers that
+    ship tokenizer.model); empty without one."""
+    if not path.is_file():
+        return []
+    from sentencepiece import SentencePieceProcessor
+
+    sp = SentencePieceProcessor()
+    try:
+        sp.LoadFromSerializedProto(path.read_bytes())
+    except (RuntimeError, OSError) as e:
+        raise VlmMergeError(f"{path}: not a SentencePiece model ({e})") from None
+    return [float(sp.GetScore(i)) for i in range(sp.GetPieceSize())]
+
+
 def read_vocabulary(model_dir: Path, n_rows: int) -> Vocabulary:
     """The vocabulary of `model_dir`'s tokenizer.json, padded to the embedding's `n_rows` with `[PAD{i}]` tokens
     (convert_hf_to_gguf's padding of a vocabulary smaller than the embedding)."""
@@ -161,6 +176,7 @@ def read_vocabulary(model_dir: Path, n_rows: int) -> Vocabulary:
     for r, merge in enumerate(model.get("merges") or []):
         pair = merge.split(" ", 1) if isinstance(merge, str) else merge
         rank.setdefault("".join(pair), r)
+    sp_scores = _sentencepiece_scores(model_dir / "tokenizer.model")
     tokens, scores, types = [], [], []
     for i in range(n_rows):
         tok = by_id.get(i)
@@ -170,7 +186,7 @@ def read_vocabulary(model_dir: Path, n_rows: int) -> Vocabulary:
             types.append(gguf.TokenType.UNUSED)
             continue
         tokens.append(tok)
-        scores.append(-float(rank.get(tok, -1) + 1) if tok in rank else 0.0)
+        scores.append(sp_scores[i] if i < len(sp_scores) else -float(rank[tok] + 1) if tok in rank else 0.0)
         if i in added:
             types.append(gguf.TokenType.CONTROL if added[i].get("special") else gguf.TokenType.USER_DEFINED)
         elif re.fullmatch(r"<0x[0-9A-Fa-f]{2}>", tok):
@@ -188,6 +204,8 @@ def read_vocabulary(model_dir: Path, n_rows: int) -> Vocabulary:
     template = None
     if (model_dir / "chat_template.jinja").exists():
         template = read_text(model_dir / "chat_template.jinja")
+    elif (model_dir / "chat_template.json").exists():
+        template = _json(model_dir / "chat_template.json").get("chat_template")
     elif isinstance(cfg.get("chat_template"), str):
         template = cfg["chat_template"]
     return Vocabulary(tokens, scores, [int(t) for t in types], special, bool(cfg.get("add_bos_token", True)),
@@ -205,7 +223,22 @@ class LlavaSpec:
     pinpoints: list[int]
 
 
+def with_defaults(config: Mapping, where: str) -> dict:
+    """`config` with transformers' defaults filled in (real configs leave out what equals the default: llava-1.5's
+    text_config names neither its width nor its heads), read by transformers' own config class for its model_type."""
+    from transformers import CONFIG_MAPPING
+
+    model_type = config.get("model_type")
+    if model_type not in ("llava", "llava_next"):
+        return dict(config)
+    try:
+        return CONFIG_MAPPING[model_type](**config).to_dict()
+    except (TypeError, ValueError, KeyError) as e:
+        raise VlmMergeError(f"{where}: transformers cannot read it as a {model_type} config ({e})") from None
+
+
 def read_spec(config: Mapping, where: str) -> LlavaSpec:
+    config = with_defaults(config, where)
     archs = config.get("architectures") or []
     family = next((ARCHITECTURES[a] for a in archs if a in ARCHITECTURES), None)
     if family is None:
