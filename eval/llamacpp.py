@@ -75,7 +75,7 @@ class LlamaCppModel:
         try:
             text = mtmd.mtmd_input_text()
             marker = mtmd.mtmd_default_marker()
-            text.text, text.add_special, text.parse_special = marker, False, True
+            text.text, text.text_len, text.add_special, text.parse_special = marker, len(marker), False, True
             if mtmd.mtmd_tokenize(self.mtmd_ctx, chunks, ctypes.byref(text), (mtmd.mtmd_bitmap_p_ctypes * 1)(bitmap), 1):
                 raise VlmMergeError(f"{self.mmproj_path}: llama.cpp could not tokenize an image")
             for i in range(mtmd.mtmd_input_chunks_size(chunks)):

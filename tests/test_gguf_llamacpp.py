@@ -111,6 +111,7 @@ def _mmproj_embeddings(exported, image: Image.Image) -> np.ndarray:
     chunks = mtmd.mtmd_input_chunks_init()
     text = mtmd.mtmd_input_text()
     text.text = mtmd.mtmd_default_marker()
+    text.text_len = len(text.text)
     text.add_special = False
     text.parse_special = True
     bitmaps = (mtmd.mtmd_bitmap_p_ctypes * 1)(bitmap)
@@ -137,7 +138,7 @@ def test_mmproj_embeddings_match_transformers(exported, hf):
     pixels = processor.image_processor(images=image, return_tensors="pt").pixel_values
     with torch.no_grad():
         want = model.get_image_features(pixel_values=pixels)
-    want = (want[0] if isinstance(want, (list, tuple)) else getattr(want, "pooler_output", want)).reshape(-1, 128)
+    want = want.pooler_output[0].reshape(-1, 128)  # transformers 5: the projected features, one tensor per image
     assert got.shape == tuple(want.shape) == (9, 128)
     rel = float(np.abs(got - want.numpy()).max() / want.numpy().std())
     assert rel < 0.05, rel
