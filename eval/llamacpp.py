@@ -24,6 +24,7 @@ from eval.decoding import GenerationSettings
 from eval.generation import Generation
 from eval.prompts import build_prompt, image_token
 from vlm_merge.errors import VlmMergeError
+from vlm_merge.io.gguf import read_gguf_metadata
 
 PROCESSOR_DIR = "processor"  # export-gguf's copy of the HF processor / tokenizer files
 
@@ -145,9 +146,10 @@ class LlamaCppModel:
 
 
 def load_llamacpp(model: str | Path, mmproj: str | Path | None, processor_dir: str | Path | None = None,
-                  n_ctx: int = 4096, threads: int = 1) -> tuple[LlamaCppModel, object]:
+                  max_ctx: int = 4096, threads: int = 1) -> tuple[LlamaCppModel, object]:
     """Load `model` (GGUF) and `mmproj` in llama.cpp and the HF processor from `processor_dir` (default: the
-    `processor/` folder beside the GGUF file, as export-gguf writes it)."""
+    `processor/` folder beside the GGUF file, as export-gguf writes it); the context is the model's trained length,
+    at most `max_ctx`."""
     from vlm_merge.extras import require_extra
 
     require_extra("llamacpp", "'vlm-merge eval --backend llama.cpp'")
@@ -168,6 +170,8 @@ def load_llamacpp(model: str | Path, mmproj: str | Path | None, processor_dir: s
         raise VlmMergeError(f"{proc_dir}: no HF processor files; pass --processor DIR (the model the GGUF was "
                             "exported from) or use export-gguf's output directory")
     processor = AutoProcessor.from_pretrained(proc_dir, local_files_only=True)
+    trained = read_gguf_metadata(model_path).get("llama.context_length")
+    n_ctx = min(max_ctx, int(trained)) if isinstance(trained, int) else max_ctx
     try:
         llm = llama_cpp.Llama(model_path=str(model_path), n_ctx=n_ctx, n_threads=threads, n_threads_batch=threads,
                               logits_all=False, verbose=False)
