@@ -145,6 +145,29 @@ class LlamaCppModel:
             self._closers.pop()()
 
 
+def open_llama(path: str | Path, **kwargs):
+    """`llama_cpp.Llama(model_path=path, **kwargs)` with llama.cpp's extra CPU buffer types off (`use_extra_bufts`:
+    AMX and weight repacking). With them the native build on this project's machines segfaults in `llama_decode`
+    on every quantised model (measured on Q8_0 / Q5_0 / Q4_0 weights; F16 runs), so weights stay in plain CPU
+    buffers. llama-cpp-python does not expose the flag: the default parameters it starts from are wrapped while
+    the model loads."""
+    import llama_cpp
+    import llama_cpp.llama_cpp as lib
+
+    defaults = lib.llama_model_default_params
+
+    def without_extra_buffers():
+        params = defaults()
+        params.use_extra_bufts = False
+        return params
+
+    lib.llama_model_default_params = without_extra_buffers
+    try:
+        return llama_cpp.Llama(model_path=str(path), **kwargs)
+    finally:
+        lib.llama_model_default_params = defaults
+
+
 def load_llamacpp(model: str | Path, mmproj: str | Path | None, processor_dir: str | Path | None = None,
                   max_ctx: int = 4096, threads: int = 1) -> tuple[LlamaCppModel, object]:
     """Load `model` (GGUF) and `mmproj` in llama.cpp and the HF processor from `processor_dir` (default: the
@@ -173,8 +196,8 @@ def load_llamacpp(model: str | Path, mmproj: str | Path | None, processor_dir: s
     trained = read_gguf_metadata(model_path).get("llama.context_length")
     n_ctx = min(max_ctx, int(trained)) if isinstance(trained, int) else max_ctx
     try:
-        llm = llama_cpp.Llama(model_path=str(model_path), n_ctx=n_ctx, n_threads=threads, n_threads_batch=threads,
-                              logits_all=False, verbose=False)
+        llm = open_llama(model_path, n_ctx=n_ctx, n_threads=threads, n_threads_batch=threads, logits_all=False,
+                         verbose=False)
     except ValueError as e:
         raise VlmMergeError(f"{model_path}: llama.cpp could not load it ({e})") from None
     params = mtmd.mtmd_context_params_default()
