@@ -176,7 +176,6 @@ def load_llamacpp(model: str | Path, mmproj: str | Path | None, processor_dir: s
     from vlm_merge.extras import require_extra
 
     require_extra("llamacpp", "'vlm-merge eval --backend llama.cpp'")
-    import llama_cpp
     import llama_cpp.mtmd_cpp as mtmd
     from transformers import AutoProcessor
 
