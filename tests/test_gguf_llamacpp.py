@@ -185,3 +185,21 @@ def test_quantised_levels(exported):
         llm = _llama(exported / f"model-{level}.gguf")
         llm.eval([1, 20, 21])
         assert np.isfinite(np.array(llm.scores[:3])).all()
+
+
+def test_eval_backend_llamacpp(exported, tmp_path, capsys):
+    """`vlm-merge eval --backend llama.cpp`: the transformers backend's run directory (predictions.jsonl, scores.json
+    with protocol, prompt, model and scores); a missing --mmproj is one line."""
+    bench = str(ZOO / "data" / "en-test.jsonl")
+    args = ["eval", "--backend", "llama.cpp", "--model", str(exported / "model-q8_0.gguf"), "--bench", bench,
+            "--protocol", "llm-jp", "--max-new-tokens", "8", "--metrics", "content-accuracy,exact-match",
+            "--limit", "6", "--quiet"]
+    assert main([*args, "--out", str(tmp_path / "no-mmproj")]) == 2
+    assert "--backend llama.cpp needs --mmproj" in capsys.readouterr().err
+    assert main([*args, "--mmproj", str(exported / "mmproj-f16.gguf"), "--out", str(tmp_path / "run")]) == 0
+    scores = json.loads((tmp_path / "run" / "scores.json").read_text())
+    assert scores["model"]["class"] == "llama.cpp" and scores["model"]["dtype"] == "q8_0"
+    assert scores["prompt"]["text"] == "USER: <image>\n{question} ASSISTANT:"
+    assert 0.5 <= scores["scores"]["content_accuracy"]["mean"] <= 1.0  # the English VLM answers English questions
+    rows = [json.loads(line) for line in (tmp_path / "run" / "predictions.jsonl").read_text().splitlines()]
+    assert len(rows) == 6 and all(r["prediction"] for r in rows)
