@@ -12,7 +12,14 @@ QUIET_PIP := 2>&1 | { grep -v "is ignored: it is neither a file nor a directory"
 TF4 := bench/.venv-tf4
 TF4_PIP := $(TF4)/bin/python -m pip install -q --disable-pip-version-check $(FIND_LINKS) -c constraints.txt
 
-.PHONY: setup tf4 browser demo test bench
+# llama.cpp through llama-cpp-python (the `llamacpp` extra: export-gguf --quant, eval --backend llama.cpp, the
+# tests that load GGUF files in llama.cpp). pip builds it from source (about 12 minutes on 2 cores), so the wheel
+# is built once into a cache outside the clone and installed from there; CPU build, no BLAS.
+LLAMACPP_VERSION := 0.3.36
+LLAMACPP_WHEELS ?= $(HOME)/.cache/vlm-merge/wheels
+LLAMACPP_CMAKE := -DGGML_NATIVE=ON -DGGML_BLAS=OFF -DGGML_CUDA=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF
+
+.PHONY: setup tf4 browser llamacpp demo test bench
 
 setup: $(VENV)/.installed
 
@@ -29,6 +36,18 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PIP) -e ".[test]" $(QUIET_PIP)
 	touch $@
 
+llamacpp: $(VENV)/.llamacpp
+
+$(VENV)/.llamacpp: $(VENV)/.installed
+	@mkdir -p $(LLAMACPP_WHEELS)
+	@if ! ls $(LLAMACPP_WHEELS)/llama_cpp_python-$(LLAMACPP_VERSION)-*.whl >/dev/null 2>&1; then \
+	  echo "building llama-cpp-python $(LLAMACPP_VERSION) into $(LLAMACPP_WHEELS) (once; about 12 minutes on 2 cores)"; \
+	  CMAKE_ARGS="$(LLAMACPP_CMAKE)" $(VENV)/bin/python -m pip wheel -q --no-deps --disable-pip-version-check \
+	    -w $(LLAMACPP_WHEELS) llama-cpp-python==$(LLAMACPP_VERSION); \
+	fi
+	$(PIP) --find-links $(LLAMACPP_WHEELS) -e ".[test,llamacpp]" $(QUIET_PIP)
+	touch $@
+
 demo: setup
 	$(VENV)/bin/vlm-merge demo --out out/demo --force
 
@@ -42,7 +61,7 @@ browser:
 	  else echo "chromium not found: the gallery browser test will be skipped"; fi; \
 	fi
 
-test: setup tf4 browser
+test: setup tf4 browser llamacpp
 	$(VENV)/bin/python -m pytest -q -rs
 
 bench: setup

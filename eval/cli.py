@@ -123,6 +123,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
             metrics=metrics, scorers=scorers,
             batch_size=args.batch_size, out_dir=args.out, force=args.force, data=args.data, cache_dir=args.cache_dir,
             device=args.device, dtype=args.dtype, seed=args.seed, progress=not args.quiet, model_name=args.name,
+            backend=args.backend, mmproj=args.mmproj, processor_dir=args.processor,
         )
     except KeyboardInterrupt:
         return _interrupted(Path(args.out).expanduser() / PREDICTIONS_FILE, replacing)
@@ -283,6 +284,11 @@ def add_eval_commands(sub) -> None:
     s.add_argument("--revision", help="branch, tag or commit of a Hugging Face id --model (same as ORG/NAME@REVISION)")
     s.add_argument("--report-to", action="append", metavar="BACKEND",
                    help="also send the scores to tensorboard (OUT/tensorboard/) and/or wandb (repeatable or comma-separated)")
+    s.add_argument("--backend", choices=("transformers", "llama.cpp"), default="transformers",
+                   help="who answers: transformers (default) or llama.cpp (--model a .gguf file, with --mmproj)")
+    s.add_argument("--mmproj", help="llama.cpp backend: the vision tower + projector GGUF (export-gguf's mmproj-*.gguf)")
+    s.add_argument("--processor", help="llama.cpp backend: the HF processor directory that builds prompts and token "
+                                       "ids (default: the processor/ folder export-gguf writes beside the GGUF)")
     s.set_defaults(func=cmd_eval)
 
     s = sub.add_parser("score", help="re-score a predictions JSONL (ours, or llm-jp-eval-mm's prediction.jsonl) "

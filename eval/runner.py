@@ -112,6 +112,9 @@ def evaluate(
     scorers: Sequence[Scorer] | None = None,
     judge=None,
     progress: bool = True,
+    backend: str = "transformers",
+    mmproj: str | Path | None = None,
+    processor_dir: str | Path | None = None,
 ) -> EvalResult:
     """Score `model` (a live model with `processor`, or a path) on `bench` under `protocol`.
 
@@ -121,7 +124,10 @@ def evaluate(
     `scorers` (from `eval.metrics.make_scorers(protocol.metrics)`) saves re-creating the tokenizer and
     language ID model when a search calls `evaluate` many times. `judge` (`eval.make_judge(...)`) is the LLM judge
     of judge metrics named in `metrics` / the protocol (`heron-bench`, `llm-as-a-judge`, ...).
+    `backend="llama.cpp"`: `model` is a GGUF file answered by llama.cpp with `mmproj` (`eval.llamacpp`).
     """
+    if backend not in BACKENDS:
+        raise VlmMergeError(f"backend {backend!r}; choose from {', '.join(BACKENDS)}")
     proto = get_protocol(protocol).with_overrides(
         template=template, metrics=metrics, max_new_tokens=max_new_tokens, num_beams=num_beams,
         repetition_penalty=repetition_penalty,
@@ -141,7 +147,11 @@ def evaluate(
         named = {"name_or_path": str(model)} if isinstance(model, (str, Path)) else None
         known_prompt = {"template": get_template(proto.template).name}
         check_resumable(run.target, PREDICTIONS_FILE, _run_config(proto, known_prompt, bench_meta, named))
-    if isinstance(model, (str, Path)):
+    if backend == "llama.cpp":
+        from eval.llamacpp import load_llamacpp
+
+        model, processor = load_llamacpp(model, mmproj, processor_dir)
+    elif isinstance(model, (str, Path)):
         model, processor = load_model(model, device=device, dtype=dtype, gpu_dtype=proto.gpu_dtype, cache_dir=cache_dir,
                                       progress=progress)
     source = ("--template (override)" if "template" in proto.overrides
@@ -154,7 +164,7 @@ def evaluate(
         "prompt": prompt,
         "generation": proto.generation.as_dict(),
         "benchmark": bench_meta,
-        "model": describe_model(model, model_name),
+        "model": model.describe(model_name) if backend == "llama.cpp" else describe_model(model, model_name),
         "batch_size": batch_size,
         "bootstrap_seed": seed,
     }
@@ -165,7 +175,8 @@ def evaluate(
         done: dict[str, dict] = dict(checkpoint.done) if checkpoint else {}
         todo = [q for q in questions if q.question_id not in done]
         started = time.perf_counter()
-        _generate_missing(model, processor, benchmark, todo, proto, batch_size, encoded_images, done, checkpoint, progress)
+        _generate_missing(model, processor, benchmark, todo, proto, batch_size, encoded_images, done, checkpoint, progress,
+                          backend)
         generation_s = time.perf_counter() - started
 
         records = [done[q.question_id] for q in questions]
@@ -191,6 +202,7 @@ def evaluate(
                       out_dir=run.target if run else None, headline=proto.headline)
 
 
+BACKENDS = ("transformers", "llama.cpp")
 RUN_MODEL_KEYS = ("name_or_path", "class", "dtype", "config_sha256")  # what identifies the model for a resume
 
 
@@ -210,9 +222,13 @@ def _run_config(proto: Protocol, prompt: dict, bench_meta: dict, model: dict | N
 def _generate_missing(
     model, processor, benchmark: Benchmark, todo: list[Question], proto: Protocol, batch_size: int,
     encoded_images: Mapping[str, EncodedImage] | None, done: dict[str, dict], checkpoint: Checkpoint | None,
-    progress: bool,
+    progress: bool, backend: str = "transformers",
 ) -> None:
     """Generate answers for `todo` chunk by chunk (images decoded per chunk), recording each finished batch."""
+    if backend == "llama.cpp":
+        from eval.llamacpp import generate_llamacpp as generate_fn
+    else:
+        generate_fn = generate
     settings: GenerationSettings = proto.generation
     step = max(1, batch_size) * CHUNK_BATCHES
     if encoded_images is not None:
@@ -238,5 +254,5 @@ def _generate_missing(
                 checkpoint.append(rows)
             done.update((r["question_id"], r) for r in rows)
 
-        generate(model, processor, images, [q.question for q in chunk], template=proto.template, settings=settings,
+        generate_fn(model, processor, images, [q.question for q in chunk], template=proto.template, settings=settings,
                  batch_size=batch_size, progress=progress, on_batch=record)

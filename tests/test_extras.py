@@ -16,8 +16,8 @@ from vlm_merge.errors import VlmMergeError
 
 
 def test_every_extra_is_installed_here():
-    assert {g.extra for g in COMMAND_GROUPS} <= {"eval", "evolve", "demo"}
-    for extra in ("eval", "evolve", "demo", "all", "test"):
+    assert {g.extra for g in COMMAND_GROUPS} <= {"eval", "evolve", "demo", "gguf"}
+    for extra in ("eval", "evolve", "demo", "gguf", "llamacpp", "all", "test"):
         assert extras.missing_requirements(extra) == [], extra
 
 

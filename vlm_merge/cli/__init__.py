@@ -1,8 +1,8 @@
 """`vlm-merge` command line. Errors in the user's input print one line and exit with status 2.
 
 One module per command group: `core` (inspect, chat-vector, merge, validate: the light install), `push`
-(publishing to the Hugging Face Hub, also light), `demo`,
-`evolve`, `world` (zoo build / bar); eval's commands live in `eval.cli`. `COMMAND_GROUPS` names each group's
+(publishing to the Hugging Face Hub, also light), `demo`, `evolve`, `world` (zoo build / bar), `gguf`
+(export-gguf); eval's commands live in `eval.cli`. `COMMAND_GROUPS` names each group's
 pip extra, and a group's module is imported only when one of its commands runs (or for `--help`)."""
 
 from __future__ import annotations
@@ -36,6 +36,7 @@ COMMAND_GROUPS = (
     CommandGroup("evolve", ("evolve",), "vlm_merge.cli.evolve:add_evolve_commands"),
     CommandGroup("demo", ("demo",), "vlm_merge.cli.demo:add_demo_command"),
     CommandGroup("demo", ("zoo",), "vlm_merge.cli.world:add_world_commands"),  # zoo build, zoo bar
+    CommandGroup("gguf", ("export-gguf",), "vlm_merge.cli.gguf:add_gguf_commands"),
 )
 
 
