@@ -12,6 +12,7 @@ What is measured
     (one thread, generation only, prompt and image included in the time).
 
     python -m bench.quant_report [--limit N] [--out bench/results/quant]
+    python -m bench.quant_report --model out/demo/models/evolved --name "evolved (demo)" --out bench/results/quant-evolved
     -> quant.md, quant.json, quant-lengths.png (atomic directory)
 """
 
@@ -50,7 +51,9 @@ def ci(values: np.ndarray, seed: int = 0) -> list[float]:
     return [round(float(x), 4) for x in bootstrap_ci(values, seed=seed)]
 
 
-def run(zoo: Path, out: Path, limit: int | None, force: bool) -> Path:
+def run(zoo: Path, out: Path, limit: int | None, force: bool, model: Path | None = None,
+        name: str = "Chat Vector") -> Path:
+    """The study of `model` (default: the world's Chat Vector model at scale 1.0, built here) into `out`."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -66,8 +69,9 @@ def run(zoo: Path, out: Path, limit: int | None, force: bool) -> Path:
     rows = datasets.read_rows(data)[:limit]
     images = datasets.load_images(data, rows)
     questions = [r["question"] for r in rows]
-    with tempfile.TemporaryDirectory() as scratch, AtomicDir(out, force, [zoo]) as tmp:
-        cv = chat_vector_model(zoo, Path(scratch) / "chat-vector", 1.0)
+    inputs = [zoo] + ([model] if model is not None else [])
+    with tempfile.TemporaryDirectory() as scratch, AtomicDir(out, force, inputs) as tmp:
+        cv = model if model is not None else chat_vector_model(zoo, Path(scratch) / "chat-vector", 1.0)
         export = run_export(str(cv), Path(scratch) / "gguf", "f16", list(LEVELS))
         record = json.loads((export / "export.json").read_text())
         hf = evaluate_model(cv, data, limit=limit)
@@ -100,7 +104,7 @@ def run(zoo: Path, out: Path, limit: int | None, force: bool) -> Path:
                     "f16_llamacpp_minus_transformers": paired_bootstrap(f16.content, hf.content),
                     "same_answer_as_f16": round(float(np.mean([a == b for a, b in zip(hf.predictions,
                                                                                        f16.predictions)])), 4)}
-        report = {"model": "miniature world Chat Vector (scale 1.0, skip none)", "questions": len(rows),
+        report = {"model": f"miniature world {name}" + (" (scale 1.0, skip none)" if model is None else ""), "questions": len(rows),
                   "llama_cpp_format": record["llama_cpp_format"], "llama_cpp_python": record["llama_cpp_python"],
                   "transformers_float32": hf_entry, "levels": table}
         (tmp / "quant.json").write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
@@ -110,7 +114,7 @@ def run(zoo: Path, out: Path, limit: int | None, force: bool) -> Path:
         ax.boxplot([[len(p) for p in hf.predictions], *[[len(p) for p in s.predictions] for s in scores.values()]])
         ax.set_xticks(range(1, len(labels) + 1), labels)
         ax.set_ylabel("answer length (characters)")
-        ax.set_title(f"Chat Vector (miniature world), ja-test ({len(rows)} questions): answer length by level")
+        ax.set_title(f"{name}, miniature world ja-test ({len(rows)} questions):\nanswer length by quantisation level", fontsize=10)
         fig.tight_layout()
         fig.savefig(tmp / "quant-lengths.png", dpi=100)
         plt.close(fig)
@@ -148,9 +152,13 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--zoo", type=Path, default=None, help="miniature zoo (default: the shipped one)")
     p.add_argument("--limit", type=int, default=None, help="first N ja-test questions (default all)")
+    p.add_argument("--model", type=Path, default=None,
+                   help="a merged VLM of the world to study (default: its Chat Vector model, scale 1.0, built here)")
+    p.add_argument("--name", default=None, help="the model's name in the report (default: Chat Vector, or the directory's)")
     p.add_argument("--out", type=Path, default=Path("bench/results/quant"))
     args = p.parse_args()
-    out = run(args.zoo or shipped_zoo(), args.out, args.limit, force=True)
+    name = args.name or ("Chat Vector" if args.model is None else args.model.name)
+    out = run(args.zoo or shipped_zoo(), args.out, args.limit, force=True, model=args.model, name=name)
     print((out / "quant.md").read_text(encoding="utf-8"))
 
 
