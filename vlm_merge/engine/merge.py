@@ -5,6 +5,11 @@ tensor is read, and yields a `RecipePlan`; `merge` writes the model with its res
 (`merge_recipe.yaml`, every default written out) and a model card; `validate` is the dry run behind
 `vlm-merge validate`. A layer-stacking `slices:` recipe (`SlicesRecipe`) is handed to
 `vlm_merge.engine.stacking` by `merge` and `validate`.
+
+Two or more VLMs of one family merge whole: their language models as any source's, and each vision-side module
+the recipe lists under `modules:` (`vision_tower`, `multi_modal_projector` with LLaVA-NeXT's `image_newline`)
+per tensor by its own method and parameters (`plan_modules`), a per-layer list spread over the vision tower's
+own layers; a module not listed is copied from the VLM.
 """
 
 from __future__ import annotations
@@ -14,11 +19,14 @@ from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+import re
+
 import torch
 from pydantic import ValidationError
 
 import vlm_merge
-from vlm_merge.architecture.anatomy import PROJECTOR, VISION, layer_index, lm_role
+from vlm_merge.architecture.anatomy import OTHER, PROJECTOR, VISION, Anatomy, layer_index, lm_role
+from vlm_merge.architecture.layouts import to_hf
 from vlm_merge.engine.backbone import VLM, BackbonePlan, Sources, open_sources, plan_backbone, write_backbone
 from vlm_merge.io.card import model_card
 from vlm_merge.io.checkpoint import DEFAULT_MAX_SHARD_BYTES, dtype_from_name
@@ -29,10 +37,13 @@ from vlm_merge.io.outputs import prepare_output_dir
 from vlm_merge.architecture.vocab import ZERO, TokenSource
 from vlm_merge.recipe import Recipe, SlicesRecipe, load_recipe, recipe_from_dict, resolve_setting
 from vlm_merge.engine.stacking import StackValidation, merge_slices, validate_slices
-from vlm_merge.recipe.format import ModelToken, ZeroToken
+from vlm_merge.recipe.format import VISION_MODULES, ModelToken, ModuleSpec, ZeroToken
 from vlm_merge.recipe.load import validation_line
 
 RESOLVED_RECIPE = "merge_recipe.yaml"
+# a `modules:` entry -> the anatomy parts it merges (LLaVA-NeXT's image_newline, part "other", goes with the projector)
+MODULE_PARTS = dict(zip(VISION_MODULES, ((VISION,), (PROJECTOR, OTHER)), strict=True))
+_VISION_LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 UNION = "union"
 # Chat templates a recipe may name (mergekit names a few; others are pasted as Jinja).
 CHAT_TEMPLATES = {
@@ -63,6 +74,20 @@ class RecipePlan:
     base_role: str | None
     model_roles: tuple[str, ...]
     anchor_role: str | None
+    modules: dict[str, ModulePlan] | None = None  # merged vision-side modules by name
+
+
+@dataclass(frozen=True)
+class ModulePlan:
+    """One vision-side module merged: its method, sources and every tensor's parameters, by the VLM's key."""
+
+    name: str
+    method: Method
+    keys: dict[str, dict[str, str]]  # the VLM's key -> role -> that role's key
+    params: dict[str, TensorParams]  # the VLM's key -> parameters
+    base_role: str | None
+    model_roles: tuple[str, ...]
+    anchor_role: None = None  # `target` is the language model's
 
 
 def _method(name: str) -> Method:
@@ -88,7 +113,13 @@ def resolve_tensor_params(
 ) -> TensorParams:  # fmt: skip
     """The parameters `canon` is merged with. `memo` (a dict kept for one recipe) reuses the validated
     result for tensors whose raw values repeat (every tensor of a layer, in a per-layer recipe)."""
-    layer = layer_index(canon)
+    return _resolve_params(recipe, method, entries, canon, layer_index(canon), num_layers, memo)
+
+
+def _resolve_params(
+    recipe: Recipe, method: Method, entries: list[int], canon: str, layer: int | None, num_layers: int, memo: dict | None,
+) -> TensorParams:  # fmt: skip
+    """`resolve_tensor_params` for a tensor at `layer` (None: outside the layers) of `num_layers`."""
     per_model = []
     for i in entries:
         m = recipe.models[i]
@@ -111,8 +142,9 @@ def resolve_tensor_params(
     return params
 
 
-def tensor_fn(rp: RecipePlan, canon: str, seed: int):
-    """The merge function of one tensor over role-named inputs, its parameters bound once."""
+def tensor_fn(rp: RecipePlan | ModulePlan, canon: str, seed: int):
+    """The merge function of one tensor (`canon`: its key in `rp.params`) over role-named inputs, its parameters
+    bound once."""
     method, params = rp.method, rp.params[canon]
     base_role, model_roles, anchor_role = rp.base_role, rp.model_roles, rp.anchor_role
     bound = method.bind(
@@ -167,6 +199,70 @@ def token_sources(recipe: Recipe, sources: Sources) -> dict[str, TokenSource] | 
             raise VlmMergeError(f"{where}: {model} has no row for {want if row is None else row!r}; use a token it has")
         out[token] = TokenSource(model, row, spec.force)
     return out
+
+
+def _common_key(anatomy: Anatomy, key: str) -> str:
+    """A vision-side key by its llava-hf name (its own where the layout names none), alike across layouts."""
+    return to_hf(key, anatomy.layout) or key
+
+
+def _module_keys(name: str, recipe: Recipe, sources: Sources, roles: list[str]) -> dict[str, dict[str, str]]:
+    """The VLM's keys of module `name` -> role -> that role's key; every role's module has the VLM's tensors and
+    shapes (the first that does not is one error line)."""
+    ref = sources.vlm.anatomy if sources.vlm is not None else None
+    where = f"recipe modules.{name}"
+    if ref is None:
+        raise VlmMergeError(f"{where}: the recipe has no VLM; merge VLMs (models: or vlm:) or remove modules")
+    parts = MODULE_PARTS[name]
+    ref_keys = [k for part in parts for k in ref.parts[part]]
+    if not ref_keys:
+        raise VlmMergeError(f"{where}: the VLM {ref.path} stores no {name} tensors (LLaVA-1.5 reads its CLIP tower from "
+                            f"mm_vision_tower, the same for every model); remove modules.{name} (it is copied)")
+    out: dict[str, dict[str, str]] = {k: {} for k in ref_keys}
+    for role in roles:
+        a = sources.source(role).anatomy
+        mine = {_common_key(a, k): k for part in parts for k in a.parts[part]}
+        if not mine:
+            raise VlmMergeError(f"{where}: {role} has no {name} tensors (a language model); list VLMs of the VLM's family "
+                                f"as the module's models, or remove modules.{name} to copy it from the VLM")
+        for k in ref_keys:
+            common = _common_key(ref, k)
+            theirs = mine.pop(common, None)
+            if theirs is None or a.infos[theirs].shape != ref.infos[k].shape:
+                what = "lacks it" if theirs is None else f"has {list(a.infos[theirs].shape)}"
+                raise VlmMergeError(f"{where}: {role} does not match the VLM at {common!r}: the VLM has "
+                                    f"{list(ref.infos[k].shape)}, {role} {what}; merge VLMs of one family (same layout and sizes)")
+            out[k][role] = theirs
+        if mine:
+            raise VlmMergeError(f"{where}: {role} has {next(iter(mine))!r}, which the VLM lacks ({len(mine)} tensors in all); "
+                                "merge VLMs of one family (same layout and sizes)")
+    return out
+
+
+def plan_modules(recipe: Recipe, sources: Sources) -> dict[str, ModulePlan]:
+    """Every vision-side module the recipe merges, checked against its sources (no tensor data read)."""
+    plans = {}
+    for name in recipe.modules:
+        spec: ModuleSpec = recipe.module(name)  # type: ignore[assignment]
+        method = _method(spec.merge_method)  # type: ignore[arg-type]
+        if method.needs_base and recipe.base_model is None:
+            raise VlmMergeError(f"recipe modules.{name}.merge_method: {method.name} takes task vectors against a base "
+                                "model; add base_model (a VLM of the family)")
+        sub = replace(recipe, merge_method=method.name, models=spec.models, parameters=spec.parameters, modules={}, target=None)
+        entries = model_entries(sub, method)
+        base_role = recipe.base_model if method.uses_base else None
+        model_roles = tuple(sub.models[i].model for i in entries)
+        keys = _module_keys(name, recipe, sources, [*([base_role] if base_role else []), *model_roles])
+        ref = sources.vlm.anatomy  # type: ignore[union-attr]
+        layers = {k: int(m.group(1)) if (m := _VISION_LAYER.search(_common_key(ref, k))) else None for k in keys}
+        num_layers = max((i for i in layers.values() if i is not None), default=-1) + 1
+        memo: dict = {}
+        try:
+            params = {k: _resolve_params(sub, method, entries, _common_key(ref, k), layers[k], num_layers, memo) for k in keys}
+        except VlmMergeError as e:
+            raise VlmMergeError(str(e).replace("recipe parameters", f"recipe modules.{name}.parameters", 1)) from None
+        plans[name] = ModulePlan(name, method, keys, params, base_role, model_roles)
+    return plans
 
 
 def chat_template_text(choice: str | None, sources: Sources) -> str | None:
@@ -242,7 +338,7 @@ def plan_recipe(
         anchor_role = recipe.target if recipe.target is not None else None
         model_roles = tuple(recipe.models[i].model for i in entries)
         used = [r for r in dict.fromkeys([vocab_ref, *([base_role] if base_role else []), *([anchor_role] if anchor_role else []), *model_roles])]
-        if recipe.text_config_from == VLM and recipe.vlm is None:
+        if recipe.text_config_from == VLM and sources.vlm is None:
             raise VlmMergeError("recipe text_config_from: 'vlm' but the recipe names no vlm; use target")
         resolved = _resolved_recipe(recipe, method, sources, out_dtype)
         rp = RecipePlan(resolved, method, sources, None, params, base_role, model_roles, anchor_role)  # type: ignore[arg-type]
@@ -250,11 +346,18 @@ def plan_recipe(
         def rule(canon: str):
             return tensor_fn(rp, canon, recipe.seed)
 
+        rp.modules = plan_modules(recipe, sources)
+        by_key = {k: mp for mp in rp.modules.values() for k in mp.keys}
+
+        def module_rule(key: str):
+            mp = by_key.get(key)
+            return None if mp is None else (mp.keys[key], tensor_fn(mp, key, recipe.seed), mp.method.elementwise)
+
         tok = recipe.tokenizer
         rp.backbone = plan_backbone(sources, rule, used, out_dtype, elementwise=method.elementwise,
                                     text_config_from=resolved.text_config_from or VLM, union=recipe.tokenizer_choice == UNION,
                                     pad_to_multiple_of=tok.pad_to_multiple_of if tok is not None else None,
-                                    token_sources=token_sources(recipe, sources))
+                                    token_sources=token_sources(recipe, sources), module_rule=module_rule)
         rp.backbone.chat_template = chat_template_text(recipe.chat_template, sources)
         return rp
     except BaseException:
@@ -270,30 +373,38 @@ def _resolved_recipe(recipe: Recipe, method: Method, sources: Sources, out_dtype
             return ref
         return str(sources.source(ref).reader.path)
 
-    per_model_names = [p.name for p in method.params if p.per_model]
-    shared_names = [p.name for p in method.params if not p.per_model]
-    models = []
-    for m in recipe.models:
-        params = dict(m.parameters)
-        for name in per_model_names:
-            if name not in params and name not in recipe.parameters and not method.param(name).required:
-                params[name] = method.param(name).default
-        models.append(replace(m, model=path_of(m.model) or m.model, parameters=params))
-    shared = dict(recipe.parameters)
-    for name in shared_names:
-        if name not in shared and not method.param(name).required:
-            shared[name] = method.param(name).default
+    def with_defaults(method: Method, entries: tuple, shared: dict) -> tuple[tuple, dict]:
+        models = []
+        for m in entries:
+            params = dict(m.parameters)
+            for p in method.params:
+                if p.per_model and p.name not in params and p.name not in shared and not p.required:
+                    params[p.name] = p.default
+            models.append(replace(m, model=path_of(m.model) or m.model, parameters=params))
+        shared = dict(shared)
+        for p in method.params:
+            if not p.per_model and p.name not in shared and not p.required:
+                shared[p.name] = p.default
+        return tuple(models), shared
+
+    models, shared = with_defaults(method, recipe.models, recipe.parameters)
+    modules = {}
+    for name in recipe.modules:
+        spec: ModuleSpec = recipe.module(name)  # type: ignore[assignment]
+        mod_models, mod_shared = with_defaults(METHODS[spec.merge_method], spec.models, spec.parameters)  # type: ignore[index,arg-type]
+        modules[name] = ModuleSpec(spec.merge_method, mod_models, mod_shared)
     dtype_name = str(out_dtype).removeprefix("torch.") if out_dtype is not None else None
     resolved_source = UNION if recipe.tokenizer_choice == UNION else path_of(recipe.vocab_source)
     return replace(
         recipe,
-        models=tuple(models),
+        models=models,
+        modules=modules,
         vlm=str(sources.vlm.reader.path) if sources.vlm is not None else None,
         base_model=path_of(recipe.base_model),
         target=path_of(recipe.target),
         tokenizer_source=None if recipe.tokenizer is not None else UNION if recipe.tokenizer_choice == UNION else path_of(recipe.vocab_source),
         tokenizer=recipe.tokenizer.model_copy(update={"source": resolved_source}) if recipe.tokenizer is not None else None,
-        text_config_from=recipe.text_config_from or (VLM if recipe.vlm is not None else "target"),
+        text_config_from=recipe.text_config_from or (VLM if sources.vlm is not None else "target"),
         parameters=shared,
         dtype=dtype_name,
         out_dtype=None,  # dtype is the output's
@@ -353,6 +464,8 @@ def merge(
         details = [
             f"output layout: {bp.output_layout}; language-model tensors merged {bp.summary['merged']}, "
             f"kept {bp.summary['kept']}, copied {bp.summary['copied']}",
+            *([f"vision-side modules merged: {', '.join(f'{n} ({mp.method.name})' for n, mp in rp.modules.items())}, "
+               f"{bp.summary['modules']} tensors"] if rp.modules else []),
             f"replay: `vlm-merge merge {RESOLVED_RECIPE} OUT`",
         ]
         if bp.vocab is not None:
@@ -379,6 +492,7 @@ def validate(recipe: Recipe | SlicesRecipe | dict | str | Path, **kwargs) -> tup
     rp.sources.close()
     ref = rp.sources.reference.anatomy
     groups: dict[tuple[str, str, str], int] = {}
+    module_of = {tuple(ks.items()): mp for mp in (rp.modules or {}).values() for ks in mp.keys.values()}
     for t in rp.backbone.plan.tensors:
         op = t.op
         if t.canonical is not None:
@@ -387,6 +501,8 @@ def validate(recipe: Recipe | SlicesRecipe | dict | str | Path, **kwargs) -> tup
                 how, src = "kept", next(iter(op.inputs)) if isinstance(op, Merge) else op.role
             else:
                 how, src = rp.method.name, ", ".join(op.inputs)
+        elif isinstance(op, Merge) and (mp := module_of.get(tuple(op.inputs.items()))) is not None:
+            part, how, src = mp.name, mp.method.name, ", ".join(op.inputs)
         else:
             role, key = (op.role, op.key) if isinstance(op, Copy) else next(iter(op.inputs.items()))
             part = VISION if role == "clip" or key in ref.parts[VISION] else PROJECTOR if key in ref.parts[PROJECTOR] else "other"
