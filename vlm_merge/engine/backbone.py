@@ -195,14 +195,17 @@ def open_sources(
     if target_role not in models:
         raise ValueError(f"target role {target_role!r} is not among the models {sorted(models)}")
     readers = {role: CheckpointReader(path, cache_dir) for role, path in models.items()}
-    srcs = {role: Source(role, r, _inspect_source(r, role)) for role, r in readers.items()}
+    found = {role: inspect_checkpoint(r) for role, r in readers.items()}
+    llm = next((readers[role] for role, a in found.items() if a.layout.name == "llm"), None)
+    srcs = {role: Source(role, r, _source_anatomy(found[role], r, role, llm)) for role, r in readers.items()}
     vlm_src = None
     clip = None
-    if vlm is None and srcs[target_role].anatomy.is_vlm:  # two VLMs merged whole: the target is the VLM
-        vlm = readers[target_role].path
     if vlm is not None:
         vlm_reader = CheckpointReader(vlm, cache_dir)
         vlm_src = Source(VLM, vlm_reader, inspect_vlm(vlm_reader, base=readers[target_role]))
+    elif srcs[target_role].anatomy.is_vlm:  # VLMs merged whole: the target is the VLM too
+        vlm_src = Source(VLM, CheckpointReader(readers[target_role].path, cache_dir), srcs[target_role].anatomy)
+    if vlm_src is not None:
         check_vlm_config(vlm_src.anatomy)
         clip = _resolve_vision_tower(vlm_src.anatomy, vision_tower, cache_dir)
     reference = vlm_src.anatomy if vlm_src is not None else srcs[target_role].anatomy
@@ -212,9 +215,11 @@ def open_sources(
     return Sources(vlm_src, srcs, target_role, alignments, clip, cache_dir)
 
 
-def _inspect_source(reader: CheckpointReader, role: str) -> Anatomy:
-    """Anatomy of an LLM source, or of a VLM standing among them (its language model joins the merge)."""
-    anatomy = inspect_checkpoint(reader)
+def _source_anatomy(anatomy: Anatomy, reader: CheckpointReader, role: str, llm: CheckpointReader | None) -> Anatomy:
+    """Anatomy of an LLM source, or of a VLM standing among them (its language model joins the merge; one of
+    unknown layout is found by `llm`'s keys, the generic fallback)."""
+    if anatomy.layout.name == "unknown" and llm is not None:
+        anatomy = inspect_vlm(reader, base=llm)
     return anatomy if anatomy.is_vlm and anatomy.lm_keys else inspect_llm(reader, role)
 
 

@@ -152,7 +152,9 @@ VISION_MODULES = ("vision_tower", "multi_modal_projector")
 class ModuleSpec:
     """One vision-side entry of `modules:` (`vision_tower` or `multi_modal_projector`, which includes
     LLaVA-NeXT's `image_newline`): its tensors merged per tensor. Left out, `merge_method` and `models` are
-    the recipe's (our short form); `parameters` are laid over the recipe's shared ones, as in mergekit."""
+    the recipe's (our short form). A module that names its `models` (mergekit's form) is complete: its
+    `parameters` are all its shared parameters (reading a file lays them over the file's top-level
+    `parameters:`, as mergekit does)."""
 
     merge_method: str | None = None
     models: Annotated[tuple[ModelEntry, ...], Field(min_length=1)] | None = None
@@ -287,16 +289,16 @@ class Recipe:
                                   if r is not None))
 
     def module(self, name: str) -> ModuleSpec | None:
-        """The `modules:` entry `name` in full (None: not merged, copied from the VLM). With the recipe's method
-        (none given, or the same) it takes the recipe's models with their parameters and lays its parameters over
-        the recipe's shared ones (mergekit's rule); with a method of its own it takes the recipe's model paths only
+        """The `modules:` entry `name` in full (None: not merged, copied from the VLM). One that names its models
+        is complete; else it takes the recipe's models: with the recipe's method (none given, or the same) with their
+        parameters, its parameters laid over the recipe's shared ones; with a method of its own their paths only,
         and its own parameters only (the recipe's belong to another method)."""
         spec = self.modules.get(name)  # type: ignore[call-overload]
         if spec is None:
             return None
         own = spec.merge_method not in (None, self.merge_method)
         models = spec.models or (tuple(ModelEntry(m.model) for m in self.models) if own else self.models)
-        shared = dict(spec.parameters) if own else {**self.parameters, **spec.parameters}
+        shared = dict(spec.parameters) if own or spec.models else {**self.parameters, **spec.parameters}
         return ModuleSpec(spec.merge_method or self.merge_method, models, shared)
 
     @property

@@ -140,7 +140,8 @@ def _models_form(data: dict, sl: Slice) -> dict:
 
 def _modules_form(data: dict, where: str) -> dict:
     """mergekit's `modules:` recipe in our form: `text_decoder` read into `models:` / `parameters:` (its
-    `merge_method`, if given, must be the recipe's), the vision-side modules left in `modules:`."""
+    `merge_method`, if given, must be the recipe's), the vision-side modules left in `modules:`, those that name
+    their models with the top-level `parameters:` under their own (mergekit's precedence)."""
     modules = data["modules"]
     if not isinstance(modules, dict):
         raise VlmMergeError(f"{where}: modules: {_short(modules)}: expected a mapping of module name to "
@@ -149,7 +150,10 @@ def _modules_form(data: dict, where: str) -> dict:
         if isinstance(spec, dict) and spec.get("slices") is not None:
             raise VlmMergeError(f"{where}: modules.{name}.slices: cutting or stacking a module's layers is not supported; "
                                 "give the module's models: (every layer merged)")
-    out = {**data, "modules": {k: v for k, v in modules.items() if k != TEXT_DECODER}}
+    top = data.get("parameters") or {}
+    out = {**data, "modules": {k: {**v, "parameters": {**top, **(v.get("parameters") or {})}}
+                               if isinstance(v, dict) and v.get("models") is not None else v
+                               for k, v in modules.items() if k != TEXT_DECODER}}
     if TEXT_DECODER not in modules:
         return out
     decoder = modules[TEXT_DECODER] or {}
