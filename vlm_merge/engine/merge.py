@@ -19,14 +19,11 @@ from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-import re
-
 import torch
 from pydantic import ValidationError
 
 import vlm_merge
-from vlm_merge.architecture.anatomy import OTHER, PROJECTOR, VISION, Anatomy, layer_index, lm_role
-from vlm_merge.architecture.layouts import to_hf
+from vlm_merge.architecture.anatomy import PROJECTOR, VISION, layer_index, lm_role
 from vlm_merge.engine.backbone import VLM, BackbonePlan, Sources, open_sources, plan_backbone, write_backbone
 from vlm_merge.io.card import model_card
 from vlm_merge.io.checkpoint import DEFAULT_MAX_SHARD_BYTES, dtype_from_name
@@ -37,13 +34,12 @@ from vlm_merge.io.outputs import prepare_output_dir
 from vlm_merge.architecture.vocab import ZERO, TokenSource
 from vlm_merge.recipe import Recipe, SlicesRecipe, load_recipe, recipe_from_dict, resolve_setting
 from vlm_merge.engine.stacking import StackValidation, merge_slices, validate_slices
-from vlm_merge.recipe.format import VISION_MODULES, ModelToken, ModuleSpec, ZeroToken
+from vlm_merge.engine.modules import module_keys, vision_layers
+from vlm_merge.recipe.format import ModelToken, ModuleSpec, ZeroToken
 from vlm_merge.recipe.load import validation_line
 
 RESOLVED_RECIPE = "merge_recipe.yaml"
-# a `modules:` entry -> the anatomy parts it merges (LLaVA-NeXT's image_newline, part "other", goes with the projector)
-MODULE_PARTS = dict(zip(VISION_MODULES, ((VISION,), (PROJECTOR, OTHER)), strict=True))
-_VISION_LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
+
 UNION = "union"
 # Chat templates a recipe may name (mergekit names a few; others are pasted as Jinja).
 CHAT_TEMPLATES = {
@@ -201,44 +197,6 @@ def token_sources(recipe: Recipe, sources: Sources) -> dict[str, TokenSource] | 
     return out
 
 
-def _common_key(anatomy: Anatomy, key: str) -> str:
-    """A vision-side key by its llava-hf name (its own where the layout names none), alike across layouts."""
-    return to_hf(key, anatomy.layout) or key
-
-
-def _module_keys(name: str, recipe: Recipe, sources: Sources, roles: list[str]) -> dict[str, dict[str, str]]:
-    """The VLM's keys of module `name` -> role -> that role's key; every role's module has the VLM's tensors and
-    shapes (the first that does not is one error line)."""
-    ref = sources.vlm.anatomy if sources.vlm is not None else None
-    where = f"recipe modules.{name}"
-    if ref is None:
-        raise VlmMergeError(f"{where}: the recipe has no VLM; merge VLMs (models: or vlm:) or remove modules")
-    parts = MODULE_PARTS[name]
-    ref_keys = [k for part in parts for k in ref.parts[part]]
-    if not ref_keys:
-        raise VlmMergeError(f"{where}: the VLM {ref.path} stores no {name} tensors (LLaVA-1.5 reads its CLIP tower from "
-                            f"mm_vision_tower, the same for every model); remove modules.{name} (it is copied)")
-    out: dict[str, dict[str, str]] = {k: {} for k in ref_keys}
-    for role in roles:
-        a = sources.source(role).anatomy
-        mine = {_common_key(a, k): k for part in parts for k in a.parts[part]}
-        if not mine:
-            raise VlmMergeError(f"{where}: {role} has no {name} tensors (a language model); list VLMs of the VLM's family "
-                                f"as the module's models, or remove modules.{name} to copy it from the VLM")
-        for k in ref_keys:
-            common = _common_key(ref, k)
-            theirs = mine.pop(common, None)
-            if theirs is None or a.infos[theirs].shape != ref.infos[k].shape:
-                what = "lacks it" if theirs is None else f"has {list(a.infos[theirs].shape)}"
-                raise VlmMergeError(f"{where}: {role} does not match the VLM at {common!r}: the VLM has "
-                                    f"{list(ref.infos[k].shape)}, {role} {what}; merge VLMs of one family (same layout and sizes)")
-            out[k][role] = theirs
-        if mine:
-            raise VlmMergeError(f"{where}: {role} has {next(iter(mine))!r}, which the VLM lacks ({len(mine)} tensors in all); "
-                                "merge VLMs of one family (same layout and sizes)")
-    return out
-
-
 def plan_modules(recipe: Recipe, sources: Sources) -> dict[str, ModulePlan]:
     """Every vision-side module the recipe merges, checked against its sources (no tensor data read)."""
     plans = {}
@@ -252,13 +210,11 @@ def plan_modules(recipe: Recipe, sources: Sources) -> dict[str, ModulePlan]:
         entries = model_entries(sub, method)
         base_role = recipe.base_model if method.uses_base else None
         model_roles = tuple(sub.models[i].model for i in entries)
-        keys = _module_keys(name, recipe, sources, [*([base_role] if base_role else []), *model_roles])
-        ref = sources.vlm.anatomy  # type: ignore[union-attr]
-        layers = {k: int(m.group(1)) if (m := _VISION_LAYER.search(_common_key(ref, k))) else None for k in keys}
-        num_layers = max((i for i in layers.values() if i is not None), default=-1) + 1
+        keys = module_keys(name, sources, [*([base_role] if base_role else []), *model_roles])
+        names, layers, num_layers = vision_layers(sources.vlm.anatomy, keys)  # type: ignore[union-attr]
         memo: dict = {}
         try:
-            params = {k: _resolve_params(sub, method, entries, _common_key(ref, k), layers[k], num_layers, memo) for k in keys}
+            params = {k: _resolve_params(sub, method, entries, names[k], layers[k], num_layers, memo) for k in keys}
         except VlmMergeError as e:
             raise VlmMergeError(str(e).replace("recipe parameters", f"recipe modules.{name}.parameters", 1)) from None
         plans[name] = ModulePlan(name, method, keys, params, base_role, model_roles)
