@@ -69,7 +69,7 @@ def test_two_llava_merged_whole_loads_generates_and_replays(zoo, tmp_path):
     recipe.write_text(yaml.safe_dump({  # our short form: the modules take the recipe's method and models
         "merge_method": "linear",
         "models": [{"model": str(a), "parameters": {"weight": 0.5}}, {"model": str(b), "parameters": {"weight": 0.5}}],
-        "modules": {"vision_tower": {}, "multi_modal_projector": {}},
+        "modules": {"vision_tower": None, "multi_modal_projector": {}},  # `vision_tower:` with nothing under it
     }))
     out = merge(recipe, tmp_path / "out", progress=False)
     ta, tb, to = _tensors(a), _tensors(b), _tensors(out)

@@ -146,6 +146,7 @@ def _modules_form(data: dict, where: str) -> dict:
     if not isinstance(modules, dict):
         raise VlmMergeError(f"{where}: modules: {_short(modules)}: expected a mapping of module name to "
                             f"{{models: …, parameters: …}}; use {', '.join((TEXT_DECODER, *VISION_MODULES))}")
+    modules = {name: {} if spec is None else spec for name, spec in modules.items()}  # `vision_tower:` with nothing under it
     for name, spec in modules.items():
         if isinstance(spec, dict) and spec.get("slices") is not None:
             raise VlmMergeError(f"{where}: modules.{name}.slices: cutting or stacking a module's layers is not supported; "
