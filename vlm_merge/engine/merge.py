@@ -39,7 +39,6 @@ from vlm_merge.recipe.format import ModelToken, ModuleSpec, ZeroToken
 from vlm_merge.recipe.load import validation_line
 
 RESOLVED_RECIPE = "merge_recipe.yaml"
-
 UNION = "union"
 # Chat templates a recipe may name (mergekit names a few; others are pasted as Jinja).
 CHAT_TEMPLATES = {
