@@ -177,7 +177,8 @@ BAD_RECIPES = {
         {"models": None, "slices": [{"sources": [{"model": "vlm", "layer_range": [0, 1]}]}]},
         "recipe slices: layer_range [0, 1] but the models have 2 layers"),
     "unaligned sources": ({"base_model": "MISTRAL"}, "shape mismatch at 'model.layers.0.self_attn.k_proj.weight'"),
-    "mergekit modules": ({"modules": {}}, "modules: merging VLM modules separately"),
+    "vision module of a VLM + LLM recipe": ({"modules": {"vision_tower": {}}},
+                                            "modules.vision_tower: " + "EN has no vision_tower tensors (a language model)"),
 }
 
 
@@ -186,6 +187,8 @@ def test_bad_recipe_is_one_line_exit_2(zoo, tmp_path, capsys, case):
     changes, expected = BAD_RECIPES[case]
     if changes.get("base_model") == "MISTRAL":
         changes = {"base_model": str(zoo.llms["en-mistral"])}
+    if case.startswith("vision module"):
+        expected = expected.replace("EN", str(zoo.llms["en-llama"]))
     if case == "slerp needs two":
         for m, p in zip(changes["models"], ("vlm", str(zoo.llms["ja-llama"]), str(zoo.llms["en-llama"]))):
             m["model"] = p

@@ -4,7 +4,9 @@
 base) and any other LLMs (e.g. the English base the task vectors are taken against), names their
 parts and aligns every language-model tensor. `plan_backbone` turns a per-tensor rule (canonical
 key -> a merge function over roles, or None to keep the target's tensor) into a `MergePlan` in which
-the vision tower, projector and other VLM-only tensors are byte copies. `write_backbone` runs the
+the vision tower, projector and other VLM-only tensors are byte copies unless a module rule merges them
+(two VLMs of one family merged whole). A VLM may stand among the LLM sources: its language model joins the
+merge; without a `vlm`, a VLM target is the VLM too. `write_backbone` runs the
 engine into a temporary directory, adds config, tokenizer, processor and model card, and renames
 the directory into place.
 
@@ -32,6 +34,7 @@ from vlm_merge.architecture.anatomy import (
     Alignment,
     Anatomy,
     align,
+    inspect_checkpoint,
     inspect_llm,
     is_buffer,
     inspect_vlm,
@@ -56,6 +59,8 @@ from vlm_merge.architecture.vocab import ZERO, TokenSource, VocabPlan, VocabSide
 log = logging.getLogger(__name__)
 
 TensorRule = Callable[[str], TensorFn | None]
+# reference VLM key of a vision-side tensor -> (role -> that role's key, merge function, elementwise), or None: copied
+ModuleRule = Callable[[str], tuple[dict[str, str], TensorFn, bool] | None]
 
 
 @dataclass
@@ -190,12 +195,17 @@ def open_sources(
     if target_role not in models:
         raise ValueError(f"target role {target_role!r} is not among the models {sorted(models)}")
     readers = {role: CheckpointReader(path, cache_dir) for role, path in models.items()}
-    srcs = {role: Source(role, r, inspect_llm(r, role)) for role, r in readers.items()}
+    found = {role: inspect_checkpoint(r) for role, r in readers.items()}
+    llm = next((readers[role] for role, a in found.items() if a.layout.name == "llm"), None)
+    srcs = {role: Source(role, r, _source_anatomy(found[role], r, role, llm)) for role, r in readers.items()}
     vlm_src = None
     clip = None
     if vlm is not None:
         vlm_reader = CheckpointReader(vlm, cache_dir)
         vlm_src = Source(VLM, vlm_reader, inspect_vlm(vlm_reader, base=readers[target_role]))
+    elif srcs[target_role].anatomy.is_vlm:  # VLMs merged whole: the target is the VLM too
+        vlm_src = Source(VLM, CheckpointReader(readers[target_role].path, cache_dir), srcs[target_role].anatomy)
+    if vlm_src is not None:
         check_vlm_config(vlm_src.anatomy)
         clip = _resolve_vision_tower(vlm_src.anatomy, vision_tower, cache_dir)
     reference = vlm_src.anatomy if vlm_src is not None else srcs[target_role].anatomy
@@ -203,6 +213,14 @@ def open_sources(
     for src in (*([vlm_src] if vlm_src else []), *srcs.values()):
         src.tokenizer = load_tokenizer(src.reader.path, trust_remote_code)
     return Sources(vlm_src, srcs, target_role, alignments, clip, cache_dir)
+
+
+def _source_anatomy(anatomy: Anatomy, reader: CheckpointReader, role: str, llm: CheckpointReader | None) -> Anatomy:
+    """Anatomy of an LLM source, or of a VLM standing among them (its language model joins the merge; one of
+    unknown layout is found by `llm`'s keys, the generic fallback)."""
+    if anatomy.layout.name == "unknown" and llm is not None:
+        anatomy = inspect_vlm(reader, base=llm)
+    return anatomy if anatomy.is_vlm and anatomy.lm_keys else inspect_llm(reader, role)
 
 
 def _image_token_id(config: dict) -> int | None:
@@ -277,8 +295,10 @@ def plan_backbone(
     union: bool = False,
     pad_to_multiple_of: int | None = None,
     token_sources: dict[str, TokenSource] | None = None,
+    module_rule: ModuleRule | None = None,
 ) -> BackbonePlan:
-    """The output tensors of a backbone merge: vision parts copied, language model merged by `rule`.
+    """The output tensors of a backbone merge: vision parts copied (or merged by `module_rule`), language
+    model merged by `rule`.
 
     `roles` are the sources every merge function reads (always including the target); all of them
     except the target enter task vectors, so their vocabulary rows are aligned to the output's.
@@ -302,7 +322,7 @@ def plan_backbone(
     canon_of = {v: c for c, v in ref.anatomy.lm_keys.items()}
     pairs = sources.alignments[target_role]
     tensors: list[OutputTensor] = []
-    counts = {"merged": 0, "kept": 0, "copied": 0}
+    counts = {"merged": 0, "kept": 0, "copied": 0, "modules": 0}
 
     def out_key(key: str) -> str:
         if not original:
@@ -329,8 +349,14 @@ def plan_backbone(
             continue
         canon = canon_of.get(key)
         if canon is None:  # vision tower, projector, image_newline, …
-            tensors.append(OutputTensor(out_key(key), info.shape, info.dtype, Copy(ref.role, key)))
-            counts["copied"] += 1
+            merged = module_rule(key) if module_rule is not None else None
+            if merged is None:
+                tensors.append(OutputTensor(out_key(key), info.shape, info.dtype, Copy(ref.role, key)))
+                counts["copied"] += 1
+            else:
+                inputs, fn, by_slice = merged
+                tensors.append(OutputTensor(out_key(key), info.shape, info.dtype, Merge(inputs, fn, elementwise=by_slice)))
+                counts["modules"] += 1
             continue
         if canon not in pairs.pairs:
             continue

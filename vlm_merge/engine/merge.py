@@ -5,6 +5,11 @@ tensor is read, and yields a `RecipePlan`; `merge` writes the model with its res
 (`merge_recipe.yaml`, every default written out) and a model card; `validate` is the dry run behind
 `vlm-merge validate`. A layer-stacking `slices:` recipe (`SlicesRecipe`) is handed to
 `vlm_merge.engine.stacking` by `merge` and `validate`.
+
+Two or more VLMs of one family merge whole: their language models as any source's, and each vision-side module
+the recipe lists under `modules:` (`vision_tower`, `multi_modal_projector` with LLaVA-NeXT's `image_newline`)
+per tensor by its own method and parameters (`plan_modules`), a per-layer list spread over the vision tower's
+own layers; a module not listed is copied from the VLM.
 """
 
 from __future__ import annotations
@@ -29,7 +34,8 @@ from vlm_merge.io.outputs import prepare_output_dir
 from vlm_merge.architecture.vocab import ZERO, TokenSource
 from vlm_merge.recipe import Recipe, SlicesRecipe, load_recipe, recipe_from_dict, resolve_setting
 from vlm_merge.engine.stacking import StackValidation, merge_slices, validate_slices
-from vlm_merge.recipe.format import ModelToken, ZeroToken
+from vlm_merge.engine.modules import module_keys, vision_layers
+from vlm_merge.recipe.format import ModelToken, ModuleSpec, ZeroToken
 from vlm_merge.recipe.load import validation_line
 
 RESOLVED_RECIPE = "merge_recipe.yaml"
@@ -63,6 +69,20 @@ class RecipePlan:
     base_role: str | None
     model_roles: tuple[str, ...]
     anchor_role: str | None
+    modules: dict[str, ModulePlan] | None = None  # merged vision-side modules by name
+
+
+@dataclass(frozen=True)
+class ModulePlan:
+    """One vision-side module merged: its method, sources and every tensor's parameters, by the VLM's key."""
+
+    name: str
+    method: Method
+    keys: dict[str, dict[str, str]]  # the VLM's key -> role -> that role's key
+    params: dict[str, TensorParams]  # the VLM's key -> parameters
+    base_role: str | None
+    model_roles: tuple[str, ...]
+    anchor_role: None = None  # `target` is the language model's
 
 
 def _method(name: str) -> Method:
@@ -88,7 +108,13 @@ def resolve_tensor_params(
 ) -> TensorParams:  # fmt: skip
     """The parameters `canon` is merged with. `memo` (a dict kept for one recipe) reuses the validated
     result for tensors whose raw values repeat (every tensor of a layer, in a per-layer recipe)."""
-    layer = layer_index(canon)
+    return _resolve_params(recipe, method, entries, canon, layer_index(canon), num_layers, memo)
+
+
+def _resolve_params(
+    recipe: Recipe, method: Method, entries: list[int], canon: str, layer: int | None, num_layers: int, memo: dict | None,
+) -> TensorParams:  # fmt: skip
+    """`resolve_tensor_params` for a tensor at `layer` (None: outside the layers) of `num_layers`."""
     per_model = []
     for i in entries:
         m = recipe.models[i]
@@ -111,8 +137,9 @@ def resolve_tensor_params(
     return params
 
 
-def tensor_fn(rp: RecipePlan, canon: str, seed: int):
-    """The merge function of one tensor over role-named inputs, its parameters bound once."""
+def tensor_fn(rp: RecipePlan | ModulePlan, canon: str, seed: int):
+    """The merge function of one tensor (`canon`: its key in `rp.params`) over role-named inputs, its parameters
+    bound once."""
     method, params = rp.method, rp.params[canon]
     base_role, model_roles, anchor_role = rp.base_role, rp.model_roles, rp.anchor_role
     bound = method.bind(
@@ -167,6 +194,30 @@ def token_sources(recipe: Recipe, sources: Sources) -> dict[str, TokenSource] | 
             raise VlmMergeError(f"{where}: {model} has no row for {want if row is None else row!r}; use a token it has")
         out[token] = TokenSource(model, row, spec.force)
     return out
+
+
+def plan_modules(recipe: Recipe, sources: Sources) -> dict[str, ModulePlan]:
+    """Every vision-side module the recipe merges, checked against its sources (no tensor data read)."""
+    plans = {}
+    for name in recipe.modules:
+        spec: ModuleSpec = recipe.module(name)  # type: ignore[assignment]
+        method = _method(spec.merge_method)  # type: ignore[arg-type]
+        if method.needs_base and recipe.base_model is None:
+            raise VlmMergeError(f"recipe modules.{name}.merge_method: {method.name} takes task vectors against a base "
+                                "model; add base_model (a VLM of the family)")
+        sub = replace(recipe, merge_method=method.name, models=spec.models, parameters=spec.parameters, modules={}, target=None)
+        entries = model_entries(sub, method)
+        base_role = recipe.base_model if method.uses_base else None
+        model_roles = tuple(sub.models[i].model for i in entries)
+        keys = module_keys(name, sources, [*([base_role] if base_role else []), *model_roles])
+        names, layers, num_layers = vision_layers(sources.vlm.anatomy, keys)  # type: ignore[union-attr]
+        memo: dict = {}
+        try:
+            params = {k: _resolve_params(sub, method, entries, names[k], layers[k], num_layers, memo) for k in keys}
+        except VlmMergeError as e:
+            raise VlmMergeError(str(e).replace("recipe parameters", f"recipe modules.{name}.parameters", 1)) from None
+        plans[name] = ModulePlan(name, method, keys, params, base_role, model_roles)
+    return plans
 
 
 def chat_template_text(choice: str | None, sources: Sources) -> str | None:
@@ -242,7 +293,7 @@ def plan_recipe(
         anchor_role = recipe.target if recipe.target is not None else None
         model_roles = tuple(recipe.models[i].model for i in entries)
         used = [r for r in dict.fromkeys([vocab_ref, *([base_role] if base_role else []), *([anchor_role] if anchor_role else []), *model_roles])]
-        if recipe.text_config_from == VLM and recipe.vlm is None:
+        if recipe.text_config_from == VLM and sources.vlm is None:
             raise VlmMergeError("recipe text_config_from: 'vlm' but the recipe names no vlm; use target")
         resolved = _resolved_recipe(recipe, method, sources, out_dtype)
         rp = RecipePlan(resolved, method, sources, None, params, base_role, model_roles, anchor_role)  # type: ignore[arg-type]
@@ -250,11 +301,18 @@ def plan_recipe(
         def rule(canon: str):
             return tensor_fn(rp, canon, recipe.seed)
 
+        rp.modules = plan_modules(recipe, sources)
+        by_key = {k: mp for mp in rp.modules.values() for k in mp.keys}
+
+        def module_rule(key: str):
+            mp = by_key.get(key)
+            return None if mp is None else (mp.keys[key], tensor_fn(mp, key, recipe.seed), mp.method.elementwise)
+
         tok = recipe.tokenizer
         rp.backbone = plan_backbone(sources, rule, used, out_dtype, elementwise=method.elementwise,
                                     text_config_from=resolved.text_config_from or VLM, union=recipe.tokenizer_choice == UNION,
                                     pad_to_multiple_of=tok.pad_to_multiple_of if tok is not None else None,
-                                    token_sources=token_sources(recipe, sources))
+                                    token_sources=token_sources(recipe, sources), module_rule=module_rule)
         rp.backbone.chat_template = chat_template_text(recipe.chat_template, sources)
         return rp
     except BaseException:
@@ -270,30 +328,38 @@ def _resolved_recipe(recipe: Recipe, method: Method, sources: Sources, out_dtype
             return ref
         return str(sources.source(ref).reader.path)
 
-    per_model_names = [p.name for p in method.params if p.per_model]
-    shared_names = [p.name for p in method.params if not p.per_model]
-    models = []
-    for m in recipe.models:
-        params = dict(m.parameters)
-        for name in per_model_names:
-            if name not in params and name not in recipe.parameters and not method.param(name).required:
-                params[name] = method.param(name).default
-        models.append(replace(m, model=path_of(m.model) or m.model, parameters=params))
-    shared = dict(recipe.parameters)
-    for name in shared_names:
-        if name not in shared and not method.param(name).required:
-            shared[name] = method.param(name).default
+    def with_defaults(method: Method, entries: tuple, shared: dict) -> tuple[tuple, dict]:
+        models = []
+        for m in entries:
+            params = dict(m.parameters)
+            for p in method.params:
+                if p.per_model and p.name not in params and p.name not in shared and not p.required:
+                    params[p.name] = p.default
+            models.append(replace(m, model=path_of(m.model) or m.model, parameters=params))
+        shared = dict(shared)
+        for p in method.params:
+            if not p.per_model and p.name not in shared and not p.required:
+                shared[p.name] = p.default
+        return tuple(models), shared
+
+    models, shared = with_defaults(method, recipe.models, recipe.parameters)
+    modules = {}
+    for name in recipe.modules:
+        spec: ModuleSpec = recipe.module(name)  # type: ignore[assignment]
+        mod_models, mod_shared = with_defaults(METHODS[spec.merge_method], spec.models, spec.parameters)  # type: ignore[index,arg-type]
+        modules[name] = ModuleSpec(spec.merge_method, mod_models, mod_shared)
     dtype_name = str(out_dtype).removeprefix("torch.") if out_dtype is not None else None
     resolved_source = UNION if recipe.tokenizer_choice == UNION else path_of(recipe.vocab_source)
     return replace(
         recipe,
-        models=tuple(models),
+        models=models,
+        modules=modules,
         vlm=str(sources.vlm.reader.path) if sources.vlm is not None else None,
         base_model=path_of(recipe.base_model),
         target=path_of(recipe.target),
         tokenizer_source=None if recipe.tokenizer is not None else UNION if recipe.tokenizer_choice == UNION else path_of(recipe.vocab_source),
         tokenizer=recipe.tokenizer.model_copy(update={"source": resolved_source}) if recipe.tokenizer is not None else None,
-        text_config_from=recipe.text_config_from or (VLM if recipe.vlm is not None else "target"),
+        text_config_from=recipe.text_config_from or (VLM if sources.vlm is not None else "target"),
         parameters=shared,
         dtype=dtype_name,
         out_dtype=None,  # dtype is the output's
@@ -353,6 +419,8 @@ def merge(
         details = [
             f"output layout: {bp.output_layout}; language-model tensors merged {bp.summary['merged']}, "
             f"kept {bp.summary['kept']}, copied {bp.summary['copied']}",
+            *([f"vision-side modules merged: {', '.join(f'{n} ({mp.method.name})' for n, mp in rp.modules.items())}, "
+               f"{bp.summary['modules']} tensors"] if rp.modules else []),
             f"replay: `vlm-merge merge {RESOLVED_RECIPE} OUT`",
         ]
         if bp.vocab is not None:
@@ -379,6 +447,7 @@ def validate(recipe: Recipe | SlicesRecipe | dict | str | Path, **kwargs) -> tup
     rp.sources.close()
     ref = rp.sources.reference.anatomy
     groups: dict[tuple[str, str, str], int] = {}
+    module_of = {tuple(ks.items()): mp for mp in (rp.modules or {}).values() for ks in mp.keys.values()}
     for t in rp.backbone.plan.tensors:
         op = t.op
         if t.canonical is not None:
@@ -387,6 +456,8 @@ def validate(recipe: Recipe | SlicesRecipe | dict | str | Path, **kwargs) -> tup
                 how, src = "kept", next(iter(op.inputs)) if isinstance(op, Merge) else op.role
             else:
                 how, src = rp.method.name, ", ".join(op.inputs)
+        elif isinstance(op, Merge) and (mp := module_of.get(tuple(op.inputs.items()))) is not None:
+            part, how, src = mp.name, mp.method.name, ", ".join(op.inputs)
         else:
             role, key = (op.role, op.key) if isinstance(op, Copy) else next(iter(op.inputs.items()))
             part = VISION if role == "clip" or key in ref.parts[VISION] else PROJECTOR if key in ref.parts[PROJECTOR] else "other"

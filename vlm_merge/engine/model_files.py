@@ -115,7 +115,7 @@ def text_configs(sources: Sources) -> dict[str, dict]:
         out[f"{sources.vlm.reader.path.name} (the VLM)"] = vlm_text_config(sources.vlm.anatomy)
     for role, src in sources.models.items():
         if src.vocab_side is None:  # a saved delta carries no config
-            out[src.reader.path.name + (" (the target)" if role == sources.target_role else "")] = src.anatomy.config
+            out[src.reader.path.name + (" (the target)" if role == sources.target_role else "")] = vlm_text_config(src.anatomy)
     return out
 
 
@@ -128,7 +128,7 @@ def _text_config(sources: Sources, vocab: VocabPlan | None, text_config_from: st
     """The output's language-model config: the VLM's, the target's on top (vocabulary, special tokens,
     sizes), and every function-changing field (`FUNCTION_FIELDS`) from `text_config_from`'s config."""
     base = vlm_text_config(sources.reference.anatomy)
-    target = {k: v for k, v in sources.target.anatomy.config.items() if k not in _CONFIG_DROP}
+    target = {k: v for k, v in vlm_text_config(sources.target.anatomy).items() if k not in _CONFIG_DROP}
     chosen = base if text_config_from == VLM else target
     text = {k: v for k, v in {**base, **target}.items() if k not in _FUNCTION_KEYS and k != "_name_or_path"}
     text.update({k: chosen[k] for k in _FUNCTION_KEYS if k in chosen})

@@ -155,8 +155,10 @@ def render_card(title: str, method: str, recipe: Mapping[str, Any], sources: Map
     data = card_data(method, sources, license)
     body = [
         f"# {title}", "",
-        f"Built with vlm-merge {vlm_merge.__version__} ({method}). The vision encoder and projector are copied "
-        "unchanged from the VLM; only the language model was merged.", "",
+        f"Built with vlm-merge {vlm_merge.__version__} ({method}). " + (
+            f"The language model and the VLMs' {' and '.join(recipe['modules'])} were merged; the rest is copied from the VLM."
+            if recipe.get("modules") else "The vision encoder and projector are copied unchanged from the VLM; only the "
+            "language model was merged."), "",
         "## Sources", "", "| role | model |", "|---|---|",
         *[f"| {role} | `{shown.get(ref, ref)}` |" for role, ref in sources.items()], "",
         *_eval_table(evals),

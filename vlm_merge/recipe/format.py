@@ -3,6 +3,8 @@
 A recipe is a `Recipe`: the method, the sources (`models`, `base_model`, and ours: `vlm`, `target`),
 parameter settings (per model and shared), the output's tokenizer (`tokenizer_source` or mergekit's
 `tokenizer:` block), `chat_template`, `dtype` / `out_dtype`, ours: `text_config_from`, `seed`.
+`modules` (mergekit's form, and ours with the models left out): the vision tower and projector of two or more
+VLMs of one family merged per module, each with its own method and parameters (`ModuleSpec`).
 `Recipe` and `ModelEntry` are frozen pydantic dataclasses: built from Python or from a file, every field is
 checked the same way, and `dataclasses.replace` gives a checked copy. mergekit's `slices:` (`Slice`,
 `SliceSource`) is read by `vlm_merge.recipe.load` into the `models:` form when it is one, else into a
@@ -140,6 +142,25 @@ class ModelEntry:
         return _model_shorthand(data)
 
 
+# mergekit 0.1.5's module names (its Gemma 3 / Mistral 3 / Qwen-VL architectures): the language model, read into
+# the recipe's own `models:` / `parameters`, and the two vision-side modules a recipe may merge
+TEXT_DECODER = "text_decoder"
+VISION_MODULES = ("vision_tower", "multi_modal_projector")
+
+
+@dataclass(frozen=True, config=CHECKED)
+class ModuleSpec:
+    """One vision-side entry of `modules:` (`vision_tower` or `multi_modal_projector`, which includes
+    LLaVA-NeXT's `image_newline`): its tensors merged per tensor. Left out, `merge_method` and `models` are
+    the recipe's (our short form). A module that names its `models` (mergekit's form) is complete: its
+    `parameters` are all its shared parameters (reading a file lays them over the file's top-level
+    `parameters:`, as mergekit does)."""
+
+    merge_method: str | None = None
+    models: Annotated[tuple[ModelEntry, ...], Field(min_length=1)] | None = None
+    parameters: Parameters = field(default_factory=dict)
+
+
 class ModelToken(BaseModel):
     """mergekit's token embedding taken from one model's row (`token_id` or `token`, exactly one)."""
 
@@ -245,6 +266,7 @@ class Recipe:
     dtype: DtypeName = None
     out_dtype: DtypeName = None
     seed: Annotated[int, Field(strict=True)] = 0
+    modules: dict[Literal["vision_tower", "multi_modal_projector"], ModuleSpec] = field(default_factory=dict)
     # not recipe keys: where the recipe was read from, and the layer range of mergekit's one-slice form
     source_file: Path | None = None
     layer_range: tuple[int, int] | None = None
@@ -254,6 +276,7 @@ class Recipe:
         if self.tokenizer_source is not None and self.tokenizer is not None:
             raise PydanticCustomError("both", "give tokenizer_source or tokenizer:, not both (as in mergekit)")
         refs = [m.model for m in self.models] + [self.base_model, self.target]
+        refs += [m.model for spec in self.modules.values() for m in spec.models or ()]
         if VLM_REF in refs and not self.vlm:
             raise PydanticCustomError("no_vlm", "a source is 'vlm' but the recipe names no vlm; add vlm: PATH")
         return self
@@ -261,7 +284,22 @@ class Recipe:
     # -- references --------------------------------------------------------------------------
     def refs(self) -> list[str]:
         """The merge's inputs: LLM sources and "vlm" (the VLM's language model) if used, in order."""
-        return list(dict.fromkeys(r for r in [self.base_model, self.target, *(m.model for m in self.models)] if r is not None))
+        modules = [m.model for spec in self.modules.values() for m in spec.models or ()]
+        return list(dict.fromkeys(r for r in [self.base_model, self.target, *(m.model for m in self.models), *modules]
+                                  if r is not None))
+
+    def module(self, name: str) -> ModuleSpec | None:
+        """The `modules:` entry `name` in full (None: not merged, copied from the VLM). One that names its models
+        is complete; else it takes the recipe's models: with the recipe's method (none given, or the same) with their
+        parameters, its parameters laid over the recipe's shared ones; with a method of its own their paths only,
+        and its own parameters only (the recipe's belong to another method)."""
+        spec = self.modules.get(name)  # type: ignore[call-overload]
+        if spec is None:
+            return None
+        own = spec.merge_method not in (None, self.merge_method)
+        models = spec.models or (tuple(ModelEntry(m.model) for m in self.models) if own else self.models)
+        shared = dict(spec.parameters) if own or spec.models else {**self.parameters, **spec.parameters}
+        return ModuleSpec(spec.merge_method or self.merge_method, models, shared)
 
     @property
     def tokenizer_choice(self) -> str | None:
@@ -304,6 +342,12 @@ class Recipe:
         if self.out_dtype is not None:
             out["out_dtype"] = self.out_dtype
         out["seed"] = self.seed
+        if self.modules:
+            out["modules"] = {name: {**({"merge_method": spec.merge_method} if spec.merge_method else {}),
+                                     **({"models": [{"model": m.model, "parameters": dict(m.parameters)} for m in spec.models]}
+                                        if spec.models else {}),
+                                     "parameters": dict(spec.parameters)}
+                              for name, spec in self.modules.items()}
         return out
 
     def to_yaml(self) -> str:
@@ -314,8 +358,3 @@ class Recipe:
 # The keys of a recipe file: Recipe's fields but the two that are not keys, and mergekit's `slices`.
 NOT_KEYS = ("source_file", "layer_range")
 RECIPE_KEYS = (*(k for k in Recipe.__dataclass_fields__ if k not in NOT_KEYS), "slices")
-# mergekit keys whose merges vlm-merge does not run (yet), with what to do instead
-UNSUPPORTED = {
-    "modules": "merging VLM modules separately (mergekit's modules:) is not supported yet; use models: (the "
-    "vision tower and projector are copied from vlm)",
-}

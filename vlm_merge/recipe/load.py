@@ -5,7 +5,8 @@ do`. mergekit's one-slice form (`slices:` with one slice whose sources all take 
 [0, N), merged by a method) is read as the `models:` form, the range kept in `Recipe.layer_range` and
 checked against the model when it is merged; any other `slices:` recipe (several slices, cut or stacked
 layers, passthrough) is a layer-stacking `SlicesRecipe` (`vlm_merge.recipe.slices`). Relative model paths
-are relative to the recipe file.
+are relative to the recipe file. mergekit's `modules:` form is read into ours: `modules.text_decoder`'s models
+and parameters become the recipe's `models:` and `parameters:`, the vision-side modules stay `modules:`.
 """
 
 from __future__ import annotations
@@ -23,10 +24,12 @@ from vlm_merge.recipe.format import (
     RECIPE_KEYS,
     SETTING_SHAPES,
     SETTING_TAGS,
-    UNSUPPORTED,
+    TEXT_DECODER,
+    VISION_MODULES,
     VLM_REF,
     ModelEntry,
     ModelToken,
+    ModuleSpec,
     Recipe,
     Slice,
 )
@@ -87,7 +90,8 @@ def _key_known(loc: tuple, known: tuple[str, ...]) -> str:
     if not parent:
         return f" (known: {', '.join(known)})"
     return {"models": " (known: model, parameters)", "parameters": "", "slices": " (known: sources, base_model, parameters)",
-            "sources": " (known: model, layer_range, parameters)"}.get(parent[-1], "")
+            "sources": " (known: model, layer_range, parameters)",
+            **dict.fromkeys(VISION_MODULES, " (known: merge_method, models, parameters)")}.get(parent[-1], "")
 
 
 def validation_line(error: ValidationError, where: str, known: tuple[str, ...] = RECIPE_KEYS) -> VlmMergeError:
@@ -134,6 +138,44 @@ def _models_form(data: dict, sl: Slice) -> dict:
     return out
 
 
+def _modules_form(data: dict, where: str) -> dict:
+    """mergekit's `modules:` recipe in our form: `text_decoder` read into `models:` / `parameters:` (its
+    `merge_method`, if given, must be the recipe's), the vision-side modules left in `modules:`, those that name
+    their models with the top-level `parameters:` under their own (mergekit's precedence)."""
+    modules = data["modules"]
+    if not isinstance(modules, dict):
+        raise VlmMergeError(f"{where}: modules: {_short(modules)}: expected a mapping of module name to "
+                            f"{{models: …, parameters: …}}; use {', '.join((TEXT_DECODER, *VISION_MODULES))}")
+    modules = {name: {} if spec is None else spec for name, spec in modules.items()}  # `vision_tower:` with nothing under it
+    for name, spec in modules.items():
+        if isinstance(spec, dict) and spec.get("slices") is not None:
+            raise VlmMergeError(f"{where}: modules.{name}.slices: cutting or stacking a module's layers is not supported; "
+                                "give the module's models: (every layer merged)")
+    top = data.get("parameters") or {}
+    out = {**data, "modules": {k: {**v, "parameters": {**top, **(v.get("parameters") or {})}}
+                               if isinstance(v, dict) and v.get("models") is not None else v
+                               for k, v in modules.items() if k != TEXT_DECODER}}
+    if TEXT_DECODER not in modules:
+        return out
+    decoder = modules[TEXT_DECODER] or {}
+    if not isinstance(decoder, dict) or set(decoder) - {"models", "parameters", "merge_method"}:
+        raise VlmMergeError(f"{where}: modules.{TEXT_DECODER}: {_short(decoder)}: expected {{models: […], parameters: {{…}}}}")
+    if data.get("models") is not None and decoder.get("models") is not None:
+        raise VlmMergeError(f"{where}: modules.{TEXT_DECODER}.models: the recipe has models: too; give the language "
+                            "model's models in one place")
+    method = decoder.get("merge_method")
+    if method is not None and data.get("merge_method") not in (None, method):
+        raise VlmMergeError(f"{where}: modules.{TEXT_DECODER}.merge_method: {method!r} but the recipe's merge_method is "
+                            f"{data.get('merge_method')!r}; the language model is merged by the recipe's merge_method")
+    if method is not None:
+        out["merge_method"] = method
+    if decoder.get("models") is not None:
+        out["models"] = decoder["models"]
+    if decoder.get("parameters"):
+        out["parameters"] = {**(data.get("parameters") or {}), **decoder["parameters"]}
+    return out
+
+
 def _stack(data: dict, source_file: Path | None, where: str) -> SlicesRecipe:
     """A layer-stacking recipe (`out_dtype`, as in mergekit, wins over `dtype`)."""
     for key in data:
@@ -155,9 +197,8 @@ def recipe_from_dict(data: Any, source_file: Path | None = None) -> Recipe | Sli
     where = f"recipe {source_file}" if source_file is not None else "recipe"
     if not isinstance(data, dict):
         raise VlmMergeError(f"{where}: expected a mapping with merge_method and models, got {_short(data)}")
-    for key, fix in UNSUPPORTED.items():
-        if key in data:
-            raise VlmMergeError(f"{where}: {key}: {fix}")
+    if data.get("modules") is not None:
+        data = _modules_form(data, where)
     for key in NOT_KEYS:
         if key in data:
             raise VlmMergeError(f"{where}: {key}: unknown key (known: {', '.join(RECIPE_KEYS)}); remove it")
@@ -222,7 +263,7 @@ def rebase_paths(r: Recipe | SlicesRecipe, base: Path) -> Recipe | SlicesRecipe:
         tok = tok.model_copy(update={"source": _rebase(tok.source, base), "tokens": tokens or tok.tokens})
     return Recipe(
         merge_method=r.merge_method,
-        models=tuple(ModelEntry(_rebase(m.model, base) or m.model, m.parameters) for m in r.models),
+        models=_rebase_models(r.models, base),
         base_model=_rebase(r.base_model, base),
         vlm=_rebase(r.vlm, base),
         target=_rebase(r.target, base),
@@ -236,4 +277,10 @@ def rebase_paths(r: Recipe | SlicesRecipe, base: Path) -> Recipe | SlicesRecipe:
         seed=r.seed,
         source_file=r.source_file,
         layer_range=r.layer_range,
+        modules={name: ModuleSpec(spec.merge_method, _rebase_models(spec.models, base) if spec.models else None, spec.parameters)
+                 for name, spec in r.modules.items()},
     )
+
+
+def _rebase_models(models: tuple[ModelEntry, ...], base: Path) -> tuple[ModelEntry, ...]:
+    return tuple(ModelEntry(_rebase(m.model, base) or m.model, m.parameters) for m in models)
