@@ -130,8 +130,9 @@ def _run_evolve(config, out, resume: bool, force: bool, progress: bool, workers:
         cfg = cfg.model_copy(update={"workers": workers})
 
     if cfg.space != "ps":  # a layer route (data-flow space)
-        from vlm_merge.evolve.dfs import DfsGenome
+        from vlm_merge.evolve.dfs import DfsGenome, with_ps_model
 
+        cfg = with_ps_model(cfg, out, progress)  # a PS recipe merged once into the run directory
         genome = DfsGenome.of(cfg)
     else:
         genome = Genome.of(cfg, num_layers_of(cfg))
