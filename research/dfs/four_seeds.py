@@ -5,7 +5,7 @@ the controls (target shell, VLM), on ja-test, pooled over seeds with paired boot
     vlm-merge evolve OUT/configs/ps-s0.yaml --out OUT/runs/ps-s0 ...    # (RESULTS.md: the exact loop)
     python research/dfs/four_seeds.py controls OUT                     # Chat Vector 0.75, target shell, passthrough
     python research/dfs/four_seeds.py evaluate OUT --limit 500         # every model on ja-test -> OUT/scores/*.jsonl
-    python research/dfs/four_seeds.py dev-loglik OUT                   # the fitness of the fixed models (controls)
+    python research/dfs/four_seeds.py dev-fitness OUT                  # the search fitness of the fixed models
     python research/dfs/four_seeds.py report OUT --json research/dfs/four_seeds.json --png research/dfs/four_seeds.png
 
 Search settings (`SEARCH`, the defaults of `configs`; OUT/search.json records those used): loglik
@@ -37,6 +37,9 @@ TEST = {"benchmark": str(ZOO / "data" / "ja-test.jsonl"), "max_new_tokens": 24}
 CHAT_VECTOR_SCALE = 0.75
 SEARCHED = ("ps", "dfs", "psdfs")  # run names: <name>-s<seed>
 CONTROLS = ("passthrough", "chat-vector", "target-shell", "vlm")
+# hand-written routes (unit scales, edges from ja-base) that probe the DFS space: J = ja-base layer, V = VLM LM layer
+PROBES = {"route-V0J1J2J3": (("vlm", 0), ("J", 1), ("J", 2), ("J", 3)), "route-J0V0V1J2J3": (("J", 0), ("vlm", 0), ("vlm", 1), ("J", 2), ("J", 3)),
+          "route-V0V1J2J3": (("vlm", 0), ("vlm", 1), ("J", 2), ("J", 3))}
 EXTRA_PAIRS = (("psdfs", "ps"), ("dfs", "passthrough"), ("psdfs", "dfs"), ("ps", "chat-vector"))  # also reported, paired
 ROWS = {  # report order: name -> description
     "passthrough": "passthrough frankenmerge: ja-base layers 0-2 + VLM LM layers 1-3 (6 layers), edges from ja-base",
@@ -45,6 +48,7 @@ ROWS = {  # report order: name -> description
     "ps": "evolved PS: task arithmetic, a weight per layer (+ embeddings, norms, lm_head)",
     "chat-vector": f"Chat Vector {CHAT_VECTOR_SCALE:g}",
     "target-shell": "control: ja-base in the VLM shell (Chat Vector 0)",
+    **{name: f"probe: the fixed route {name.removeprefix('route-')} (unit scales), inside the DFS space" for name in PROBES},
     "vlm": "control: the English VLM as it is",
 }
 
@@ -78,7 +82,8 @@ def cmd_configs(out: Path, seeds: list[int], search: dict) -> None:
 
 
 def cmd_controls(out: Path) -> None:
-    """Chat Vector 0.75, the target shell (scale 0) and the passthrough frankenmerge, merged to OUT/models."""
+    """Chat Vector 0.75, the target shell (scale 0), the passthrough frankenmerge and the `PROBES` routes, merged
+    to OUT/models."""
     from vlm_merge.engine.merge import merge
     from vlm_merge.engine.stacking import DfsRoute, dfs_slices_recipe
     from vlm_merge.recipe.presets import chat_vector_recipe, make_scales
@@ -91,6 +96,10 @@ def cmd_controls(out: Path) -> None:
                                                    ("vlm", 3)), (1.0,) * 6), edges_from=s["target"], vlm=s["vlm"],
                                          tokenizer_source=s["target"]),
     }
+    for name, route in PROBES.items():
+        layers = tuple((s["target"] if role == "J" else role, i) for role, i in route)
+        recipes[name] = dfs_slices_recipe(DfsRoute(layers, (1.0,) * len(layers)), edges_from=s["target"], vlm=s["vlm"],
+                                          tokenizer_source=s["target"])
     for name, recipe in recipes.items():
         if not (out / "models" / name).exists():
             merge(recipe, out / "models" / name, progress=False)
@@ -98,7 +107,7 @@ def cmd_controls(out: Path) -> None:
 
 def _models(out: Path) -> dict[str, Path]:
     """Every model to score: name (row or row-s<seed>) -> directory."""
-    found = {name: out / "models" / name for name in CONTROLS if (out / "models" / name).exists()}
+    found = {name: out / "models" / name for name in (*CONTROLS, *PROBES) if (out / "models" / name).exists()}
     found["vlm"] = Path(SOURCES["vlm"])
     for run in sorted((out / "runs").glob("*-s*")):
         if (run / "model" / "config.json").exists():
@@ -128,21 +137,23 @@ def cmd_evaluate(out: Path, limit: int | None) -> None:
         print(f"{name}: {np.mean([r['content_accuracy'] for r in rows]):.4f} on {len(rows)} questions", flush=True)
 
 
-def cmd_dev_loglik(out: Path) -> None:
-    """The search fitness (mean answer log-likelihood on the first `limit` ja-dev questions) of the fixed models:
-    what a search compares its candidates with. OUT/dev_loglik.json."""
+def cmd_dev_fitness(out: Path) -> None:
+    """The search fitness (on the first `limit` ja-dev questions: mean answer log-likelihood, or content accuracy
+    of greedy answers) of the fixed models: what a search compares its candidates with. OUT/dev_fitness.json."""
     from vlm_merge.evolve import config_from_dict
     from vlm_merge.evolve.fitness import Evaluator, fitness_questions
 
     search = json.loads((out / "search.json").read_text())
-    cfg = config_from_dict({"sources": SOURCES, "fitness": _fitness(search["limit"]), "threads": 1})
+    kind = search.get("fitness", "loglik")
+    cfg = config_from_dict({"sources": SOURCES, "fitness": _fitness(search["limit"], kind), "threads": 1})
     questions = fitness_questions(cfg.fitness)
     res = {}
-    for name in CONTROLS:
+    for name in (*CONTROLS, *PROBES):
         path = Path(SOURCES["vlm"]) if name == "vlm" else out / "models" / name
         ev = Evaluator(cfg, path, resident=False, questions=questions)
-        res[name] = float(np.mean(ev.loglik(ev.pool, ev.encoded, cfg.fitness.batch_size)))
-    (out / "dev_loglik.json").write_text(json.dumps(res, indent=2) + "\n")
+        res[name] = float(np.mean(ev.loglik(ev.pool, ev.encoded, cfg.fitness.batch_size)) if kind == "loglik"
+                          else ev.generate(ev.pool).scores["content_accuracy"].mean)
+    (out / "dev_fitness.json").write_text(json.dumps(res, indent=2) + "\n")
     print(res)
 
 
@@ -181,7 +192,7 @@ def runs_summary(out: Path) -> list[dict]:
     if (out / "logs" / "wall.txt").exists():
         walls = {k: v for k, v, _ in (line.split() for line in (out / "logs" / "wall.txt").read_text().splitlines())}
     rows = []
-    for run in sorted((out / "runs").glob("*-s*")):
+    for run in sorted(r for r in (out / "runs").glob("*-s*") if (r / "summary.json").exists()):
         summ = json.loads((run / "summary.json").read_text())
         best = summ["best"]
         what = route_text(run) if run.name.startswith(("dfs", "psdfs")) else \
@@ -215,12 +226,12 @@ def cmd_report(out: Path, json_path: Path | None, png: Path | None) -> None:
     rec["pairs"] = {f"{a} - {b}": paired_bootstrap(pooled[a], pooled[b]) for a, b in pairs}
     lines += ["", "| paired difference (pooled) | diff | 95% CI |", "|---|---|---|"]
     lines += [f"| {k} | {d['diff']:+.3f} | [{d['low']:+.3f}, {d['high']:+.3f}] |" for k, d in rec["pairs"].items()]
-    if (out / "dev_loglik.json").exists():
-        rec["dev_loglik"] = json.loads((out / "dev_loglik.json").read_text())
-        lines += ["", "dev loglik (the fitness) of the fixed models: " +
-                  ", ".join(f"{k} {v:.4f}" for k, v in rec["dev_loglik"].items())]
+    if (out / "dev_fitness.json").exists():
+        rec["dev_fitness"] = json.loads((out / "dev_fitness.json").read_text())
+        lines += ["", f"dev fitness ({rec['search'].get('fitness', 'loglik')}) of the fixed models: " +
+                  ", ".join(f"{k} {v:.4f}" for k, v in rec["dev_fitness"].items())]
     rec["runs"] = runs_summary(out)
-    lines += ["", "| run | dev loglik (best) | evaluations | search wall s | switch ms | eval s / cand | best |", "|---|---|---|---|---|---|---|"]
+    lines += ["", "| run | dev fitness (best) | evaluations | search wall s | switch ms | eval s / cand | best |", "|---|---|---|---|---|---|---|"]
     lines += [f"| {r['run']} | {r['dev_fitness']:.4f} | {r['evaluations']} | {r['wall_s'] or ''} | {1000 * r['merge_s_mean']:.2f} | "
               f"{r['eval_s_mean']:.2f} | {r['best']} |" for r in rec["runs"]]
     print("\n".join(lines))
@@ -257,7 +268,7 @@ def main() -> None:
     c.add_argument("--fitness", choices=list(FITNESS_METRICS), default=SEARCH["fitness"],
                    help="loglik: answer log-likelihood; generate: content accuracy of greedy answers")
     sub.add_parser("controls").add_argument("out", type=Path)
-    sub.add_parser("dev-loglik").add_argument("out", type=Path)
+    sub.add_parser("dev-fitness").add_argument("out", type=Path)
     e = sub.add_parser("evaluate")
     e.add_argument("out", type=Path)
     e.add_argument("--limit", type=int, default=None)
@@ -270,8 +281,8 @@ def main() -> None:
         cmd_configs(a.out, a.seeds, {**SEARCH, "max_evaluations": a.evaluations, "limit": a.limit, "fitness": a.fitness})
     elif a.cmd == "controls":
         cmd_controls(a.out)
-    elif a.cmd == "dev-loglik":
-        cmd_dev_loglik(a.out)
+    elif a.cmd == "dev-fitness":
+        cmd_dev_fitness(a.out)
     elif a.cmd == "evaluate":
         cmd_evaluate(a.out, a.limit)
     else:
