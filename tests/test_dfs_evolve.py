@@ -104,6 +104,11 @@ def test_ps_dfs_pool_takes_the_ps_model_as_a_directory_or_a_recipe(zoo, dev, tmp
     with pytest.raises(VlmMergeError, match="changed since this run merged it") as e:
         run_evolve(None, tmp_path / "run", resume=True, progress=False, write_model=False)
     assert "\n" not in str(e.value)
+    (tmp_path / "not-a-model").mkdir()  # a recipe that cannot be merged: one line, and no half-made run left
+    (tmp_path / "broken.yaml").write_text(yaml.safe_dump({**recipe, "vlm": str(tmp_path / "not-a-model")}))
+    with pytest.raises(VlmMergeError, match="dfs.ps_model: merging") as e:
+        run_evolve({**raw, "dfs": {**raw["dfs"], "ps_model": str(tmp_path / "broken.yaml")}}, tmp_path / "run2", progress=False)
+    assert "\n" not in str(e.value) and not (tmp_path / "run2").exists()
 
 
 @pytest.mark.slow
@@ -129,8 +134,8 @@ def test_dfs_resume_after_sigkill_matches_an_uninterrupted_run(zoo, dev, tmp_pat
         ({"space": "dfs", "dfs": {"widgets": 1}}, "dfs.widgets: unknown key"),
         ({"space": "ps", "dfs": {}}, "space is ps"),
         ({"space": "pds"}, "space"),
-        ({"space": "ps+dfs", "dfs": {"pool": ["target", "ps"], "ps_model": "missing.yaml"}}, "dfs.ps_model: 'missing.yaml': no such"),
-        ({"space": "ps+dfs", "dfs": {"pool": ["target", "ps"], "ps_model": "BAD_RECIPE"}}, "dfs.ps_model: .* is not a valid recipe"),
+        ({"space": "ps+dfs", "dfs": {"pool": ["target", "ps"], "ps_model": "missing.yaml"}}, "dfs.ps_model: not a readable recipe .*missing.yaml: no such file"),
+        ({"space": "ps+dfs", "dfs": {"pool": ["target", "ps"], "ps_model": "BAD_RECIPE"}}, "dfs.ps_model: not a readable recipe .*bad.yaml: models"),
     ],
 )
 def test_bad_dfs_configs_are_one_line(zoo, dev, tmp_path, change, message):  # noqa: F811

@@ -275,24 +275,16 @@ class DfsConfig(_Section):
         if self.init is not None and self.init not in self.pool:
             raise _invalid(f"{self.init!r} is not in the pool {list(self.pool)}", ".init")
         if ("ps" in self.pool) != (self.ps_model is not None):
-            raise _invalid("the pool names 'ps' exactly when ps_model (the PS-merged model's directory or recipe) is set",
-                           ".ps_model")
-        if self.ps_model is not None and Path(self.ps_model).suffix in RECIPE_SUFFIXES:
-            self._check_ps_recipe(self.ps_model)
+            raise _invalid("the pool names 'ps' exactly when ps_model (the PS model's directory or recipe) is set", ".ps_model")
+        if self.ps_model is not None and Path(self.ps_model).suffix in RECIPE_SUFFIXES:  # read now, merged by the run
+            from vlm_merge.recipe import load_recipe
+
+            try:
+                load_recipe(self.ps_model)
+            except VlmMergeError as e:
+                raise _invalid(f"not a readable recipe ({e}); give a recipe YAML (e.g. a PS run's best_recipe.yaml) or a "
+                               "merged model's directory", ".ps_model") from None
         return self
-
-    @staticmethod
-    def _check_ps_recipe(path: str) -> None:
-        """A `ps_model` recipe (a merge recipe or an evolve run's best_recipe.yaml) must be a readable recipe file."""
-        from vlm_merge.recipe import load_recipe
-
-        if not Path(path).is_file():
-            raise _invalid(f"{path!r}: no such recipe file; give a recipe YAML (e.g. an evolve run's best_recipe.yaml) "
-                           "or a merged model's directory", ".ps_model")
-        try:
-            load_recipe(path)
-        except VlmMergeError as e:
-            raise _invalid(f"{path!r} is not a valid recipe ({e}); fix it or give a merged model's directory", ".ps_model") from None
 
 
 class EvolveConfig(_Section):
