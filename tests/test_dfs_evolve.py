@@ -70,24 +70,45 @@ def test_dfs_search_runs_and_its_best_recipe_replays(zoo, dev, tmp_path):  # noq
     assert n == len(genome.route(res.best["x"]).positions)
 
 
-def test_ps_dfs_pool_takes_the_ps_model(zoo, dev, tmp_path):  # noqa: F811
-    ps = tmp_path / "ps"
-    merge({"merge_method": "task_arithmetic", "vlm": str(zoo.vlms["llava-hf-llama"]), "base_model": str(zoo.llms["en-llama"]),
-           "target": str(zoo.llms["ja-llama"]), "models": [{"model": "vlm", "parameters": {"weight": 0.5}}]}, ps, progress=False)
+def test_ps_dfs_pool_takes_the_ps_model_as_a_directory_or_a_recipe(zoo, dev, tmp_path):  # noqa: F811
+    import yaml
+
+    recipe = {"merge_method": "task_arithmetic", "vlm": str(zoo.vlms["llava-hf-llama"]), "base_model": str(zoo.llms["en-llama"]),
+              "target": str(zoo.llms["ja-llama"]), "models": [{"model": "vlm", "parameters": {"weight": 0.5}}]}
+    ps = merge(recipe, tmp_path / "ps", progress=False)
     raw = _dfs_config(zoo, dev, pool=["target", "ps"], ps_model=str(ps), scales="position")
     raw["space"] = "ps+dfs"
     with pytest.raises(VlmMergeError, match="ps_model"):
         config_from_dict({**raw, "dfs": {**raw["dfs"], "ps_model": None}})
-    cfg = config_from_dict(raw)
-    genome = DfsGenome.of(cfg)
+    genome = DfsGenome.of(config_from_dict(raw))  # a merged directory
     assert len(genome) == 8 + 8 and genome.pool[1] == ("vlm", 2)  # the PS VLM's language model
     assert genome.decode(genome.x0()).vlm == str(ps)
+    # a recipe (here a merge recipe; an evolve run's best_recipe.yaml alike): merged once into the run directory
+    (tmp_path / "ps.yaml").write_text(yaml.safe_dump(recipe))
+    cfg = config_from_dict({**raw, "dfs": {**raw["dfs"], "ps_model": str(tmp_path / "ps.yaml")}})
     res = run_evolve(cfg, tmp_path / "run", progress=False)
+    (merged,) = (tmp_path / "run").glob("ps_model-*")
+    shards = sorted(p.name for p in ps.glob("*.safetensors"))
+    assert shards and all((merged / s).read_bytes() == (ps / s).read_bytes() for s in shards)
     assert res.best["error"] is None
+    best = yaml.safe_load((tmp_path / "run" / "best_recipe.yaml").read_text())
+    assert best["vlm"] == str(merged)  # replayable while the run directory stays
     from transformers import AutoModelForImageTextToText
 
     model = AutoModelForImageTextToText.from_pretrained(tmp_path / "run" / "model")
     assert model.config.text_config.num_hidden_layers == len(genome.route(res.best["x"]).positions)
+    stamp = (merged / shards[0]).stat().st_mtime_ns
+    run_evolve(None, tmp_path / "run", resume=True, progress=False, write_model=False)  # reused, not merged again
+    assert (merged / shards[0]).stat().st_mtime_ns == stamp and len(list((tmp_path / "run").glob("ps_model-*"))) == 1
+    (tmp_path / "ps.yaml").write_text(yaml.safe_dump({**recipe, "models": [{"model": "vlm", "parameters": {"weight": 0.7}}]}))
+    with pytest.raises(VlmMergeError, match="changed since this run merged it") as e:
+        run_evolve(None, tmp_path / "run", resume=True, progress=False, write_model=False)
+    assert "\n" not in str(e.value)
+    (tmp_path / "not-a-model").mkdir()  # a recipe that cannot be merged: one line, and no half-made run left
+    (tmp_path / "broken.yaml").write_text(yaml.safe_dump({**recipe, "vlm": str(tmp_path / "not-a-model")}))
+    with pytest.raises(VlmMergeError, match="dfs.ps_model: merging") as e:
+        run_evolve({**raw, "dfs": {**raw["dfs"], "ps_model": str(tmp_path / "broken.yaml")}}, tmp_path / "run2", progress=False)
+    assert "\n" not in str(e.value) and not (tmp_path / "run2").exists()
 
 
 @pytest.mark.slow
@@ -113,9 +134,14 @@ def test_dfs_resume_after_sigkill_matches_an_uninterrupted_run(zoo, dev, tmp_pat
         ({"space": "dfs", "dfs": {"widgets": 1}}, "dfs.widgets: unknown key"),
         ({"space": "ps", "dfs": {}}, "space is ps"),
         ({"space": "pds"}, "space"),
+        ({"space": "ps+dfs", "dfs": {"pool": ["target", "ps"], "ps_model": "missing.yaml"}}, "dfs.ps_model: not a readable recipe .*missing.yaml: no such file"),
+        ({"space": "ps+dfs", "dfs": {"pool": ["target", "ps"], "ps_model": "BAD_RECIPE"}}, "dfs.ps_model: not a readable recipe .*bad.yaml: models"),
     ],
 )
-def test_bad_dfs_configs_are_one_line(zoo, dev, change, message):  # noqa: F811
+def test_bad_dfs_configs_are_one_line(zoo, dev, tmp_path, change, message):  # noqa: F811
+    if change.get("dfs", {}).get("ps_model") == "BAD_RECIPE":
+        (tmp_path / "bad.yaml").write_text("merge_method: no_such_method\nmodels: []\n")
+        change = {**change, "dfs": {**change["dfs"], "ps_model": str(tmp_path / "bad.yaml")}}
     with pytest.raises(VlmMergeError, match=message) as e:
         config_from_dict({**config(zoo, dev), **change})
     assert "\n" not in str(e.value)

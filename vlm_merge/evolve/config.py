@@ -50,6 +50,7 @@ SEPARATE_FILTERS = {"embeddings": {"filter": "embed_tokens"}, "norms": {"filter_
 SPACES = ("ps", "dfs", "ps+dfs")  # `space`: parameter space, or a layer route (`vlm_merge.evolve.dfs`)
 DFS_POOL = ("target", "vlm", "ps")  # `dfs.pool` names
 DFS_SCALES = ("transition", "position")  # `dfs.scales`
+RECIPE_SUFFIXES = (".yaml", ".yml")  # a `dfs.ps_model` with one of these is a recipe, merged once into the run directory
 DEFAULT_BOUNDS = {"weight": (0.0, 1.5), "density": (0.1, 1.0), "t": (0.0, 1.0), "gamma": (0.0, 0.1), "epsilon": (0.0, 0.1), "lambda": (0.5, 1.5)}
 
 
@@ -274,7 +275,15 @@ class DfsConfig(_Section):
         if self.init is not None and self.init not in self.pool:
             raise _invalid(f"{self.init!r} is not in the pool {list(self.pool)}", ".init")
         if ("ps" in self.pool) != (self.ps_model is not None):
-            raise _invalid("the pool names 'ps' exactly when ps_model (the PS-merged model's directory) is set", ".ps_model")
+            raise _invalid("the pool names 'ps' exactly when ps_model (the PS model's directory or recipe) is set", ".ps_model")
+        if self.ps_model is not None and Path(self.ps_model).suffix in RECIPE_SUFFIXES:  # read now, merged by the run
+            from vlm_merge.recipe import load_recipe
+
+            try:
+                load_recipe(self.ps_model)
+            except VlmMergeError as e:
+                raise _invalid(f"not a readable recipe ({e}); give a recipe YAML (e.g. a PS run's best_recipe.yaml) or a "
+                               "merged model's directory", ".ps_model") from None
         return self
 
 
@@ -495,6 +504,7 @@ def config_inputs(cfg: EvolveConfig, config: object = None) -> list[str]:
     """The paths an evolve run reads (its config file, sources, data): its run dir may not overlap them."""
     src = cfg.sources
     test = [cfg.test.benchmark, cfg.test.data] if cfg.test is not None else []
+    ps = [cfg.dfs.ps_model] if cfg.dfs is not None else []
     paths = [*src.models, src.vlm, src.base_model, src.target, src.tokenizer_source, cfg.fitness.benchmark,
-             cfg.fitness.data, *test, config if isinstance(config, (str, Path)) else None]
+             cfg.fitness.data, *test, *ps, config if isinstance(config, (str, Path)) else None]
     return [str(p) for p in paths if p]

@@ -9,8 +9,10 @@ space: dfs
 dfs:
   pool: [target, vlm]     # the models whose decoder layers form the pool, in order: target (the Japanese
                           # base, sources.target), vlm (the VLM's language model), ps (space ps+dfs: the
-                          # PS-merged model at ps_model, a directory written by `vlm-merge merge best_recipe.yaml`)
-  ps_model: ./ps-merged
+                          # PS-merged model at ps_model)
+  ps_model: ./ps-run/best_recipe.yaml  # a merged model's directory, or a recipe (.yaml / .yml: a merge recipe, an
+                          # evolve run's best_recipe.yaml) that the run merges once into RUN/ps_model-<sha256[:12]>
+                          # (atomically; a resumed run reuses it, and refuses a recipe changed since)
   repeats: 2              # r: the pool's M layers repeated, T = M * r slots
   scales: transition      # transition: one gene per (from pool layer i, to pool layer j), the paper's W (M x M);
                           # position: one gene per slot (T)
@@ -35,6 +37,7 @@ Switching a candidate builds that list: no tensor is copied.
 
 from __future__ import annotations
 
+import hashlib
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -44,8 +47,38 @@ import torch
 
 from vlm_merge.engine import DfsRoute, dfs_slices_recipe, pool_layers
 from vlm_merge.errors import VlmMergeError
-from vlm_merge.evolve.config import EvolveConfig
+from vlm_merge.evolve.config import RECIPE_SUFFIXES, EvolveConfig
 from vlm_merge.recipe import VLM_REF, SlicesRecipe, recipe_from_dict
+
+
+PS_MODEL_PREFIX = "ps_model-"  # RUN/ps_model-<first 12 hex of the recipe file's sha256>: dfs.ps_model's recipe merged
+
+
+def with_ps_model(cfg: EvolveConfig, run_dir: Path, progress: bool = False) -> EvolveConfig:
+    """`cfg` itself, or, when `dfs.ps_model` is a recipe file, `cfg` with ps_model the directory in `run_dir`
+    that the recipe is merged into once (`vlm_merge.engine.merge` writes it atomically): a resumed run reuses
+    it, and a recipe edited since it was merged is refused (the run's candidates were scored on the old one)."""
+    d = cfg.dfs
+    if d is None or d.ps_model is None or Path(d.ps_model).suffix not in RECIPE_SUFFIXES:
+        return cfg
+    from vlm_merge.engine.merge import merge
+
+    recipe = Path(d.ps_model)
+    try:
+        digest = hashlib.sha256(recipe.read_bytes()).hexdigest()[:12]
+    except OSError as e:
+        raise VlmMergeError(f"evolve config dfs.ps_model: cannot read {recipe} ({e.strerror}); give a readable recipe") from None
+    target = Path(run_dir).resolve() / f"{PS_MODEL_PREFIX}{digest}"
+    stale = [p.name for p in Path(run_dir).glob(f"{PS_MODEL_PREFIX}*") if p.is_dir() and p != target]
+    if stale and not target.exists():
+        raise VlmMergeError(f"evolve config dfs.ps_model: {recipe} changed since this run merged it into {stale[0]}; "
+                            "restore the recipe or start a new run")
+    if not target.exists():
+        try:
+            merge(recipe, target, progress=progress, card_title="PS model of a PS+DFS run")
+        except VlmMergeError as e:
+            raise VlmMergeError(f"evolve config dfs.ps_model: merging {recipe}: {e}") from None
+    return cfg.model_copy(update={"dfs": d.model_copy(update={"ps_model": str(target)})})
 
 
 def _is_vlm(path: str) -> bool:

@@ -130,8 +130,14 @@ def _run_evolve(config, out, resume: bool, force: bool, progress: bool, workers:
         cfg = cfg.model_copy(update={"workers": workers})
 
     if cfg.space != "ps":  # a layer route (data-flow space)
-        from vlm_merge.evolve.dfs import DfsGenome
+        from vlm_merge.evolve.dfs import DfsGenome, with_ps_model
 
+        try:
+            cfg = with_ps_model(cfg, out, progress)  # a PS recipe merged once into the run directory
+        except VlmMergeError:
+            if not resume:
+                _discard_new_run(out, made, aside)
+            raise
         genome = DfsGenome.of(cfg)
     else:
         genome = Genome.of(cfg, num_layers_of(cfg))
@@ -179,14 +185,7 @@ def _run_evolve(config, out, resume: bool, force: bool, progress: bool, workers:
                     es = Search(cfg, genome.x0())
             except VlmMergeError:
                 if not resume:  # nothing was scored: leave no half-made run behind, so the fixed command reruns
-                    for p in (saved, log_path):
-                        p.unlink(missing_ok=True)
-                    shutil.rmtree(scaffold, ignore_errors=True)
-                    if made and not any(out.iterdir()):
-                        out.rmdir()
-                    if aside is not None:  # --force: the previous run comes back as it was
-                        remove(out)
-                        aside.rename(out)
+                    _discard_new_run(out, made, aside)
                 raise
         popsize = es.popsize
         total = max(popsize, (cfg.cmaes.max_evaluations // popsize) * popsize)
@@ -237,6 +236,19 @@ def _run_evolve(config, out, resume: bool, force: bool, progress: bool, workers:
     if aside is not None:
         remove(aside)  # the new run is complete
     return EvolveResult(out, best, gen, evals, True, model_dir, test, held)
+
+
+def _discard_new_run(out: Path, made: bool, aside: Path | None) -> None:
+    """Undo a new run that failed before scoring anything: its files go (and `out` itself if this run made it);
+    with --force the previous run, renamed `aside`, comes back as it was."""
+    for p in (out / CONFIG_FILE, out / LOG_FILE):
+        p.unlink(missing_ok=True)
+    shutil.rmtree(out / SCAFFOLD_DIR, ignore_errors=True)
+    if made and not any(out.iterdir()):
+        out.rmdir()
+    if aside is not None:
+        remove(out)
+        aside.rename(out)
 
 
 def run_generation(cfg: EvolveConfig, genome: Genome, pool: LocalPool | RayPool, xs: list[list[float]], gen_no: int, evals: int,
