@@ -178,3 +178,27 @@ def test_dfs_ray_workers_score_like_one_process(zoo, dev, tmp_path):  # noqa: F8
     b = [json.loads(x) for x in (tmp_path / "ray" / LOG_FILE).read_text().splitlines()]
     assert [(r["x"], r["fitness"]) for r in a] == [(r["x"], r["fitness"]) for r in b]
     assert par.best["x"] == serial.best["x"]
+
+
+def test_the_readme_example_configs_load(tmp_path):
+    """docs/examples/dfs/{ps,dfs,psdfs}.yaml (the README's DFS commands) are valid configs against the shipped zoo;
+    psdfs's PS model is runs/ps/best_recipe.yaml beside the checkout, stood in for by a recipe written here."""
+    from pathlib import Path
+
+    from vlm_merge.evolve import load_config
+
+    root = Path(__file__).resolve().parents[1]
+    examples = root / "docs" / "examples" / "dfs"
+    assert load_config(examples / "ps.yaml").space == "ps"
+    assert load_config(examples / "dfs.yaml").space == "dfs"
+    (tmp_path / "docs" / "examples" / "dfs").mkdir(parents=True)
+    (tmp_path / "assets").symlink_to(root / "assets")
+    psdfs = tmp_path / "docs" / "examples" / "dfs" / "psdfs.yaml"
+    psdfs.write_text((examples / "psdfs.yaml").read_text())
+    (tmp_path / "runs" / "ps").mkdir(parents=True)
+    zoo = root / "assets" / "miniature-zoo"
+    (tmp_path / "runs" / "ps" / "best_recipe.yaml").write_text(
+        f"merge_method: task_arithmetic\nvlm: {zoo / 'en-vlm'}\nbase_model: {zoo / 'en-base'}\n"
+        f"target: {zoo / 'ja-base'}\nmodels:\n  - model: vlm\n    parameters: {{weight: 0.75}}\n")
+    cfg = load_config(psdfs)
+    assert cfg.space == "ps+dfs" and list(cfg.dfs.pool) == ["target", "ps"]
