@@ -61,7 +61,7 @@ def with_ps_model(cfg: EvolveConfig, run_dir: Path, progress: bool = False) -> E
     d = cfg.dfs
     if d is None or d.ps_model is None or Path(d.ps_model).suffix not in RECIPE_SUFFIXES:
         return cfg
-    from vlm_merge.engine.merge import merge
+    from vlm_merge.engine import merge
 
     recipe = Path(d.ps_model)
     try:
