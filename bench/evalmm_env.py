@@ -13,10 +13,11 @@ from __future__ import annotations
 
 import os
 import shutil
-import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+
+from bench.side_env import run_logged
 
 EVALMM_VERSION = "0.4.1"
 # eval-mm 0.4.1's pyproject.toml pins datasets==2.18.0; the rest are its lower bounds
@@ -53,17 +54,6 @@ def _python312() -> str:
     raise RuntimeError("eval-mm 0.4.1 needs Python >= 3.12.1: install one (pyenv install 3.12) or set EVALMM_PYTHON")
 
 
-def _run_logged(cmd: list[str], log: Path) -> None:
-    print(f"  $ {' '.join(cmd)}", flush=True)
-    with log.open("a") as fh:
-        fh.write(f"$ {' '.join(cmd)}\n")
-        fh.flush()
-        done = subprocess.run(cmd, stdout=fh, stderr=subprocess.STDOUT, check=False)
-    if done.returncode != 0:
-        tail = log.read_text(errors="replace")[-3000:]
-        raise RuntimeError(f"command failed ({done.returncode}): {' '.join(cmd)}\n{tail}")
-
-
 def ensure_evalmm(root: Path = ROOT) -> EvalmmEnv:
     """Create the venv and install eval-mm into it unless already done (RuntimeError with the log's tail if not)."""
     env = EvalmmEnv(root)
@@ -74,11 +64,11 @@ def ensure_evalmm(root: Path = ROOT) -> EvalmmEnv:
     log.parent.mkdir(parents=True, exist_ok=True)
     log.write_text("")
     if not env.python.exists():
-        _run_logged([_python312(), "-m", "venv", str(root)], log)
+        run_logged([_python312(), "-m", "venv", str(root)], log)
     pip = [str(env.python), "-m", "pip", "install", "--disable-pip-version-check"]
-    _run_logged([*pip, *EVALMM_DEPS], log)
-    _run_logged([*pip, "--no-deps", f"eval-mm=={EVALMM_VERSION}"], log)
-    _run_logged([str(env.python), "-c", "import eval_mm.metrics"], log)
+    run_logged([*pip, *EVALMM_DEPS], log)
+    run_logged([*pip, "--no-deps", f"eval-mm=={EVALMM_VERSION}"], log)
+    run_logged([str(env.python), "-c", "import eval_mm.metrics"], log)
     env.marker.write_text(f"eval-mm=={EVALMM_VERSION}\n")
     return env
 

@@ -13,6 +13,8 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from bench.side_env import run_logged
+
 MERGEKIT_VERSION = "0.1.5"
 TORCH_VERSION = "2.13.0"
 WHEELS = Path("/opt/wheels")
@@ -52,17 +54,6 @@ def _find_links() -> list[str]:
     return ["--find-links", str(WHEELS)] if WHEELS.is_dir() else []
 
 
-def _run_logged(cmd: list[str], log: Path) -> None:
-    print(f"  $ {' '.join(cmd)}", flush=True)
-    with log.open("a") as fh:
-        fh.write(f"$ {' '.join(cmd)}\n")
-        fh.flush()
-        done = subprocess.run(cmd, stdout=fh, stderr=subprocess.STDOUT, check=False)
-    if done.returncode != 0:
-        tail = log.read_text(errors="replace")[-3000:]
-        raise RuntimeError(f"command failed ({done.returncode}): {' '.join(cmd)}\n{tail}")
-
-
 def ensure_mergekit(root: Path) -> MergekitEnv:
     """Create the venv and install mergekit into it unless already done.
 
@@ -77,12 +68,12 @@ def ensure_mergekit(root: Path) -> MergekitEnv:
     log.parent.mkdir(parents=True, exist_ok=True)
     log.write_text("")
     if not env.python.exists():
-        _run_logged(["python3", "-m", "venv", str(root)], log)
+        run_logged(["python3", "-m", "venv", str(root)], log)
     constraints = root / "constraints.txt"
     constraints.write_text(f"torch=={TORCH_VERSION}\n")
     pip = [str(env.python), "-m", "pip", "install", "--disable-pip-version-check", *_find_links()]
-    _run_logged([*pip, f"torch=={TORCH_VERSION}"], log)
-    _run_logged([*pip, "-c", str(constraints), f"mergekit=={MERGEKIT_VERSION}"], log)
+    run_logged([*pip, f"torch=={TORCH_VERSION}"], log)
+    run_logged([*pip, "-c", str(constraints), f"mergekit=={MERGEKIT_VERSION}"], log)
     env.marker.write_text(f"mergekit=={MERGEKIT_VERSION} torch=={TORCH_VERSION}\n")
     return env
 
