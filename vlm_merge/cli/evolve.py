@@ -61,23 +61,12 @@ def add_evolve_commands(subparsers) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`python -m vlm_merge.cli.evolve ...`: the `vlm-merge evolve` command on its own."""
+    """`python -m vlm_merge.cli.evolve ...`: the `vlm-merge evolve` command on its own (`vlm-merge`'s `main`)."""
     import sys
 
-    from vlm_merge.cli.parsing import OneLineParser
+    from vlm_merge.cli import main as cli_main
 
-    parser = OneLineParser(prog="vlm-merge")
-    add_evolve_commands(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(["evolve", *(sys.argv[1:] if argv is None else argv)])
-    if args.offline:
-        import os
-
-        os.environ["HF_HUB_OFFLINE"] = "1"
-    try:
-        return args.func(args)
-    except VlmMergeError as e:
-        print(f"vlm-merge: error: {e}", file=sys.stderr)
-        return 2
+    return cli_main(["evolve", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":  # run through the imported module (one copy of its classes, e.g. EvolveInterrupted)
