@@ -24,14 +24,8 @@ import torch
 from vlm_merge.engine.merge import merge
 from vlm_merge.io.checkpoint import CheckpointReader
 from vlm_merge.testing import (
-    TEXT_CLASSES,
     build_fixture_zoo,
-    model_shapes,
-    random_state_dict,
-    text_config,
-    tune_state_dict,
-    vocab_sizes,
-    write_llm,
+    write_llama_family,
 )
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -48,12 +42,7 @@ VOCAB_KEYS = ("model.embed_tokens.weight", "lm_head.weight")
 
 
 def fixtures(root: Path) -> dict[str, Path]:
-    shapes = model_shapes(TEXT_CLASSES["llama"][1], text_config("llama", vocab_sizes()["en"]))
-    base = random_state_dict(shapes, 0, "mk-base")
-    out = {}
-    for name in ("base", "a", "b", "c"):
-        out[name] = root / name
-        write_llm(out[name], "llama", base if name == "base" else tune_state_dict(base, 0, f"mk-{name}"), "en")
+    out = write_llama_family(root)
     zoo = build_fixture_zoo(root / "zoo")
     out["en"], out["ja"] = zoo.llms["en-llama"], zoo.llms["ja-llama"]
     return out

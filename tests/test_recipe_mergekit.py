@@ -16,7 +16,7 @@ from vlm_merge.errors import VlmMergeError
 from vlm_merge.io.checkpoint import CheckpointReader
 from vlm_merge.methods import METHODS
 from vlm_merge.recipe import load_recipe
-from vlm_merge.testing import TEXT_CLASSES, model_shapes, random_state_dict, text_config, tune_state_dict, vocab_sizes, write_llm
+from vlm_merge.testing import write_llama_family
 
 EXAMPLES = Path(__file__).parent / "data" / "mergekit_examples"
 # mergekit's Hugging Face ids -> local fixture models (one architecture, one vocabulary)
@@ -35,14 +35,7 @@ NORM = "model.norm.weight"  # outside the layers: t = 0
 @pytest.fixture(scope="module")
 def llamas(tmp_path_factory) -> dict[str, Path]:
     """A base Llama and three fine-tunes of it, all with the English fixture tokenizer."""
-    root = tmp_path_factory.mktemp("llamas")
-    shapes = model_shapes(TEXT_CLASSES["llama"][1], text_config("llama", vocab_sizes()["en"]))
-    base = random_state_dict(shapes, 0, "mk-base")
-    out = {}
-    for name in ("base", "a", "b", "c"):
-        out[name] = root / name
-        write_llm(out[name], "llama", base if name == "base" else tune_state_dict(base, 0, f"mk-{name}"), "en")
-    return out
+    return write_llama_family(tmp_path_factory.mktemp("llamas"))
 
 
 def _local(example: str, llamas: dict[str, Path], tmp_path: Path) -> Path:

@@ -366,6 +366,18 @@ def write_llm(out_dir: str | Path, family: str, state: Mapping[str, torch.Tensor
     write_tokenizer(out_dir, tokenizer_kind)
 
 
+def write_llama_family(root: str | Path, names: tuple[str, ...] = ("base", "a", "b", "c"), tag: str = "mk") -> dict[str, Path]:
+    """A base Llama (`names[0]`) and fine-tunes of it (the rest), English tokenizer, one directory each under `root`:
+    the local stand-ins for mergekit examples' model ids. Deterministic: the same `tag` gives the same weights."""
+    shapes = model_shapes(TEXT_CLASSES["llama"][1], text_config("llama", vocab_sizes()["en"]))
+    base = random_state_dict(shapes, 0, f"{tag}-{names[0]}")
+    out = {}
+    for i, name in enumerate(names):
+        out[name] = Path(root) / name
+        write_llm(out[name], "llama", base if i == 0 else tune_state_dict(base, 0, f"{tag}-{name}"), "en")
+    return out
+
+
 def write_clip(out_dir: str | Path, state: Mapping[str, torch.Tensor]) -> None:
     """Save a CLIPModel holding `state` plus the openai repo's legacy-style preprocessor_config.json."""
     out = Path(out_dir)
