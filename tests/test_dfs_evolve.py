@@ -10,7 +10,7 @@ import statistics
 import pytest
 import torch
 
-from tests.test_evolve import _assert_resumes_like, _kill_mid_generation, config, dev  # noqa: F401 - dev: the VQA fixture
+from tests.test_evolve import _assert_ray_matches_serial, _assert_resumes_like, _kill_mid_generation, config, dev  # noqa: F401 - dev: the VQA fixture
 from vlm_merge.engine.merge import merge
 from vlm_merge.engine.stacking import DfsRoute, dfs_slices_recipe
 from vlm_merge.errors import VlmMergeError
@@ -171,13 +171,7 @@ def test_dfs_held_out_report_scores_the_best_route_beside_chat_vector(zoo, dev, 
 def test_dfs_ray_workers_score_like_one_process(zoo, dev, tmp_path):  # noqa: F811
     import ray  # noqa: F401 - part of the test extra; this test must run, not skip
 
-    cfg = _dfs_config(zoo, dev)
-    serial = run_evolve(config_from_dict(cfg), tmp_path / "serial", progress=False, write_model=False)
-    par = run_evolve(config_from_dict(cfg), tmp_path / "ray", progress=False, write_model=False, workers=2)
-    a = [json.loads(x) for x in (tmp_path / "serial" / LOG_FILE).read_text().splitlines()]
-    b = [json.loads(x) for x in (tmp_path / "ray" / LOG_FILE).read_text().splitlines()]
-    assert [(r["x"], r["fitness"]) for r in a] == [(r["x"], r["fitness"]) for r in b]
-    assert par.best["x"] == serial.best["x"]
+    _assert_ray_matches_serial(_dfs_config(zoo, dev), tmp_path)
 
 
 def test_the_readme_example_configs_load(tmp_path):

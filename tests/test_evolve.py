@@ -433,16 +433,20 @@ def test_successive_halving_logs_rungs_and_picks_best_on_every_question(zoo, dev
     assert res.best["final"] and res.best["fitness"] == max(r["fitness"] for r in finals)
 
 
-@pytest.mark.slow
-def test_ray_workers_score_like_one_process(zoo, dev, tmp_path):
-    import ray  # noqa: F401 - part of the test extra; this test must run, not skip
-    cfg = config(zoo, dev, cmaes={"popsize": 4, "max_evaluations": 8})
+def _assert_ray_matches_serial(cfg: dict, tmp_path) -> None:
+    """The same run in one process and on two Ray workers: the same candidates, fitnesses and best."""
     serial = run_evolve(config_from_dict(cfg), tmp_path / "serial", progress=False, write_model=False)
     par = run_evolve(config_from_dict(cfg), tmp_path / "ray", progress=False, write_model=False, workers=2)
     a = [json.loads(x) for x in (tmp_path / "serial" / LOG_FILE).read_text().splitlines()]
     b = [json.loads(x) for x in (tmp_path / "ray" / LOG_FILE).read_text().splitlines()]
     assert [(r["x"], r["fitness"]) for r in a] == [(r["x"], r["fitness"]) for r in b]
     assert par.best["x"] == serial.best["x"]
+
+
+@pytest.mark.slow
+def test_ray_workers_score_like_one_process(zoo, dev, tmp_path):
+    import ray  # noqa: F401 - part of the test extra; this test must run, not skip
+    _assert_ray_matches_serial(config(zoo, dev, cmaes={"popsize": 4, "max_evaluations": 8}), tmp_path)
 
 
 def test_held_out_report_compares_best_with_chat_vector_and_controls(zoo, dev, tmp_path, benchmark_reads):
