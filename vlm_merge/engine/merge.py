@@ -22,7 +22,6 @@ from pathlib import Path
 import torch
 from pydantic import ValidationError
 
-import vlm_merge
 from vlm_merge.architecture.anatomy import PROJECTOR, VISION, layer_index, lm_role
 from vlm_merge.engine.backbone import VLM, BackbonePlan, Sources, open_sources, plan_backbone, write_backbone
 from vlm_merge.io.card import model_card
@@ -32,13 +31,20 @@ from vlm_merge.errors import VlmMergeError
 from vlm_merge.methods import METHODS, Method, tensor_seed
 from vlm_merge.io.outputs import prepare_output_dir
 from vlm_merge.architecture.vocab import ZERO, TokenSource
-from vlm_merge.recipe import Recipe, SlicesRecipe, load_recipe, recipe_from_dict, resolve_setting
+from vlm_merge.recipe import (
+    RESOLVED_RECIPE,
+    Recipe,
+    SlicesRecipe,
+    load_recipe,
+    recipe_from_dict,
+    resolve_setting,
+    resolved_recipe_files,
+)
 from vlm_merge.engine.stacking import StackValidation, merge_slices, validate_slices
 from vlm_merge.engine.modules import module_keys, vision_layers
 from vlm_merge.recipe.format import ModelToken, ModuleSpec, ZeroToken
 from vlm_merge.recipe.load import validation_line
 
-RESOLVED_RECIPE = "merge_recipe.yaml"
 UNION = "union"
 # Chat templates a recipe may name (mergekit names a few; others are pasted as Jinja).
 CHAT_TEMPLATES = {
@@ -430,7 +436,7 @@ def merge(
         card = model_card(title, r.merge_method, r.to_dict(), sources, details)
         return write_backbone(
             bp, out, force=force, max_shard_bytes=max_shard_bytes, card=card,
-            extra_files={RESOLVED_RECIPE: f"# vlm-merge {vlm_merge.__version__}: resolved recipe\n" + r.to_yaml()},
+            extra_files=resolved_recipe_files(r.to_yaml()),
             progress=progress, inputs=[recipe_file],
         )
     finally:

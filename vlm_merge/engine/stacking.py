@@ -27,7 +27,6 @@ from pathlib import Path
 
 import torch
 
-import vlm_merge
 from vlm_merge.architecture.anatomy import layer_index
 from vlm_merge.engine.backbone import VLM, BackbonePlan, Sources, open_sources, plan_backbone, write_backbone
 from vlm_merge.engine.streaming import Copy, Merge, OutputTensor, TensorFn
@@ -36,10 +35,9 @@ from vlm_merge.io.card import model_card
 from vlm_merge.io.checkpoint import DEFAULT_MAX_SHARD_BYTES, dtype_from_name
 from vlm_merge.io.outputs import prepare_output_dir
 from vlm_merge.methods import METHODS, Method, tensor_seed
-from vlm_merge.recipe import PASSTHROUGH, Slice, SliceSource, SlicesRecipe
+from vlm_merge.recipe import PASSTHROUGH, RESOLVED_RECIPE, Slice, SliceSource, SlicesRecipe, resolved_recipe_files
 from vlm_merge.recipe.slices import first_setting
 
-RESOLVED_RECIPE = "merge_recipe.yaml"
 # What a decoder layer adds to the residual stream: the tensors a DFS scale is folded into.
 RESIDUAL_WRITERS = ("self_attn.o_proj.weight", "self_attn.o_proj.bias", "mlp.down_proj.weight", "mlp.down_proj.bias")
 _LAYER_KEY = re.compile(r"\.layers\.(\d+)\.")
@@ -307,7 +305,7 @@ def _write(bp: BackbonePlan, out, recipe_yaml: str, title: str, recipe_dict: dic
     card = model_card(f"{title} layer stack", title, recipe_dict, {}, details + bp.card_details())
     return write_backbone(
         bp, out, force=force, max_shard_bytes=max_shard_bytes, card=card,
-        extra_files={RESOLVED_RECIPE: f"# vlm-merge {vlm_merge.__version__}: resolved recipe\n" + recipe_yaml},
+        extra_files=resolved_recipe_files(recipe_yaml),
         progress=progress, inputs=inputs,
     )  # fmt: skip
 

@@ -50,12 +50,19 @@ from vlm_merge.recipe.format import (
     TokenizerSpec,
     TokenSpec,
 )
-from vlm_merge.recipe.load import load_recipe, read_yaml, rebase_paths, recipe_from_dict
+from vlm_merge.recipe.load import (
+    RESOLVED_RECIPE,
+    load_recipe,
+    read_yaml,
+    rebase_paths,
+    recipe_from_dict,
+    resolved_recipe_files,
+)
 from vlm_merge.recipe.resolve import interpolate, layer_position, resolve_setting
 from vlm_merge.recipe.slices import PASSTHROUGH, SlicesRecipe
 
 __all__ = [
-    "PASSTHROUGH", "TEXT_CONFIG_SOURCES", "VLM_REF", "Condition", "ModelEntry", "Recipe", "Setting", "Slice", "SliceSource", "SlicesRecipe",
+    "PASSTHROUGH", "RESOLVED_RECIPE", "TEXT_CONFIG_SOURCES", "VLM_REF", "Condition", "ModelEntry", "Recipe", "Setting", "Slice", "SliceSource", "SlicesRecipe",
     "TokenizerSpec", "TokenSpec", "interpolate", "layer_position", "load_recipe", "read_yaml", "rebase_paths",
-    "recipe_from_dict", "resolve_setting",
+    "recipe_from_dict", "resolve_setting", "resolved_recipe_files",
 ]  # fmt: skip

@@ -284,3 +284,13 @@ def rebase_paths(r: Recipe | SlicesRecipe, base: Path) -> Recipe | SlicesRecipe:
 
 def _rebase_models(models: tuple[ModelEntry, ...], base: Path) -> tuple[ModelEntry, ...]:
     return tuple(ModelEntry(_rebase(m.model, base) or m.model, m.parameters) for m in models)
+
+
+RESOLVED_RECIPE = "merge_recipe.yaml"  # a merged model's replayable recipe, written beside its weights
+
+
+def resolved_recipe_files(recipe_yaml: str) -> dict[str, str]:
+    """The `RESOLVED_RECIPE` file a merge writes into its output: `recipe_yaml` under a header naming the version."""
+    import vlm_merge
+
+    return {RESOLVED_RECIPE: f"# vlm-merge {vlm_merge.__version__}: resolved recipe\n" + recipe_yaml}
